@@ -1,0 +1,2 @@
+//! The `customws` binary: the tier with its built-in router.
+fn main() {}
