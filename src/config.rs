@@ -1,8 +1,9 @@
 //! Server configuration: one TOML file, `CUSTOMWS_*` environment variables and command-line
 //! flags, all with the same key names. Precedence: flag > environment > file > default.
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// JWT signature algorithm accepted at the handshake. Pinned by configuration, never taken
@@ -141,5 +142,1201 @@ impl Config {
             return self.shards;
         }
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Loads the configuration from command-line `args` (without the program name) and the
+    /// environment `env`, reading the TOML file named by `--config PATH` or `CUSTOMWS_CONFIG`
+    /// when there is one, then [validates](Config::validate) it.
+    ///
+    /// Precedence: flag > environment > file > default. `--help` or `-h` returns
+    /// [`ConfigError::Help`] with the text to print.
+    pub fn load<A, E>(args: A, env: E) -> Result<Config, ConfigError>
+    where
+        A: IntoIterator<Item = String>,
+        E: IntoIterator<Item = (String, String)>,
+    {
+        let flags = parse_args(args)?;
+        let env = parse_env(env)?;
+        let file = match flags.config.as_ref().or(env.config.as_ref()) {
+            Some(path) => read_file(path)?,
+            None => Vec::new(),
+        };
+        let mut config = Config::default();
+        for setting in file.iter().chain(&env.settings).chain(&flags.settings) {
+            setting.apply(&mut config)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] from this process's arguments and environment.
+    pub fn from_process() -> Result<Config, ConfigError> {
+        let args = std::env::args_os().skip(1);
+        let args = args.map(|arg| arg.to_string_lossy().into_owned());
+        let env = std::env::vars_os().map(|(name, value)| {
+            (
+                name.to_string_lossy().into_owned(),
+                value.to_string_lossy().into_owned(),
+            )
+        });
+        Config::load(args, env)
+    }
+
+    /// Checks the rules that involve more than one key or a bound: `ping_period < pong_wait`,
+    /// `send_queue >= 1`, `max_message_size >= 125`, and the key material the chosen
+    /// `jwt_algorithm` needs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_timers()?;
+        self.validate_bounds()?;
+        self.validate_auth()
+    }
+
+    /// The configuration keys as a Markdown table (key, flag / env, default, meaning), for the
+    /// README.
+    pub fn markdown_table() -> String {
+        let defaults = Config::default();
+        let mut out = String::from("| key | flag / env | default | meaning |\n|---|---|---|---|\n");
+        out.push_str(&format!(
+            "| `config` | `--config` / `{CONFIG_ENV}` | none | {CONFIG_HELP} |\n"
+        ));
+        for key in KEYS {
+            out.push_str(&format!(
+                "| `{}` | `{}` / `{}` | {} | {} |\n",
+                key.name,
+                key.flag(),
+                key.env(),
+                markdown_code(&key.default_text(&defaults)),
+                key.help.replace('|', "\\|"),
+            ));
+        }
+        out
+    }
+
+    fn validate_timers(&self) -> Result<(), ConfigError> {
+        if self.ping_period.is_zero() {
+            return Err(invalid(
+                "ping_period",
+                "ping_period must be greater than 0".into(),
+            ));
+        }
+        if self.ping_period >= self.pong_wait {
+            let reason = format!(
+                "ping_period ({}) must be less than pong_wait ({})",
+                show_duration(&self.ping_period),
+                show_duration(&self.pong_wait)
+            );
+            return Err(invalid("ping_period", reason));
+        }
+        Ok(())
+    }
+
+    fn validate_bounds(&self) -> Result<(), ConfigError> {
+        if self.send_queue < 1 {
+            return Err(invalid(
+                "send_queue",
+                "send_queue must be at least 1".into(),
+            ));
+        }
+        if self.max_message_size < 125 {
+            let reason = format!(
+                "max_message_size ({}) must be at least 125 bytes",
+                self.max_message_size
+            );
+            return Err(invalid("max_message_size", reason));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 => {
+                let exempt = self.dev || self.allow_insecure_user_id;
+                if self.jwt_secret.is_none() && !exempt {
+                    let reason = "jwt_algorithm HS256 needs jwt_secret \
+                                  (or dev mode, or allow_insecure_user_id)";
+                    return Err(invalid("jwt_secret", reason.into()));
+                }
+            }
+            JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
+                if self.jwt_public_key.is_none() {
+                    let reason = "jwt_algorithm RS256 and ES256 need jwt_public_key";
+                    return Err(invalid("jwt_public_key", reason.into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a configuration value came from; named in error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Source {
+    /// The TOML file at this path.
+    File(PathBuf),
+    /// This environment variable (`CUSTOMWS_…`).
+    Environment(String),
+    /// This command-line flag (`--…`).
+    Flag(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Environment(name) => write!(f, "environment {name}"),
+            Source::Flag(name) => write!(f, "flag {name}"),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded. Every variant stops start-up, except that
+/// [`ConfigError::Help`] is a request to print the help text and exit successfully.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `--help` or `-h` was given: the text to print.
+    #[error("{0}")]
+    Help(String),
+    /// A key that is not a configuration key.
+    #[error("unknown configuration key {key:?} ({origin})")]
+    UnknownKey {
+        /// The key as written, with dashes turned into underscores.
+        key: String,
+        /// Where it was written.
+        origin: Source,
+    },
+    /// A value that does not parse for its key.
+    #[error("invalid value {value:?} for key {key:?} ({origin}): expected {expected}")]
+    InvalidValue {
+        /// The configuration key.
+        key: &'static str,
+        /// The value as written.
+        value: String,
+        /// Where it was written.
+        origin: Source,
+        /// What the key accepts.
+        expected: &'static str,
+    },
+    /// A flag that needs a value came last, or was followed by another flag.
+    #[error("missing value for key {key:?} ({origin})")]
+    MissingValue {
+        /// The configuration key (or `config`).
+        key: String,
+        /// The flag.
+        origin: Source,
+    },
+    /// A command-line argument that is not a `--key` flag or its value.
+    #[error("unexpected argument {arg:?}: settings are written --key value or --key=value")]
+    UnexpectedArgument {
+        /// The argument.
+        arg: String,
+    },
+    /// The configuration file could not be read.
+    #[error("cannot read configuration file {}: {error}", path.display())]
+    ReadFile {
+        /// The file named by `--config` or `CUSTOMWS_CONFIG`.
+        path: PathBuf,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
+    /// The configuration file is not valid TOML.
+    #[error("cannot parse configuration file {}: {message}", path.display())]
+    ParseFile {
+        /// The file named by `--config` or `CUSTOMWS_CONFIG`.
+        path: PathBuf,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// Values that parse but break a rule of [`Config::validate`].
+    #[error("invalid configuration: {reason}")]
+    Invalid {
+        /// The key to change.
+        key: &'static str,
+        /// The rule, naming every key involved.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { key, reason }
+}
+
+fn unknown(key: String, origin: Source) -> ConfigError {
+    ConfigError::UnknownKey { key, origin }
+}
+
+const ENV_PREFIX: &str = "CUSTOMWS_";
+const CONFIG_ENV: &str = "CUSTOMWS_CONFIG";
+const CONFIG_HELP: &str =
+    "TOML file with flat top-level keys; set only by flag or environment, none by default.";
+
+/// How a key's value is written, which decides how a flag takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Scalar,
+    /// `--key` alone means true.
+    Bool,
+    /// A TOML array is accepted besides a comma-separated string.
+    List,
+}
+
+/// One configuration key: the single source for parsing, help and the README table.
+struct KeyInfo {
+    name: &'static str,
+    help: &'static str,
+    placeholder: &'static str,
+    expected: &'static str,
+    shape: Shape,
+    set: fn(&mut Config, &str) -> Result<(), ()>,
+    get: fn(&Config) -> String,
+}
+
+impl KeyInfo {
+    fn flag(&self) -> String {
+        format!("--{}", self.name.replace('_', "-"))
+    }
+
+    fn env(&self) -> String {
+        format!("{ENV_PREFIX}{}", self.name.to_ascii_uppercase())
+    }
+
+    fn usage(&self) -> String {
+        match self.shape {
+            Shape::Bool => format!("{}[=true|false]", self.flag()),
+            _ => format!("{} {}", self.flag(), self.placeholder),
+        }
+    }
+
+    fn default_text(&self, defaults: &Config) -> String {
+        (self.get)(defaults)
+    }
+}
+
+fn lookup(name: &str) -> Option<&'static KeyInfo> {
+    KEYS.iter().find(|key| key.name == name)
+}
+
+/// Builds [`KEYS`]: each entry names a `Config` field, the [`Format`] of its value and its
+/// one-line description.
+macro_rules! keys {
+    ($($field:ident: $format:ty => $help:literal,)*) => {
+        const KEYS: &[KeyInfo] = &[$(KeyInfo {
+            name: stringify!($field),
+            help: $help,
+            placeholder: <$format as Format>::PLACEHOLDER,
+            expected: <$format as Format>::EXPECTED,
+            shape: <$format as Format>::SHAPE,
+            set: |config, text| {
+                config.$field = <$format as Format>::parse(text).ok_or(())?;
+                Ok(())
+            },
+            get: |config| <$format as Format>::show(&config.$field),
+        }),*];
+    };
+}
+
+keys! {
+    listen: Addr => "Address every shard's SO_REUSEPORT listener binds (:8082 = all interfaces).",
+    shards: Count => "Event-loop threads; 0 means one per available core.",
+    ws_path: UrlPath => "Path of the WebSocket endpoint.",
+    handshake_timeout: Dur => "Deadline for a connection to complete its HTTP request and upgrade.",
+    write_wait: Dur => "Close a connection whose queued output makes no progress for this long.",
+    pong_wait: Dur => "Close a connection that sends no pong for this long.",
+    ping_period: Dur => "Interval between server pings; must be less than pong_wait.",
+    max_message_size: Size => "Largest accepted client message after reassembly (at least 125).",
+    send_queue: Count => "Outgoing queue bound per connection in messages (seed SendChannelBuffer).",
+    send_queue_bytes: Size => "Outgoing queue bound per connection in bytes.",
+    ack_timeout: Dur => "Default wait for a client's client_ack.",
+    request_timeout: Dur => "Default wait for a client's reply to a server request.",
+    allowed_origins: List => "Origins allowed to connect; empty = same-origin only, * = any.",
+    max_connections: Count => "Process-wide connection limit; 0 means unlimited.",
+    connections_per_user: Count =>
+        "Per user: 0 unlimited, 1 replaces the older (close 4000), N keeps the newest N.",
+    jwt_secret: OptText => "HS256 secret for client tokens (needed unless dev mode).",
+    jwt_public_key: OptPath => "PEM public key file for RS256/ES256 tokens.",
+    jwt_algorithm: Algorithm => "Accepted JWT algorithm: HS256, RS256 or ES256.",
+    jwt_issuer: OptText => "Required iss claim, when set.",
+    jwt_audience: OptText => "Required aud claim, when set.",
+    allow_client_broadcast: Flag => "Let any authenticated client broadcast, not only role broadcast.",
+    presence_scope: Scope => "Receivers of untargeted presence updates: watchers or all.",
+    allow_insecure_user_id: Flag => "Dev only: accept ?userId=N without a token.",
+    shutdown_timeout: Dur => "Bound on graceful shutdown.",
+    log_level: Level => "Log level: error, warn, info, debug, trace or off.",
+    api_listen: Addr => "Address of the backend HTTP API listener.",
+    api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
+    echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
+    dev: Flag => "Development mode: generate a secret and print ready-to-use tokens.",
+}
+
+/// How one kind of value is parsed from text and shown as text (`parse(show(v)) == v`).
+trait Format {
+    type Value;
+    const PLACEHOLDER: &'static str;
+    const EXPECTED: &'static str;
+    const SHAPE: Shape = Shape::Scalar;
+    fn parse(text: &str) -> Option<Self::Value>;
+    fn show(value: &Self::Value) -> String;
+}
+
+/// `5s`, `250ms`, `2m`, `1h`, or a bare number of seconds.
+struct Dur;
+/// Bytes, or `64KiB`, `1MiB`, `1GiB`, `64KB`, `1MB`, `1GB`.
+struct Size;
+/// A non-negative integer.
+struct Count;
+/// `true` / `false`.
+struct Flag;
+/// A socket address; `:PORT` means all IPv4 interfaces.
+struct Addr;
+/// Comma-separated, trimmed, empty items dropped.
+struct List;
+/// A URL path starting with `/`.
+struct UrlPath;
+/// A URL path starting with `/`, or empty for none.
+struct OptUrlPath;
+/// Any text; empty for none.
+struct OptText;
+/// A file path; empty for none.
+struct OptPath;
+/// `HS256`, `RS256`, `ES256`, in any case.
+struct Algorithm;
+/// `watchers` or `all`.
+struct Scope;
+/// A log level name.
+struct Level;
+
+/// Splits `"250ms"` into `(250, "ms")`; the number must be present.
+fn split_number(text: &str) -> Option<(u64, &str)> {
+    let text = text.trim();
+    let end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number = text[..end].parse().ok()?;
+    Some((number, text[end..].trim()))
+}
+
+impl Format for Dur {
+    type Value = Duration;
+    const PLACEHOLDER: &'static str = "<duration>";
+    const EXPECTED: &'static str = "a duration like 5s, 250ms, 2m";
+
+    fn parse(text: &str) -> Option<Duration> {
+        let (number, unit) = split_number(text)?;
+        let seconds = match unit {
+            "ms" => return Some(Duration::from_millis(number)),
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return None,
+        };
+        number.checked_mul(seconds).map(Duration::from_secs)
+    }
+
+    fn show(value: &Duration) -> String {
+        show_duration(value)
+    }
+}
+
+fn show_duration(value: &Duration) -> String {
+    let secs = value.as_secs();
+    if value.subsec_nanos() != 0 {
+        return match value.subsec_nanos() % 1_000_000 {
+            0 => format!("{}ms", value.as_millis()),
+            _ => format!("{value:?}"),
+        };
+    }
+    match secs {
+        0 => "0s".to_string(),
+        s if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s if s.is_multiple_of(60) => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+const GIB: usize = 1 << 30;
+
+impl Format for Size {
+    type Value = usize;
+    const PLACEHOLDER: &'static str = "<size>";
+    const EXPECTED: &'static str = "a size in bytes like 65536, 64KiB, 1MiB";
+
+    fn parse(text: &str) -> Option<usize> {
+        let (number, unit) = split_number(text)?;
+        let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            _ => return None,
+        };
+        usize::try_from(number.checked_mul(scale)?).ok()
+    }
+
+    fn show(value: &usize) -> String {
+        match *value {
+            0 => "0".to_string(),
+            v if v.is_multiple_of(GIB) => format!("{}GiB", v / GIB),
+            v if v.is_multiple_of(MIB) => format!("{}MiB", v / MIB),
+            v if v.is_multiple_of(KIB) => format!("{}KiB", v / KIB),
+            v => v.to_string(),
+        }
+    }
+}
+
+impl Format for Count {
+    type Value = usize;
+    const PLACEHOLDER: &'static str = "<n>";
+    const EXPECTED: &'static str = "a non-negative integer";
+
+    fn parse(text: &str) -> Option<usize> {
+        text.trim().parse().ok()
+    }
+
+    fn show(value: &usize) -> String {
+        value.to_string()
+    }
+}
+
+impl Format for Flag {
+    type Value = bool;
+    const PLACEHOLDER: &'static str = "<bool>";
+    const EXPECTED: &'static str = "true or false";
+    const SHAPE: Shape = Shape::Bool;
+
+    fn parse(text: &str) -> Option<bool> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => Some(true),
+            "false" | "no" | "off" | "0" => Some(false),
+            _ => None,
+        }
+    }
+
+    fn show(value: &bool) -> String {
+        value.to_string()
+    }
+}
+
+impl Format for Addr {
+    type Value = SocketAddr;
+    const PLACEHOLDER: &'static str = "<addr>";
+    const EXPECTED: &'static str = "a socket address like 127.0.0.1:8082 or :8082";
+
+    fn parse(text: &str) -> Option<SocketAddr> {
+        let text = text.trim();
+        match text.strip_prefix(':') {
+            Some(port) => Some(SocketAddr::from(([0, 0, 0, 0], port.parse().ok()?))),
+            None => text.parse().ok(),
+        }
+    }
+
+    fn show(value: &SocketAddr) -> String {
+        value.to_string()
+    }
+}
+
+impl Format for List {
+    type Value = Vec<String>;
+    const PLACEHOLDER: &'static str = "<a,b,...>";
+    const EXPECTED: &'static str = "a comma-separated list";
+    const SHAPE: Shape = Shape::List;
+
+    fn parse(text: &str) -> Option<Vec<String>> {
+        let items = text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty());
+        Some(items.map(str::to_string).collect())
+    }
+
+    fn show(value: &Vec<String>) -> String {
+        value.join(",")
+    }
+}
+
+fn parse_url_path(text: &str) -> Option<String> {
+    let text = text.trim();
+    let valid = text.starts_with('/') && !text.contains(char::is_whitespace);
+    valid.then(|| text.to_string())
+}
+
+impl Format for UrlPath {
+    type Value = String;
+    const PLACEHOLDER: &'static str = "<path>";
+    const EXPECTED: &'static str = "a URL path starting with /";
+
+    fn parse(text: &str) -> Option<String> {
+        parse_url_path(text)
+    }
+
+    fn show(value: &String) -> String {
+        value.clone()
+    }
+}
+
+impl Format for OptUrlPath {
+    type Value = Option<String>;
+    const PLACEHOLDER: &'static str = "<path>";
+    const EXPECTED: &'static str = "a URL path starting with /, or empty for none";
+
+    fn parse(text: &str) -> Option<Option<String>> {
+        match text.trim() {
+            "" => Some(None),
+            path => parse_url_path(path).map(Some),
+        }
+    }
+
+    fn show(value: &Option<String>) -> String {
+        value.clone().unwrap_or_default()
+    }
+}
+
+impl Format for OptText {
+    type Value = Option<String>;
+    const PLACEHOLDER: &'static str = "<text>";
+    const EXPECTED: &'static str = "a string";
+
+    fn parse(text: &str) -> Option<Option<String>> {
+        Some((!text.is_empty()).then(|| text.to_string()))
+    }
+
+    fn show(value: &Option<String>) -> String {
+        value.clone().unwrap_or_default()
+    }
+}
+
+impl Format for OptPath {
+    type Value = Option<PathBuf>;
+    const PLACEHOLDER: &'static str = "<file>";
+    const EXPECTED: &'static str = "a file path";
+
+    fn parse(text: &str) -> Option<Option<PathBuf>> {
+        Some((!text.is_empty()).then(|| PathBuf::from(text)))
+    }
+
+    fn show(value: &Option<PathBuf>) -> String {
+        value
+            .as_ref()
+            .map(|path| path.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Format for Algorithm {
+    type Value = JwtAlgorithm;
+    const PLACEHOLDER: &'static str = "<HS256|RS256|ES256>";
+    const EXPECTED: &'static str = "HS256, RS256 or ES256";
+
+    fn parse(text: &str) -> Option<JwtAlgorithm> {
+        match text.trim().to_ascii_uppercase().as_str() {
+            "HS256" => Some(JwtAlgorithm::Hs256),
+            "RS256" => Some(JwtAlgorithm::Rs256),
+            "ES256" => Some(JwtAlgorithm::Es256),
+            _ => None,
+        }
+    }
+
+    fn show(value: &JwtAlgorithm) -> String {
+        let name = match value {
+            JwtAlgorithm::Hs256 => "HS256",
+            JwtAlgorithm::Rs256 => "RS256",
+            JwtAlgorithm::Es256 => "ES256",
+        };
+        name.to_string()
+    }
+}
+
+impl Format for Scope {
+    type Value = PresenceScope;
+    const PLACEHOLDER: &'static str = "<watchers|all>";
+    const EXPECTED: &'static str = "watchers or all";
+
+    fn parse(text: &str) -> Option<PresenceScope> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "watchers" => Some(PresenceScope::Watchers),
+            "all" => Some(PresenceScope::All),
+            _ => None,
+        }
+    }
+
+    fn show(value: &PresenceScope) -> String {
+        let name = match value {
+            PresenceScope::Watchers => "watchers",
+            PresenceScope::All => "all",
+        };
+        name.to_string()
+    }
+}
+
+const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+impl Format for Level {
+    type Value = String;
+    const PLACEHOLDER: &'static str = "<level>";
+    const EXPECTED: &'static str = "one of error, warn, info, debug, trace, off";
+
+    fn parse(text: &str) -> Option<String> {
+        let level = text.trim().to_ascii_lowercase();
+        LOG_LEVELS.contains(&level.as_str()).then_some(level)
+    }
+
+    fn show(value: &String) -> String {
+        value.clone()
+    }
+}
+
+/// One value for one key from one source, applied in precedence order.
+struct Setting {
+    key: &'static KeyInfo,
+    value: String,
+    origin: Source,
+}
+
+impl Setting {
+    fn apply(&self, config: &mut Config) -> Result<(), ConfigError> {
+        (self.key.set)(config, &self.value).map_err(|()| self.invalid())
+    }
+
+    fn invalid(&self) -> ConfigError {
+        ConfigError::InvalidValue {
+            key: self.key.name,
+            value: self.value.clone(),
+            origin: self.origin.clone(),
+            expected: self.key.expected,
+        }
+    }
+}
+
+/// What the flags or the environment contribute: settings, and perhaps the file to read.
+#[derive(Default)]
+struct Layer {
+    config: Option<PathBuf>,
+    settings: Vec<Setting>,
+}
+
+fn parse_args<A: IntoIterator<Item = String>>(args: A) -> Result<Layer, ConfigError> {
+    let args: Vec<String> = args.into_iter().collect();
+    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
+        return Err(ConfigError::Help(help_text()));
+    }
+    let mut layer = Layer::default();
+    let mut rest = args.into_iter();
+    while let Some(arg) = rest.next() {
+        parse_flag(arg, &mut rest, &mut layer)?;
+    }
+    Ok(layer)
+}
+
+fn parse_flag(
+    arg: String,
+    rest: &mut impl Iterator<Item = String>,
+    layer: &mut Layer,
+) -> Result<(), ConfigError> {
+    let body = match arg.strip_prefix("--") {
+        Some(body) if !body.is_empty() => body,
+        _ => return Err(ConfigError::UnexpectedArgument { arg }),
+    };
+    let (name, inline) = match body.split_once('=') {
+        Some((name, value)) => (name, Some(value.to_string())),
+        None => (body, None),
+    };
+    let origin = Source::Flag(format!("--{name}"));
+    if name == "config" {
+        let path = flag_value(inline, rest, "config", &origin)?;
+        layer.config = Some(PathBuf::from(path));
+        return Ok(());
+    }
+    let key_name = name.replace('-', "_");
+    let Some(key) = lookup(&key_name) else {
+        return Err(unknown(key_name, origin));
+    };
+    let value = match (inline, key.shape) {
+        (None, Shape::Bool) => "true".to_string(),
+        (inline, _) => flag_value(inline, rest, key.name, &origin)?,
+    };
+    layer.settings.push(Setting { key, value, origin });
+    Ok(())
+}
+
+/// The value written `--key=value`, or else the next argument unless that is another flag.
+fn flag_value(
+    inline: Option<String>,
+    rest: &mut impl Iterator<Item = String>,
+    key: &str,
+    origin: &Source,
+) -> Result<String, ConfigError> {
+    if let Some(value) = inline {
+        return Ok(value);
+    }
+    match rest.next() {
+        Some(value) if !value.starts_with("--") => Ok(value),
+        _ => Err(ConfigError::MissingValue {
+            key: key.to_string(),
+            origin: origin.clone(),
+        }),
+    }
+}
+
+fn parse_env<E: IntoIterator<Item = (String, String)>>(env: E) -> Result<Layer, ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    let mut layer = Layer::default();
+    for (name, value) in vars {
+        if name == CONFIG_ENV {
+            layer.config = (!value.is_empty()).then(|| PathBuf::from(value));
+            continue;
+        }
+        let key_name = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let origin = Source::Environment(name);
+        let Some(key) = lookup(&key_name) else {
+            return Err(unknown(key_name, origin));
+        };
+        layer.settings.push(Setting { key, value, origin });
+    }
+    Ok(layer)
+}
+
+fn read_file(path: &Path) -> Result<Vec<Setting>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let table: toml::Table =
+        text.parse()
+            .map_err(|error: toml::de::Error| ConfigError::ParseFile {
+                path: path.to_path_buf(),
+                message: error.to_string(),
+            })?;
+    let settings = table
+        .into_iter()
+        .map(|(name, value)| file_setting(path, name, &value));
+    settings.collect()
+}
+
+fn file_setting(path: &Path, name: String, value: &toml::Value) -> Result<Setting, ConfigError> {
+    let origin = Source::File(path.to_path_buf());
+    let Some(key) = lookup(&name) else {
+        return Err(unknown(name, origin));
+    };
+    match toml_text(value, key.shape) {
+        Some(value) => Ok(Setting { key, value, origin }),
+        None => Err(Setting {
+            key,
+            value: value.to_string(),
+            origin,
+        }
+        .invalid()),
+    }
+}
+
+/// A TOML value as the text a flag would carry; arrays only for list keys.
+fn toml_text(value: &toml::Value, shape: Shape) -> Option<String> {
+    match value {
+        toml::Value::Array(items) if shape == Shape::List => {
+            let items: Option<Vec<String>> = items.iter().map(toml_scalar).collect();
+            items.map(|items| items.join(","))
+        }
+        other => toml_scalar(other),
+    }
+}
+
+fn toml_scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(text) => Some(text.clone()),
+        toml::Value::Integer(number) => Some(number.to_string()),
+        toml::Value::Boolean(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+const HELP_INTRO: &str = "\
+customws: a WebSocket connection tier.
+
+Usage: customws [--config FILE] [--KEY VALUE | --KEY=VALUE]...
+
+Every KEY below can be set in the TOML file (key = value), in the environment
+(CUSTOMWS_KEY, upper case) or as a flag (--key, dashes for underscores).
+Precedence: flag > environment > file > default.
+Durations: 5s, 250ms, 2m, 1h, or a number of seconds. Sizes: bytes, 64KiB, 1MiB, 1GiB.
+Lists: comma-separated. Booleans: --key alone means true; --key=false.
+
+  -h, --help
+        Print this help.
+";
+
+fn help_text() -> String {
+    let defaults = Config::default();
+    let mut out = String::from(HELP_INTRO);
+    out.push_str(&format!(
+        "  --config <file>   ({CONFIG_ENV})\n        {CONFIG_HELP}\n"
+    ));
+    for key in KEYS {
+        let default = key.default_text(&defaults);
+        let default = if default.is_empty() {
+            "none".to_string()
+        } else {
+            default
+        };
+        out.push_str(&format!(
+            "  {}   ({}, default {})\n        {}\n",
+            key.usage(),
+            key.env(),
+            default,
+            key.help
+        ));
+    }
+    out
+}
+
+fn markdown_code(text: &str) -> String {
+    match text {
+        "" => "none".to_string(),
+        text => format!("`{text}`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|arg| arg.to_string()).collect()
+    }
+
+    /// Loads with a JWT secret in the environment, so that validation passes.
+    fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        env.push(("CUSTOMWS_JWT_SECRET".into(), "test-secret".into()));
+        Config::load(strings(args), env)
+    }
+
+    fn load_ok(args: &[&str]) -> Config {
+        load(args, &[]).expect("configuration loads")
+    }
+
+    fn message(result: Result<Config, ConfigError>) -> String {
+        result.expect_err("configuration is refused").to_string()
+    }
+
+    /// A TOML file under the temp directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(contents: &str) -> TempFile {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let name = format!(
+                "customws-config-test-{}-{}.toml",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            let path = std::env::temp_dir().join(name);
+            std::fs::write(&path, contents).expect("write temp config");
+            TempFile(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().expect("utf-8 temp path")
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(Dur::parse("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(Dur::parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(Dur::parse("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(Dur::parse("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(Dur::parse("7"), Some(Duration::from_secs(7)));
+        assert_eq!(Dur::parse(" 3 s "), Some(Duration::from_secs(3)));
+        for bad in ["abc", "5x", "", "s", "-1s", "1.5s"] {
+            assert_eq!(Dur::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(Size::parse("65536"), Some(65536));
+        assert_eq!(Size::parse("64KiB"), Some(64 * 1024));
+        assert_eq!(Size::parse("1MiB"), Some(1 << 20));
+        assert_eq!(Size::parse("1GiB"), Some(1 << 30));
+        assert_eq!(Size::parse("2KB"), Some(2000));
+        assert_eq!(Size::parse("1MB"), Some(1_000_000));
+        assert_eq!(Size::parse("10B"), Some(10));
+        for bad in ["1TiB", "x", "", "KiB"] {
+            assert_eq!(Size::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn lists_trim_and_drop_empty_items() {
+        let config = load_ok(&["--allowed-origins", " https://a.example, b ,,c "]);
+        assert_eq!(config.allowed_origins, ["https://a.example", "b", "c"]);
+        assert!(load_ok(&["--allowed-origins="]).allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn socket_addresses() {
+        assert_eq!(
+            load_ok(&["--listen", ":9000"]).listen,
+            SocketAddr::from(([0, 0, 0, 0], 9000))
+        );
+        let config = load_ok(&["--listen=127.0.0.1:8082", "--api-listen", "[::1]:9001"]);
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8082)));
+        assert_eq!(config.api_listen.to_string(), "[::1]:9001");
+        assert!(message(load(&["--listen", "8082"], &[])).contains("\"listen\""));
+    }
+
+    #[test]
+    fn enums_and_options() {
+        let config = load_ok(&["--jwt-algorithm", "hs256", "--presence-scope", "all"]);
+        assert_eq!(config.jwt_algorithm, JwtAlgorithm::Hs256);
+        assert_eq!(config.presence_scope, PresenceScope::All);
+        assert_eq!(Algorithm::parse("Rs256"), Some(JwtAlgorithm::Rs256));
+        assert_eq!(Algorithm::parse("ES256"), Some(JwtAlgorithm::Es256));
+        assert_eq!(Scope::parse("watchers"), Some(PresenceScope::Watchers));
+        assert!(message(load(&["--jwt-algorithm", "none"], &[])).contains("jwt_algorithm"));
+        let config = load_ok(&["--jwt-issuer", "me", "--echo-path", "/echo"]);
+        assert_eq!(config.jwt_issuer.as_deref(), Some("me"));
+        assert_eq!(config.echo_path.as_deref(), Some("/echo"));
+        assert!(message(load(&["--ws-path", "ws"], &[])).contains("ws_path"));
+    }
+
+    #[test]
+    fn every_key_round_trips_its_default() {
+        let defaults = Config::default();
+        for key in KEYS {
+            let text = key.default_text(&defaults);
+            let mut config = Config::default();
+            assert_eq!((key.set)(&mut config, &text), Ok(()), "{}", key.name);
+            assert_eq!(key.default_text(&config), text, "{}", key.name);
+        }
+    }
+
+    #[test]
+    fn flags_take_space_or_equals() {
+        let config = load_ok(&["--handshake-timeout", "7s", "--shards=3"]);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(7));
+        assert_eq!(config.shards, 3);
+    }
+
+    #[test]
+    fn environment_sets_keys() {
+        let env = [
+            ("CUSTOMWS_HANDSHAKE_TIMEOUT", "250ms"),
+            ("CUSTOMWS_MAX_MESSAGE_SIZE", "1MiB"),
+        ];
+        let config = load(&[], &env).expect("loads");
+        assert_eq!(config.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(config.max_message_size, 1 << 20);
+        assert_eq!(config.jwt_secret.as_deref(), Some("test-secret"));
+    }
+
+    #[test]
+    fn file_sets_keys() {
+        let file = TempFile::new(
+            "handshake_timeout = \"5m\"\nshards = 2\nallowed_origins = [\"a\", \"b\"]\n\
+             allow_client_broadcast = true\nsend_queue_bytes = \"64KiB\"\n",
+        );
+        let config = load_ok(&["--config", file.path()]);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(300));
+        assert_eq!(config.shards, 2);
+        assert_eq!(config.allowed_origins, ["a", "b"]);
+        assert!(config.allow_client_broadcast);
+        assert_eq!(config.send_queue_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn file_list_may_be_a_comma_string_and_path_may_come_from_env() {
+        let file = TempFile::new("allowed_origins = \"a, b\"\n");
+        let config = load(&[], &[("CUSTOMWS_CONFIG", file.path())]).expect("loads");
+        assert_eq!(config.allowed_origins, ["a", "b"]);
+    }
+
+    #[test]
+    fn precedence_is_flag_env_file_default() {
+        let file = TempFile::new(
+            "handshake_timeout = \"1s\"\nwrite_wait = \"1s\"\nack_timeout = \"1s\"\n",
+        );
+        let env = [
+            ("CUSTOMWS_HANDSHAKE_TIMEOUT", "2s"),
+            ("CUSTOMWS_WRITE_WAIT", "2s"),
+        ];
+        let args = ["--config", file.path(), "--handshake-timeout", "3s"];
+        let config = load(&args, &env).expect("loads");
+        assert_eq!(config.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(config.write_wait, Duration::from_secs(2));
+        assert_eq!(config.ack_timeout, Duration::from_secs(1));
+        assert_eq!(config.request_timeout, Config::default().request_timeout);
+    }
+
+    #[test]
+    fn unknown_flag() {
+        let error = load(&["--foo", "1"], &[]).expect_err("refused");
+        assert_eq!(
+            error.to_string(),
+            "unknown configuration key \"foo\" (flag --foo)"
+        );
+    }
+
+    #[test]
+    fn unknown_environment_variable() {
+        let error = load(&[], &[("CUSTOMWS_FOO", "1"), ("OTHER_FOO", "1")]).expect_err("refused");
+        let expected = "unknown configuration key \"foo\" (environment CUSTOMWS_FOO)";
+        assert_eq!(error.to_string(), expected);
+    }
+
+    #[test]
+    fn unknown_file_key() {
+        let file = TempFile::new("foo = 1\n");
+        let error = load(&["--config", file.path()], &[]).expect_err("refused");
+        let expected = format!("unknown configuration key \"foo\" (file {})", file.path());
+        assert_eq!(error.to_string(), expected);
+    }
+
+    #[test]
+    fn bad_value_names_key_and_source() {
+        let error = load(&[], &[("CUSTOMWS_HANDSHAKE_TIMEOUT", "abc")]).expect_err("refused");
+        let expected = "invalid value \"abc\" for key \"handshake_timeout\" (environment \
+                        CUSTOMWS_HANDSHAKE_TIMEOUT): expected a duration like 5s, 250ms, 2m";
+        assert_eq!(error.to_string(), expected);
+        let file = TempFile::new("shards = \"many\"\nlisten = [\"a\"]\n");
+        let error = load(&["--config", file.path()], &[]).expect_err("refused");
+        assert!(matches!(
+            error,
+            ConfigError::InvalidValue {
+                key: "listen" | "shards",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn missing_or_unreadable_file_is_an_error() {
+        let file = TempFile::new("shards = \n");
+        let error = load(&["--config", file.path()], &[]).expect_err("refused");
+        assert!(matches!(error, ConfigError::ParseFile { .. }), "{error}");
+        let missing = std::env::temp_dir().join("customws-config-test-missing.toml");
+        let error = load(&["--config", missing.to_str().unwrap()], &[]).expect_err("refused");
+        assert!(matches!(error, ConfigError::ReadFile { .. }), "{error}");
+    }
+
+    #[test]
+    fn bool_flag_forms() {
+        let config = load_ok(&["--dev", "--shards", "2", "--allow-client-broadcast=true"]);
+        assert!(config.dev && config.allow_client_broadcast);
+        assert_eq!(config.shards, 2);
+        assert!(!load_ok(&["--dev=false"]).dev);
+        let error = load(&["--dev", "false"], &[]).expect_err("refused");
+        assert!(matches!(error, ConfigError::UnexpectedArgument { ref arg } if arg == "false"));
+        assert!(message(load(&["--dev=maybe"], &[])).contains("expected true or false"));
+        assert!(load(&[], &[("CUSTOMWS_DEV", "true")]).expect("loads").dev);
+    }
+
+    #[test]
+    fn positional_and_missing_values_are_errors() {
+        let error = load(&["serve"], &[]).expect_err("refused");
+        assert!(matches!(error, ConfigError::UnexpectedArgument { .. }));
+        let error = load(&["--listen"], &[]).expect_err("refused");
+        assert_eq!(
+            error.to_string(),
+            "missing value for key \"listen\" (flag --listen)"
+        );
+        let error = load(&["--listen", "--dev"], &[]).expect_err("refused");
+        assert!(matches!(error, ConfigError::MissingValue { .. }));
+    }
+
+    #[test]
+    fn ping_period_must_be_below_pong_wait() {
+        let text = message(load(&["--ping-period", "60s", "--pong-wait", "60s"], &[]));
+        assert!(
+            text.contains("ping_period") && text.contains("pong_wait"),
+            "{text}"
+        );
+        assert!(load(&["--ping-period", "20s", "--pong-wait", "30s"], &[]).is_ok());
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        assert!(message(load(&["--send-queue", "0"], &[])).contains("send_queue"));
+        assert!(message(load(&["--max-message-size", "124"], &[])).contains("max_message_size"));
+        assert!(load(&["--max-message-size", "125"], &[]).is_ok());
+    }
+
+    #[test]
+    fn jwt_key_material_is_required() {
+        let mut config = Config::default();
+        let error = config.validate().expect_err("HS256 without a secret");
+        assert!(matches!(
+            error,
+            ConfigError::Invalid {
+                key: "jwt_secret",
+                ..
+            }
+        ));
+        config.dev = true;
+        assert!(config.validate().is_ok());
+        config.dev = false;
+        config.allow_insecure_user_id = true;
+        assert!(config.validate().is_ok());
+        config.jwt_algorithm = JwtAlgorithm::Rs256;
+        let error = config.validate().expect_err("RS256 without a key");
+        assert!(matches!(
+            error,
+            ConfigError::Invalid {
+                key: "jwt_public_key",
+                ..
+            }
+        ));
+        config.jwt_public_key = Some(PathBuf::from("key.pem"));
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn help_lists_every_key() {
+        for flag in ["--help", "-h"] {
+            let Err(ConfigError::Help(text)) = load(&["--shards", "2", flag], &[]) else {
+                panic!("{flag} gives help");
+            };
+            assert!(text.contains("--config") && text.contains(CONFIG_ENV));
+            for key in KEYS {
+                assert!(text.contains(&key.flag()), "{}", key.name);
+                assert!(text.contains(&key.env()), "{}", key.name);
+                assert!(text.contains(key.help), "{}", key.name);
+            }
+        }
+    }
+
+    #[test]
+    fn markdown_table_has_a_row_per_key() {
+        let table = Config::markdown_table();
+        assert_eq!(table.lines().count(), 2 + 1 + KEYS.len());
+        for key in KEYS {
+            assert!(table.contains(&format!(
+                "| `{}` | `{}` / `{}` |",
+                key.name,
+                key.flag(),
+                key.env()
+            )));
+        }
+        assert!(table.contains(
+            "| `handshake_timeout` | `--handshake-timeout` / `CUSTOMWS_HANDSHAKE_TIMEOUT` | `5s` |"
+        ));
     }
 }

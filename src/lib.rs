@@ -2,8 +2,19 @@
 //!
 //! Sharded `mio` event loops (one per core, each with its own `SO_REUSEPORT` listener) hold
 //! authenticated WebSocket connections and route messages between them: peer-to-peer through
-//! the server, broadcast, presence. See `ARCHITECTURE.md` for the layers.
+//! the server, broadcast, presence. See `ARCHITECTURE.md` for the layers, bottom to top:
+//! `ws` (framing) → `protocol` (envelopes, router) → `http` (upgrade gate) → `core`
+//! (directory, presence, timers) → `shard` (event loop) → `server` (start/stop).
 
 pub mod config;
+pub mod core;
+pub mod dev;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod ws;
 
 pub use config::Config;
+pub use server::{ServerHandle, StartError, start};

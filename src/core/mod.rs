@@ -1,0 +1,9 @@
+//! Sans-IO core state of a shard: timers, the user directory, presence. No sockets, no clock.
+
+pub mod directory;
+pub mod presence;
+pub mod timer;
+
+pub use directory::{ConnKey, Directory};
+pub use presence::PresenceTable;
+pub use timer::TimerWheel;

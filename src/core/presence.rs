@@ -1,0 +1,187 @@
+//! Presence state and watch lists, held by each user's home shard.
+//!
+//! Fan-out is to *watchers* (users who sent `presence_subscribe` for the user), never to every
+//! user: a status change costs one event per interested user, not O(N).
+
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+
+/// Most users one watcher may follow at once.
+pub const MAX_WATCHED_PER_USER: usize = 10_000;
+
+/// A user's current presence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// Status string (`online`, `away`, `typing`, …).
+    pub status: Box<str>,
+    /// Raw JSON context, if any.
+    pub context: Option<Box<[u8]>>,
+    /// When it was set, milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
+impl Presence {
+    /// The presence reported for a user with no connection.
+    pub fn offline(now_ms: u64) -> Self {
+        Presence {
+            status: "offline".into(),
+            context: None,
+            since_ms: now_ms,
+        }
+    }
+}
+
+/// Outcome of a subscription request at the watcher's home shard.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchAdmission {
+    /// Accepted; these targets are new for this watcher.
+    Accepted(Vec<i64>),
+    /// The watcher would exceed [`MAX_WATCHED_PER_USER`].
+    TooMany,
+}
+
+/// Presence of the users homed on one shard, who watches them, and what the users homed here
+/// watch (for cleanup when they go offline).
+#[derive(Debug, Default)]
+pub struct PresenceTable {
+    current: HashMap<i64, Presence, RandomState>,
+    watchers: HashMap<i64, Vec<i64>, RandomState>,
+    watching: HashMap<i64, Vec<i64>, RandomState>,
+}
+
+impl PresenceTable {
+    /// Stores a status; returns the users to notify.
+    pub fn update(&mut self, user: i64, presence: Presence) -> &[i64] {
+        self.current.insert(user, presence);
+        self.watchers_of(user)
+    }
+
+    /// The user's first connection opened.
+    pub fn online(&mut self, user: i64, now_ms: u64) -> &[i64] {
+        let presence = Presence {
+            status: "online".into(),
+            context: None,
+            since_ms: now_ms,
+        };
+        self.update(user, presence)
+    }
+
+    /// The user's last connection closed: the stored status is dropped.
+    pub fn offline(&mut self, user: i64) -> &[i64] {
+        self.current.remove(&user);
+        self.watchers_of(user)
+    }
+
+    /// Current presence of `user` (offline when unknown).
+    pub fn get(&self, user: i64, now_ms: u64) -> Presence {
+        self.current
+            .get(&user)
+            .cloned()
+            .unwrap_or_else(|| Presence::offline(now_ms))
+    }
+
+    /// Users watching `user`.
+    pub fn watchers_of(&self, user: i64) -> &[i64] {
+        self.watchers.get(&user).map_or(&[], Vec::as_slice)
+    }
+
+    /// Target side: `watcher` now follows `target`.
+    pub fn add_watcher(&mut self, target: i64, watcher: i64) {
+        let list = self.watchers.entry(target).or_default();
+        if !list.contains(&watcher) {
+            list.push(watcher);
+        }
+    }
+
+    /// Target side: `watcher` stops following `target`.
+    pub fn remove_watcher(&mut self, target: i64, watcher: i64) {
+        if let Some(list) = self.watchers.get_mut(&target) {
+            list.retain(|w| *w != watcher);
+            if list.is_empty() {
+                self.watchers.remove(&target);
+            }
+        }
+    }
+
+    /// Watcher side: records `targets` for `watcher`, bounded.
+    pub fn admit_watch(&mut self, watcher: i64, targets: &[i64]) -> WatchAdmission {
+        let list = self.watching.entry(watcher).or_default();
+        let fresh: Vec<i64> = targets
+            .iter()
+            .copied()
+            .filter(|t| !list.contains(t))
+            .collect();
+        if list.len() + fresh.len() > MAX_WATCHED_PER_USER {
+            return WatchAdmission::TooMany;
+        }
+        list.extend(&fresh);
+        WatchAdmission::Accepted(fresh)
+    }
+
+    /// Watcher side: forgets `targets`.
+    pub fn drop_watch(&mut self, watcher: i64, targets: &[i64]) {
+        if let Some(list) = self.watching.get_mut(&watcher) {
+            list.retain(|t| !targets.contains(t));
+            if list.is_empty() {
+                self.watching.remove(&watcher);
+            }
+        }
+    }
+
+    /// Watcher side: the watcher went offline; returns what it watched.
+    pub fn take_watching(&mut self, watcher: i64) -> Vec<i64> {
+        self.watching.remove(&watcher).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_update_offline_notify_watchers() {
+        let mut table = PresenceTable::default();
+        table.add_watcher(1, 10);
+        table.add_watcher(1, 11);
+        table.add_watcher(1, 10);
+        assert_eq!(table.online(1, 5), &[10, 11]);
+        assert_eq!(&*table.get(1, 6).status, "online");
+        let busy = Presence {
+            status: "busy".into(),
+            context: Some(b"{}".to_vec().into()),
+            since_ms: 7,
+        };
+        assert_eq!(table.update(1, busy.clone()), &[10, 11]);
+        assert_eq!(table.get(1, 8), busy);
+        assert_eq!(table.offline(1), &[10, 11]);
+        assert_eq!(table.get(1, 9), Presence::offline(9));
+    }
+
+    #[test]
+    fn unwatched_user_has_no_fan_out() {
+        let mut table = PresenceTable::default();
+        assert!(table.online(3, 0).is_empty());
+        table.add_watcher(3, 4);
+        table.remove_watcher(3, 4);
+        assert!(table.online(3, 0).is_empty());
+    }
+
+    #[test]
+    fn watch_lists_are_bounded_and_deduplicated() {
+        let mut table = PresenceTable::default();
+        assert_eq!(
+            table.admit_watch(1, &[2, 3]),
+            WatchAdmission::Accepted(vec![2, 3])
+        );
+        assert_eq!(
+            table.admit_watch(1, &[3, 4]),
+            WatchAdmission::Accepted(vec![4])
+        );
+        let many: Vec<i64> = (100..100 + MAX_WATCHED_PER_USER as i64).collect();
+        assert_eq!(table.admit_watch(1, &many), WatchAdmission::TooMany);
+        table.drop_watch(1, &[2]);
+        assert_eq!(table.take_watching(1), vec![3, 4]);
+        assert!(table.take_watching(1).is_empty());
+    }
+}

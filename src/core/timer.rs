@@ -1,0 +1,149 @@
+//! A hashed timing wheel, one per shard. Time is an argument (milliseconds since the shard's
+//! epoch); nothing here reads a clock.
+//!
+//! Entries are never cancelled: the owner stores the deadline it expects and ignores a firing
+//! whose key is stale (connection gone, generation changed, or deadline moved). That keeps
+//! insert O(1) and the per-connection cost at one entry.
+
+/// Default tick: deadlines fire at most this late.
+pub const DEFAULT_TICK_MS: u64 = 10;
+/// Default slot count: one rotation covers 40.96 s at the default tick.
+pub const DEFAULT_SLOTS: usize = 4096;
+
+/// The timing wheel.
+#[derive(Debug)]
+pub struct TimerWheel<K> {
+    slots: Vec<Vec<(u64, K)>>,
+    tick_ms: u64,
+    /// First tick not yet processed.
+    next_tick: u64,
+    len: usize,
+}
+
+impl<K: Copy> TimerWheel<K> {
+    /// A wheel whose first tick is the one containing `now`.
+    pub fn new(tick_ms: u64, slots: usize, now: u64) -> Self {
+        let tick_ms = tick_ms.max(1);
+        TimerWheel {
+            slots: (0..slots.max(1)).map(|_| Vec::new()).collect(),
+            tick_ms,
+            next_tick: now / tick_ms,
+            len: 0,
+        }
+    }
+
+    /// Number of entries, stale ones included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Schedules `key` at `deadline`. A deadline in the past fires at the next expiry.
+    pub fn insert(&mut self, deadline: u64, key: K) {
+        let tick = (deadline / self.tick_ms).max(self.next_tick);
+        let slot = (tick % self.slots.len() as u64) as usize;
+        self.slots[slot].push((deadline, key));
+        self.len += 1;
+    }
+
+    /// Moves every entry whose tick has fully elapsed at `now` into `due`.
+    pub fn expire(&mut self, now: u64, due: &mut Vec<K>) {
+        let end = now / self.tick_ms; // ticks strictly before `end` have elapsed
+        let slots = self.slots.len() as u64;
+        // After a long pause one full rotation visits every slot.
+        let start = self.next_tick.max(end.saturating_sub(slots));
+        for tick in start..end {
+            let slot = &mut self.slots[(tick % slots) as usize];
+            let before = slot.len();
+            let tick_ms = self.tick_ms;
+            slot.retain(|&(deadline, key)| {
+                let fire = deadline / tick_ms <= tick;
+                if fire {
+                    due.push(key);
+                }
+                !fire
+            });
+            self.len -= before - slot.len();
+        }
+        self.next_tick = self.next_tick.max(end);
+    }
+
+    /// Milliseconds from `now` until the next expiry could fire anything; `None` when empty.
+    pub fn next_timeout(&self, now: u64) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        let slots = self.slots.len() as u64;
+        let first = (0..slots)
+            .map(|i| self.next_tick + i)
+            .find(|tick| !self.slots[(tick % slots) as usize].is_empty())
+            .unwrap_or(self.next_tick);
+        Some(((first + 1) * self.tick_ms).saturating_sub(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expire(wheel: &mut TimerWheel<u32>, now: u64) -> Vec<u32> {
+        let mut due = Vec::new();
+        wheel.expire(now, &mut due);
+        due.sort_unstable();
+        due
+    }
+
+    #[test]
+    fn fires_at_most_one_tick_late_never_early() {
+        let mut wheel = TimerWheel::new(10, 8, 0);
+        wheel.insert(25, 1);
+        wheel.insert(30, 2);
+        assert!(expire(&mut wheel, 24).is_empty());
+        assert!(expire(&mut wheel, 29).is_empty());
+        assert_eq!(expire(&mut wheel, 30), vec![1]);
+        assert_eq!(expire(&mut wheel, 40), vec![2]);
+        assert!(wheel.is_empty());
+    }
+
+    #[test]
+    fn entries_beyond_one_rotation_wait_their_turn() {
+        let mut wheel = TimerWheel::new(10, 4, 0); // rotation = 40 ms
+        wheel.insert(105, 7);
+        for now in (10..=100).step_by(10) {
+            assert!(expire(&mut wheel, now).is_empty(), "fired early at {now}");
+        }
+        assert_eq!(expire(&mut wheel, 110), vec![7]);
+    }
+
+    #[test]
+    fn past_deadlines_fire_next() {
+        let mut wheel = TimerWheel::new(10, 4, 1000);
+        let _ = expire(&mut wheel, 1050);
+        wheel.insert(3, 9);
+        assert_eq!(expire(&mut wheel, 1060), vec![9]);
+    }
+
+    #[test]
+    fn long_pause_visits_every_slot_once() {
+        let mut wheel = TimerWheel::new(10, 4, 0);
+        for k in 0..20u32 {
+            wheel.insert(u64::from(k) * 7, k);
+        }
+        assert_eq!(expire(&mut wheel, 10_000), (0..20).collect::<Vec<_>>());
+        assert_eq!(wheel.len(), 0);
+    }
+
+    #[test]
+    fn next_timeout_points_at_the_first_busy_tick() {
+        let mut wheel: TimerWheel<u32> = TimerWheel::new(10, 16, 0);
+        assert_eq!(wheel.next_timeout(0), None);
+        wheel.insert(55, 1);
+        assert_eq!(wheel.next_timeout(3), Some(57));
+        let _ = expire(&mut wheel, 60);
+        assert_eq!(wheel.next_timeout(60), None);
+    }
+}

@@ -1,0 +1,282 @@
+//! Handshake authentication: where the token comes from and what it must say.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use super::request::Request;
+use crate::config::{Config, JwtAlgorithm};
+
+/// Permissions carried by the token's `roles` claim.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// `broadcast`: may broadcast to every connection.
+    pub broadcast: bool,
+    /// `admin`: may use the admin API.
+    pub admin: bool,
+}
+
+/// An authenticated user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user id from `user_id` or `sub`.
+    pub user_id: i64,
+    /// Permissions from `roles`.
+    pub roles: Roles,
+    /// The whole claim set as JSON: the connection's user data for the application.
+    pub claims: Box<str>,
+    /// Token expiry, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// Why a handshake was refused (answered 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No token in any of the accepted places.
+    #[error("missing token")]
+    Missing,
+    /// Signature, algorithm, expiry, issuer or audience check failed.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The claims name no usable user id.
+    #[error("token has no numeric user_id or decimal sub claim")]
+    NoUserId,
+}
+
+/// Bad authentication configuration, reported at start-up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthConfigError {
+    /// HS256 without `jwt_secret`.
+    #[error("jwt_algorithm HS256 needs jwt_secret")]
+    MissingSecret,
+    /// RS256/ES256 without `jwt_public_key`.
+    #[error("jwt_algorithm RS256/ES256 needs jwt_public_key (a PEM file)")]
+    MissingPublicKey,
+    /// The PEM file could not be read.
+    #[error("cannot read jwt_public_key {path}: {source}")]
+    ReadKey {
+        /// The configured path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The PEM file is not a key of the configured kind.
+    #[error("jwt_public_key is not a valid PEM key for the algorithm: {0}")]
+    BadKey(jsonwebtoken::errors::Error),
+}
+
+/// Where the token was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer`.
+    Header,
+    /// `?token=`.
+    Query,
+    /// Cookie `auth_token`.
+    Cookie,
+    /// `Sec-WebSocket-Protocol: bearer, <token>`; the 101 must select `bearer`.
+    Subprotocol,
+}
+
+/// Verifies tokens with the configured, pinned algorithm and key.
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// Builds the verifier from configuration.
+    pub fn from_config(config: &Config) -> Result<Self, AuthConfigError> {
+        let (algorithm, key) = match config.jwt_algorithm {
+            JwtAlgorithm::Hs256 => {
+                let secret = config
+                    .jwt_secret
+                    .as_deref()
+                    .ok_or(AuthConfigError::MissingSecret)?;
+                (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(secret.as_bytes()),
+                )
+            }
+            JwtAlgorithm::Rs256 => (
+                Algorithm::RS256,
+                DecodingKey::from_rsa_pem(&read_pem(config)?).map_err(AuthConfigError::BadKey)?,
+            ),
+            JwtAlgorithm::Es256 => (
+                Algorithm::ES256,
+                DecodingKey::from_ec_pem(&read_pem(config)?).map_err(AuthConfigError::BadKey)?,
+            ),
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.validate_nbf = true;
+        match &config.jwt_issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &config.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Authenticator { key, validation })
+    }
+
+    /// Verifies `token` and extracts the identity.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        identity_from_claims(data.claims)
+    }
+}
+
+fn read_pem(config: &Config) -> Result<Vec<u8>, AuthConfigError> {
+    let path = config
+        .jwt_public_key
+        .as_ref()
+        .ok_or(AuthConfigError::MissingPublicKey)?;
+    std::fs::read(path).map_err(|source| AuthConfigError::ReadKey {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Extracts user id, roles and expiry from a verified claim set.
+pub fn identity_from_claims(claims: Value) -> Result<Identity, AuthError> {
+    let user_id = match (claims.get("user_id"), claims.get("sub")) {
+        (Some(Value::Number(n)), _) => n.as_i64(),
+        (_, Some(Value::String(s))) => s.parse().ok(),
+        _ => None,
+    }
+    .ok_or(AuthError::NoUserId)?;
+    let mut roles = Roles::default();
+    if let Some(Value::Array(list)) = claims.get("roles") {
+        for role in list.iter().filter_map(Value::as_str) {
+            roles.broadcast |= role == "broadcast";
+            roles.admin |= role == "admin";
+        }
+    }
+    let expires_at = claims
+        .get("exp")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    Ok(Identity {
+        user_id,
+        roles,
+        claims: claims.to_string().into_boxed_str(),
+        expires_at,
+    })
+}
+
+/// Finds the token, in SPEC order: header, query, cookie, subprotocol.
+pub fn find_token(req: &Request) -> Option<(String, TokenSource)> {
+    if let Some(token) = req.authorization.as_deref().and_then(bearer) {
+        return Some((token.to_string(), TokenSource::Header));
+    }
+    if let Some(token) = req.query_param("token").filter(|t| !t.is_empty()) {
+        return Some((token, TokenSource::Query));
+    }
+    if let Some(token) = req.cookie("auth_token").filter(|t| !t.is_empty()) {
+        return Some((token.to_string(), TokenSource::Cookie));
+    }
+    let offers = req.ws_protocol.as_deref()?;
+    let mut parts = offers.split(',').map(str::trim);
+    parts
+        .any(|p| p.eq_ignore_ascii_case("bearer"))
+        .then(|| parts.next())
+        .flatten()
+        .filter(|t| !t.is_empty())
+        .map(|t| (t.to_string(), TokenSource::Subprotocol))
+}
+
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn request(
+        authorization: Option<&str>,
+        query: Option<&str>,
+        cookie: Option<&str>,
+        protocol: Option<&str>,
+    ) -> Request {
+        Request {
+            authorization: authorization.map(str::to_string),
+            query: query.map(str::to_string),
+            cookie: cookie.map(str::to_string),
+            ws_protocol: protocol.map(str::to_string),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let all = request(
+            Some("Bearer h"),
+            Some("token=q"),
+            Some("auth_token=c"),
+            Some("bearer, p"),
+        );
+        assert_eq!(find_token(&all), Some(("h".into(), TokenSource::Header)));
+        let rest = request(Some("Basic x"), Some("token=q"), Some("auth_token=c"), None);
+        assert_eq!(find_token(&rest), Some(("q".into(), TokenSource::Query)));
+        assert_eq!(
+            find_token(&request(None, None, Some("x=1; auth_token=c"), None)),
+            Some(("c".into(), TokenSource::Cookie))
+        );
+        assert_eq!(
+            find_token(&request(None, None, None, Some("bearer, p"))),
+            Some(("p".into(), TokenSource::Subprotocol))
+        );
+        assert_eq!(
+            find_token(&request(None, None, None, Some("chat, bearer"))),
+            None
+        );
+        assert_eq!(find_token(&request(None, Some("token="), None, None)), None);
+    }
+
+    #[test]
+    fn identity_from_user_id_or_sub() {
+        let id =
+            identity_from_claims(json!({"user_id": 7, "roles": ["broadcast", "x"], "exp": 10}))
+                .unwrap();
+        assert_eq!(
+            (id.user_id, id.roles, id.expires_at),
+            (
+                7,
+                Roles {
+                    broadcast: true,
+                    admin: false
+                },
+                10
+            )
+        );
+        assert_eq!(
+            identity_from_claims(json!({"sub": "42"})).unwrap().user_id,
+            42
+        );
+        assert_eq!(
+            identity_from_claims(json!({"sub": "alice"})),
+            Err(AuthError::NoUserId)
+        );
+        assert_eq!(
+            identity_from_claims(json!({"user_id": "7"})),
+            Err(AuthError::NoUserId)
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The HTTP side of a connection before it becomes a WebSocket: parsing, the upgrade gate
+//! (path, origin, authentication), and plain responses.
+
+pub mod auth;
+pub mod request;
+pub mod response;
+
+use auth::{Authenticator, Identity, TokenSource, find_token};
+use request::Request;
+
+use crate::config::Config;
+
+/// What to do with a complete request head.
+#[derive(Debug)]
+pub enum Decision {
+    /// Upgrade to a WebSocket for this user.
+    Upgrade {
+        /// The authenticated user.
+        identity: Identity,
+        /// Subprotocol to select in the 101 (`bearer` when the token came that way).
+        subprotocol: Option<&'static str>,
+    },
+    /// `GET /health`.
+    Health,
+    /// `GET /metrics`.
+    Metrics,
+    /// Refuse with a JSON error and close.
+    Refuse {
+        /// HTTP status.
+        status: u16,
+        /// Message for the `{"error"}` body and the log.
+        message: String,
+    },
+}
+
+/// The handshake rules of one server, shared read-only by every shard.
+#[derive(Debug)]
+pub struct Gate {
+    ws_path: String,
+    allowed_origins: Vec<String>,
+    auth: Authenticator,
+}
+
+impl Gate {
+    /// Builds the gate from configuration.
+    pub fn new(config: &Config, auth: Authenticator) -> Self {
+        let allowed_origins = config
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .collect();
+        Gate {
+            ws_path: config.ws_path.clone(),
+            allowed_origins,
+            auth,
+        }
+    }
+
+    /// Decides what a request gets.
+    pub fn decide(&self, req: &Request) -> Decision {
+        if req.path == self.ws_path {
+            return self.upgrade(req);
+        }
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/health") => Decision::Health,
+            ("GET", "/metrics") => Decision::Metrics,
+            _ => refuse(404, format!("no endpoint at {}", req.path)),
+        }
+    }
+
+    fn upgrade(&self, req: &Request) -> Decision {
+        if !req.is_upgrade() {
+            return refuse(400, "expected a WebSocket upgrade request".into());
+        }
+        if req.ws_version.as_deref() != Some("13") {
+            return refuse(426, "unsupported Sec-WebSocket-Version; use 13".into());
+        }
+        if !self.origin_allowed(req) {
+            return refuse(
+                403,
+                format!("origin {} not allowed", req.origin.as_deref().unwrap_or("")),
+            );
+        }
+        let Some((token, source)) = find_token(req) else {
+            return refuse(401, auth::AuthError::Missing.to_string());
+        };
+        match self.auth.verify(&token) {
+            Ok(identity) => Decision::Upgrade {
+                identity,
+                subprotocol: (source == TokenSource::Subprotocol).then_some("bearer"),
+            },
+            Err(e) => refuse(401, e.to_string()),
+        }
+    }
+
+    /// `allowed_origins`: `*` allows any; an empty list allows only the request's own host;
+    /// otherwise exact (case-insensitive) matches. A request without `Origin` is not from a
+    /// browser and is allowed.
+    fn origin_allowed(&self, req: &Request) -> bool {
+        let Some(origin) = req.origin.as_deref() else {
+            return true;
+        };
+        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+        if self.allowed_origins.is_empty() {
+            let host = origin
+                .split_once("://")
+                .map_or(origin.as_str(), |(_, rest)| rest);
+            return req
+                .host
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(host));
+        }
+        self.allowed_origins
+            .iter()
+            .any(|allowed| allowed == "*" || *allowed == origin)
+    }
+}
+
+fn refuse(status: u16, message: String) -> Decision {
+    Decision::Refuse { status, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(origins: &[&str]) -> Gate {
+        let mut config = Config::default();
+        config.jwt_secret = Some("s".into());
+        config.allowed_origins = origins.iter().map(|s| s.to_string()).collect();
+        Gate::new(&config, Authenticator::from_config(&config).unwrap())
+    }
+
+    fn req(origin: Option<&str>) -> Request {
+        Request {
+            host: Some("example.com:8082".into()),
+            origin: origin.map(str::to_string),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn default_origin_policy_is_same_host() {
+        let g = gate(&[]);
+        assert!(g.origin_allowed(&req(None)));
+        assert!(g.origin_allowed(&req(Some("https://example.com:8082"))));
+        assert!(!g.origin_allowed(&req(Some("https://evil.example"))));
+    }
+
+    #[test]
+    fn listed_and_wildcard_origins() {
+        let g = gate(&["https://good.example/"]);
+        assert!(g.origin_allowed(&req(Some("https://GOOD.example"))));
+        assert!(!g.origin_allowed(&req(Some("https://evil.example"))));
+        assert!(gate(&["*"]).origin_allowed(&req(Some("https://any.example"))));
+    }
+
+    #[test]
+    fn routes_paths() {
+        let g = gate(&[]);
+        let get = |path: &str| Request {
+            method: "GET".into(),
+            path: path.into(),
+            ..Request::default()
+        };
+        assert!(matches!(g.decide(&get("/health")), Decision::Health));
+        assert!(matches!(g.decide(&get("/metrics")), Decision::Metrics));
+        assert!(matches!(
+            g.decide(&get("/nope")),
+            Decision::Refuse { status: 404, .. }
+        ));
+        assert!(matches!(
+            g.decide(&get("/ws")),
+            Decision::Refuse { status: 400, .. }
+        ));
+    }
+}

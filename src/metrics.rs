@@ -1,0 +1,235 @@
+//! Counters kept per shard (written by that shard only, relaxed atomics on their own cache
+//! lines) and summed at scrape time into Prometheus text by `prometheus-client`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+/// Upper bounds of the `ws_message_size_bytes` buckets.
+pub const SIZE_BUCKETS: [f64; 7] = [64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 1048576.0];
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    /// WebSocket connections opened.
+    pub connections_total: AtomicU64,
+    /// WebSocket connections open now.
+    pub connections_current: AtomicU64,
+    /// Users whose home is this shard and who have a connection.
+    pub users_current: AtomicU64,
+    /// Client messages received.
+    pub messages_in: AtomicU64,
+    /// Frames queued to clients.
+    pub messages_out: AtomicU64,
+    /// Protocol errors and refused messages.
+    pub errors: AtomicU64,
+    /// Handshakes refused (401/403/404/400…).
+    pub handshake_failures: AtomicU64,
+    /// Connections closed 1013 because their queue overflowed.
+    pub slow_consumer_closes: AtomicU64,
+    /// Frames discarded (queue overflow or closing connection).
+    pub frames_dropped: AtomicU64,
+    /// Connections closed for missing pongs.
+    pub pong_timeouts: AtomicU64,
+    size_buckets: [AtomicU64; SIZE_BUCKETS.len()],
+    size_sum: AtomicU64,
+    size_count: AtomicU64,
+}
+
+impl ShardMetrics {
+    /// Adds one to a counter (single writer, so load+store beats a locked add).
+    pub fn inc(counter: &AtomicU64) {
+        counter.store(counter.load(Relaxed) + 1, Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Relaxed) + n, Relaxed);
+    }
+
+    /// Subtracts one from a gauge.
+    pub fn dec(gauge: &AtomicU64) {
+        gauge.store(gauge.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
+    /// Records a received message's size.
+    pub fn observe_size(&self, len: usize) {
+        if let Some(i) = SIZE_BUCKETS.iter().position(|&b| len as f64 <= b) {
+            Self::inc(&self.size_buckets[i]);
+        }
+        Self::add(&self.size_sum, len as u64);
+        Self::inc(&self.size_count);
+    }
+}
+
+/// All shards' counters.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Index = shard id.
+    pub shards: Vec<ShardMetrics>,
+}
+
+impl Metrics {
+    /// Counters for `n` shards.
+    pub fn new(n: usize) -> Arc<Self> {
+        Arc::new(Metrics {
+            shards: (0..n).map(|_| ShardMetrics::default()).collect(),
+        })
+    }
+
+    /// Sum of one counter over all shards.
+    pub fn sum(&self, pick: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+        self.shards.iter().map(|s| pick(s).load(Relaxed)).sum()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Arc::clone(self)));
+        let mut out = String::with_capacity(4096);
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+type Pick = fn(&ShardMetrics) -> &AtomicU64;
+
+const COUNTERS: [(&str, &str, Pick); 8] = [
+    ("ws_connections", "WebSocket connections opened.", |s| {
+        &s.connections_total
+    }),
+    ("ws_messages", "Client messages received.", |s| {
+        &s.messages_in
+    }),
+    ("ws_errors", "Protocol errors and refused messages.", |s| {
+        &s.errors
+    }),
+    ("customws_messages_sent", "Frames queued to clients.", |s| {
+        &s.messages_out
+    }),
+    (
+        "customws_handshake_failures",
+        "Handshakes refused before the upgrade.",
+        |s| &s.handshake_failures,
+    ),
+    (
+        "customws_slow_consumer_closes",
+        "Connections closed 1013 because their send queue overflowed.",
+        |s| &s.slow_consumer_closes,
+    ),
+    (
+        "customws_frames_dropped",
+        "Frames discarded on overflow or close.",
+        |s| &s.frames_dropped,
+    ),
+    (
+        "customws_pong_timeouts",
+        "Connections closed for a missing pong.",
+        |s| &s.pong_timeouts,
+    ),
+];
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, pick) in COUNTERS {
+            let metric = ConstCounter::new(self.sum(pick));
+            metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
+        let gauges: [(&str, &str, Pick); 2] = [
+            (
+                "ws_connections_current",
+                "WebSocket connections open now.",
+                |s| &s.connections_current,
+            ),
+            ("ws_clients_current", "Distinct users connected now.", |s| {
+                &s.users_current
+            }),
+        ];
+        for (name, help, pick) in gauges {
+            let metric = ConstGauge::new(self.sum(pick) as i64);
+            metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        self.encode_shards(&mut encoder)?;
+        self.encode_sizes(&mut encoder)
+    }
+}
+
+impl Metrics {
+    fn encode_shards(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let help = "WebSocket connections open now, per shard.";
+        let mut family = encoder.encode_descriptor(
+            "customws_shard_connections",
+            help,
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let labels = [("shard", i.to_string())];
+            let gauge = ConstGauge::new(shard.connections_current.load(Relaxed) as i64);
+            gauge.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn encode_sizes(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let help = "Size of received client messages.";
+        let mut metric = encoder.encode_descriptor(
+            "ws_message_size_bytes",
+            help,
+            None,
+            MetricType::Histogram,
+        )?;
+        let mut cumulative = 0;
+        let mut buckets: Vec<(f64, u64)> = SIZE_BUCKETS
+            .iter()
+            .enumerate()
+            .map(|(i, &bound)| {
+                cumulative += self
+                    .shards
+                    .iter()
+                    .map(|s| s.size_buckets[i].load(Relaxed))
+                    .sum::<u64>();
+                (bound, cumulative)
+            })
+            .collect();
+        let count = self.sum(|s| &s.size_count);
+        buckets.push((f64::INFINITY, count));
+        let sum = self.sum(|s| &s.size_sum) as f64;
+        metric
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_seed_series_and_shard_gauges() {
+        let metrics = Metrics::new(2);
+        ShardMetrics::inc(&metrics.shards[1].connections_current);
+        ShardMetrics::inc(&metrics.shards[0].connections_total);
+        metrics.shards[0].observe_size(100);
+        let text = metrics.render();
+        for needle in [
+            "ws_connections_total 1",
+            "ws_connections_current 1",
+            "ws_messages_total 0",
+            "ws_errors_total 0",
+            "ws_clients_current 0",
+            "customws_shard_connections{shard=\"1\"} 1",
+            "ws_message_size_bytes_bucket{le=\"256.0\"} 1",
+            "ws_message_size_bytes_count 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

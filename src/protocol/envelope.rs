@@ -1,0 +1,320 @@
+//! The customws JSON envelopes.
+//!
+//! Decoding borrows from the (unmasked, in-place) frame payload: `payload` stays a raw slice
+//! of the client's bytes so that P2P forwarding splices it into the outgoing envelope without
+//! building a JSON tree. Encoding writes the envelope straight into a frame buffer, once per
+//! message, whatever the number of recipients.
+
+use std::borrow::Cow;
+use std::io::Write;
+
+use bytes::{BufMut, Bytes};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::ws::{FrameEncoder, OutKind};
+
+/// A client → server message: `{"pid"?, "type", "targetUserId"?, "payload"?}`.
+/// Unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+pub struct ClientMessage<'a> {
+    /// Client-chosen correlation id.
+    #[serde(borrow, default)]
+    pub pid: Option<Cow<'a, str>>,
+    /// Message type, routes the message.
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    /// Target user for P2P; 0 counts as absent, as in the seed's Go `omitempty`.
+    #[serde(rename = "targetUserId", default)]
+    pub target_user_id: Option<i64>,
+    /// The payload, exactly as the client wrote it.
+    #[serde(borrow, default)]
+    pub payload: Option<&'a RawValue>,
+}
+
+impl<'a> ClientMessage<'a> {
+    /// Decodes one text message.
+    pub fn parse(text: &'a [u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(text)
+    }
+
+    /// The P2P target, if any.
+    pub fn target(&self) -> Option<i64> {
+        self.target_user_id.filter(|&id| id != 0)
+    }
+
+    /// The payload's raw JSON bytes, if present and not `null`.
+    pub fn payload_bytes(&self) -> Option<&'a [u8]> {
+        self.payload
+            .map(|raw| raw.get().as_bytes())
+            .filter(|raw| *raw != b"null")
+    }
+
+    /// Decodes the payload into `T`; a missing payload decodes from `{}`.
+    pub fn payload_as<T: Deserialize<'a>>(&self) -> Result<T, serde_json::Error> {
+        match self.payload {
+            Some(raw) => serde_json::from_str(raw.get()),
+            None => serde_json::from_str("{}"),
+        }
+    }
+}
+
+/// `presence_update` payload: `{status, context?, targetUserId?}` (also accepts seed 004's
+/// `metadata` in place of `context`).
+#[derive(Debug, Deserialize)]
+pub struct PresenceUpdate<'a> {
+    /// New status, e.g. `online`, `away`, `typing`.
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    /// Free-form context stored with the status.
+    #[serde(borrow, default, alias = "metadata")]
+    pub context: Option<&'a RawValue>,
+    /// Send the event only to this user.
+    #[serde(rename = "targetUserId", default)]
+    pub target_user_id: Option<i64>,
+}
+
+/// `presence_subscribe` / `presence_unsubscribe` payload.
+#[derive(Debug, Deserialize)]
+pub struct PresenceWatch {
+    /// Users to watch / stop watching.
+    #[serde(rename = "userIds")]
+    pub user_ids: Vec<i64>,
+}
+
+/// `client_ack` payload.
+#[derive(Debug, Deserialize)]
+pub struct ClientAck<'a> {
+    /// The server pid being acknowledged.
+    #[serde(rename = "acknowledgedPid", borrow)]
+    pub acknowledged_pid: Cow<'a, str>,
+    /// Optional status (`received`, `processed`, …).
+    #[serde(borrow, default)]
+    pub status: Option<Cow<'a, str>>,
+    /// Optional client-side error.
+    #[serde(borrow, default)]
+    pub error: Option<&'a RawValue>,
+}
+
+/// Builder of one server → client envelope, written directly into a frame.
+pub struct Envelope<'a> {
+    pid: Option<&'a str>,
+    kind: &'a str,
+    from_user_id: Option<i64>,
+    payload: Option<&'a [u8]>,
+    error: Option<(Option<&'a str>, u16, &'a str)>,
+}
+
+impl<'a> Envelope<'a> {
+    /// An envelope of the given type.
+    pub fn new(kind: &'a str) -> Self {
+        Envelope {
+            pid: None,
+            kind,
+            from_user_id: None,
+            payload: None,
+            error: None,
+        }
+    }
+
+    /// Sets `pid`.
+    pub fn pid(mut self, pid: Option<&'a str>) -> Self {
+        self.pid = pid;
+        self
+    }
+
+    /// Sets `fromUserId`.
+    pub fn from_user(mut self, user: i64) -> Self {
+        self.from_user_id = Some(user);
+        self
+    }
+
+    /// Sets `payload` to already-encoded JSON, copied verbatim.
+    pub fn raw_payload(mut self, payload: Option<&'a [u8]>) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// Sets `error` `{originalPid?, code, message}`.
+    pub fn error(mut self, original_pid: Option<&'a str>, code: u16, message: &'a str) -> Self {
+        self.error = Some((original_pid, code, message));
+        self
+    }
+
+    /// Encodes the envelope as one complete text frame.
+    pub fn frame(self) -> Bytes {
+        let hint = 48 + self.payload.map_or(0, <[u8]>::len);
+        let mut w = FrameEncoder::start(hint).writer();
+        self.write(&mut w);
+        FrameEncoder::finish(w.into_inner(), OutKind::Text)
+    }
+
+    fn write(&self, w: &mut impl Write) {
+        // Writes into memory cannot fail.
+        let _ = w.write_all(b"{");
+        if let Some(pid) = self.pid {
+            let _ = w.write_all(b"\"pid\":");
+            write_str(w, pid);
+            let _ = w.write_all(b",");
+        }
+        let _ = w.write_all(b"\"type\":");
+        write_str(w, self.kind);
+        if let Some(from) = self.from_user_id {
+            let _ = write!(w, ",\"fromUserId\":{from}");
+        }
+        if let Some(payload) = self.payload {
+            let _ = w.write_all(b",\"payload\":");
+            let _ = w.write_all(payload);
+        }
+        if let Some((original, code, message)) = self.error {
+            let _ = w.write_all(b",\"error\":{");
+            if let Some(original) = original {
+                let _ = w.write_all(b"\"originalPid\":");
+                write_str(w, original);
+                let _ = w.write_all(b",");
+            }
+            let _ = write!(w, "\"code\":{code},\"message\":");
+            write_str(w, message);
+            let _ = w.write_all(b"}");
+        }
+        let _ = w.write_all(b"}");
+    }
+}
+
+/// Writes a JSON string literal with escaping.
+pub fn write_str(w: &mut impl Write, s: &str) {
+    let _ = serde_json::to_writer(w, s);
+}
+
+/// `server_ack` `{"acknowledgedPid": pid, "status": status}`.
+pub fn server_ack(acknowledged: &str, status: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(48 + acknowledged.len());
+    payload.extend_from_slice(b"{\"acknowledgedPid\":");
+    write_str(&mut payload, acknowledged);
+    payload.extend_from_slice(b",\"status\":");
+    write_str(&mut payload, status);
+    payload.push(b'}');
+    Envelope::new("server_ack")
+        .raw_payload(Some(&payload))
+        .frame()
+}
+
+/// `error_notification` with `{originalPid?, code, message}`.
+pub fn error_notification(original_pid: Option<&str>, code: u16, message: &str) -> Bytes {
+    Envelope::new("error_notification")
+        .error(original_pid, code, message)
+        .frame()
+}
+
+/// `data_event` from `from`, splicing the sender's payload bytes.
+pub fn data_event(from: i64, payload: Option<&[u8]>) -> Bytes {
+    Envelope::new("data_event")
+        .from_user(from)
+        .raw_payload(payload)
+        .frame()
+}
+
+/// `presence_event` for `user`: `{"userId","status","context","timestamp"}`.
+pub fn presence_event(user: i64, status: &str, context: Option<&[u8]>, timestamp: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(80 + status.len() + context.map_or(4, <[u8]>::len));
+    let _ = write!(payload, "{{\"userId\":{user},\"status\":");
+    write_str(&mut payload, status);
+    payload.extend_from_slice(b",\"context\":");
+    payload.extend_from_slice(context.unwrap_or(b"null"));
+    payload.extend_from_slice(b",\"timestamp\":");
+    write_str(&mut payload, timestamp);
+    payload.push(b'}');
+    Envelope::new("presence_event")
+        .from_user(user)
+        .raw_payload(Some(&payload))
+        .frame()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(frame: &Bytes) -> &str {
+        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
+        std::str::from_utf8(&frame[header..]).unwrap()
+    }
+
+    #[test]
+    fn decodes_and_keeps_payload_bytes() {
+        let raw = br#"{"type":"data_request","targetUserId":7,"pid":"a\"b","extra":1,"payload":{"b":1,  "a":[1, 2]}}"#;
+        let msg = ClientMessage::parse(raw).unwrap();
+        assert_eq!(msg.kind, "data_request");
+        assert_eq!(msg.target(), Some(7));
+        assert_eq!(msg.pid.as_deref(), Some("a\"b"));
+        assert_eq!(msg.payload_bytes(), Some(&br#"{"b":1,  "a":[1, 2]}"#[..]));
+    }
+
+    #[test]
+    fn zero_target_and_null_payload_are_absent() {
+        let msg = ClientMessage::parse(br#"{"type":"x","targetUserId":0,"payload":null}"#).unwrap();
+        assert_eq!(msg.target(), None);
+        assert_eq!(msg.payload_bytes(), None);
+    }
+
+    #[test]
+    fn rejects_bad_envelopes() {
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            b"{\"pid\":\"x\"}",
+            b"{\"type\":5}",
+            b"{\"type\":\"x\",\"targetUserId\":\"2\"}",
+        ] {
+            assert!(
+                ClientMessage::parse(bad).is_err(),
+                "{:?}",
+                std::str::from_utf8(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn encodes_data_event_with_spliced_payload() {
+        let frame = data_event(42, Some(br#"{"b":1,  "a":[1, 2]}"#));
+        assert_eq!(
+            text(&frame),
+            r#"{"type":"data_event","fromUserId":42,"payload":{"b":1,  "a":[1, 2]}}"#
+        );
+    }
+
+    #[test]
+    fn encodes_acks_errors_and_presence() {
+        assert_eq!(
+            text(&server_ack("p\"1", "delivered")),
+            r#"{"type":"server_ack","payload":{"acknowledgedPid":"p\"1","status":"delivered"}}"#
+        );
+        assert_eq!(
+            text(&error_notification(
+                Some("p1"),
+                404,
+                "user 9 is not connected"
+            )),
+            r#"{"type":"error_notification","error":{"originalPid":"p1","code":404,"message":"user 9 is not connected"}}"#
+        );
+        assert_eq!(
+            text(&error_notification(None, 400, "bad")),
+            r#"{"type":"error_notification","error":{"code":400,"message":"bad"}}"#
+        );
+        let event = presence_event(5, "busy", None, "2026-01-01T00:00:00Z");
+        let value: serde_json::Value = serde_json::from_str(text(&event)).unwrap();
+        assert_eq!(value["fromUserId"], 5);
+        assert_eq!(value["payload"]["status"], "busy");
+        assert!(value["payload"]["context"].is_null());
+    }
+
+    #[test]
+    fn presence_payload_accepts_metadata_alias() {
+        let msg = ClientMessage::parse(
+            br#"{"type":"PRESENCE_UPDATE","payload":{"status":"away","metadata":{"a":1}}}"#,
+        )
+        .unwrap();
+        let update: PresenceUpdate = msg.payload_as().unwrap();
+        assert_eq!(update.status, "away");
+        assert_eq!(update.context.unwrap().get(), r#"{"a":1}"#);
+    }
+}

@@ -1,0 +1,209 @@
+//! The built-in router: what a client message asks for, decided without any I/O.
+//!
+//! The shard executes the returned [`Route`]; keeping the decision here makes every rule of
+//! SPEC's message table testable without a socket.
+
+use std::borrow::Cow;
+
+use super::envelope::{ClientAck, ClientMessage, PresenceUpdate, PresenceWatch};
+
+/// Largest `userIds` list accepted by one `presence_subscribe`.
+pub const MAX_WATCH_LIST: usize = 1024;
+
+/// What the sender is allowed to do, from its token and the server configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SenderCaps {
+    /// Role `broadcast`, or `allow_client_broadcast` is on.
+    pub can_broadcast: bool,
+}
+
+/// The action a client message requests.
+#[derive(Debug)]
+pub enum Route<'a> {
+    /// `data_request` with a target: forward to every connection of `target`.
+    P2p {
+        /// Receiving user.
+        target: i64,
+        /// The sender's payload bytes.
+        payload: Option<&'a [u8]>,
+    },
+    /// `data_request` without a target: every connection except the sender's.
+    Broadcast {
+        /// The sender's payload bytes.
+        payload: Option<&'a [u8]>,
+    },
+    /// `generic_request` with no application configured: echo as `generic_response` with the
+    /// request's pid (always present for this route).
+    GenericEcho {
+        /// The payload to echo.
+        payload: Option<&'a [u8]>,
+    },
+    /// `presence_update` / seed 004 `PRESENCE_UPDATE`.
+    Presence(PresenceUpdate<'a>),
+    /// `presence_subscribe`.
+    Subscribe(Vec<i64>),
+    /// `presence_unsubscribe`.
+    Unsubscribe(Vec<i64>),
+    /// `client_ack` resolving a server-initiated wait.
+    Ack(ClientAck<'a>),
+    /// Seed 004 `HEARTBEAT`: answer `HEARTBEAT_ACK`.
+    Heartbeat,
+    /// Seed 004 `DISCONNECT`: close 1000.
+    Disconnect,
+    /// Refused: answer `error_notification` with this code and message.
+    Reject {
+        /// HTTP-like status code.
+        code: u16,
+        /// Human-readable reason.
+        message: Cow<'static, str>,
+    },
+}
+
+/// Decides what `msg` asks for.
+pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
+    match &*msg.kind {
+        "data_request" => data_request(msg, caps),
+        "generic_request" => match msg.pid {
+            Some(_) => Route::GenericEcho {
+                payload: msg.payload_bytes(),
+            },
+            None => reject(400, "generic_request needs a pid"),
+        },
+        "presence_update" | "PRESENCE_UPDATE" => match msg.payload_as::<PresenceUpdate>() {
+            Ok(update) => Route::Presence(update),
+            Err(e) => reject_owned(400, format!("invalid presence_update payload: {e}")),
+        },
+        "presence_subscribe" => watch_list(msg).map_or_else(|r| r, Route::Subscribe),
+        "presence_unsubscribe" => watch_list(msg).map_or_else(|r| r, Route::Unsubscribe),
+        "client_ack" => match msg.payload_as::<ClientAck>() {
+            Ok(ack) => Route::Ack(ack),
+            Err(e) => reject_owned(400, format!("invalid client_ack payload: {e}")),
+        },
+        "HEARTBEAT" => Route::Heartbeat,
+        "DISCONNECT" => Route::Disconnect,
+        other => reject_owned(400, format!("unknown message type {other:?}")),
+    }
+}
+
+fn data_request<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
+    let payload = msg.payload_bytes();
+    match msg.target() {
+        Some(target) => Route::P2p { target, payload },
+        None if caps.can_broadcast => Route::Broadcast { payload },
+        None => reject(403, "broadcast requires the broadcast role"),
+    }
+}
+
+fn watch_list<'a>(msg: &ClientMessage<'a>) -> Result<Vec<i64>, Route<'a>> {
+    let watch: PresenceWatch = msg
+        .payload_as()
+        .map_err(|e| reject_owned(400, format!("invalid userIds payload: {e}")))?;
+    if watch.user_ids.len() > MAX_WATCH_LIST {
+        return Err(reject_owned(
+            400,
+            format!("at most {MAX_WATCH_LIST} userIds per message"),
+        ));
+    }
+    Ok(watch.user_ids)
+}
+
+fn reject(code: u16, message: &'static str) -> Route<'static> {
+    Route::Reject {
+        code,
+        message: Cow::Borrowed(message),
+    }
+}
+
+fn reject_owned(code: u16, message: String) -> Route<'static> {
+    Route::Reject {
+        code,
+        message: Cow::Owned(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decide(raw: &str, can_broadcast: bool) -> String {
+        let msg = ClientMessage::parse(raw.as_bytes()).unwrap();
+        format!("{:?}", route(&msg, SenderCaps { can_broadcast }))
+    }
+
+    #[test]
+    fn data_request_with_target_is_p2p() {
+        let r = decide(
+            r#"{"type":"data_request","targetUserId":9,"payload":{"x":1}}"#,
+            false,
+        );
+        assert!(r.starts_with("P2p { target: 9"), "{r}");
+    }
+
+    #[test]
+    fn broadcast_needs_the_role() {
+        let raw = r#"{"type":"data_request","payload":{"x":1}}"#;
+        assert!(decide(raw, true).starts_with("Broadcast"));
+        assert!(decide(raw, false).starts_with("Reject { code: 403"));
+    }
+
+    #[test]
+    fn generic_request_echoes_and_needs_a_pid() {
+        assert!(
+            decide(r#"{"type":"generic_request","pid":"p","payload":1}"#, false)
+                .starts_with("GenericEcho")
+        );
+        assert!(
+            decide(r#"{"type":"generic_request","payload":1}"#, false)
+                .starts_with("Reject { code: 400")
+        );
+    }
+
+    #[test]
+    fn presence_messages() {
+        assert!(
+            decide(
+                r#"{"type":"presence_update","payload":{"status":"busy"}}"#,
+                false
+            )
+            .starts_with("Presence")
+        );
+        assert!(
+            decide(r#"{"type":"presence_update","payload":{}}"#, false)
+                .starts_with("Reject { code: 400")
+        );
+        assert_eq!(
+            decide(
+                r#"{"type":"presence_subscribe","payload":{"userIds":[1,2]}}"#,
+                false
+            ),
+            "Subscribe([1, 2])"
+        );
+        assert_eq!(
+            decide(
+                r#"{"type":"presence_unsubscribe","payload":{"userIds":[3]}}"#,
+                false
+            ),
+            "Unsubscribe([3])"
+        );
+        let many: Vec<String> = (0..=MAX_WATCH_LIST).map(|i| i.to_string()).collect();
+        let raw = format!(
+            r#"{{"type":"presence_subscribe","payload":{{"userIds":[{}]}}}}"#,
+            many.join(",")
+        );
+        assert!(decide(&raw, false).starts_with("Reject { code: 400"));
+    }
+
+    #[test]
+    fn unknown_type_is_rejected_with_400() {
+        assert!(decide(r#"{"type":"nope"}"#, true).starts_with("Reject { code: 400"));
+    }
+
+    #[test]
+    fn seed_004_types() {
+        assert_eq!(
+            decide(r#"{"type":"HEARTBEAT","timestamp":"x"}"#, false),
+            "Heartbeat"
+        );
+        assert_eq!(decide(r#"{"type":"DISCONNECT"}"#, false), "Disconnect");
+    }
+}

@@ -1,0 +1,175 @@
+//! Starting the shards and the handle that stops them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::core::directory::MAX_SHARDS;
+use crate::http::Gate;
+use crate::http::auth::{AuthConfigError, Authenticator};
+use crate::metrics::Metrics;
+use crate::shard::msg::ShardMsg;
+use crate::shard::{Shard, ShardParts, Shared};
+
+/// Listen backlog of each shard's socket (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Authentication settings are unusable.
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
+    /// Creating or binding a shard's listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Creating a shard's poll or thread failed.
+    #[error("cannot start shard {shard}: {source}")]
+    Shard {
+        /// The shard.
+        shard: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// More shards than the directory supports.
+    #[error("shards must be between 1 and {MAX_SHARDS}, got {0}")]
+    TooManyShards(usize),
+}
+
+/// A running server. Dropping it shuts the server down and waits for the shards.
+#[derive(Debug)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Starts a server: binds every shard's `SO_REUSEPORT` listener, then runs the shards.
+pub fn start(config: Config) -> Result<ServerHandle, StartError> {
+    let shards = config.effective_shards();
+    if shards == 0 || shards > MAX_SHARDS {
+        return Err(StartError::TooManyShards(shards));
+    }
+    let auth = Authenticator::from_config(&config)?;
+    let listeners = bind_all(config.listen, shards)?;
+    let local_addr = listeners[0]
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let mut parts = Vec::with_capacity(shards);
+    let mut links = Vec::with_capacity(shards);
+    for (shard, listener) in listeners.into_iter().enumerate() {
+        let (part, link) =
+            ShardParts::new(listener).map_err(|source| StartError::Shard { shard, source })?;
+        parts.push(part);
+        links.push(link);
+    }
+    let shared = Arc::new(Shared {
+        gate: Gate::new(&config, auth),
+        links,
+        metrics: Metrics::new(shards),
+        started: Instant::now(),
+        next_seq: AtomicU64::new(1),
+        config,
+    });
+    let mut threads = Vec::with_capacity(shards);
+    for (id, part) in parts.into_iter().enumerate() {
+        let shard = Shard::new(id, Arc::clone(&shared), part);
+        let thread = std::thread::Builder::new()
+            .name(format!("customws-shard-{id}"))
+            .spawn(move || shard.run())
+            .map_err(|source| StartError::Shard { shard: id, source })?;
+        threads.push(thread);
+    }
+    log::info!(
+        "listening on {local_addr} with {shards} shards, WebSocket path {}",
+        shared.config.ws_path
+    );
+    Ok(ServerHandle {
+        shared,
+        local_addr,
+        threads,
+    })
+}
+
+/// One `SO_REUSEPORT` socket per shard on the same address. With port 0 the first socket
+/// picks the port and the others join it.
+fn bind_all(addr: SocketAddr, shards: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let mut listeners = Vec::with_capacity(shards);
+    let mut addr = addr;
+    for _ in 0..shards {
+        let listener = bind_one(addr).map_err(|source| StartError::Bind { addr, source })?;
+        if addr.port() == 0 {
+            addr = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+impl ServerHandle {
+    /// The address the shards listen on (the real port when 0 was configured).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Begins graceful shutdown: stop accepting, close every connection with 1001, flush,
+    /// exit within `shutdown_timeout`. Does not wait; see [`ServerHandle::wait`].
+    pub fn shutdown(&self) {
+        for link in &self.shared.links {
+            link.send_now(ShardMsg::Shutdown);
+        }
+    }
+
+    /// Waits for every shard to finish (after [`ServerHandle::shutdown`], or forever).
+    pub fn wait(mut self) {
+        self.join();
+    }
+
+    /// Prometheus text of the server's counters.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    fn join(&mut self) {
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("a shard thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shutdown();
+            self.join();
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! One connection slot of a shard's slab, and its bounded output queue.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use mio::net::TcpStream;
+
+use crate::http::auth::Roles;
+use crate::ws::Reassembly;
+
+/// Most frames handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+/// Where a connection is in its life. See `LIFECYCLE.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP request head.
+    Http,
+    /// An open WebSocket.
+    Open,
+    /// Our last bytes are queued (close frame or HTTP response); after they are flushed the
+    /// write side is shut and we wait for the peer's EOF until the deadline.
+    Closing {
+        /// The peer already closed (its close frame or EOF): drop right after the flush.
+        peer_done: bool,
+    },
+}
+
+/// The authenticated user of an open connection.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// User id.
+    pub user: i64,
+    /// Permissions.
+    pub roles: Roles,
+    /// Global open order (for `connections_per_user`).
+    pub seq: u64,
+    /// The token's claim set, the application's user data.
+    pub claims: Box<str>,
+}
+
+/// Result of trying to queue a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// Queued.
+    Yes,
+    /// Dropped: the connection is closing.
+    Closing,
+    /// The queue bound was hit: the slow-consumer policy applies.
+    Overflow,
+}
+
+/// Frames waiting for the socket, shared `Bytes` each.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    frames: VecDeque<Bytes>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    /// Bytes not yet written.
+    bytes: usize,
+}
+
+/// Outcome of a flush.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything was written.
+    Empty,
+    /// The socket is full; wait for `WRITABLE`.
+    Blocked,
+}
+
+impl OutQueue {
+    /// Number of queued frames.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Queued bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Appends a frame.
+    pub fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Drops every frame not yet started, keeping a partly written one so the stream stays
+    /// well-formed. Returns how many frames were dropped.
+    pub fn discard_unsent(&mut self) -> usize {
+        let keep = usize::from(self.offset > 0);
+        let dropped = self.frames.len().saturating_sub(keep);
+        self.frames.truncate(keep);
+        self.bytes = self.frames.front().map_or(0, |f| f.len() - self.offset);
+        dropped
+    }
+
+    /// Writes as much as the socket takes, several frames per `writev`.
+    pub fn flush(&mut self, out: &mut impl Write) -> io::Result<Flushed> {
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (i, frame) in self.frames.iter().take(MAX_IOV).enumerate() {
+                let start = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(&frame[start..]);
+                count += 1;
+            }
+            match out.write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Flushed::Empty)
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        self.bytes -= written;
+        while let Some(front) = self.frames.front() {
+            let rest = front.len() - self.offset;
+            if written < rest {
+                self.offset += written;
+                return;
+            }
+            written -= rest;
+            self.offset = 0;
+            self.frames.pop_front();
+        }
+    }
+}
+
+/// One connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Peer address, for logs.
+    pub peer: SocketAddr,
+    /// Generation of this slab slot.
+    pub generation: u32,
+    /// Life-cycle phase.
+    pub phase: Phase,
+    /// Bytes of an incomplete HTTP head or frame; empty (no allocation) otherwise.
+    pub inbuf: Vec<u8>,
+    /// Fragmented message in progress.
+    pub reassembly: Reassembly,
+    /// Output queue.
+    pub out: OutQueue,
+    /// In the shard's flush list.
+    pub dirty: bool,
+    /// The user, once open.
+    pub session: Option<Box<Session>>,
+    /// The deadline currently scheduled in the wheel (ms).
+    pub timer_at: u64,
+    /// Phase deadline: handshake deadline (Http) or linger deadline (Closing).
+    pub deadline: u64,
+    /// No pong by then: close (Open).
+    pub read_deadline: u64,
+    /// Next ping (Open).
+    pub next_ping: u64,
+    /// When the socket last refused bytes with output still queued; `u64::MAX` when not.
+    pub write_blocked_at: u64,
+}
+
+impl Conn {
+    /// A freshly accepted connection.
+    pub fn new(stream: TcpStream, peer: SocketAddr, generation: u32, deadline: u64) -> Self {
+        Conn {
+            stream,
+            peer,
+            generation,
+            phase: Phase::Http,
+            inbuf: Vec::new(),
+            reassembly: Reassembly::default(),
+            out: OutQueue::default(),
+            dirty: false,
+            session: None,
+            timer_at: deadline,
+            deadline,
+            read_deadline: u64::MAX,
+            next_ping: u64::MAX,
+            write_blocked_at: u64::MAX,
+        }
+    }
+
+    /// The user id, when open.
+    pub fn user(&self) -> Option<i64> {
+        self.session.as_ref().map(|s| s.user)
+    }
+
+    /// Queues a frame within the bounds; over them, reports overflow.
+    pub fn queue(&mut self, frame: Bytes, max_frames: usize, max_bytes: usize) -> Queued {
+        if self.phase != Phase::Open {
+            return Queued::Closing;
+        }
+        if self.out.len() >= max_frames || self.out.bytes() + frame.len() > max_bytes {
+            return Queued::Overflow;
+        }
+        self.out.push(frame);
+        Queued::Yes
+    }
+
+    /// The earliest deadline this connection needs.
+    pub fn next_deadline(&self, write_wait_ms: u64) -> u64 {
+        match self.phase {
+            Phase::Open => {
+                let write = self.write_blocked_at.saturating_add(write_wait_ms);
+                self.read_deadline.min(self.next_ping).min(write)
+            }
+            _ => self.deadline,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes per call, then blocks.
+    struct Trickle {
+        taken: Vec<u8>,
+        cap: usize,
+        calls: usize,
+        budget: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.calls == self.budget {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.cap - n);
+                self.taken.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_resume_mid_frame() {
+        let mut q = OutQueue::default();
+        for f in [&b"abc"[..], b"defg", b"hi"] {
+            q.push(Bytes::copy_from_slice(f));
+        }
+        let mut w = Trickle {
+            taken: vec![],
+            cap: 4,
+            calls: 0,
+            budget: 1,
+        };
+        assert_eq!(q.flush(&mut w).unwrap(), Flushed::Blocked);
+        assert_eq!((q.len(), q.bytes()), (2, 5));
+        w.budget = 10;
+        assert_eq!(q.flush(&mut w).unwrap(), Flushed::Empty);
+        assert_eq!(w.taken, b"abcdefghi");
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn discard_keeps_the_partly_written_frame() {
+        let mut q = OutQueue::default();
+        for f in [&b"abc"[..], b"def", b"ghi"] {
+            q.push(Bytes::copy_from_slice(f));
+        }
+        let mut w = Trickle {
+            taken: vec![],
+            cap: 2,
+            calls: 0,
+            budget: 1,
+        };
+        let _ = q.flush(&mut w);
+        assert_eq!(q.discard_unsent(), 2);
+        assert_eq!((q.len(), q.bytes()), (1, 1));
+        w.budget = 5;
+        q.flush(&mut w).unwrap();
+        assert_eq!(w.taken, b"abc");
+    }
+}

@@ -1,0 +1,411 @@
+//! Carrying out routing decisions: deliveries to users and connections, broadcasts, presence,
+//! and the messages other shards send us.
+
+use bytes::Bytes;
+
+use super::Shard;
+use super::conn::Phase;
+use super::handshake::rfc3339;
+use super::msg::ShardMsg;
+use crate::config::PresenceScope;
+use crate::core::directory::{ConnAddr, ShardId};
+use crate::core::presence::{Presence, WatchAdmission};
+use crate::core::{ConnKey, Directory};
+use crate::metrics::ShardMetrics;
+use crate::protocol::envelope::{
+    Envelope, data_event, error_notification, presence_event, server_ack, write_str,
+};
+use crate::protocol::router::Route;
+use crate::ws::close;
+
+impl Shard {
+    /// Carries out what the router decided for a message of `user` on `key`.
+    pub(super) fn execute(
+        &mut self,
+        key: ConnKey,
+        user: i64,
+        pid: Option<&str>,
+        decision: Route<'_>,
+    ) {
+        match decision {
+            Route::P2p { target, payload } => {
+                let delivered = self.deliver_to_users(&[target], data_event(user, payload));
+                match (pid, delivered) {
+                    (Some(pid), true) => self.reply(key, server_ack(pid, "delivered")),
+                    (Some(pid), false) => self.reply(
+                        key,
+                        error_notification(
+                            Some(pid),
+                            404,
+                            &format!("user {target} is not connected"),
+                        ),
+                    ),
+                    (None, _) => {}
+                }
+            }
+            Route::Broadcast { payload } => {
+                self.broadcast(data_event(user, payload), Some(self.addr(key)));
+                self.ack(key, pid, "broadcast");
+            }
+            Route::GenericEcho { payload } => {
+                let frame = Envelope::new("generic_response")
+                    .pid(pid)
+                    .raw_payload(payload)
+                    .frame();
+                self.reply(key, frame);
+            }
+            Route::Presence(update) => {
+                let presence = Presence {
+                    status: update.status.as_ref().into(),
+                    context: update.context.map(|raw| raw.get().as_bytes().into()),
+                    since_ms: Self::wall_ms(),
+                };
+                self.presence_update(
+                    key,
+                    user,
+                    presence,
+                    update.target_user_id.filter(|&t| t != 0),
+                );
+                self.ack(key, pid, "ok");
+            }
+            Route::Subscribe(targets) => {
+                let msg = ShardMsg::AdmitWatch {
+                    watcher: user,
+                    targets,
+                    reply: self.addr(key),
+                    pid: pid.map(Into::into),
+                };
+                self.send_to(Directory::home_of(user, self.shards()), msg);
+            }
+            Route::Unsubscribe(targets) => {
+                self.send_to(
+                    Directory::home_of(user, self.shards()),
+                    ShardMsg::DropWatch {
+                        watcher: user,
+                        targets,
+                    },
+                );
+                self.ack(key, pid, "ok");
+            }
+            Route::Ack(ack) => {
+                log::debug!(
+                    "client_ack for {} with no pending wait (user={user})",
+                    ack.acknowledged_pid
+                );
+            }
+            Route::Heartbeat => self.reply(key, heartbeat_ack(Self::wall_ms())),
+            Route::Disconnect => self.close(key, close::NORMAL, "client requested disconnect"),
+            Route::Reject { code, message } => {
+                ShardMetrics::inc(&self.metrics().errors);
+                self.reply(key, error_notification(pid, code, &message));
+            }
+        }
+    }
+
+    fn reply(&mut self, key: ConnKey, frame: Bytes) {
+        self.sink.push(&mut self.conns, key, frame);
+    }
+
+    fn ack(&mut self, key: ConnKey, pid: Option<&str>, status: &str) {
+        if let Some(pid) = pid {
+            self.reply(key, server_ack(pid, status));
+        }
+    }
+
+    /// Queues `frame` on every connection of every user in `users`, wherever they are.
+    /// Returns whether any of them is connected (as far as this shard's replica knows).
+    pub(super) fn deliver_to_users(&mut self, users: &[i64], frame: Bytes) -> bool {
+        let mut remote: Vec<Vec<i64>> = Vec::new();
+        let mut found = false;
+        for &user in users {
+            let mut mask = self.directory.shards_of(user);
+            found |= mask != 0;
+            while mask != 0 {
+                let shard = mask.trailing_zeros() as ShardId;
+                mask &= mask - 1;
+                if shard == self.id {
+                    self.deliver_local(user, &frame);
+                } else {
+                    if remote.is_empty() {
+                        remote.resize(self.shards(), Vec::new());
+                    }
+                    remote[shard].push(user);
+                }
+            }
+        }
+        for (shard, users) in remote
+            .into_iter()
+            .enumerate()
+            .filter(|(_, u)| !u.is_empty())
+        {
+            self.send_to(
+                shard,
+                ShardMsg::Deliver {
+                    users,
+                    frame: frame.clone(),
+                },
+            );
+        }
+        found
+    }
+
+    fn deliver_local(&mut self, user: i64, frame: &Bytes) {
+        let Shard {
+            directory,
+            conns,
+            sink,
+            ..
+        } = self;
+        for &key in directory.local(user) {
+            sink.push(conns, key, frame.clone());
+        }
+    }
+
+    /// Every open connection of every shard, except `except`.
+    pub(super) fn broadcast(&mut self, frame: Bytes, except: Option<ConnAddr>) {
+        let me = self.id;
+        for shard in (0..self.shards()).filter(|&s| s != me) {
+            self.send_to(
+                shard,
+                ShardMsg::Broadcast {
+                    frame: frame.clone(),
+                    except,
+                },
+            );
+        }
+        self.broadcast_local(&frame, except);
+    }
+
+    fn broadcast_local(&mut self, frame: &Bytes, except: Option<ConnAddr>) {
+        let skip = except.filter(|a| a.shard == self.id).map(|a| a.key);
+        let Shard { conns, sink, .. } = self;
+        for (index, conn) in conns.iter_mut() {
+            let key = ConnKey {
+                index: index as u32,
+                generation: conn.generation,
+            };
+            if conn.phase == Phase::Open && Some(key) != skip {
+                sink.offer(key, conn, frame.clone());
+            }
+        }
+    }
+
+    fn presence_update(
+        &mut self,
+        key: ConnKey,
+        user: i64,
+        presence: Presence,
+        target: Option<i64>,
+    ) {
+        let home = Directory::home_of(user, self.shards());
+        let fan_out = match (target, self.shared.config.presence_scope) {
+            (Some(target), _) => {
+                self.deliver_to_users(&[target], encode_presence(user, &presence));
+                false
+            }
+            (None, PresenceScope::All) => {
+                self.broadcast(encode_presence(user, &presence), Some(self.addr(key)));
+                false
+            }
+            (None, _) => true,
+        };
+        self.send_to(
+            home,
+            ShardMsg::PresenceSet {
+                user,
+                presence,
+                fan_out,
+            },
+        );
+    }
+
+    /// Home shard: tells `user`'s watchers (or everyone, with `presence_scope = "all"`).
+    fn announce_presence(&mut self, user: i64, presence: &Presence) {
+        let frame = encode_presence(user, presence);
+        if self.shared.config.presence_scope == PresenceScope::All {
+            self.broadcast(frame, None);
+            return;
+        }
+        let watchers = self.presence.watchers_of(user).to_vec();
+        if !watchers.is_empty() {
+            self.deliver_to_users(&watchers, frame);
+        }
+    }
+
+    /// Handles a message from another shard (or from ourselves).
+    pub(super) fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Replica {
+                user,
+                shard,
+                present,
+            } => self.directory.set_replica(user, shard, present),
+            ShardMsg::HomeOpened { user, seq, addr } => self.home_opened(user, seq, addr),
+            ShardMsg::HomeClosed { user, seq } => self.home_closed(user, seq),
+            ShardMsg::Close { key, code, reason } => self.close(key, code, reason),
+            ShardMsg::Deliver { users, frame } => {
+                for user in users {
+                    self.deliver_local(user, &frame);
+                }
+            }
+            ShardMsg::DeliverConn { key, frame } => self.reply(key, frame),
+            ShardMsg::Broadcast { frame, except } => self.broadcast_local(&frame, except),
+            ShardMsg::PresenceSet {
+                user,
+                presence,
+                fan_out,
+            } => {
+                if fan_out {
+                    self.announce_presence(user, &presence);
+                }
+                self.presence.update(user, presence);
+            }
+            ShardMsg::AdmitWatch {
+                watcher,
+                targets,
+                reply,
+                pid,
+            } => self.admit_watch(watcher, targets, reply, pid),
+            ShardMsg::DropWatch { watcher, targets } => {
+                self.presence.drop_watch(watcher, &targets);
+                self.for_each_home(targets, |targets| ShardMsg::Unwatch { watcher, targets });
+            }
+            ShardMsg::Watch {
+                watcher,
+                targets,
+                reply,
+            } => self.watch(watcher, targets, reply),
+            ShardMsg::Unwatch { watcher, targets } => {
+                for target in targets {
+                    self.presence.remove_watcher(target, watcher);
+                }
+            }
+            ShardMsg::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    fn home_opened(&mut self, user: i64, seq: u64, addr: ConnAddr) {
+        let opened = self
+            .directory
+            .home_open(user, seq, addr, self.limits.per_user);
+        for old in opened.evict {
+            let msg = ShardMsg::Close {
+                key: old.key,
+                code: close::REPLACED,
+                reason: "replaced by a newer connection",
+            };
+            self.send_to(old.shard, msg);
+        }
+        if opened.came_online {
+            ShardMetrics::inc(&self.metrics().users_current);
+            let now = Self::wall_ms();
+            let presence = Presence {
+                status: "online".into(),
+                context: None,
+                since_ms: now,
+            };
+            self.announce_presence(user, &presence);
+            self.presence.online(user, now);
+        }
+    }
+
+    fn home_closed(&mut self, user: i64, seq: u64) {
+        if !self.directory.home_close(user, seq) {
+            return;
+        }
+        ShardMetrics::dec(&self.metrics().users_current);
+        self.presence.offline(user);
+        self.announce_presence(user, &Presence::offline(Self::wall_ms()));
+        let watched = self.presence.take_watching(user);
+        self.for_each_home(watched, |targets| ShardMsg::Unwatch {
+            watcher: user,
+            targets,
+        });
+    }
+
+    fn admit_watch(
+        &mut self,
+        watcher: i64,
+        targets: Vec<i64>,
+        reply: ConnAddr,
+        pid: Option<Box<str>>,
+    ) {
+        if !self.directory.home_online(watcher) {
+            return; // the watcher left before its request got here
+        }
+        let answer = match self.presence.admit_watch(watcher, &targets) {
+            WatchAdmission::TooMany => {
+                error_notification(pid.as_deref(), 429, "watch list limit reached")
+            }
+            WatchAdmission::Accepted(_) => {
+                self.for_each_home(targets, |targets| ShardMsg::Watch {
+                    watcher,
+                    targets,
+                    reply,
+                });
+                match pid.as_deref() {
+                    Some(pid) => server_ack(pid, "ok"),
+                    None => return,
+                }
+            }
+        };
+        self.send_to(
+            reply.shard,
+            ShardMsg::DeliverConn {
+                key: reply.key,
+                frame: answer,
+            },
+        );
+    }
+
+    fn watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr) {
+        let now = Self::wall_ms();
+        for target in targets {
+            self.presence.add_watcher(target, watcher);
+            let frame = encode_presence(target, &self.presence.get(target, now));
+            self.send_to(
+                reply.shard,
+                ShardMsg::DeliverConn {
+                    key: reply.key,
+                    frame,
+                },
+            );
+        }
+    }
+
+    /// Splits `users` by home shard and sends each group the message `make` builds.
+    fn for_each_home(&mut self, users: Vec<i64>, make: impl Fn(Vec<i64>) -> ShardMsg) {
+        let shards = self.shards();
+        let mut groups: Vec<Vec<i64>> = vec![Vec::new(); shards];
+        for user in users {
+            groups[Directory::home_of(user, shards)].push(user);
+        }
+        for (shard, group) in groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty())
+        {
+            self.send_to(shard, make(group));
+        }
+    }
+}
+
+fn encode_presence(user: i64, presence: &Presence) -> Bytes {
+    presence_event(
+        user,
+        &presence.status,
+        presence.context.as_deref(),
+        &rfc3339(presence.since_ms),
+    )
+}
+
+/// Seed 004's `{"type":"HEARTBEAT_ACK","timestamp":…}`.
+fn heartbeat_ack(unix_ms: u64) -> Bytes {
+    let mut frame = crate::ws::FrameEncoder::start(64);
+    frame.extend_from_slice(b"{\"type\":\"HEARTBEAT_ACK\",\"timestamp\":");
+    let mut stamp = Vec::with_capacity(32);
+    write_str(&mut stamp, &rfc3339(unix_ms));
+    frame.extend_from_slice(&stamp);
+    frame.extend_from_slice(b"}");
+    crate::ws::FrameEncoder::finish(frame, crate::ws::OutKind::Text)
+}

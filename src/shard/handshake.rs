@@ -1,0 +1,155 @@
+//! The HTTP phase of a connection: request head → gate decision → 101 or a plain response.
+
+use bytes::Bytes;
+
+use super::Shard;
+use super::conn::{Phase, Session};
+use super::msg::ShardMsg;
+use crate::core::{ConnKey, Directory};
+use crate::http::Decision;
+use crate::http::auth::Identity;
+use crate::http::request::{Parsed, parse};
+use crate::http::response::{json_error, response, switching_protocols};
+use crate::metrics::ShardMetrics;
+
+impl Shard {
+    /// More bytes of the request head arrived.
+    pub(super) fn on_http_bytes(&mut self, key: ConnKey) {
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        match parse(&conn.inbuf) {
+            Parsed::Partial => {}
+            Parsed::Invalid(status, message) => self.refuse(key, status, message),
+            Parsed::Complete(request, len) => {
+                // Bytes after the head are the client's first frames, sent without waiting.
+                let rest = conn.inbuf.split_off(len);
+                conn.inbuf = rest;
+                match self.shared.gate.decide(&request) {
+                    Decision::Upgrade {
+                        identity,
+                        subprotocol,
+                    } => self.upgrade(
+                        key,
+                        identity,
+                        subprotocol,
+                        request.ws_key.as_deref().unwrap_or(""),
+                    ),
+                    Decision::Health => {
+                        self.respond(key, 200, "application/json", self.health().as_bytes())
+                    }
+                    Decision::Metrics => {
+                        let text = self.shared.metrics.render();
+                        self.respond(
+                            key,
+                            200,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                            text.as_bytes(),
+                        );
+                    }
+                    Decision::Refuse { status, message } => self.refuse(key, status, &message),
+                }
+            }
+        }
+    }
+
+    fn health(&self) -> String {
+        let metrics = &self.shared.metrics;
+        serde_json::json!({
+            "status": "OK",
+            "timestamp": rfc3339(Self::wall_ms()),
+            "uptime": self.shared.started.elapsed().as_secs(),
+            "connections": metrics.sum(|s| &s.connections_current),
+        })
+        .to_string()
+    }
+
+    fn refuse(&mut self, key: ConnKey, status: u16, message: &str) {
+        ShardMetrics::inc(&self.metrics().handshake_failures);
+        if let Some(conn) = self.conn_mut(key) {
+            log::info!(
+                "handshake refused status={status} peer={} reason={message}",
+                conn.peer
+            );
+        }
+        let body = json_error(status, message);
+        self.send_last(key, Bytes::from(body));
+    }
+
+    fn respond(&mut self, key: ConnKey, status: u16, content_type: &str, body: &[u8]) {
+        let bytes = response(status, content_type, "", body);
+        self.send_last(key, Bytes::from(bytes));
+    }
+
+    /// Queues the final bytes of a non-WebSocket exchange and starts closing.
+    fn send_last(&mut self, key: ConnKey, bytes: Bytes) {
+        let deadline = self.close_deadline();
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        conn.inbuf = Vec::new();
+        conn.out.push(bytes);
+        conn.phase = Phase::Closing { peer_done: false };
+        conn.deadline = deadline;
+        self.mark_dirty(key);
+        self.schedule_before(key, deadline);
+    }
+
+    fn upgrade(
+        &mut self,
+        key: ConnKey,
+        identity: Identity,
+        subprotocol: Option<&'static str>,
+        ws_key: &str,
+    ) {
+        let limit = self.limits.max_connections;
+        if limit > 0 && self.shared.metrics.sum(|s| &s.connections_current) as usize >= limit {
+            self.refuse(key, 503, "server at max_connections");
+            return;
+        }
+        let accept = Bytes::from(switching_protocols(ws_key, subprotocol));
+        let seq = self
+            .shared
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let user = identity.user_id;
+        let now = self.now;
+        let limits = self.limits;
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        conn.out.push(accept);
+        conn.phase = Phase::Open;
+        conn.read_deadline = now + limits.pong_wait_ms;
+        conn.next_ping = now + limits.ping_period_ms;
+        let peer = conn.peer;
+        conn.session = Some(Box::new(Session {
+            user,
+            roles: identity.roles,
+            seq,
+            claims: identity.claims,
+        }));
+        let pending = std::mem::take(&mut conn.inbuf);
+        let metrics = self.metrics();
+        ShardMetrics::inc(&metrics.connections_total);
+        ShardMetrics::inc(&metrics.connections_current);
+        log::info!("connect user={user} peer={peer} shard={}", self.id);
+        self.mark_dirty(key);
+        self.schedule_before(key, now + limits.ping_period_ms.min(limits.pong_wait_ms));
+        if self.directory.add_local(user, key) {
+            self.announce_replica(user, true);
+        }
+        let home = Directory::home_of(user, self.shards());
+        let addr = self.addr(key);
+        self.send_to(home, ShardMsg::HomeOpened { user, seq, addr });
+        if !pending.is_empty() {
+            self.resume_frames(key, pending);
+        }
+    }
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+pub(super) fn rfc3339(unix_ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}

@@ -1,0 +1,662 @@
+//! One event-loop thread: its `SO_REUSEPORT` listener, its connections (a slab keyed by mio
+//! token + generation), its timer wheel, its share of the directory and presence, and its
+//! inbox from the other shards. The loop is a thin driver over the sans-IO pieces in `ws`,
+//! `http`, `protocol` and `core`. See `LIFECYCLE.md` for the connection state machine.
+
+pub mod conn;
+mod deliver;
+mod handshake;
+pub mod msg;
+mod read;
+pub mod sink;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::config::Config;
+use crate::core::directory::{ConnAddr, ShardId};
+use crate::core::{ConnKey, Directory, PresenceTable, TimerWheel};
+use crate::http::Gate;
+use crate::metrics::{Metrics, ShardMetrics};
+use crate::ws::{FrameEncoder, close};
+use conn::{Conn, Flushed, Phase};
+use msg::ShardMsg;
+use sink::Sink;
+
+const LISTENER: Token = Token(1 << 40);
+const WAKER: Token = Token((1 << 40) + 1);
+/// Reads per connection per wake-up before yielding to the others (fairness).
+const READS_PER_WAKE: usize = 8;
+/// Accepts per wake-up before serving the established connections.
+const ACCEPTS_PER_WAKE: usize = 256;
+/// Scratch read buffer, shared by all connections of the shard.
+const SCRATCH: usize = 64 * 1024;
+/// How long a closing connection waits for the peer's EOF after our last byte.
+const LINGER_MS: u64 = 2_000;
+
+/// A shard's address book: how to reach it from any thread.
+#[derive(Debug)]
+pub struct Link {
+    tx: Sender<ShardMsg>,
+    waker: Waker,
+    sleeping: AtomicBool,
+}
+
+impl Link {
+    /// Queues a message; the shard is woken by [`Link::wake`].
+    pub fn send(&self, msg: ShardMsg) {
+        // A closed inbox means the shard has exited during shutdown; nothing to deliver to.
+        let _ = self.tx.send(msg);
+    }
+
+    /// Wakes the shard if it is (about to be) blocked in `epoll_wait`.
+    pub fn wake(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Sends and wakes.
+    pub fn send_now(&self, msg: ShardMsg) {
+        self.send(msg);
+        self.wake();
+    }
+}
+
+/// What every shard shares, read-only (atomics aside).
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub config: Config,
+    /// Handshake rules.
+    pub gate: Gate,
+    /// One link per shard, index = shard id.
+    pub links: Vec<Link>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Process start, for `/health` uptime.
+    pub started: Instant,
+    /// Global connection open order.
+    pub next_seq: std::sync::atomic::AtomicU64,
+}
+
+/// Timeouts and bounds in the shard's units (milliseconds).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    handshake_ms: u64,
+    pong_wait_ms: u64,
+    ping_period_ms: u64,
+    write_wait_ms: u64,
+    max_message: usize,
+    max_connections: usize,
+    per_user: usize,
+}
+
+impl Limits {
+    fn from(config: &Config) -> Self {
+        let ms = |d: Duration| d.as_millis() as u64;
+        Limits {
+            handshake_ms: ms(config.handshake_timeout),
+            pong_wait_ms: ms(config.pong_wait),
+            ping_period_ms: ms(config.ping_period),
+            write_wait_ms: ms(config.write_wait),
+            max_message: config.max_message_size,
+            max_connections: config.max_connections,
+            per_user: config.connections_per_user,
+        }
+    }
+}
+
+/// The parts of a shard that exist before its thread starts.
+#[derive(Debug)]
+pub struct ShardParts {
+    poll: Poll,
+    listener: TcpListener,
+    inbox: Receiver<ShardMsg>,
+}
+
+impl ShardParts {
+    /// Creates the poll, registers the listener, and returns the link other threads use.
+    pub fn new(listener: std::net::TcpListener) -> io::Result<(Self, Link)> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let (tx, inbox) = crossbeam_channel::unbounded();
+        let link = Link {
+            tx,
+            waker,
+            sleeping: AtomicBool::new(false),
+        };
+        Ok((
+            ShardParts {
+                poll,
+                listener,
+                inbox,
+            },
+            link,
+        ))
+    }
+}
+
+/// One event loop.
+pub struct Shard {
+    id: ShardId,
+    shared: Arc<Shared>,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    inbox: Receiver<ShardMsg>,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    wheel: TimerWheel<ConnKey>,
+    directory: Directory,
+    presence: PresenceTable,
+    sink: Sink,
+    scratch: Vec<u8>,
+    /// Connections that still had bytes to read when their per-wake budget ran out.
+    pending_reads: Vec<ConnKey>,
+    accept_pending: bool,
+    /// Peers sent to during this iteration, to wake once each.
+    to_wake: Vec<bool>,
+    limits: Limits,
+    epoch: Instant,
+    now: u64,
+    shutdown_deadline: Option<u64>,
+}
+
+impl Shard {
+    /// A shard ready to run on its own thread.
+    pub fn new(id: ShardId, shared: Arc<Shared>, parts: ShardParts) -> Self {
+        let config = &shared.config;
+        let limits = Limits::from(config);
+        let sink = Sink::new(
+            config.send_queue,
+            config.send_queue_bytes,
+            Arc::clone(&shared.metrics),
+            id,
+        );
+        let peers = shared.links.len();
+        Shard {
+            id,
+            poll: parts.poll,
+            listener: Some(parts.listener),
+            inbox: parts.inbox,
+            conns: Slab::new(),
+            next_generation: 0,
+            wheel: TimerWheel::new(
+                crate::core::timer::DEFAULT_TICK_MS,
+                crate::core::timer::DEFAULT_SLOTS,
+                0,
+            ),
+            directory: Directory::default(),
+            presence: PresenceTable::default(),
+            sink,
+            scratch: vec![0; SCRATCH],
+            pending_reads: Vec::new(),
+            accept_pending: false,
+            to_wake: vec![false; peers],
+            limits,
+            epoch: Instant::now(),
+            now: 0,
+            shutdown_deadline: None,
+            shared,
+        }
+    }
+
+    /// Runs until shutdown completes.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            let link = &self.shared.links[self.id];
+            link.sleeping.store(true, Ordering::SeqCst);
+            let timeout = if self.inbox.is_empty() {
+                timeout
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("shard {}: poll failed: {e}", self.id);
+                return;
+            }
+            link.sleeping.store(false, Ordering::SeqCst);
+            self.now = self.epoch.elapsed().as_millis() as u64;
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    Token(index) => self.on_ready(index, event.is_readable(), event.is_writable()),
+                }
+            }
+            self.turn();
+            if self.finished() {
+                break;
+            }
+        }
+        log::debug!("shard {} stopped", self.id);
+    }
+
+    /// Everything a loop iteration does after the readiness events.
+    fn turn(&mut self) {
+        self.drain_inbox();
+        if self.accept_pending {
+            self.accept_all();
+        }
+        self.continue_reads();
+        self.expire_timers();
+        self.close_overflowed();
+        self.flush_dirty();
+        self.wake_peers();
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if self.accept_pending || !self.pending_reads.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut ms = self.wheel.next_timeout(self.now);
+        if let Some(deadline) = self.shutdown_deadline {
+            ms = Some(
+                ms.unwrap_or(u64::MAX)
+                    .min(deadline.saturating_sub(self.now)),
+            );
+        }
+        ms.map(Duration::from_millis)
+    }
+
+    fn finished(&self) -> bool {
+        self.shutdown_deadline
+            .is_some_and(|deadline| self.conns.is_empty() || self.now >= deadline)
+    }
+
+    fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics.shards[self.id]
+    }
+
+    fn shards(&self) -> usize {
+        self.shared.links.len()
+    }
+
+    fn wall_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn addr(&self, key: ConnKey) -> ConnAddr {
+        ConnAddr {
+            shard: self.id,
+            key,
+        }
+    }
+
+    fn key_of(&self, index: usize) -> Option<ConnKey> {
+        self.conns.get(index).map(|c| ConnKey {
+            index: index as u32,
+            generation: c.generation,
+        })
+    }
+
+    fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+    }
+
+    // ----- accepting ---------------------------------------------------------------------
+
+    fn accept_all(&mut self) {
+        self.accept_pending = false;
+        for _ in 0..ACCEPTS_PER_WAKE {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: the backlog keeps the connection; retry on the next
+                    // timer tick rather than spinning.
+                    log::warn!("shard {}: accept failed: {e}", self.id);
+                    return;
+                }
+            }
+        }
+        self.accept_pending = true;
+    }
+
+    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let index = entry.key();
+        let token = Token(index);
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("shard {}: register {peer} failed: {e}", self.id);
+            return;
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let deadline = self.now + self.limits.handshake_ms;
+        entry.insert(Conn::new(stream, peer, self.next_generation, deadline));
+        self.wheel.insert(
+            deadline,
+            ConnKey {
+                index: index as u32,
+                generation: self.next_generation,
+            },
+        );
+    }
+
+    // ----- readiness ---------------------------------------------------------------------
+
+    fn on_ready(&mut self, index: usize, readable: bool, writable: bool) {
+        let Some(key) = self.key_of(index) else {
+            return;
+        };
+        if writable {
+            self.flush(key);
+        }
+        if readable {
+            self.read(key);
+        }
+    }
+
+    fn continue_reads(&mut self) {
+        for key in std::mem::take(&mut self.pending_reads) {
+            self.read(key);
+        }
+    }
+
+    // ----- writing -----------------------------------------------------------------------
+
+    fn flush_dirty(&mut self) {
+        while !self.sink.dirty.is_empty() {
+            for key in std::mem::take(&mut self.sink.dirty) {
+                if let Some(conn) = self.conn_mut(key) {
+                    conn.dirty = false;
+                    self.flush(key);
+                }
+            }
+            self.close_overflowed();
+        }
+    }
+
+    fn flush(&mut self, key: ConnKey) {
+        let now = self.now;
+        let write_wait = self.limits.write_wait_ms;
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        if conn.out.is_empty() {
+            return;
+        }
+        let before = conn.out.bytes();
+        match conn.out.flush(&mut conn.stream) {
+            Ok(Flushed::Empty) => {
+                conn.write_blocked_at = u64::MAX;
+                if let Phase::Closing { peer_done } = conn.phase {
+                    self.after_last_byte(key, peer_done);
+                }
+            }
+            Ok(Flushed::Blocked) => {
+                if conn.out.bytes() < before || conn.write_blocked_at == u64::MAX {
+                    conn.write_blocked_at = now;
+                    let deadline = now + write_wait;
+                    self.schedule_before(key, deadline);
+                }
+            }
+            Err(e) => self.drop_conn(key, &format!("write failed: {e}")),
+        }
+    }
+
+    /// Our last byte is out: drop now if the peer is done, else half-close and linger.
+    fn after_last_byte(&mut self, key: ConnKey, peer_done: bool) {
+        if peer_done {
+            self.drop_conn(key, "closed");
+            return;
+        }
+        if let Some(conn) = self.conn_mut(key) {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    // ----- closing -----------------------------------------------------------------------
+
+    /// Starts the close handshake with `code` (or, before the upgrade, just the linger).
+    fn close(&mut self, key: ConnKey, code: u16, reason: &str) {
+        let deadline = self.close_deadline();
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        if conn.phase != Phase::Open {
+            return;
+        }
+        let dropped = conn.out.discard_unsent();
+        conn.out.push(FrameEncoder::close(code, reason));
+        conn.phase = Phase::Closing { peer_done: false };
+        conn.deadline = deadline;
+        let user = conn.user();
+        let peer = conn.peer;
+        ShardMetrics::add(&self.metrics().frames_dropped, dropped as u64);
+        log::debug!("closing user={user:?} peer={peer} code={code} reason={reason}");
+        self.mark_dirty(key);
+        self.schedule_before(key, deadline);
+    }
+
+    fn close_deadline(&self) -> u64 {
+        let linger = self.now + LINGER_MS;
+        self.shutdown_deadline.map_or(linger, |d| d.min(linger))
+    }
+
+    fn close_overflowed(&mut self) {
+        for key in std::mem::take(&mut self.sink.overflowed) {
+            let Some(conn) = self.conn_mut(key) else {
+                continue;
+            };
+            if conn.phase != Phase::Open {
+                continue;
+            }
+            let (user, peer, queued) = (conn.user(), conn.peer, conn.out.len());
+            ShardMetrics::inc(&self.metrics().slow_consumer_closes);
+            log::warn!(
+                "slow consumer closed 1013: user={user:?} peer={peer} queued_frames={queued}"
+            );
+            self.close(key, close::TRY_AGAIN_LATER, "slow consumer");
+        }
+    }
+
+    fn mark_dirty(&mut self, key: ConnKey) {
+        if let Some(conn) = self
+            .conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+        {
+            self.sink.mark_dirty(key, conn);
+        }
+    }
+
+    /// Removes the connection and everything that points at it.
+    fn drop_conn(&mut self, key: ConnKey, reason: &str) {
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        let conn_peer = conn.peer;
+        let phase = conn.phase;
+        let mut conn = self.conns.remove(key.index as usize);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        let Some(session) = conn.session.take() else {
+            log::trace!("dropped peer={conn_peer} phase={phase:?}: {reason}");
+            return;
+        };
+        ShardMetrics::dec(&self.metrics().connections_current);
+        log::info!(
+            "disconnect user={} peer={} shard={} reason={reason}",
+            session.user,
+            conn_peer,
+            self.id
+        );
+        if self.directory.remove_local(session.user, key) {
+            self.announce_replica(session.user, false);
+        }
+        let home = Directory::home_of(session.user, self.shards());
+        self.send_to(
+            home,
+            ShardMsg::HomeClosed {
+                user: session.user,
+                seq: session.seq,
+            },
+        );
+    }
+
+    // ----- timers ------------------------------------------------------------------------
+
+    /// Makes sure the wheel holds an entry no later than `deadline` for `key`.
+    fn schedule_before(&mut self, key: ConnKey, deadline: u64) {
+        let now = self.now;
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        if deadline < conn.timer_at || conn.timer_at < now {
+            conn.timer_at = deadline;
+            self.wheel.insert(deadline, key);
+        }
+    }
+
+    fn expire_timers(&mut self) {
+        let mut due = Vec::new();
+        self.wheel.expire(self.now, &mut due);
+        for key in due {
+            let now = self.now;
+            let Some(conn) = self.conn_mut(key) else {
+                continue;
+            };
+            if conn.timer_at > now {
+                continue; // superseded by an earlier or later entry
+            }
+            self.on_deadline(key);
+            let write_wait = self.limits.write_wait_ms;
+            let Some(conn) = self.conn_mut(key) else {
+                continue;
+            };
+            let next = conn.next_deadline(write_wait);
+            conn.timer_at = next;
+            self.wheel.insert(next, key);
+        }
+    }
+
+    fn on_deadline(&mut self, key: ConnKey) {
+        let now = self.now;
+        let limits = self.limits;
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Http if now >= conn.deadline => self.drop_conn(key, "handshake timeout"),
+            Phase::Closing { .. } if now >= conn.deadline => self.drop_conn(key, "close timeout"),
+            Phase::Open if now >= conn.read_deadline => {
+                ShardMetrics::inc(&self.metrics().pong_timeouts);
+                self.drop_conn(key, "pong timeout");
+            }
+            Phase::Open if conn.write_blocked_at.saturating_add(limits.write_wait_ms) <= now => {
+                self.drop_conn(key, "write timeout");
+            }
+            Phase::Open if now >= conn.next_ping => {
+                conn.next_ping = now + limits.ping_period_ms;
+                let ping = FrameEncoder::frame(crate::ws::OutKind::Ping, b"");
+                self.sink.push(&mut self.conns, key, ping);
+            }
+            _ => {}
+        }
+    }
+
+    // ----- shutdown ----------------------------------------------------------------------
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let timeout = self.shared.config.shutdown_timeout.as_millis() as u64;
+        self.shutdown_deadline = Some(self.now + timeout);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let keys: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .map(|(i, c)| ConnKey {
+                index: i as u32,
+                generation: c.generation,
+            })
+            .collect();
+        log::info!(
+            "shard {}: shutting down, closing {} connections",
+            self.id,
+            keys.len()
+        );
+        for key in keys {
+            match self.conn_mut(key).map(|c| c.phase) {
+                Some(Phase::Http) => self.drop_conn(key, "server shutting down"),
+                Some(Phase::Open) => self.close(key, close::GOING_AWAY, "server shutting down"),
+                _ => {}
+            }
+        }
+    }
+
+    // ----- cross-shard -------------------------------------------------------------------
+
+    /// Sends to a shard; a message to ourselves is handled at once.
+    fn send_to(&mut self, shard: ShardId, msg: ShardMsg) {
+        if shard == self.id {
+            self.handle(msg);
+        } else {
+            self.shared.links[shard].send(msg);
+            self.to_wake[shard] = true;
+        }
+    }
+
+    fn wake_peers(&mut self) {
+        for (shard, wake) in self.to_wake.iter_mut().enumerate() {
+            if std::mem::take(wake) {
+                self.shared.links[shard].wake();
+            }
+        }
+    }
+
+    fn drain_inbox(&mut self) {
+        // Bounded so that a flood from other shards cannot starve our own sockets.
+        for _ in 0..65_536 {
+            match self.inbox.try_recv() {
+                Ok(msg) => self.handle(msg),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Tells every shard (ourselves included) whether we hold `user`.
+    fn announce_replica(&mut self, user: i64, present: bool) {
+        for shard in 0..self.shards() {
+            self.send_to(
+                shard,
+                ShardMsg::Replica {
+                    user,
+                    shard: self.id,
+                    present,
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Messages between shards (and from the server handle to shards).
+//!
+//! Every message is addressed to one shard's inbox (a crossbeam channel) and wakes that shard
+//! only when it is asleep in `epoll_wait`. Frames travel as `Bytes`: encoded once, shared.
+
+use bytes::Bytes;
+
+use crate::core::directory::{ConnAddr, ConnKey, ShardId};
+use crate::core::presence::Presence;
+
+/// One message to a shard.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Shard `shard` now has (or no longer has) connections of `user`.
+    Replica {
+        /// The user.
+        user: i64,
+        /// The announcing shard.
+        shard: ShardId,
+        /// Whether it has any.
+        present: bool,
+    },
+    /// To the user's home shard: a connection opened.
+    HomeOpened {
+        /// The user.
+        user: i64,
+        /// Global open order.
+        seq: u64,
+        /// Where it lives.
+        addr: ConnAddr,
+    },
+    /// To the user's home shard: a connection closed.
+    HomeClosed {
+        /// The user.
+        user: i64,
+        /// The connection's open order.
+        seq: u64,
+    },
+    /// Close one connection with a code (eviction by `connections_per_user`).
+    Close {
+        /// The connection on the receiving shard.
+        key: ConnKey,
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'static str,
+    },
+    /// Queue `frame` on every local connection of each user.
+    Deliver {
+        /// Receiving users.
+        users: Vec<i64>,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// Queue `frame` on one connection.
+    DeliverConn {
+        /// The connection on the receiving shard.
+        key: ConnKey,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// Queue `frame` on every open local connection except `except`.
+    Broadcast {
+        /// The encoded frame.
+        frame: Bytes,
+        /// A connection to skip (the sender's).
+        except: Option<ConnAddr>,
+    },
+    /// To the user's home shard: store a presence and, if `fan_out`, tell the watchers.
+    PresenceSet {
+        /// The user.
+        user: i64,
+        /// The new presence.
+        presence: Presence,
+        /// Notify watchers (false when the update was targeted at one user).
+        fan_out: bool,
+    },
+    /// To the watcher's home shard: admit a subscription request.
+    AdmitWatch {
+        /// The subscribing user.
+        watcher: i64,
+        /// Users to watch.
+        targets: Vec<i64>,
+        /// The connection that asked (gets the ack and the current presences).
+        reply: ConnAddr,
+        /// The request pid, for the ack.
+        pid: Option<Box<str>>,
+    },
+    /// To the watcher's home shard: drop targets from the watch list.
+    DropWatch {
+        /// The watcher.
+        watcher: i64,
+        /// Users to stop watching.
+        targets: Vec<i64>,
+    },
+    /// To each target's home shard: add `watcher`; send the current presences to `reply`.
+    Watch {
+        /// The watcher.
+        watcher: i64,
+        /// Targets homed on the receiving shard.
+        targets: Vec<i64>,
+        /// Where to send the current presences.
+        reply: ConnAddr,
+    },
+    /// To each target's home shard: remove `watcher`.
+    Unwatch {
+        /// The watcher.
+        watcher: i64,
+        /// Targets homed on the receiving shard.
+        targets: Vec<i64>,
+    },
+    /// Begin graceful shutdown.
+    Shutdown,
+}

@@ -1,0 +1,214 @@
+//! The read side of a connection: bytes → HTTP head or frames → messages.
+//!
+//! Reads go into the shard's scratch buffer; a connection keeps bytes only for an incomplete
+//! HTTP head or frame. Frames are unmasked in place and text messages are routed straight from
+//! that buffer.
+
+use std::io::{self, Read};
+
+use super::Shard;
+use super::conn::Phase;
+use crate::core::ConnKey;
+use crate::metrics::ShardMetrics;
+use crate::protocol::ClientMessage;
+use crate::protocol::envelope::error_notification;
+use crate::protocol::router::{SenderCaps, route};
+use crate::ws::frame::{parse_close, parse_frame};
+use crate::ws::{Assembled, Frame, FrameEncoder, FrameError, FrameKind, OutKind, close};
+
+impl Shard {
+    /// Reads until the socket is drained or the per-wake budget is spent.
+    pub(super) fn read(&mut self, key: ConnKey) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut budget_spent = true;
+        for _ in 0..super::READS_PER_WAKE {
+            let Some(conn) = self.conn_mut(key) else {
+                break;
+            };
+            match conn.stream.read(&mut scratch) {
+                Ok(0) => {
+                    self.on_eof(key);
+                    budget_spent = false;
+                    break;
+                }
+                Ok(n) => self.ingest(key, &mut scratch, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    budget_spent = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.drop_conn(key, &format!("read failed: {e}"));
+                    budget_spent = false;
+                    break;
+                }
+            }
+        }
+        // Edge-triggered readiness will not report bytes we left in the socket: come back to
+        // this connection on the next iteration, after the others had their turn.
+        if budget_spent && self.conn_mut(key).is_some() {
+            self.pending_reads.push(key);
+        }
+        self.scratch = scratch;
+    }
+
+    fn on_eof(&mut self, key: ConnKey) {
+        self.drop_conn(key, "peer closed the connection");
+    }
+
+    fn ingest(&mut self, key: ConnKey, scratch: &mut [u8], n: usize) {
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Closing { .. } => {} // draining until EOF; the bytes mean nothing now
+            Phase::Http => {
+                conn.inbuf.extend_from_slice(&scratch[..n]);
+                self.on_http_bytes(key);
+            }
+            Phase::Open if conn.inbuf.is_empty() => {
+                let used = self.on_frames(key, &mut scratch[..n]);
+                if used < n
+                    && let Some(conn) = self.conn_mut(key)
+                {
+                    conn.inbuf.extend_from_slice(&scratch[used..n]);
+                }
+            }
+            Phase::Open => {
+                let mut buf = std::mem::take(&mut conn.inbuf);
+                buf.extend_from_slice(&scratch[..n]);
+                self.resume_frames(key, buf);
+            }
+        }
+    }
+
+    /// Parses frames out of a connection-owned buffer, keeping only the incomplete tail.
+    pub(super) fn resume_frames(&mut self, key: ConnKey, mut buf: Vec<u8>) {
+        let used = self.on_frames(key, &mut buf);
+        if let Some(conn) = self.conn_mut(key) {
+            buf.drain(..used);
+            if buf.is_empty() {
+                buf = Vec::new(); // give the memory back while idle
+            }
+            conn.inbuf = buf;
+        }
+    }
+
+    /// Handles every complete frame in `buf`; returns the bytes consumed.
+    fn on_frames(&mut self, key: ConnKey, buf: &mut [u8]) -> usize {
+        let max = self.limits.max_message;
+        let mut pos = 0;
+        while pos < buf.len() {
+            if !self.conn_mut(key).is_some_and(|c| c.phase == Phase::Open) {
+                return buf.len();
+            }
+            match parse_frame(&mut buf[pos..], max) {
+                Ok(None) => break,
+                Ok(Some(frame)) => {
+                    let start = pos;
+                    pos += frame.len;
+                    let payload = &mut buf[start + frame.payload.start..start + frame.payload.end];
+                    self.on_frame(key, &frame, payload);
+                }
+                Err(e) => {
+                    self.fail(key, e);
+                    return buf.len();
+                }
+            }
+        }
+        pos
+    }
+
+    fn on_frame(&mut self, key: ConnKey, frame: &Frame, payload: &mut [u8]) {
+        match frame.kind {
+            FrameKind::Ping => {
+                let pong = FrameEncoder::frame(OutKind::Pong, payload);
+                self.sink.push(&mut self.conns, key, pong);
+            }
+            FrameKind::Pong => {
+                let deadline = self.now + self.limits.pong_wait_ms;
+                if let Some(conn) = self.conn_mut(key) {
+                    conn.read_deadline = deadline;
+                }
+            }
+            FrameKind::Close => self.on_close_frame(key, payload),
+            FrameKind::Binary => {
+                self.close(key, close::UNSUPPORTED, "binary frames are not supported")
+            }
+            FrameKind::Text | FrameKind::Continuation => self.on_data_frame(key, frame, payload),
+        }
+    }
+
+    fn on_close_frame(&mut self, key: ConnKey, payload: &[u8]) {
+        match parse_close(payload) {
+            Ok(code) => {
+                let reply = code.unwrap_or(close::NORMAL);
+                // Codes we may not send back (e.g. 1005 never appears on the wire) were
+                // rejected by parse_close; echo the peer's code as RFC 6455 suggests.
+                self.close(key, reply, "");
+                if let Some(conn) = self.conn_mut(key) {
+                    conn.phase = Phase::Closing { peer_done: true };
+                }
+            }
+            Err(e) => self.fail(key, e),
+        }
+    }
+
+    fn on_data_frame(&mut self, key: ConnKey, frame: &Frame, payload: &mut [u8]) {
+        let max = self.limits.max_message;
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        match conn.reassembly.push(frame, payload, max) {
+            Ok(Assembled::InPlace(FrameKind::Text)) => self.on_text(key, payload),
+            Ok(Assembled::Buffered(FrameKind::Text, mut bytes)) => self.on_text(key, &mut bytes),
+            Ok(Assembled::InPlace(_) | Assembled::Buffered(..)) => {
+                self.close(key, close::UNSUPPORTED, "binary frames are not supported");
+            }
+            Ok(Assembled::Pending) => {}
+            Err(e) => self.fail(key, e),
+        }
+    }
+
+    /// A protocol violation: count it and close with the matching code.
+    fn fail(&mut self, key: ConnKey, error: FrameError) {
+        ShardMetrics::inc(&self.metrics().errors);
+        if let Some(conn) = self.conn_mut(key) {
+            log::info!(
+                "protocol error user={:?} peer={}: {error}",
+                conn.user(),
+                conn.peer
+            );
+        }
+        self.close(key, error.close_code(), &error.to_string());
+    }
+
+    /// One complete text message.
+    fn on_text(&mut self, key: ConnKey, text: &mut [u8]) {
+        let metrics = self.metrics();
+        ShardMetrics::inc(&metrics.messages_in);
+        metrics.observe_size(text.len());
+        if std::str::from_utf8(text).is_err() {
+            self.fail(key, FrameError::InvalidUtf8);
+            return;
+        }
+        let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref()) else {
+            return;
+        };
+        let (user, roles) = (session.user, session.roles);
+        let caps = SenderCaps {
+            can_broadcast: roles.broadcast || self.shared.config.allow_client_broadcast,
+        };
+        match ClientMessage::parse(text) {
+            Ok(msg) => {
+                let decision = route(&msg, caps);
+                self.execute(key, user, msg.pid.as_deref(), decision);
+            }
+            Err(e) => {
+                ShardMetrics::inc(&self.metrics().errors);
+                let frame = error_notification(None, 400, &format!("malformed message: {e}"));
+                self.sink.push(&mut self.conns, key, frame);
+            }
+        }
+    }
+}

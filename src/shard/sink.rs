@@ -1,0 +1,75 @@
+//! Queuing frames on connections: the per-recipient step of every delivery.
+//!
+//! Kept apart from the shard so a delivery can borrow the slab mutably while the directory is
+//! borrowed for the recipient list. A push is a refcount increment and a `VecDeque` append;
+//! the syscall happens once per connection per loop iteration, in the flush.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use slab::Slab;
+
+use super::conn::{Conn, Queued};
+use crate::core::ConnKey;
+use crate::metrics::{Metrics, ShardMetrics};
+
+/// Where queued frames and overflows are recorded until the end of the loop iteration.
+#[derive(Debug)]
+pub struct Sink {
+    /// Connections with unflushed frames.
+    pub dirty: Vec<ConnKey>,
+    /// Connections whose queue overflowed: the slow-consumer policy closes them.
+    pub overflowed: Vec<ConnKey>,
+    max_frames: usize,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+    shard: usize,
+}
+
+impl Sink {
+    /// A sink with the per-connection queue bounds.
+    pub fn new(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>, shard: usize) -> Self {
+        Sink {
+            dirty: Vec::new(),
+            overflowed: Vec::new(),
+            max_frames,
+            max_bytes,
+            metrics,
+            shard,
+        }
+    }
+
+    /// Queues `frame` on the connection `key`, if it still exists.
+    pub fn push(&mut self, conns: &mut Slab<Conn>, key: ConnKey, frame: Bytes) {
+        if let Some(conn) = conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+        {
+            self.offer(key, conn, frame);
+        }
+    }
+
+    /// Queues `frame` on `conn`.
+    pub fn offer(&mut self, key: ConnKey, conn: &mut Conn, frame: Bytes) {
+        let metrics = &self.metrics.shards[self.shard];
+        match conn.queue(frame, self.max_frames, self.max_bytes) {
+            Queued::Yes => {
+                ShardMetrics::inc(&metrics.messages_out);
+                self.mark_dirty(key, conn);
+            }
+            Queued::Closing => ShardMetrics::inc(&metrics.frames_dropped),
+            Queued::Overflow => {
+                ShardMetrics::inc(&metrics.frames_dropped);
+                self.overflowed.push(key);
+            }
+        }
+    }
+
+    /// Puts `conn` on the flush list once.
+    pub fn mark_dirty(&mut self, key: ConnKey, conn: &mut Conn) {
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+}
