@@ -125,9 +125,11 @@ mod tests {
     use super::*;
 
     fn gate(origins: &[&str]) -> Gate {
-        let mut config = Config::default();
-        config.jwt_secret = Some("s".into());
-        config.allowed_origins = origins.iter().map(|s| s.to_string()).collect();
+        let config = Config {
+            jwt_secret: Some("s".into()),
+            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            ..Config::default()
+        };
         Gate::new(&config, Authenticator::from_config(&config).unwrap())
     }
 

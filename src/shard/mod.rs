@@ -38,6 +38,8 @@ const READS_PER_WAKE: usize = 8;
 const ACCEPTS_PER_WAKE: usize = 256;
 /// Scratch read buffer, shared by all connections of the shard.
 const SCRATCH: usize = 64 * 1024;
+/// Pause after a failed `accept` before trying again.
+const ACCEPT_RETRY_MS: u64 = 100;
 /// How long a closing connection waits for the peer's EOF after our last byte.
 const LINGER_MS: u64 = 2_000;
 
@@ -165,6 +167,8 @@ pub struct Shard {
     /// Connections that still had bytes to read when their per-wake budget ran out.
     pending_reads: Vec<ConnKey>,
     accept_pending: bool,
+    /// After a failed `accept` (EMFILE…): when to try again.
+    accept_retry_at: Option<u64>,
     /// Peers sent to during this iteration, to wake once each.
     to_wake: Vec<bool>,
     limits: Limits,
@@ -203,6 +207,7 @@ impl Shard {
             scratch: vec![0; SCRATCH],
             pending_reads: Vec::new(),
             accept_pending: false,
+            accept_retry_at: None,
             to_wake: vec![false; peers],
             limits,
             epoch: Instant::now(),
@@ -232,6 +237,9 @@ impl Shard {
             }
             link.sleeping.store(false, Ordering::SeqCst);
             self.now = self.epoch.elapsed().as_millis() as u64;
+            // The inbox first: whatever another shard sent before a client's bytes reached us
+            // (a directory update, say) must be known when those bytes are routed.
+            self.drain_inbox();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -250,7 +258,7 @@ impl Shard {
     /// Everything a loop iteration does after the readiness events.
     fn turn(&mut self) {
         self.drain_inbox();
-        if self.accept_pending {
+        if self.accept_pending || self.accept_retry_at.is_some_and(|at| at <= self.now) {
             self.accept_all();
         }
         self.continue_reads();
@@ -265,6 +273,9 @@ impl Shard {
             return Some(Duration::ZERO);
         }
         let mut ms = self.wheel.next_timeout(self.now);
+        if let Some(at) = self.accept_retry_at {
+            ms = Some(ms.unwrap_or(u64::MAX).min(at.saturating_sub(self.now)));
+        }
         if let Some(deadline) = self.shutdown_deadline {
             ms = Some(
                 ms.unwrap_or(u64::MAX)
@@ -317,6 +328,7 @@ impl Shard {
 
     fn accept_all(&mut self) {
         self.accept_pending = false;
+        self.accept_retry_at = None;
         for _ in 0..ACCEPTS_PER_WAKE {
             let Some(listener) = self.listener.as_ref() else {
                 return;
@@ -326,9 +338,13 @@ impl Shard {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // EMFILE and friends: the backlog keeps the connection; retry on the next
-                    // timer tick rather than spinning.
-                    log::warn!("shard {}: accept failed: {e}", self.id);
+                    // EMFILE and friends: the backlog keeps the connection, and edge-triggered
+                    // readiness will not fire again for it; retry shortly instead of spinning.
+                    log::warn!(
+                        "shard {}: accept failed: {e}; retrying in {ACCEPT_RETRY_MS} ms",
+                        self.id
+                    );
+                    self.accept_retry_at = Some(self.now + ACCEPT_RETRY_MS);
                     return;
                 }
             }
