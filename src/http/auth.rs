@@ -118,12 +118,19 @@ impl Authenticator {
         };
         let mut validation = Validation::new(algorithm);
         validation.validate_nbf = true;
+        // A configured issuer/audience must be present, not merely match when present.
         match &config.jwt_issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                validation.required_spec_claims.insert("iss".into());
+            }
             None => validation.iss = None,
         }
         match &config.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         Ok(Authenticator { key, validation })
