@@ -13,9 +13,42 @@ use prometheus_client::registry::Registry;
 
 /// Upper bounds of the `ws_message_size_bytes` buckets.
 pub const SIZE_BUCKETS: [f64; 7] = [64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 1048576.0];
+/// Upper bounds of the `ws_latency_seconds` buckets.
+pub const LATENCY_BUCKETS: [f64; 7] = [0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1];
+
+/// A fixed-bucket histogram with a single writer; `sum` is kept in the observed unit × 1e6
+/// (bytes × 1e6 or microseconds) so it stays an integer.
+#[derive(Debug)]
+pub struct Histogram<const N: usize> {
+    bounds: &'static [f64; N],
+    buckets: [AtomicU64; N],
+    sum_micro: AtomicU64,
+    count: AtomicU64,
+}
+
+impl<const N: usize> Histogram<N> {
+    /// An empty histogram over `bounds`.
+    pub fn new(bounds: &'static [f64; N]) -> Self {
+        Histogram {
+            bounds,
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micro: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records `n` observations of `value`.
+    pub fn observe_n(&self, value: f64, n: u64) {
+        if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
+            ShardMetrics::add(&self.buckets[i], n);
+        }
+        ShardMetrics::add(&self.sum_micro, (value * 1e6) as u64 * n);
+        ShardMetrics::add(&self.count, n);
+    }
+}
 
 /// One shard's counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(align(128))]
 pub struct ShardMetrics {
     /// WebSocket connections opened.
@@ -38,9 +71,29 @@ pub struct ShardMetrics {
     pub frames_dropped: AtomicU64,
     /// Connections closed for missing pongs.
     pub pong_timeouts: AtomicU64,
-    size_buckets: [AtomicU64; SIZE_BUCKETS.len()],
-    size_sum: AtomicU64,
-    size_count: AtomicU64,
+    /// Sizes of received client messages.
+    pub sizes: Histogram<7>,
+    /// Time from a loop iteration's wake-up to its deliveries being written, per message.
+    pub latency: Histogram<7>,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        ShardMetrics {
+            connections_total: AtomicU64::new(0),
+            connections_current: AtomicU64::new(0),
+            users_current: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            handshake_failures: AtomicU64::new(0),
+            slow_consumer_closes: AtomicU64::new(0),
+            frames_dropped: AtomicU64::new(0),
+            pong_timeouts: AtomicU64::new(0),
+            sizes: Histogram::new(&SIZE_BUCKETS),
+            latency: Histogram::new(&LATENCY_BUCKETS),
+        }
+    }
 }
 
 impl ShardMetrics {
@@ -61,11 +114,7 @@ impl ShardMetrics {
 
     /// Records a received message's size.
     pub fn observe_size(&self, len: usize) {
-        if let Some(i) = SIZE_BUCKETS.iter().position(|&b| len as f64 <= b) {
-            Self::inc(&self.size_buckets[i]);
-        }
-        Self::add(&self.size_sum, len as u64);
-        Self::inc(&self.size_count);
+        self.sizes.observe_n(len as f64, 1);
     }
 }
 
@@ -180,29 +229,51 @@ impl Metrics {
     }
 
     fn encode_sizes(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let help = "Size of received client messages.";
-        let mut metric = encoder.encode_descriptor(
+        self.encode_histogram(
+            encoder,
             "ws_message_size_bytes",
-            help,
-            None,
-            MetricType::Histogram,
+            "Size of received client messages.",
+            |s| &s.sizes,
         )?;
+        let help = "Per client message: from the loop wake-up that read it to its deliveries being written.";
+        self.encode_histogram(encoder, "ws_latency_seconds", help, |s| &s.latency)
+    }
+
+    fn encode_histogram(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        pick: fn(&ShardMetrics) -> &Histogram<7>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        let first = pick(&self.shards[0]);
         let mut cumulative = 0;
-        let mut buckets: Vec<(f64, u64)> = SIZE_BUCKETS
+        let mut buckets: Vec<(f64, u64)> = first
+            .bounds
             .iter()
             .enumerate()
             .map(|(i, &bound)| {
                 cumulative += self
                     .shards
                     .iter()
-                    .map(|s| s.size_buckets[i].load(Relaxed))
+                    .map(|s| pick(s).buckets[i].load(Relaxed))
                     .sum::<u64>();
                 (bound, cumulative)
             })
             .collect();
-        let count = self.sum(|s| &s.size_count);
+        let count: u64 = self
+            .shards
+            .iter()
+            .map(|s| pick(s).count.load(Relaxed))
+            .sum();
         buckets.push((f64::INFINITY, count));
-        let sum = self.sum(|s| &s.size_sum) as f64;
+        let sum = self
+            .shards
+            .iter()
+            .map(|s| pick(s).sum_micro.load(Relaxed))
+            .sum::<u64>() as f64
+            / 1e6;
         metric
             .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
@@ -228,6 +299,8 @@ mod tests {
             "customws_shard_connections{shard=\"1\"} 1",
             "ws_message_size_bytes_bucket{le=\"256.0\"} 1",
             "ws_message_size_bytes_count 1",
+            "ws_message_size_bytes_sum 100",
+            "ws_latency_seconds_count 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -236,7 +236,12 @@ impl Shard {
                 return;
             }
             link.sleeping.store(false, Ordering::SeqCst);
-            self.now = self.epoch.elapsed().as_millis() as u64;
+            let woke = Instant::now();
+            let messages_before = self
+                .metrics()
+                .messages_in
+                .load(std::sync::atomic::Ordering::Relaxed);
+            self.now = woke.duration_since(self.epoch).as_millis() as u64;
             // The inbox first: whatever another shard sent before a client's bytes reached us
             // (a directory update, say) must be known when those bytes are routed.
             self.drain_inbox();
@@ -248,6 +253,7 @@ impl Shard {
                 }
             }
             self.turn();
+            self.observe_latency(woke, messages_before);
             if self.finished() {
                 break;
             }
@@ -266,6 +272,21 @@ impl Shard {
         self.close_overflowed();
         self.flush_dirty();
         self.wake_peers();
+    }
+
+    /// One latency sample per client message handled in this iteration: the time from the
+    /// wake-up that read it until its deliveries were written (one clock read per iteration).
+    fn observe_latency(&self, woke: Instant, messages_before: u64) {
+        let metrics = self.metrics();
+        let handled = metrics
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - messages_before;
+        if handled > 0 {
+            metrics
+                .latency
+                .observe_n(woke.elapsed().as_secs_f64(), handled);
+        }
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
