@@ -41,15 +41,13 @@ pub struct Session {
     pub claims: Box<str>,
 }
 
-/// Result of trying to queue a frame.
+/// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Queued {
-    /// Queued.
-    Yes,
-    /// Dropped: the connection is closing.
+pub enum Refused {
+    /// The connection is closing.
     Closing,
-    /// The queue bound was hit: the slow-consumer policy applies.
-    Overflow,
+    /// The queue bound was hit; the frame is handed back.
+    Overflow(Bytes),
 }
 
 /// Frames waiting for the socket, shared `Bytes` each.
@@ -198,16 +196,21 @@ impl Conn {
         self.session.as_ref().map(|s| s.user)
     }
 
-    /// Queues a frame within the bounds; over them, reports overflow.
-    pub fn queue(&mut self, frame: Bytes, max_frames: usize, max_bytes: usize) -> Queued {
+    /// Queues a frame within the bounds; over them, hands it back.
+    pub fn queue(
+        &mut self,
+        frame: Bytes,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> Result<(), Refused> {
         if self.phase != Phase::Open {
-            return Queued::Closing;
+            return Err(Refused::Closing);
         }
         if self.out.len() >= max_frames || self.out.bytes() + frame.len() > max_bytes {
-            return Queued::Overflow;
+            return Err(Refused::Overflow(frame));
         }
         self.out.push(frame);
-        Queued::Yes
+        Ok(())
     }
 
     /// The earliest deadline this connection needs.

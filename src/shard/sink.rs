@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use slab::Slab;
 
-use super::conn::{Conn, Queued};
+use super::conn::{Conn, Refused};
 use crate::core::ConnKey;
 use crate::metrics::{Metrics, ShardMetrics};
 
@@ -49,16 +49,24 @@ impl Sink {
         }
     }
 
-    /// Queues `frame` on `conn`.
+    /// Queues `frame` on `conn`. A full queue is first written to the socket: the
+    /// slow-consumer policy applies only when both our queue and the kernel's buffer are full,
+    /// not merely because a burst outran the end-of-iteration flush.
     pub fn offer(&mut self, key: ConnKey, conn: &mut Conn, frame: Bytes) {
+        let outcome = match conn.queue(frame, self.max_frames, self.max_bytes) {
+            Err(Refused::Overflow(frame)) if conn.out.flush(&mut conn.stream).is_ok() => {
+                conn.queue(frame, self.max_frames, self.max_bytes)
+            }
+            other => other,
+        };
         let metrics = &self.metrics.shards[self.shard];
-        match conn.queue(frame, self.max_frames, self.max_bytes) {
-            Queued::Yes => {
+        match outcome {
+            Ok(()) => {
                 ShardMetrics::inc(&metrics.messages_out);
                 self.mark_dirty(key, conn);
             }
-            Queued::Closing => ShardMetrics::inc(&metrics.frames_dropped),
-            Queued::Overflow => {
+            Err(Refused::Closing) => ShardMetrics::inc(&metrics.frames_dropped),
+            Err(Refused::Overflow(_)) => {
                 ShardMetrics::inc(&metrics.frames_dropped);
                 self.overflowed.push(key);
             }
