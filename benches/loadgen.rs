@@ -1,1 +1,939 @@
-fn main() {}
+//! Load generator for an already running `customws` server.
+//!
+//! ```text
+//! cargo bench --bench loadgen -- SCENARIO --url 127.0.0.1:PORT --server-pid PID --secret S [options]
+//!
+//! scenarios:
+//!   density   --conns N [--concurrency 256] [--hold-secs 2]
+//!   broadcast --receivers R --messages M [--size 100] [--with-pid 0] [--rounds 1]
+//!   p2p       --pairs P --inflight F --messages M [--size 100]
+//!   handshake --conns N --concurrency C
+//!   report    --file FILE.jsonl   (Markdown table of a benches/run.sh results file)
+//! common: --src-ips K (127.0.0.2 ..= 127.0.0.(K+1), default 8) --timeout-secs T (default 60)
+//!         --clk-tck 100 --path /ws --no-metrics 1
+//! ```
+//!
+//! Prints one JSON object on stdout; progress goes to stderr. Server CPU comes from
+//! utime+stime of /proc/PID/stat (clock ticks), RSS from VmRSS of /proc/PID/status.
+
+#[path = "loadgen/engine.rs"]
+mod engine;
+#[path = "loadgen/report.rs"]
+mod report;
+#[path = "loadgen/util.rs"]
+mod util;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use engine::{Ended, Engine, Handler, push_text};
+use util::{Args, Minter, Server, hist_json, new_hist, r3};
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Microseconds since the process-wide epoch (timestamps embedded in payloads).
+fn now_us() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
+}
+
+macro_rules! progress {
+    ($($t:tt)*) => { eprintln!("[loadgen] {}", format!($($t)*)) };
+}
+
+/// A server → client message, only the fields the scenarios look at.
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Cow<'a, str>,
+    #[serde(rename = "fromUserId")]
+    from: Option<i64>,
+    #[serde(default)]
+    payload: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct InPayload<'a> {
+    t: Option<u64>,
+    #[serde(rename = "acknowledgedPid", borrow)]
+    ack_pid: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct InError<'a> {
+    #[serde(rename = "originalPid", borrow)]
+    original_pid: Option<Cow<'a, str>>,
+}
+
+fn parse_error<'a>(e: Option<&'a serde_json::value::RawValue>) -> InError<'a> {
+    e.and_then(|r| serde_json::from_str(r.get()).ok()).unwrap_or_default()
+}
+
+fn parse_payload<'a>(p: Option<&'a serde_json::value::RawValue>) -> InPayload<'a> {
+    p.and_then(|r| serde_json::from_str(r.get()).ok()).unwrap_or_default()
+}
+
+/// Bookkeeping shared by all scenario handlers: unexpected messages, ended connections.
+#[derive(Default)]
+struct Common {
+    parse_errors: u64,
+    other_messages: BTreeMap<String, u64>,
+    ended: BTreeMap<String, u64>,
+}
+
+impl Common {
+    fn other(&mut self, m: &Incoming<'_>) {
+        let mut k = m.ty.to_string();
+        if let Some(e) = m.error {
+            // Group by everything but the pid the error refers to.
+            let mut v: Value = serde_json::from_str(e.get()).unwrap_or(Value::Null);
+            if let Value::Object(o) = &mut v {
+                o.remove("originalPid");
+            }
+            k.push_str(": ");
+            k.push_str(&v.to_string().chars().take(120).collect::<String>());
+        }
+        if self.other_messages.len() < 50 || self.other_messages.contains_key(&k) {
+            *self.other_messages.entry(k).or_insert(0) += 1;
+        }
+    }
+
+    fn ended(&mut self, why: Ended) {
+        *self.ended.entry(format!("{why:?}")).or_insert(0) += 1;
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "parse_errors": self.parse_errors,
+            "unexpected_messages": self.other_messages,
+            "connections_ended": self.ended,
+        })
+    }
+}
+
+/// Payload of about `size` bytes carrying a send timestamp and a sequence number.
+fn payload(size: usize, seq: u64) -> String {
+    let head = format!("{{\"t\":{},\"s\":{},\"pad\":\"", now_us(), seq);
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut s = String::with_capacity(size + 2);
+    s.push_str(&head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
+
+/// Everything a scenario needs.
+struct Ctx {
+    args: Args,
+    server: Server,
+    minter: Minter,
+    deadline: Instant,
+    started: Instant,
+    src_ips: usize,
+    path: String,
+    metrics: bool,
+    problems: Vec<String>,
+}
+
+impl Ctx {
+    fn engine(&self) -> Engine {
+        Engine::new(self.server.addr, &self.path, util::src_ips(self.src_ips)).expect("mio poll")
+    }
+
+    fn metrics(&self) -> Option<BTreeMap<String, f64>> {
+        if self.metrics { self.server.metrics() } else { None }
+    }
+
+    fn timed_out(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+}
+
+struct Established {
+    ok: u64,
+    failed: usize,
+    secs: f64,
+}
+
+/// Opens `n` connections with at most `conc` in connect/upgrade at once; `spec(i)` gives the
+/// token and tag of the i-th.
+fn establish<H: Handler>(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    h: &mut H,
+    n: usize,
+    conc: usize,
+    mut spec: impl FnMut(usize) -> (String, u32),
+) -> Established {
+    let t0 = Instant::now();
+    let ok0 = eng.stats.handshakes_ok;
+    let failed0 = eng.failed;
+    let mut next = 0usize;
+    let mut last_report = Instant::now();
+    while (next < n || eng.pending > 0) && !ctx.timed_out() {
+        while next < n && eng.pending < conc {
+            let (tok, tag) = spec(next);
+            next += 1;
+            let _ = eng.connect(&tok, tag);
+        }
+        eng.poll_once(h, Duration::from_millis(2));
+        if last_report.elapsed() > Duration::from_secs(1) {
+            last_report = Instant::now();
+            progress!(
+                "connecting: {} started, {} upgraded, {} failed, {} pending",
+                next,
+                eng.stats.handshakes_ok - ok0,
+                eng.failed - failed0,
+                eng.pending
+            );
+        }
+    }
+    Established {
+        ok: eng.stats.handshakes_ok - ok0,
+        failed: eng.failed - failed0,
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+/// Keeps the engine running for `d` (bounded by the deadline).
+fn pump<H: Handler>(ctx: &Ctx, eng: &mut Engine, h: &mut H, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end && !ctx.timed_out() {
+        eng.poll_once(h, Duration::from_millis(10));
+    }
+}
+
+/// Polls /health until `pred(connections)` holds or `limit` passes, running the engine between
+/// polls. Returns the last reading and whether it was reached.
+fn wait_health<H: Handler>(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    h: &mut H,
+    limit: Duration,
+    pred: impl Fn(u64) -> bool,
+) -> (Option<u64>, bool, f64) {
+    let t0 = Instant::now();
+    let end = t0 + limit;
+    let mut last = None;
+    loop {
+        last = ctx.server.health_connections().or(last);
+        if last.is_some_and(&pred) {
+            return (last, true, t0.elapsed().as_secs_f64());
+        }
+        if Instant::now() >= end || ctx.timed_out() {
+            return (last, false, t0.elapsed().as_secs_f64());
+        }
+        pump(ctx, eng, h, Duration::from_millis(50));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// density
+
+struct IdleH {
+    common: Common,
+}
+
+impl Handler for IdleH {
+    fn on_text(&mut self, _id: usize, _tag: u32, text: &[u8], _out: &mut Vec<u8>) {
+        match serde_json::from_slice::<Incoming<'_>>(text) {
+            Ok(m) => self.common.other(&m),
+            Err(_) => self.common.parse_errors += 1,
+        }
+    }
+    fn on_ended(&mut self, _id: usize, _tag: u32, why: Ended) {
+        self.common.ended(why);
+    }
+}
+
+fn density(ctx: &mut Ctx) -> Result<Value, String> {
+    let n: usize = ctx.args.num("conns", 1000)?;
+    let conc: usize = ctx.args.num("concurrency", 256)?;
+    let hold: f64 = ctx.args.num("hold-secs", 2.0)?;
+    let mut eng = ctx.engine();
+    let mut h = IdleH { common: Common::default() };
+    let health_before = ctx.server.health_connections();
+    let rss_before = ctx.server.rss();
+    let m0 = ctx.metrics();
+    let cpu0 = ctx.server.cpu();
+    progress!("density: opening {n} connections (rss before {rss_before:?})");
+    let est = establish(ctx, &mut eng, &mut h, n, conc, |i| (ctx.minter.token(i as i64 + 1, &[]), i as u32));
+    let cpu1 = ctx.server.cpu();
+    progress!("density: {} upgraded, {} failed in {:.2}s", est.ok, est.failed, est.secs);
+    let (seen, reached, wait_s) =
+        wait_health(ctx, &mut eng, &mut h, Duration::from_secs(20), |c| c >= est.ok);
+    if !reached {
+        ctx.problems.push(format!("/health reported {seen:?} connections, expected {}", est.ok));
+    }
+    // Let the allocator settle a little, then read RSS.
+    pump(ctx, &mut eng, &mut h, Duration::from_millis(300));
+    let rss_after = ctx.server.rss();
+    let hwm = ctx.server.hwm();
+    progress!("density: rss after {rss_after:?}; holding {hold}s");
+    pump(ctx, &mut eng, &mut h, Duration::from_secs_f64(hold));
+    let open_after_hold = eng.open;
+    let health_hold = ctx.server.health_connections();
+    if (open_after_hold as u64) < est.ok {
+        ctx.problems.push(format!("{} connections ended during the hold", est.ok - open_after_hold as u64));
+    }
+    let m1 = ctx.metrics();
+    eng.close_all();
+    let (after_close, closed, close_s) =
+        wait_health(ctx, &mut eng, &mut h, Duration::from_secs(15), |c| c == 0);
+    if !closed {
+        ctx.problems.push(format!("/health still reports {after_close:?} connections after closing all"));
+    }
+    let rss_closed = ctx.server.rss();
+    let per_conn = match (rss_before, rss_after) {
+        (Some(a), Some(b)) if est.ok > 0 => Some(r3((b as f64 - a as f64) / est.ok as f64)),
+        _ => None,
+    };
+    let cpu_us = ctx.server.cpu_us(cpu0, cpu1);
+    Ok(json!({
+        "conns": n,
+        "concurrency": conc,
+        "upgraded": est.ok,
+        "failed": est.failed,
+        "connect_secs": r3(est.secs),
+        "handshakes_per_sec": r3(est.ok as f64 / est.secs.max(1e-9)),
+        "handshake_latency": hist_json(&eng.handshake_hist),
+        "server_cpu_us_per_handshake": cpu_us.map(|c| r3(c / est.ok.max(1) as f64)),
+        "health_connections_before": health_before,
+        "health_connections_open": seen,
+        "health_wait_secs": r3(wait_s),
+        "health_connections_after_hold": health_hold,
+        "open_after_hold": open_after_hold,
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": rss_after,
+        "rss_hwm_bytes": hwm,
+        "rss_after_close_bytes": rss_closed,
+        "rss_bytes_per_conn": per_conn,
+        "health_connections_after_close": after_close,
+        "close_drain_secs": r3(close_s),
+        "server_threads": ctx.server.threads(),
+        "server_metrics_delta": util::metrics_delta(&m0, &m1),
+        "client": h.common.json(),
+        "engine": eng.stats.to_json(),
+    }))
+}
+
+// ------------------------------------------------------------------------------------------
+// broadcast
+
+struct BcastH {
+    receivers: usize,
+    counts: Vec<u32>,
+    total: u64,
+    acks: u64,
+    lat: Histogram<u64>,
+    last_at: Option<Instant>,
+    wrong_from: u64,
+    sender_user: i64,
+    common: Common,
+}
+
+impl Handler for BcastH {
+    fn on_text(&mut self, _id: usize, tag: u32, text: &[u8], _out: &mut Vec<u8>) {
+        let now = now_us();
+        let m = match serde_json::from_slice::<Incoming<'_>>(text) {
+            Ok(m) => m,
+            Err(_) => {
+                self.common.parse_errors += 1;
+                return;
+            }
+        };
+        match &*m.ty {
+            "data_event" if (tag as usize) < self.receivers => {
+                self.counts[tag as usize] += 1;
+                self.total += 1;
+                self.last_at = Some(Instant::now());
+                if m.from != Some(self.sender_user) {
+                    self.wrong_from += 1;
+                }
+                if let Some(t) = parse_payload(m.payload).t {
+                    let _ = self.lat.record(now.saturating_sub(t).max(1));
+                }
+            }
+            "server_ack" if tag as usize == self.receivers => self.acks += 1,
+            _ => self.common.other(&m),
+        }
+    }
+    fn on_ended(&mut self, _id: usize, _tag: u32, why: Ended) {
+        self.common.ended(why);
+    }
+}
+
+fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
+    let r: usize = ctx.args.num("receivers", 1000)?;
+    let m: usize = ctx.args.num("messages", 200)?;
+    let size: usize = ctx.args.num("size", 100)?;
+    let conc: usize = ctx.args.num("concurrency", 256)?;
+    let with_pid: u32 = ctx.args.num("with-pid", 0)?;
+    let rounds: usize = ctx.args.num("rounds", 1)?;
+    let mut eng = ctx.engine();
+    let sender_user = r as i64 + 1;
+    let mut h = BcastH {
+        receivers: r,
+        counts: vec![0; r],
+        total: 0,
+        acks: 0,
+        lat: new_hist(),
+        last_at: None,
+        wrong_from: 0,
+        sender_user,
+        common: Common::default(),
+    };
+    progress!("broadcast: opening {r} receivers + 1 sender");
+    let est = establish(ctx, &mut eng, &mut h, r + 1, conc, |i| {
+        if i < r {
+            (ctx.minter.token(i as i64 + 1, &[]), i as u32)
+        } else {
+            (ctx.minter.token(sender_user, &["broadcast"]), r as u32)
+        }
+    });
+    if est.ok < (r + 1) as u64 {
+        ctx.problems.push(format!("only {} of {} connections upgraded", est.ok, r + 1));
+    }
+    let (seen, reached, _) = wait_health(ctx, &mut eng, &mut h, Duration::from_secs(10), |c| c >= est.ok);
+    if !reached {
+        ctx.problems.push(format!("/health reported {seen:?} connections, expected {}", est.ok));
+    }
+    pump(ctx, &mut eng, &mut h, Duration::from_millis(300));
+    // The sender is the connection tagged `r`.
+    let sender_id = (0..eng.capacity())
+        .find(|&id| eng.is_open(id) && eng.tag(id) == Some(r as u32))
+        .ok_or("sender connection did not open")?;
+    let m0 = ctx.metrics();
+    let rss0 = ctx.server.rss();
+    let cpu0 = ctx.server.cpu();
+    let self0 = util::self_cpu_us(ctx.server.clk_tck);
+    let per_round = (est.ok.saturating_sub(1)) * m as u64;
+    let expected = per_round * rounds as u64;
+    let want_acks = if with_pid != 0 { m as u64 } else { 0 };
+    let mut round_secs = Vec::new();
+    let t0 = Instant::now();
+    'rounds: for round in 0..rounds {
+        let tr = Instant::now();
+        let mut frames = Vec::with_capacity(m * (size + 64));
+        for seq in 0..m {
+            let p = payload(size, seq as u64);
+            let msg = if with_pid != 0 {
+                format!("{{\"type\":\"data_request\",\"pid\":\"b{seq}\",\"payload\":{p}}}")
+            } else {
+                format!("{{\"type\":\"data_request\",\"payload\":{p}}}")
+            };
+            push_text(&mut frames, msg.as_bytes());
+        }
+        eng.send_raw(sender_id, &frames);
+        let want = per_round * (round as u64 + 1);
+        let want_acks = want_acks * (round as u64 + 1);
+        let mut last_report = Instant::now();
+        if round == 0 {
+            progress!("broadcast: {rounds} round(s) of {m} messages, {per_round} deliveries each");
+        }
+        let mut last_progress = (h.total, Instant::now());
+        while (h.total < want || h.acks < want_acks) && !ctx.timed_out() {
+            eng.poll_once(&mut h, Duration::from_millis(5));
+            if h.total != last_progress.0 {
+                last_progress = (h.total, Instant::now());
+            } else if last_progress.1.elapsed() > Duration::from_secs(5) || eng.open <= 1 {
+                ctx.problems.push(format!(
+                    "broadcast stalled in round {round}: {} open connections, no delivery for {:.1} s",
+                    eng.open,
+                    last_progress.1.elapsed().as_secs_f64()
+                ));
+                break 'rounds;
+            }
+            if last_report.elapsed() > Duration::from_secs(1) {
+                last_report = Instant::now();
+                progress!("broadcast: {} / {} deliveries", h.total, expected);
+                if !ctx.server.alive() {
+                    ctx.problems.push("server process died".into());
+                    break 'rounds;
+                }
+            }
+        }
+        round_secs.push(r3(h.last_at.map(|t| t.saturating_duration_since(tr).as_secs_f64()).unwrap_or(0.0)));
+        if ctx.timed_out() {
+            break;
+        }
+    }
+    let cpu1 = ctx.server.cpu();
+    let self1 = util::self_cpu_us(ctx.server.clk_tck);
+    let rss1 = ctx.server.rss();
+    let wall = h.last_at.map(|t| t.duration_since(t0).as_secs_f64()).unwrap_or(t0.elapsed().as_secs_f64());
+    // Late or duplicate messages.
+    pump(ctx, &mut eng, &mut h, Duration::from_millis(300));
+    let m1 = ctx.metrics();
+    if h.total < expected {
+        ctx.problems.push(format!("{} of {} deliveries missing", expected - h.total, expected));
+    }
+    if h.total > expected {
+        ctx.problems.push(format!("{} deliveries more than expected", h.total - expected));
+    }
+    let cpu_us = ctx.server.cpu_us(cpu0, cpu1);
+    let min = h.counts.iter().min().copied().unwrap_or(0);
+    let max = h.counts.iter().max().copied().unwrap_or(0);
+    let short = h.counts.iter().filter(|&&c| (c as usize) < m * rounds).count();
+    let out = json!({
+        "receivers": r,
+        "messages": m,
+        "rounds": rounds,
+        "round_wall_secs": round_secs,
+        "size": size,
+        "with_pid": with_pid != 0,
+        "upgraded": est.ok,
+        "connect_secs": r3(est.secs),
+        "expected_deliveries": expected,
+        "deliveries": h.total,
+        "receivers_short": short,
+        "per_receiver_min": min,
+        "per_receiver_max": max,
+        "wrong_from_user": h.wrong_from,
+        "acks": h.acks,
+        "wall_secs": r3(wall),
+        "deliveries_per_sec": r3(h.total as f64 / wall.max(1e-9)),
+        "server_cpu_us": cpu_us,
+        "server_cpu_us_per_delivery": cpu_us.map(|c| r3(c / (h.total.max(1)) as f64)),
+        "server_cpu_us_per_delivery_expected": cpu_us.map(|c| r3(c / (expected.max(1)) as f64)),
+        "loadgen_cpu_us": match (self0, self1) { (Some(a), Some(b)) => Some(b - a), _ => None },
+        "latency_note": "send timestamp taken when the whole burst of M was queued (per round)",
+        "latency": hist_json(&h.lat),
+        "rss_before_bytes": rss0,
+        "rss_after_bytes": rss1,
+        "server_metrics_delta": util::metrics_delta(&m0, &m1),
+        "client": h.common.json(),
+        "engine": eng.stats.to_json(),
+    });
+    eng.close_all();
+    Ok(out)
+}
+
+// ------------------------------------------------------------------------------------------
+// p2p
+
+struct P2pH {
+    pairs: usize,
+    m: u32,
+    size: usize,
+    sent: Vec<u32>,
+    acked: Vec<u32>,
+    received: Vec<u32>,
+    send_us: Vec<u64>,
+    total_acked: u64,
+    total_received: u64,
+    rtt: Histogram<u64>,
+    deliv: Histogram<u64>,
+    ack_status: BTreeMap<String, u64>,
+    bad_ack: u64,
+    wrong_from: u64,
+    extra_received: u64,
+    /// Messages answered with error_notification instead of server_ack.
+    errored: u64,
+    common: Common,
+}
+
+impl P2pH {
+    fn msg(&mut self, idx: usize, out: &mut Vec<u8>) {
+        let seq = self.sent[idx];
+        self.sent[idx] += 1;
+        let target = 2 * (idx as i64 + 1) + 1;
+        let p = payload(self.size, seq as u64);
+        self.send_us[idx * self.m as usize + seq as usize] = now_us();
+        let msg = format!(
+            "{{\"type\":\"data_request\",\"targetUserId\":{target},\"pid\":\"{seq}\",\"payload\":{p}}}"
+        );
+        push_text(out, msg.as_bytes());
+    }
+}
+
+impl Handler for P2pH {
+    fn on_text(&mut self, _id: usize, tag: u32, text: &[u8], out: &mut Vec<u8>) {
+        let now = now_us();
+        let msg = match serde_json::from_slice::<Incoming<'_>>(text) {
+            Ok(m) => m,
+            Err(_) => {
+                self.common.parse_errors += 1;
+                return;
+            }
+        };
+        let idx = (tag as usize / 2).saturating_sub(1);
+        if idx >= self.pairs {
+            self.common.other(&msg);
+            return;
+        }
+        let sender = tag.is_multiple_of(2);
+        match (&*msg.ty, sender) {
+            ("server_ack", true) => {
+                let p = parse_payload(msg.payload);
+                let status = p.status.as_deref().unwrap_or("?");
+                if status != "delivered" {
+                    *self.ack_status.entry(status.to_string()).or_insert(0) += 1;
+                }
+                let seq: Option<u32> = p.ack_pid.as_deref().and_then(|s| s.parse().ok());
+                match seq {
+                    Some(seq) if seq < self.m => {
+                        let slot = &mut self.send_us[idx * self.m as usize + seq as usize];
+                        if *slot == 0 {
+                            self.bad_ack += 1;
+                            return;
+                        }
+                        let _ = self.rtt.record(now.saturating_sub(*slot).max(1));
+                        *slot = 0;
+                    }
+                    _ => {
+                        self.bad_ack += 1;
+                        return;
+                    }
+                }
+                self.acked[idx] += 1;
+                self.total_acked += 1;
+                if self.sent[idx] < self.m {
+                    self.msg(idx, out);
+                }
+            }
+            ("error_notification", true) => {
+                self.common.other(&msg);
+                let seq: Option<u32> =
+                    parse_error(msg.error).original_pid.as_deref().and_then(|s| s.parse().ok());
+                if let Some(seq) = seq.filter(|&q| q < self.m) {
+                    let slot = &mut self.send_us[idx * self.m as usize + seq as usize];
+                    if *slot != 0 {
+                        *slot = 0;
+                        self.errored += 1;
+                        if self.sent[idx] < self.m {
+                            self.msg(idx, out);
+                        }
+                    }
+                }
+            }
+            ("data_event", false) => {
+                if msg.from != Some(tag as i64 - 1) {
+                    self.wrong_from += 1;
+                }
+                if self.received[idx] >= self.m {
+                    self.extra_received += 1;
+                } else {
+                    self.received[idx] += 1;
+                    self.total_received += 1;
+                }
+                if let Some(t) = parse_payload(msg.payload).t {
+                    let _ = self.deliv.record(now.saturating_sub(t).max(1));
+                }
+            }
+            _ => self.common.other(&msg),
+        }
+    }
+    fn on_ended(&mut self, _id: usize, _tag: u32, why: Ended) {
+        self.common.ended(why);
+    }
+}
+
+fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
+    let pairs: usize = ctx.args.num("pairs", 64)?;
+    let inflight: u32 = ctx.args.num("inflight", 1)?;
+    let m: u32 = ctx.args.num("messages", 1000)?;
+    let size: usize = ctx.args.num("size", 100)?;
+    let conc: usize = ctx.args.num("concurrency", 256)?;
+    let mut eng = ctx.engine();
+    let mut h = P2pH {
+        pairs,
+        m,
+        size,
+        sent: vec![0; pairs],
+        acked: vec![0; pairs],
+        received: vec![0; pairs],
+        send_us: vec![0; pairs * m as usize],
+        total_acked: 0,
+        total_received: 0,
+        rtt: new_hist(),
+        deliv: new_hist(),
+        ack_status: BTreeMap::new(),
+        bad_ack: 0,
+        wrong_from: 0,
+        extra_received: 0,
+        errored: 0,
+        common: Common::default(),
+    };
+    progress!("p2p: opening {pairs} pairs");
+    // Receivers first, so that no message targets a user not yet connected.
+    let est = establish(ctx, &mut eng, &mut h, 2 * pairs, conc, |i| {
+        let user = if i < pairs { 2 * (i as i64 + 1) + 1 } else { 2 * ((i - pairs) as i64 + 1) };
+        (ctx.minter.token(user, &[]), user as u32)
+    });
+    if est.ok < 2 * pairs as u64 {
+        ctx.problems.push(format!("only {} of {} connections upgraded", est.ok, 2 * pairs));
+    }
+    let (seen, reached, _) = wait_health(ctx, &mut eng, &mut h, Duration::from_secs(10), |c| c >= est.ok);
+    if !reached {
+        ctx.problems.push(format!("/health reported {seen:?} connections, expected {}", est.ok));
+    }
+    pump(ctx, &mut eng, &mut h, Duration::from_millis(300));
+    let mut senders = Vec::new();
+    for id in 0..eng.capacity() {
+        if let Some(tag) = eng.tag(id)
+            && tag.is_multiple_of(2)
+            && eng.is_open(id)
+        {
+            senders.push((id, (tag as usize / 2) - 1));
+        }
+    }
+    let m0 = ctx.metrics();
+    let cpu0 = ctx.server.cpu();
+    let self0 = util::self_cpu_us(ctx.server.clk_tck);
+    let t0 = Instant::now();
+    for &(id, idx) in &senders {
+        let mut frames = Vec::new();
+        for _ in 0..inflight.min(m) {
+            h.msg(idx, &mut frames);
+        }
+        eng.send_raw(id, &frames);
+    }
+    let want = senders.len() as u64 * m as u64;
+    progress!("p2p: {} senders started, {want} messages to go", senders.len());
+    let mut last_report = Instant::now();
+    let mut last_progress = (0u64, Instant::now());
+    while (h.total_acked + h.errored < want || h.total_received + h.errored < want) && !ctx.timed_out() {
+        eng.poll_once(&mut h, Duration::from_millis(5));
+        if last_report.elapsed() > Duration::from_secs(1) {
+            last_report = Instant::now();
+            progress!("p2p: {} acked, {} received of {want}", h.total_acked, h.total_received);
+            if !ctx.server.alive() {
+                ctx.problems.push("server process died".into());
+                break;
+            }
+        }
+        let p = h.total_acked + h.total_received;
+        if p != last_progress.0 {
+            last_progress = (p, Instant::now());
+        } else if last_progress.1.elapsed() > Duration::from_secs(5) {
+            ctx.problems.push("no progress for 5 s (lost messages or acks?)".into());
+            break;
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu1 = ctx.server.cpu();
+    let self1 = util::self_cpu_us(ctx.server.clk_tck);
+    pump(ctx, &mut eng, &mut h, Duration::from_millis(200));
+    let m1 = ctx.metrics();
+    if h.errored > 0 {
+        ctx.problems.push(format!("{} of {want} messages answered with error_notification", h.errored));
+    }
+    if h.total_acked + h.errored < want {
+        ctx.problems.push(format!(
+            "{} of {want} messages got neither ack nor error",
+            want - h.total_acked - h.errored
+        ));
+    }
+    if h.total_received < want {
+        ctx.problems.push(format!("{} of {want} deliveries missing", want - h.total_received));
+    }
+    let cpu_us = ctx.server.cpu_us(cpu0, cpu1);
+    let msgs = h.total_acked.max(1) as f64;
+    let out = json!({
+        "pairs": pairs,
+        "inflight": inflight,
+        "messages_per_sender": m,
+        "size": size,
+        "upgraded": est.ok,
+        "connect_secs": r3(est.secs),
+        "messages": want,
+        "acked": h.total_acked,
+        "received": h.total_received,
+        "extra_received": h.extra_received,
+        "non_delivered_ack_status": h.ack_status,
+        "error_notifications": h.errored,
+        "bad_or_duplicate_acks": h.bad_ack,
+        "wrong_from_user": h.wrong_from,
+        "wall_secs": r3(wall),
+        "msgs_per_sec": r3(h.total_acked as f64 / wall.max(1e-9)),
+        "server_cpu_us": cpu_us,
+        "server_cpu_us_per_msg": cpu_us.map(|c| r3(c / msgs)),
+        "loadgen_cpu_us": match (self0, self1) { (Some(a), Some(b)) => Some(b - a), _ => None },
+        "ack_rtt": hist_json(&h.rtt),
+        "delivery_latency": hist_json(&h.deliv),
+        "server_metrics_delta": util::metrics_delta(&m0, &m1),
+        "client": h.common.json(),
+        "engine": eng.stats.to_json(),
+    });
+    eng.close_all();
+    Ok(out)
+}
+
+// ------------------------------------------------------------------------------------------
+// handshake
+
+struct HsH {
+    common: Common,
+}
+
+impl Handler for HsH {
+    fn on_open(&mut self, _id: usize, _tag: u32, _out: &mut Vec<u8>) -> bool {
+        false
+    }
+    fn on_text(&mut self, _id: usize, _tag: u32, text: &[u8], _out: &mut Vec<u8>) {
+        match serde_json::from_slice::<Incoming<'_>>(text) {
+            Ok(m) => self.common.other(&m),
+            Err(_) => self.common.parse_errors += 1,
+        }
+    }
+    fn on_ended(&mut self, _id: usize, _tag: u32, why: Ended) {
+        self.common.ended(why);
+    }
+}
+
+fn handshake(ctx: &mut Ctx) -> Result<Value, String> {
+    let n: usize = ctx.args.num("conns", 5000)?;
+    let conc: usize = ctx.args.num("concurrency", 64)?;
+    let tokens: Vec<String> = (0..n).map(|i| ctx.minter.token(i as i64 + 1, &[])).collect();
+    let mut eng = ctx.engine();
+    let mut h = HsH { common: Common::default() };
+    let m0 = ctx.metrics();
+    let cpu0 = ctx.server.cpu();
+    let self0 = util::self_cpu_us(ctx.server.clk_tck);
+    progress!("handshake: {n} connections, {conc} at a time");
+    let est = establish(ctx, &mut eng, &mut h, n, conc, |i| (tokens[i].clone(), i as u32));
+    let cpu_mid = ctx.server.cpu();
+    let self1 = util::self_cpu_us(ctx.server.clk_tck);
+    // Let the server finish the closes, so their cost is counted too.
+    let (left, drained, drain_s) = wait_health(ctx, &mut eng, &mut h, Duration::from_secs(10), |c| c == 0);
+    let cpu1 = ctx.server.cpu();
+    let m1 = ctx.metrics();
+    if !drained {
+        ctx.problems.push(format!("/health still reports {left:?} connections after all were closed"));
+    }
+    if (est.ok as usize) < n {
+        ctx.problems.push(format!("only {} of {n} handshakes succeeded", est.ok));
+    }
+    let cpu_us = ctx.server.cpu_us(cpu0, cpu1);
+    Ok(json!({
+        "conns": n,
+        "concurrency": conc,
+        "close": "client sends close frame 1000 right after the 101, then closes the socket",
+        "upgraded": est.ok,
+        "failed": est.failed,
+        "wall_secs": r3(est.secs),
+        "handshakes_per_sec": r3(est.ok as f64 / est.secs.max(1e-9)),
+        "server_cpu_us": cpu_us,
+        "server_cpu_us_until_last_101": ctx.server.cpu_us(cpu0, cpu_mid),
+        "server_cpu_us_per_handshake": cpu_us.map(|c| r3(c / est.ok.max(1) as f64)),
+        "loadgen_cpu_us": match (self0, self1) { (Some(a), Some(b)) => Some(b - a), _ => None },
+        "handshake_latency": hist_json(&eng.handshake_hist),
+        "health_connections_after": left,
+        "close_drain_secs": r3(drain_s),
+        "server_metrics_delta": util::metrics_delta(&m0, &m1),
+        "client": h.common.json(),
+        "engine": eng.stats.to_json(),
+    }))
+}
+
+// ------------------------------------------------------------------------------------------
+
+fn run() -> Result<(), String> {
+    let args = Args::parse()?;
+    let scenario = args
+        .scenario
+        .clone()
+        .ok_or("usage: loadgen density|broadcast|p2p|handshake --url HOST:PORT --server-pid PID --secret S [options] | report FILE.jsonl")?;
+    if scenario == "report" {
+        let file = args.str("file").ok_or("usage: loadgen report --file FILE.jsonl")?;
+        return report::report(file);
+    }
+    let addr = util::parse_url(args.str("url").unwrap_or("127.0.0.1:8082"))?;
+    let clk_tck: u64 = args.num("clk-tck", 100)?;
+    let timeout: f64 = args.num("timeout-secs", 60.0)?;
+    let src_ips: usize = args.num("src-ips", 8)?;
+    if src_ips > 250 {
+        return Err("--src-ips at most 250".into());
+    }
+    let secret = args.str("secret").unwrap_or("secret").to_string();
+    let server = Server { pid: args.str("server-pid").map(str::to_string), clk_tck, addr };
+    if let Some(p) = &server.pid
+        && util::proc_cpu_ticks(p).is_none()
+    {
+        return Err(format!("no process {p}"));
+    }
+    let _ = now_us();
+    let started = Instant::now();
+    let mut ctx = Ctx {
+        path: args.str("path").unwrap_or("/ws").to_string(),
+        metrics: args.str("no-metrics").is_none_or(|v| v == "0"),
+        args,
+        server,
+        minter: Minter::new(&secret),
+        deadline: started + Duration::from_secs_f64(timeout),
+        started,
+        src_ips,
+        problems: Vec::new(),
+    };
+    let result: Value = match scenario.as_str() {
+        "density" => density(&mut ctx),
+        "broadcast" => broadcast(&mut ctx),
+        "p2p" => p2p(&mut ctx),
+        "handshake" => handshake(&mut ctx),
+        other => Err(format!("unknown scenario {other:?}")),
+    }?;
+    if ctx.timed_out() {
+        ctx.problems.push(format!("overall timeout of {timeout}s reached"));
+    }
+    let codes = &result["engine"]["server_close_codes"];
+    if codes.as_object().is_some_and(|o| !o.is_empty()) {
+        ctx.problems.push(format!("server closed connections with close codes {codes}"));
+    }
+    let eof = result["engine"]["eof_on_open"].as_u64().unwrap_or(0);
+    if eof > 0 {
+        ctx.problems.push(format!("{eof} open connections hit EOF/reset without a close frame"));
+    }
+    for key in
+        ["protocol_errors", "io_errors", "connect_errors", "handshake_http_status", "handshake_other_errors"]
+    {
+        let v = &result["engine"][key];
+        if v.as_object().is_some_and(|o| !o.is_empty()) {
+            ctx.problems.push(format!("{key}: {v}"));
+        }
+    }
+    if !ctx.server.alive() {
+        ctx.problems.push("server process is gone".into());
+    }
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let argv: Vec<String> =
+        std::env::args().skip(1).filter(|a| a != "--bench").map(|a| util::shell_quote(&a)).collect();
+    let mut out = json!({
+        "scenario": scenario,
+        "command": format!("cargo bench --bench loadgen -- {}", argv.join(" ")),
+        "options": ctx.args.all(),
+        "url": addr.to_string(),
+        "server_pid": ctx.server.pid,
+        "src_ips": ctx.src_ips,
+        "clk_tck": clk_tck,
+        "unix_time": unix,
+        "elapsed_secs": r3(ctx.started.elapsed().as_secs_f64()),
+        "ok": ctx.problems.is_empty(),
+        "problems": ctx.problems,
+    });
+    if let (Value::Object(o), Value::Object(r)) = (&mut out, result) {
+        o.extend(r);
+    }
+    println!("{out}");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

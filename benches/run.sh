@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Runs the customws benchmark suite: builds release, starts a fresh server for each loadgen
+# scenario (so RSS and CPU start clean), runs the kernel floor, collects one JSON line per run
+# in bench-results/DATE.jsonl and prints a Markdown table (also saved as bench-results/DATE.md).
+#
+#   bash benches/run.sh            # full sizes (a few minutes)
+#   QUICK=1 bash benches/run.sh    # small sizes, smoke test
+#
+# Environment: PORT (default 18082), SRC_IPS (8), TIMEOUT (per loadgen run, s; 120),
+# LOG_LEVEL (server log level; default warn so per-connection INFO lines are not measured),
+# SERVER_EXTRA (more server flags), ONLY (space-separated run names to run, e.g. "p2p-1 floor").
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+
+PORT=${PORT:-18082}
+SRC_IPS=${SRC_IPS:-8}
+TIMEOUT=${TIMEOUT:-120}
+LOG_LEVEL=${LOG_LEVEL:-warn}
+QUICK=${QUICK:-0}
+ONLY=${ONLY:-}
+SECRET=${SECRET:-bench-secret-$$-$RANDOM}
+DATE=$(date -u +%Y-%m-%dT%H-%M-%SZ)
+OUT=bench-results/$DATE.jsonl
+LOGDIR=bench-results/$DATE-logs
+mkdir -p "$LOGDIR"
+ulimit -n 20000 2>/dev/null || true
+
+log() { echo "[run.sh] $*" >&2; }
+
+# ---- build ------------------------------------------------------------------------------------
+log "building release (server, loadgen, floor)"
+cargo build --release --bin customws >&2 || { log "cargo build failed"; exit 1; }
+bench_exe() { # path of a bench executable; retried, since others may be mid-edit
+    local exe="" try
+    for try in 1 2 3; do
+        exe=$(cargo bench --no-run --bench "$1" --message-format=json 2>>"$LOGDIR/build.err" |
+            grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep "/$1-" | tail -1)
+        [[ -n "$exe" && -x "$exe" ]] && break
+        log "cargo bench --no-run --bench $1 failed (try $try); see $LOGDIR/build.err"
+        sleep 20
+    done
+    echo "$exe"
+}
+LOADGEN_EXE=$(bench_exe loadgen)
+FLOOR_EXE=$(bench_exe floor)
+if [[ -z "$LOADGEN_EXE" || -z "$FLOOR_EXE" ]]; then
+    log "cargo bench --no-run failed"
+    cargo bench --no-run --bench loadgen --bench floor >&2
+    exit 1
+fi
+# Snapshot the binaries: other people may rebuild target/ while this runs.
+BIN=$(mktemp -d /tmp/customws-bench.XXXXXX)
+cp target/release/customws "$BIN/customws"
+cp "$LOADGEN_EXE" "$BIN/loadgen"
+cp "$FLOOR_EXE" "$BIN/floor"
+
+SERVER_ARGS=(--listen "127.0.0.1:$PORT" --jwt-secret "$SECRET" --shards 2
+    --pong-wait 10m --ping-period 9m --send-queue 4096 --send-queue-bytes 16MiB
+    --max-message-size 64KiB --log-level "$LOG_LEVEL")
+# shellcheck disable=SC2206
+[[ -n "${SERVER_EXTRA:-}" ]] && SERVER_ARGS+=($SERVER_EXTRA)
+
+# ---- server lifecycle (only the PID started here is ever signalled) ---------------------------
+SERVER_PID=""
+stop_server() {
+    [[ -n "$SERVER_PID" ]] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    for _ in $(seq 150); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "server $SERVER_PID did not stop in 15 s; SIGKILL"
+        kill -KILL "$SERVER_PID" 2>/dev/null
+    fi
+    wait "$SERVER_PID" 2>/dev/null
+    SERVER_PID=""
+}
+cleanup() {
+    stop_server
+    rm -rf "$BIN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_server() {
+    local name=$1
+    if curl -s -m 1 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
+        log "port $PORT is already in use; set PORT"
+        return 1
+    fi
+    "$BIN/customws" "${SERVER_ARGS[@]}" >"$LOGDIR/server-$name.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        if curl -sf -m 1 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
+            return 0
+        fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            log "server exited at start:"
+            cat "$LOGDIR/server-$name.log" >&2
+            wait "$SERVER_PID" 2>/dev/null
+            SERVER_PID=""
+            return 1
+        fi
+        sleep 0.1
+    done
+    log "server did not answer /health in 10 s"
+    stop_server
+    return 1
+}
+
+json_str() { # minimal JSON string escaping
+    local s=${1//\\/\\\\}
+    s=${s//\"/\\\"}
+    printf '"%s"' "$s"
+}
+
+failure_line() { # name, scenario, message
+    printf '{"scenario":%s,"run":%s,"ok":false,"problems":[%s],"command":%s}\n' \
+        "$(json_str "$2")" "$(json_str "$1")" "$(json_str "$3")" "$(json_str "$4")" >>"$OUT"
+}
+
+selected() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
+
+# run NAME SCENARIO [loadgen options...]
+run() {
+    local name=$1
+    shift
+    selected "$name" || return 0
+    log "=== $name: loadgen $*"
+    if ! start_server "$name"; then
+        failure_line "$name" "$1" "server did not start" "$*"
+        return
+    fi
+    "$BIN/loadgen" "$@" --url "127.0.0.1:$PORT" --server-pid "$SERVER_PID" --secret "$SECRET" \
+        --src-ips "$SRC_IPS" --timeout-secs "$TIMEOUT" \
+        >"$LOGDIR/$name.json" 2>"$LOGDIR/$name.err"
+    local rc=$?
+    tail -n 3 "$LOGDIR/$name.err" >&2
+    if [[ -s "$LOGDIR/$name.json" ]]; then
+        # Tag the line with the run name.
+        sed "s/^{/{\"run\":$(json_str "$name" | sed 's/[\/&]/\\&/g'),/" "$LOGDIR/$name.json" >>"$OUT"
+    else
+        failure_line "$name" "$1" "loadgen exited with $rc: $(tail -n 1 "$LOGDIR/$name.err")" \
+            "cargo bench --bench loadgen -- $*"
+    fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "server died during $name; log tail:"
+        tail -n 20 "$LOGDIR/server-$name.log" >&2
+    fi
+    stop_server
+}
+
+# ---- meta -------------------------------------------------------------------------------------
+MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+GIT=$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo "+dirty")
+printf '{"scenario":"meta","date":%s,"nproc":%s,"cpu_model":%s,"kernel":%s,"git":%s,"server_command":%s,"quick":%s}\n' \
+    "$(json_str "$DATE")" "$(nproc)" "$(json_str "$MODEL")" "$(json_str "$(uname -r)")" \
+    "$(json_str "$GIT")" \
+    "$(json_str "target/release/customws ${SERVER_ARGS[*]//$SECRET/S}")" "$QUICK" >"$OUT"
+
+# ---- scenarios --------------------------------------------------------------------------------
+if [[ "$QUICK" == 1 ]]; then
+    run density density --conns 2000
+    run broadcast-small broadcast --receivers 200 --messages 50 --size 100
+    run broadcast-large broadcast --receivers 500 --messages 50 --size 100
+    run p2p-1 p2p --pairs 8 --inflight 1 --messages 500
+    run p2p-16 p2p --pairs 8 --inflight 16 --messages 2000
+    run handshake handshake --conns 1000 --concurrency 64
+else
+    run density density --conns 15000
+    # Bursts repeated (--rounds) so that the server CPU spans many 10 ms clock ticks.
+    run broadcast-1000 broadcast --receivers 1000 --messages 200 --size 100 --rounds 10
+    run broadcast-5000 broadcast --receivers 5000 --messages 200 --size 100 --rounds 3
+    run p2p-1 p2p --pairs 64 --inflight 1 --messages 8000
+    run p2p-16 p2p --pairs 64 --inflight 16 --messages 20000
+    run handshake handshake --conns 5000 --concurrency 64
+fi
+
+if selected floor; then
+    log "=== floor"
+    if [[ "$QUICK" == 1 ]]; then
+        "$BIN/floor" --secs 0.3 >>"$OUT" 2>"$LOGDIR/floor.err"
+    else
+        "$BIN/floor" >>"$OUT" 2>"$LOGDIR/floor.err"
+    fi
+fi
+
+log "results: $OUT (logs in $LOGDIR)"
+"$BIN/loadgen" report --file "$OUT" | tee "bench-results/$DATE.md"
