@@ -9,15 +9,11 @@ fn run(profile: &str, extra: &[&str]) -> (i32, String) {
         .args(extra)
         .output()
         .expect("bash runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn profile_keys(profile: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(format!("{}/sysctl/{profile}", env!("CARGO_MANIFEST_DIR")))
-        .unwrap();
+    let text = std::fs::read_to_string(format!("{}/sysctl/{profile}", env!("CARGO_MANIFEST_DIR"))).unwrap();
     text.lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .filter(|l| !l.is_empty())
@@ -32,16 +28,9 @@ fn reports_every_key_of_each_profile_read_only() {
         let (code, out) = run(profile, &[]);
         assert!(code == 0 || code == 1, "{profile}: exit {code}\n{out}");
         for key in profile_keys(profile) {
-            assert!(
-                out.lines().any(|l| l.contains(&key)),
-                "{profile}: no line for {key}\n{out}"
-            );
+            assert!(out.lines().any(|l| l.contains(&key)), "{profile}: no line for {key}\n{out}");
         }
-        assert_eq!(
-            code == 1,
-            out.contains("DIFFERS"),
-            "exit code must say whether anything differs"
-        );
+        assert_eq!(code == 1, out.contains("DIFFERS"), "exit code must say whether anything differs");
         let after = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap();
         assert_eq!(before, after, "the check must not change the host");
     }
