@@ -35,10 +35,7 @@ fn main() -> ExitCode {
     };
     let mut socket = match tungstenite::connect(url.as_str()) {
         Ok((socket, response)) => {
-            eprintln!(
-                "connected ({}); type messages, Ctrl-D to quit",
-                response.status()
-            );
+            eprintln!("connected ({}); type messages, Ctrl-D to quit", response.status());
             socket
         }
         Err(error) => {
@@ -125,10 +122,7 @@ fn print_close(frame: Option<&CloseFrame>) {
     match frame {
         Some(frame) => {
             let code = u16::from(frame.code);
-            eprintln!(
-                "server closed the connection: {code} {}",
-                frame.reason.as_str()
-            );
+            eprintln!("server closed the connection: {code} {}", frame.reason.as_str());
         }
         None => eprintln!("server closed the connection without a code"),
     }
@@ -136,10 +130,7 @@ fn print_close(frame: Option<&CloseFrame>) {
 
 /// Sends close 1000 and waits briefly for the server's answer.
 fn close(socket: &mut Socket) -> ExitCode {
-    let frame = CloseFrame {
-        code: CloseCode::Normal,
-        reason: "".into(),
-    };
+    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
     if let Err(error) = socket.close(Some(frame)) {
         eprintln!("close: {error}");
         return ExitCode::FAILURE;

@@ -173,12 +173,8 @@ impl Config {
     pub fn from_process() -> Result<Config, ConfigError> {
         let args = std::env::args_os().skip(1);
         let args = args.map(|arg| arg.to_string_lossy().into_owned());
-        let env = std::env::vars_os().map(|(name, value)| {
-            (
-                name.to_string_lossy().into_owned(),
-                value.to_string_lossy().into_owned(),
-            )
-        });
+        let env = std::env::vars_os()
+            .map(|(name, value)| (name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned()));
         Config::load(args, env)
     }
 
@@ -196,9 +192,7 @@ impl Config {
     pub fn markdown_table() -> String {
         let defaults = Config::default();
         let mut out = String::from("| key | flag / env | default | meaning |\n|---|---|---|---|\n");
-        out.push_str(&format!(
-            "| `config` | `--config` / `{CONFIG_ENV}` | none | {CONFIG_HELP} |\n"
-        ));
+        out.push_str(&format!("| `config` | `--config` / `{CONFIG_ENV}` | none | {CONFIG_HELP} |\n"));
         for key in KEYS {
             out.push_str(&format!(
                 "| `{}` | `{}` / `{}` | {} | {} |\n",
@@ -214,10 +208,7 @@ impl Config {
 
     fn validate_timers(&self) -> Result<(), ConfigError> {
         if self.ping_period.is_zero() {
-            return Err(invalid(
-                "ping_period",
-                "ping_period must be greater than 0".into(),
-            ));
+            return Err(invalid("ping_period", "ping_period must be greater than 0".into()));
         }
         if self.ping_period >= self.pong_wait {
             let reason = format!(
@@ -232,16 +223,10 @@ impl Config {
 
     fn validate_bounds(&self) -> Result<(), ConfigError> {
         if self.send_queue < 1 {
-            return Err(invalid(
-                "send_queue",
-                "send_queue must be at least 1".into(),
-            ));
+            return Err(invalid("send_queue", "send_queue must be at least 1".into()));
         }
         if self.max_message_size < 125 {
-            let reason = format!(
-                "max_message_size ({}) must be at least 125 bytes",
-                self.max_message_size
-            );
+            let reason = format!("max_message_size ({}) must be at least 125 bytes", self.max_message_size);
             return Err(invalid("max_message_size", reason));
         }
         Ok(())
@@ -509,9 +494,7 @@ struct Level;
 /// Splits `"250ms"` into `(250, "ms")`; the number must be present.
 fn split_number(text: &str) -> Option<(u64, &str)> {
     let text = text.trim();
-    let end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let number = text[..end].parse().ok()?;
     Some((number, text[end..].trim()))
 }
@@ -647,10 +630,7 @@ impl Format for List {
     const SHAPE: Shape = Shape::List;
 
     fn parse(text: &str) -> Option<Vec<String>> {
-        let items = text
-            .split(',')
-            .map(str::trim)
-            .filter(|item| !item.is_empty());
+        let items = text.split(',').map(str::trim).filter(|item| !item.is_empty());
         Some(items.map(str::to_string).collect())
     }
 
@@ -720,10 +700,7 @@ impl Format for OptPath {
     }
 
     fn show(value: &Option<PathBuf>) -> String {
-        value
-            .as_ref()
-            .map(|path| path.display().to_string())
-            .unwrap_or_default()
+        value.as_ref().map(|path| path.display().to_string()).unwrap_or_default()
     }
 }
 
@@ -875,18 +852,13 @@ fn flag_value(
     }
     match rest.next() {
         Some(value) if !value.starts_with("--") => Ok(value),
-        _ => Err(ConfigError::MissingValue {
-            key: key.to_string(),
-            origin: origin.clone(),
-        }),
+        _ => Err(ConfigError::MissingValue { key: key.to_string(), origin: origin.clone() }),
     }
 }
 
 fn parse_env<E: IntoIterator<Item = (String, String)>>(env: E) -> Result<Layer, ConfigError> {
-    let mut vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
-        .collect();
+    let mut vars: Vec<(String, String)> =
+        env.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
     vars.sort();
     let mut layer = Layer::default();
     for (name, value) in vars {
@@ -905,19 +877,13 @@ fn parse_env<E: IntoIterator<Item = (String, String)>>(env: E) -> Result<Layer, 
 }
 
 fn read_file(path: &Path) -> Result<Vec<Setting>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::ReadFile {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| ConfigError::ReadFile { path: path.to_path_buf(), error })?;
+    let table: toml::Table = text.parse().map_err(|error: toml::de::Error| ConfigError::ParseFile {
         path: path.to_path_buf(),
-        error,
+        message: error.to_string(),
     })?;
-    let table: toml::Table =
-        text.parse()
-            .map_err(|error: toml::de::Error| ConfigError::ParseFile {
-                path: path.to_path_buf(),
-                message: error.to_string(),
-            })?;
-    let settings = table
-        .into_iter()
-        .map(|(name, value)| file_setting(path, name, &value));
+    let settings = table.into_iter().map(|(name, value)| file_setting(path, name, &value));
     settings.collect()
 }
 
@@ -928,12 +894,7 @@ fn file_setting(path: &Path, name: String, value: &toml::Value) -> Result<Settin
     };
     match toml_text(value, key.shape) {
         Some(value) => Ok(Setting { key, value, origin }),
-        None => Err(Setting {
-            key,
-            value: value.to_string(),
-            origin,
-        }
-        .invalid()),
+        None => Err(Setting { key, value: value.to_string(), origin }.invalid()),
     }
 }
 
@@ -975,16 +936,10 @@ Lists: comma-separated. Booleans: --key alone means true; --key=false.
 fn help_text() -> String {
     let defaults = Config::default();
     let mut out = String::from(HELP_INTRO);
-    out.push_str(&format!(
-        "  --config <file>   ({CONFIG_ENV})\n        {CONFIG_HELP}\n"
-    ));
+    out.push_str(&format!("  --config <file>   ({CONFIG_ENV})\n        {CONFIG_HELP}\n"));
     for key in KEYS {
         let default = key.default_text(&defaults);
-        let default = if default.is_empty() {
-            "none".to_string()
-        } else {
-            default
-        };
+        let default = if default.is_empty() { "none".to_string() } else { default };
         out.push_str(&format!(
             "  {}   ({}, default {})\n        {}\n",
             key.usage(),
@@ -1014,10 +969,8 @@ mod tests {
 
     /// Loads with a JWT secret in the environment, so that validation passes.
     fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let mut env: Vec<(String, String)> = env
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect();
+        let mut env: Vec<(String, String)> =
+            env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
         env.push(("CUSTOMWS_JWT_SECRET".into(), "test-secret".into()));
         Config::load(strings(args), env)
     }
@@ -1093,10 +1046,7 @@ mod tests {
 
     #[test]
     fn socket_addresses() {
-        assert_eq!(
-            load_ok(&["--listen", ":9000"]).listen,
-            SocketAddr::from(([0, 0, 0, 0], 9000))
-        );
+        assert_eq!(load_ok(&["--listen", ":9000"]).listen, SocketAddr::from(([0, 0, 0, 0], 9000)));
         let config = load_ok(&["--listen=127.0.0.1:8082", "--api-listen", "[::1]:9001"]);
         assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8082)));
         assert_eq!(config.api_listen.to_string(), "[::1]:9001");
@@ -1138,10 +1088,7 @@ mod tests {
 
     #[test]
     fn environment_sets_keys() {
-        let env = [
-            ("CUSTOMWS_HANDSHAKE_TIMEOUT", "250ms"),
-            ("CUSTOMWS_MAX_MESSAGE_SIZE", "1MiB"),
-        ];
+        let env = [("CUSTOMWS_HANDSHAKE_TIMEOUT", "250ms"), ("CUSTOMWS_MAX_MESSAGE_SIZE", "1MiB")];
         let config = load(&[], &env).expect("loads");
         assert_eq!(config.handshake_timeout, Duration::from_millis(250));
         assert_eq!(config.max_message_size, 1 << 20);
@@ -1171,13 +1118,8 @@ mod tests {
 
     #[test]
     fn precedence_is_flag_env_file_default() {
-        let file = TempFile::new(
-            "handshake_timeout = \"1s\"\nwrite_wait = \"1s\"\nack_timeout = \"1s\"\n",
-        );
-        let env = [
-            ("CUSTOMWS_HANDSHAKE_TIMEOUT", "2s"),
-            ("CUSTOMWS_WRITE_WAIT", "2s"),
-        ];
+        let file = TempFile::new("handshake_timeout = \"1s\"\nwrite_wait = \"1s\"\nack_timeout = \"1s\"\n");
+        let env = [("CUSTOMWS_HANDSHAKE_TIMEOUT", "2s"), ("CUSTOMWS_WRITE_WAIT", "2s")];
         let args = ["--config", file.path(), "--handshake-timeout", "3s"];
         let config = load(&args, &env).expect("loads");
         assert_eq!(config.handshake_timeout, Duration::from_secs(3));
@@ -1189,10 +1131,7 @@ mod tests {
     #[test]
     fn unknown_flag() {
         let error = load(&["--foo", "1"], &[]).expect_err("refused");
-        assert_eq!(
-            error.to_string(),
-            "unknown configuration key \"foo\" (flag --foo)"
-        );
+        assert_eq!(error.to_string(), "unknown configuration key \"foo\" (flag --foo)");
     }
 
     #[test]
@@ -1218,13 +1157,7 @@ mod tests {
         assert_eq!(error.to_string(), expected);
         let file = TempFile::new("shards = \"many\"\nlisten = [\"a\"]\n");
         let error = load(&["--config", file.path()], &[]).expect_err("refused");
-        assert!(matches!(
-            error,
-            ConfigError::InvalidValue {
-                key: "listen" | "shards",
-                ..
-            }
-        ));
+        assert!(matches!(error, ConfigError::InvalidValue { key: "listen" | "shards", .. }));
     }
 
     #[test]
@@ -1254,10 +1187,7 @@ mod tests {
         let error = load(&["serve"], &[]).expect_err("refused");
         assert!(matches!(error, ConfigError::UnexpectedArgument { .. }));
         let error = load(&["--listen"], &[]).expect_err("refused");
-        assert_eq!(
-            error.to_string(),
-            "missing value for key \"listen\" (flag --listen)"
-        );
+        assert_eq!(error.to_string(), "missing value for key \"listen\" (flag --listen)");
         let error = load(&["--listen", "--dev"], &[]).expect_err("refused");
         assert!(matches!(error, ConfigError::MissingValue { .. }));
     }
@@ -1265,10 +1195,7 @@ mod tests {
     #[test]
     fn ping_period_must_be_below_pong_wait() {
         let text = message(load(&["--ping-period", "60s", "--pong-wait", "60s"], &[]));
-        assert!(
-            text.contains("ping_period") && text.contains("pong_wait"),
-            "{text}"
-        );
+        assert!(text.contains("ping_period") && text.contains("pong_wait"), "{text}");
         assert!(load(&["--ping-period", "20s", "--pong-wait", "30s"], &[]).is_ok());
     }
 
@@ -1283,13 +1210,7 @@ mod tests {
     fn jwt_key_material_is_required() {
         let mut config = Config::default();
         let error = config.validate().expect_err("HS256 without a secret");
-        assert!(matches!(
-            error,
-            ConfigError::Invalid {
-                key: "jwt_secret",
-                ..
-            }
-        ));
+        assert!(matches!(error, ConfigError::Invalid { key: "jwt_secret", .. }));
         config.dev = true;
         assert!(config.validate().is_ok());
         config.dev = false;
@@ -1297,13 +1218,7 @@ mod tests {
         assert!(config.validate().is_ok());
         config.jwt_algorithm = JwtAlgorithm::Rs256;
         let error = config.validate().expect_err("RS256 without a key");
-        assert!(matches!(
-            error,
-            ConfigError::Invalid {
-                key: "jwt_public_key",
-                ..
-            }
-        ));
+        assert!(matches!(error, ConfigError::Invalid { key: "jwt_public_key", .. }));
         config.jwt_public_key = Some(PathBuf::from("key.pem"));
         assert!(config.validate().is_ok());
     }
@@ -1328,12 +1243,7 @@ mod tests {
         let table = Config::markdown_table();
         assert_eq!(table.lines().count(), 2 + 1 + KEYS.len());
         for key in KEYS {
-            assert!(table.contains(&format!(
-                "| `{}` | `{}` / `{}` |",
-                key.name,
-                key.flag(),
-                key.env()
-            )));
+            assert!(table.contains(&format!("| `{}` | `{}` / `{}` |", key.name, key.flag(), key.env())));
         }
         assert!(table.contains(
             "| `handshake_timeout` | `--handshake-timeout` / `CUSTOMWS_HANDSHAKE_TIMEOUT` | `5s` |"

@@ -40,17 +40,9 @@ pub fn random_secret() -> String {
 /// # Panics
 /// Never in practice: HS256 signing accepts any secret and these claims always serialize.
 pub fn mint_token(secret: &str, user_id: i64, roles: &[&str], ttl: Duration) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let claims = Claims {
-        user_id,
-        sub: user_id.to_string(),
-        roles,
-        exp: now.saturating_add(ttl.as_secs()),
-        iat: now,
-    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let claims =
+        Claims { user_id, sub: user_id.to_string(), roles, exp: now.saturating_add(ttl.as_secs()), iat: now };
     let key = EncodingKey::from_secret(secret.as_bytes());
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)
         .expect("HS256 signing of serializable claims cannot fail")
@@ -83,8 +75,7 @@ pub fn banner(listen: SocketAddr, ws_path: &str, secret: &str) -> String {
 }
 
 /// A peer-to-peer message from user 1 to user 2.
-const P2P_EXAMPLE: &str =
-    r#"{"type":"data_request","targetUserId":2,"pid":"p1","payload":{"text":"hi"}}"#;
+const P2P_EXAMPLE: &str = r#"{"type":"data_request","targetUserId":2,"pid":"p1","payload":{"text":"hi"}}"#;
 /// A presence subscription to user 1.
 const PRESENCE_EXAMPLE: &str = r#"{"type":"presence_subscribe","payload":{"userIds":[1]}}"#;
 
@@ -116,17 +107,13 @@ mod tests {
     fn decode(token: &str, secret: &str) -> Decoded {
         let key = DecodingKey::from_secret(secret.as_bytes());
         let validation = Validation::new(Algorithm::HS256);
-        jsonwebtoken::decode::<Decoded>(token, &key, &validation)
-            .expect("valid token")
-            .claims
+        jsonwebtoken::decode::<Decoded>(token, &key, &validation).expect("valid token").claims
     }
 
     /// The tokens in the banner's `token=` command lines, in order.
     fn banner_tokens(text: &str) -> Vec<String> {
         let tokens = text.lines().filter_map(|line| line.split_once("?token="));
-        tokens
-            .map(|(_, rest)| rest.trim_end_matches('\'').to_string())
-            .collect()
+        tokens.map(|(_, rest)| rest.trim_end_matches('\'').to_string()).collect()
     }
 
     #[test]
@@ -139,12 +126,7 @@ mod tests {
 
     #[test]
     fn minted_token_decodes_with_the_secret() {
-        let token = mint_token(
-            "s3cret",
-            42,
-            &["broadcast", "admin"],
-            Duration::from_secs(60),
-        );
+        let token = mint_token("s3cret", 42, &["broadcast", "admin"], Duration::from_secs(60));
         let claims = decode(&token, "s3cret");
         assert_eq!(claims.user_id, 42);
         assert_eq!(claims.sub, "42");

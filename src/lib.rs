@@ -6,6 +6,7 @@
 //! `ws` (framing) → `protocol` (envelopes, router) → `http` (upgrade gate) → `core`
 //! (directory, presence, timers) → `shard` (event loop) → `server` (start/stop).
 
+pub mod app;
 pub mod config;
 pub mod core;
 pub mod dev;

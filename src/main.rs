@@ -25,11 +25,7 @@ fn main() -> ExitCode {
     if config.dev && config.jwt_secret.is_none() {
         config.jwt_secret = Some(customws::dev::random_secret());
     }
-    let (dev, ws_path, secret) = (
-        config.dev,
-        config.ws_path.clone(),
-        config.jwt_secret.clone(),
-    );
+    let (dev, ws_path, secret) = (config.dev, config.ws_path.clone(), config.jwt_secret.clone());
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(signals) => signals,
         Err(e) => {
@@ -45,14 +41,7 @@ fn main() -> ExitCode {
         }
     };
     if dev {
-        println!(
-            "{}",
-            customws::dev::banner(
-                server.local_addr(),
-                &ws_path,
-                secret.as_deref().unwrap_or("")
-            )
-        );
+        println!("{}", customws::dev::banner(server.local_addr(), &ws_path, secret.as_deref().unwrap_or("")));
     }
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal} received: shutting down");

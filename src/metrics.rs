@@ -128,9 +128,7 @@ pub struct Metrics {
 impl Metrics {
     /// Counters for `n` shards.
     pub fn new(n: usize) -> Arc<Self> {
-        Arc::new(Metrics {
-            shards: (0..n).map(|_| ShardMetrics::default()).collect(),
-        })
+        Arc::new(Metrics { shards: (0..n).map(|_| ShardMetrics::default()).collect() })
     }
 
     /// Sum of one counter over all shards.
@@ -152,38 +150,16 @@ impl Metrics {
 type Pick = fn(&ShardMetrics) -> &AtomicU64;
 
 const COUNTERS: [(&str, &str, Pick); 8] = [
-    ("ws_connections", "WebSocket connections opened.", |s| {
-        &s.connections_total
+    ("ws_connections", "WebSocket connections opened.", |s| &s.connections_total),
+    ("ws_messages", "Client messages received.", |s| &s.messages_in),
+    ("ws_errors", "Protocol errors and refused messages.", |s| &s.errors),
+    ("customws_messages_sent", "Frames queued to clients.", |s| &s.messages_out),
+    ("customws_handshake_failures", "Handshakes refused before the upgrade.", |s| &s.handshake_failures),
+    ("customws_slow_consumer_closes", "Connections closed 1013 because their send queue overflowed.", |s| {
+        &s.slow_consumer_closes
     }),
-    ("ws_messages", "Client messages received.", |s| {
-        &s.messages_in
-    }),
-    ("ws_errors", "Protocol errors and refused messages.", |s| {
-        &s.errors
-    }),
-    ("customws_messages_sent", "Frames queued to clients.", |s| {
-        &s.messages_out
-    }),
-    (
-        "customws_handshake_failures",
-        "Handshakes refused before the upgrade.",
-        |s| &s.handshake_failures,
-    ),
-    (
-        "customws_slow_consumer_closes",
-        "Connections closed 1013 because their send queue overflowed.",
-        |s| &s.slow_consumer_closes,
-    ),
-    (
-        "customws_frames_dropped",
-        "Frames discarded on overflow or close.",
-        |s| &s.frames_dropped,
-    ),
-    (
-        "customws_pong_timeouts",
-        "Connections closed for a missing pong.",
-        |s| &s.pong_timeouts,
-    ),
+    ("customws_frames_dropped", "Frames discarded on overflow or close.", |s| &s.frames_dropped),
+    ("customws_pong_timeouts", "Connections closed for a missing pong.", |s| &s.pong_timeouts),
 ];
 
 impl Collector for Metrics {
@@ -193,14 +169,8 @@ impl Collector for Metrics {
             metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
         }
         let gauges: [(&str, &str, Pick); 2] = [
-            (
-                "ws_connections_current",
-                "WebSocket connections open now.",
-                |s| &s.connections_current,
-            ),
-            ("ws_clients_current", "Distinct users connected now.", |s| {
-                &s.users_current
-            }),
+            ("ws_connections_current", "WebSocket connections open now.", |s| &s.connections_current),
+            ("ws_clients_current", "Distinct users connected now.", |s| &s.users_current),
         ];
         for (name, help, pick) in gauges {
             let metric = ConstGauge::new(self.sum(pick) as i64);
@@ -214,12 +184,8 @@ impl Collector for Metrics {
 impl Metrics {
     fn encode_shards(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let help = "WebSocket connections open now, per shard.";
-        let mut family = encoder.encode_descriptor(
-            "customws_shard_connections",
-            help,
-            None,
-            MetricType::Gauge,
-        )?;
+        let mut family =
+            encoder.encode_descriptor("customws_shard_connections", help, None, MetricType::Gauge)?;
         for (i, shard) in self.shards.iter().enumerate() {
             let labels = [("shard", i.to_string())];
             let gauge = ConstGauge::new(shard.connections_current.load(Relaxed) as i64);
@@ -229,12 +195,9 @@ impl Metrics {
     }
 
     fn encode_sizes(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        self.encode_histogram(
-            encoder,
-            "ws_message_size_bytes",
-            "Size of received client messages.",
-            |s| &s.sizes,
-        )?;
+        self.encode_histogram(encoder, "ws_message_size_bytes", "Size of received client messages.", |s| {
+            &s.sizes
+        })?;
         let help = "Per client message: from the loop wake-up that read it to its deliveries being written.";
         self.encode_histogram(encoder, "ws_latency_seconds", help, |s| &s.latency)
     }
@@ -254,28 +217,14 @@ impl Metrics {
             .iter()
             .enumerate()
             .map(|(i, &bound)| {
-                cumulative += self
-                    .shards
-                    .iter()
-                    .map(|s| pick(s).buckets[i].load(Relaxed))
-                    .sum::<u64>();
+                cumulative += self.shards.iter().map(|s| pick(s).buckets[i].load(Relaxed)).sum::<u64>();
                 (bound, cumulative)
             })
             .collect();
-        let count: u64 = self
-            .shards
-            .iter()
-            .map(|s| pick(s).count.load(Relaxed))
-            .sum();
+        let count: u64 = self.shards.iter().map(|s| pick(s).count.load(Relaxed)).sum();
         buckets.push((f64::INFINITY, count));
-        let sum = self
-            .shards
-            .iter()
-            .map(|s| pick(s).sum_micro.load(Relaxed))
-            .sum::<u64>() as f64
-            / 1e6;
-        metric
-            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+        let sum = self.shards.iter().map(|s| pick(s).sum_micro.load(Relaxed)).sum::<u64>() as f64 / 1e6;
+        metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
 }
 

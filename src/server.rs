@@ -13,7 +13,6 @@ use crate::core::directory::MAX_SHARDS;
 use crate::http::Gate;
 use crate::http::auth::{AuthConfigError, Authenticator};
 use crate::metrics::Metrics;
-use crate::shard::msg::ShardMsg;
 use crate::shard::{Shard, ShardParts, Shared};
 
 /// Listen backlog of each shard's socket (the kernel caps it at `net.core.somaxconn`).
@@ -63,17 +62,12 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
     }
     let auth = Authenticator::from_config(&config)?;
     let listeners = bind_all(config.listen, shards)?;
-    let local_addr = listeners[0]
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let local_addr =
+        listeners[0].local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let mut parts = Vec::with_capacity(shards);
     let mut links = Vec::with_capacity(shards);
     for (shard, listener) in listeners.into_iter().enumerate() {
-        let (part, link) =
-            ShardParts::new(listener).map_err(|source| StartError::Shard { shard, source })?;
+        let (part, link) = ShardParts::new(listener).map_err(|source| StartError::Shard { shard, source })?;
         parts.push(part);
         links.push(link);
     }
@@ -94,15 +88,8 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
             .map_err(|source| StartError::Shard { shard: id, source })?;
         threads.push(thread);
     }
-    log::info!(
-        "listening on {local_addr} with {shards} shards, WebSocket path {}",
-        shared.config.ws_path
-    );
-    Ok(ServerHandle {
-        shared,
-        local_addr,
-        threads,
-    })
+    log::info!("listening on {local_addr} with {shards} shards, WebSocket path {}", shared.config.ws_path);
+    Ok(ServerHandle { shared, local_addr, threads })
 }
 
 /// One `SO_REUSEPORT` socket per shard on the same address. With port 0 the first socket
@@ -113,9 +100,7 @@ fn bind_all(addr: SocketAddr, shards: usize) -> Result<Vec<std::net::TcpListener
     for _ in 0..shards {
         let listener = bind_one(addr).map_err(|source| StartError::Bind { addr, source })?;
         if addr.port() == 0 {
-            addr = listener
-                .local_addr()
-                .map_err(|source| StartError::Bind { addr, source })?;
+            addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         }
         listeners.push(listener);
     }
@@ -141,14 +126,17 @@ impl ServerHandle {
     /// Begins graceful shutdown: stop accepting, close every connection with 1001, flush,
     /// exit within `shutdown_timeout`. Does not wait; see [`ServerHandle::wait`].
     pub fn shutdown(&self) {
-        for link in &self.shared.links {
-            link.send_now(ShardMsg::Shutdown);
-        }
+        self.handle().shutdown();
     }
 
     /// Waits for every shard to finish (after [`ServerHandle::shutdown`], or forever).
     pub fn wait(mut self) {
         self.join();
+    }
+
+    /// A handle for server-initiated operations, usable from any thread.
+    pub fn handle(&self) -> crate::app::Handle {
+        crate::app::Handle::new(Arc::clone(&self.shared))
     }
 
     /// Prometheus text of the server's counters.

@@ -98,12 +98,7 @@ impl Directory {
         let Some(entry) = self.local.get_mut(&user) else {
             return false;
         };
-        let remaining: Vec<ConnKey> = entry
-            .as_slice()
-            .iter()
-            .copied()
-            .filter(|k| *k != key)
-            .collect();
+        let remaining: Vec<ConnKey> = entry.as_slice().iter().copied().filter(|k| *k != key).collect();
         match remaining.len() {
             0 => {
                 self.local.remove(&user);
@@ -154,11 +149,7 @@ impl Directory {
         let came_online = conns.is_empty();
         let at = conns.partition_point(|(s, _)| *s < seq);
         conns.insert(at, (seq, addr));
-        let excess = if per_user == 0 {
-            0
-        } else {
-            conns.len().saturating_sub(per_user)
-        };
+        let excess = if per_user == 0 { 0 } else { conns.len().saturating_sub(per_user) };
         let evict = conns.drain(..excess).map(|(_, addr)| addr).collect();
         Opened { came_online, evict }
     }
@@ -177,6 +168,11 @@ impl Directory {
         false
     }
 
+    /// Home shard only: `user`'s connections, oldest first, with their open order.
+    pub fn home_conns(&self, user: i64) -> &[(u64, ConnAddr)] {
+        self.homed.get(&user).map_or(&[], Vec::as_slice)
+    }
+
     /// Home shard only: whether `user` has any connection.
     pub fn home_online(&self, user: i64) -> bool {
         self.homed.contains_key(&user)
@@ -188,17 +184,11 @@ mod tests {
     use super::*;
 
     fn key(index: u32) -> ConnKey {
-        ConnKey {
-            index,
-            generation: 1,
-        }
+        ConnKey { index, generation: 1 }
     }
 
     fn addr(shard: ShardId, index: u32) -> ConnAddr {
-        ConnAddr {
-            shard,
-            key: key(index),
-        }
+        ConnAddr { shard, key: key(index) }
     }
 
     #[test]
@@ -230,21 +220,9 @@ mod tests {
     fn home_list_reports_online_offline_and_evicts_oldest() {
         let mut dir = Directory::default();
         let first = dir.home_open(9, 10, addr(0, 1), 1);
-        assert_eq!(
-            first,
-            Opened {
-                came_online: true,
-                evict: vec![]
-            }
-        );
+        assert_eq!(first, Opened { came_online: true, evict: vec![] });
         let second = dir.home_open(9, 11, addr(1, 4), 1);
-        assert_eq!(
-            second,
-            Opened {
-                came_online: false,
-                evict: vec![addr(0, 1)]
-            }
-        );
+        assert_eq!(second, Opened { came_online: false, evict: vec![addr(0, 1)] });
         // The evicted connection's close arrives later: not the last one, no offline.
         assert!(!dir.home_close(9, 10));
         assert!(dir.home_online(9));
@@ -258,11 +236,7 @@ mod tests {
         dir.home_open(1, 5, addr(0, 1), 0);
         dir.home_open(1, 3, addr(1, 2), 2);
         let third = dir.home_open(1, 9, addr(0, 3), 2);
-        assert_eq!(
-            third.evict,
-            vec![addr(1, 2)],
-            "the lowest sequence is the oldest"
-        );
+        assert_eq!(third.evict, vec![addr(1, 2)], "the lowest sequence is the oldest");
     }
 
     #[test]

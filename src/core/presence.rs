@@ -24,11 +24,7 @@ pub struct Presence {
 impl Presence {
     /// The presence reported for a user with no connection.
     pub fn offline(now_ms: u64) -> Self {
-        Presence {
-            status: "offline".into(),
-            context: None,
-            since_ms: now_ms,
-        }
+        Presence { status: "offline".into(), context: None, since_ms: now_ms }
     }
 }
 
@@ -59,11 +55,7 @@ impl PresenceTable {
 
     /// The user's first connection opened.
     pub fn online(&mut self, user: i64, now_ms: u64) -> &[i64] {
-        let presence = Presence {
-            status: "online".into(),
-            context: None,
-            since_ms: now_ms,
-        };
+        let presence = Presence { status: "online".into(), context: None, since_ms: now_ms };
         self.update(user, presence)
     }
 
@@ -75,10 +67,7 @@ impl PresenceTable {
 
     /// Current presence of `user` (offline when unknown).
     pub fn get(&self, user: i64, now_ms: u64) -> Presence {
-        self.current
-            .get(&user)
-            .cloned()
-            .unwrap_or_else(|| Presence::offline(now_ms))
+        self.current.get(&user).cloned().unwrap_or_else(|| Presence::offline(now_ms))
     }
 
     /// Users watching `user`.
@@ -107,11 +96,7 @@ impl PresenceTable {
     /// Watcher side: records `targets` for `watcher`, bounded.
     pub fn admit_watch(&mut self, watcher: i64, targets: &[i64]) -> WatchAdmission {
         let list = self.watching.entry(watcher).or_default();
-        let fresh: Vec<i64> = targets
-            .iter()
-            .copied()
-            .filter(|t| !list.contains(t))
-            .collect();
+        let fresh: Vec<i64> = targets.iter().copied().filter(|t| !list.contains(t)).collect();
         if list.len() + fresh.len() > MAX_WATCHED_PER_USER {
             return WatchAdmission::TooMany;
         }
@@ -147,11 +132,7 @@ mod tests {
         table.add_watcher(1, 10);
         assert_eq!(table.online(1, 5), &[10, 11]);
         assert_eq!(&*table.get(1, 6).status, "online");
-        let busy = Presence {
-            status: "busy".into(),
-            context: Some(b"{}".to_vec().into()),
-            since_ms: 7,
-        };
+        let busy = Presence { status: "busy".into(), context: Some(b"{}".to_vec().into()), since_ms: 7 };
         assert_eq!(table.update(1, busy.clone()), &[10, 11]);
         assert_eq!(table.get(1, 8), busy);
         assert_eq!(table.offline(1), &[10, 11]);
@@ -170,14 +151,8 @@ mod tests {
     #[test]
     fn watch_lists_are_bounded_and_deduplicated() {
         let mut table = PresenceTable::default();
-        assert_eq!(
-            table.admit_watch(1, &[2, 3]),
-            WatchAdmission::Accepted(vec![2, 3])
-        );
-        assert_eq!(
-            table.admit_watch(1, &[3, 4]),
-            WatchAdmission::Accepted(vec![4])
-        );
+        assert_eq!(table.admit_watch(1, &[2, 3]), WatchAdmission::Accepted(vec![2, 3]));
+        assert_eq!(table.admit_watch(1, &[3, 4]), WatchAdmission::Accepted(vec![4]));
         let many: Vec<i64> = (100..100 + MAX_WATCHED_PER_USER as i64).collect();
         assert_eq!(table.admit_watch(1, &many), WatchAdmission::TooMany);
         table.drop_watch(1, &[2]);

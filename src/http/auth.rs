@@ -87,9 +87,7 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator")
-            .field("algorithms", &self.validation.algorithms)
-            .finish()
+        f.debug_struct("Authenticator").field("algorithms", &self.validation.algorithms).finish()
     }
 }
 
@@ -98,14 +96,8 @@ impl Authenticator {
     pub fn from_config(config: &Config) -> Result<Self, AuthConfigError> {
         let (algorithm, key) = match config.jwt_algorithm {
             JwtAlgorithm::Hs256 => {
-                let secret = config
-                    .jwt_secret
-                    .as_deref()
-                    .ok_or(AuthConfigError::MissingSecret)?;
-                (
-                    Algorithm::HS256,
-                    DecodingKey::from_secret(secret.as_bytes()),
-                )
+                let secret = config.jwt_secret.as_deref().ok_or(AuthConfigError::MissingSecret)?;
+                (Algorithm::HS256, DecodingKey::from_secret(secret.as_bytes()))
             }
             JwtAlgorithm::Rs256 => (
                 Algorithm::RS256,
@@ -145,14 +137,9 @@ impl Authenticator {
 }
 
 fn read_pem(config: &Config) -> Result<Vec<u8>, AuthConfigError> {
-    let path = config
-        .jwt_public_key
-        .as_ref()
-        .ok_or(AuthConfigError::MissingPublicKey)?;
-    std::fs::read(path).map_err(|source| AuthConfigError::ReadKey {
-        path: path.display().to_string(),
-        source,
-    })
+    let path = config.jwt_public_key.as_ref().ok_or(AuthConfigError::MissingPublicKey)?;
+    std::fs::read(path)
+        .map_err(|source| AuthConfigError::ReadKey { path: path.display().to_string(), source })
 }
 
 /// Extracts user id, roles and expiry from a verified claim set.
@@ -170,16 +157,8 @@ pub fn identity_from_claims(claims: Value) -> Result<Identity, AuthError> {
             roles.admin |= role == "admin";
         }
     }
-    let expires_at = claims
-        .get("exp")
-        .and_then(Value::as_u64)
-        .unwrap_or(u64::MAX);
-    Ok(Identity {
-        user_id,
-        roles,
-        claims: claims.to_string().into_boxed_str(),
-        expires_at,
-    })
+    let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(u64::MAX);
+    Ok(Identity { user_id, roles, claims: claims.to_string().into_boxed_str(), expires_at })
 }
 
 /// Finds the token, in SPEC order: header, query, cookie, subprotocol.
@@ -205,10 +184,7 @@ pub fn find_token(req: &Request) -> Option<(String, TokenSource)> {
 
 fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -233,12 +209,7 @@ mod tests {
 
     #[test]
     fn token_sources_in_order() {
-        let all = request(
-            Some("Bearer h"),
-            Some("token=q"),
-            Some("auth_token=c"),
-            Some("bearer, p"),
-        );
+        let all = request(Some("Bearer h"), Some("token=q"), Some("auth_token=c"), Some("bearer, p"));
         assert_eq!(find_token(&all), Some(("h".into(), TokenSource::Header)));
         let rest = request(Some("Basic x"), Some("token=q"), Some("auth_token=c"), None);
         assert_eq!(find_token(&rest), Some(("q".into(), TokenSource::Query)));
@@ -250,40 +221,16 @@ mod tests {
             find_token(&request(None, None, None, Some("bearer, p"))),
             Some(("p".into(), TokenSource::Subprotocol))
         );
-        assert_eq!(
-            find_token(&request(None, None, None, Some("chat, bearer"))),
-            None
-        );
+        assert_eq!(find_token(&request(None, None, None, Some("chat, bearer"))), None);
         assert_eq!(find_token(&request(None, Some("token="), None, None)), None);
     }
 
     #[test]
     fn identity_from_user_id_or_sub() {
-        let id =
-            identity_from_claims(json!({"user_id": 7, "roles": ["broadcast", "x"], "exp": 10}))
-                .unwrap();
-        assert_eq!(
-            (id.user_id, id.roles, id.expires_at),
-            (
-                7,
-                Roles {
-                    broadcast: true,
-                    admin: false
-                },
-                10
-            )
-        );
-        assert_eq!(
-            identity_from_claims(json!({"sub": "42"})).unwrap().user_id,
-            42
-        );
-        assert_eq!(
-            identity_from_claims(json!({"sub": "alice"})),
-            Err(AuthError::NoUserId)
-        );
-        assert_eq!(
-            identity_from_claims(json!({"user_id": "7"})),
-            Err(AuthError::NoUserId)
-        );
+        let id = identity_from_claims(json!({"user_id": 7, "roles": ["broadcast", "x"], "exp": 10})).unwrap();
+        assert_eq!((id.user_id, id.roles, id.expires_at), (7, Roles { broadcast: true, admin: false }, 10));
+        assert_eq!(identity_from_claims(json!({"sub": "42"})).unwrap().user_id, 42);
+        assert_eq!(identity_from_claims(json!({"sub": "alice"})), Err(AuthError::NoUserId));
+        assert_eq!(identity_from_claims(json!({"user_id": "7"})), Err(AuthError::NoUserId));
     }
 }

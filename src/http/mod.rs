@@ -44,16 +44,9 @@ pub struct Gate {
 impl Gate {
     /// Builds the gate from configuration.
     pub fn new(config: &Config, auth: Authenticator) -> Self {
-        let allowed_origins = config
-            .allowed_origins
-            .iter()
-            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
-            .collect();
-        Gate {
-            ws_path: config.ws_path.clone(),
-            allowed_origins,
-            auth,
-        }
+        let allowed_origins =
+            config.allowed_origins.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect();
+        Gate { ws_path: config.ws_path.clone(), allowed_origins, auth }
     }
 
     /// Decides what a request gets.
@@ -76,10 +69,7 @@ impl Gate {
             return refuse(426, "unsupported Sec-WebSocket-Version; use 13".into());
         }
         if !self.origin_allowed(req) {
-            return refuse(
-                403,
-                format!("origin {} not allowed", req.origin.as_deref().unwrap_or("")),
-            );
+            return refuse(403, format!("origin {} not allowed", req.origin.as_deref().unwrap_or("")));
         }
         let Some((token, source)) = find_token(req) else {
             return refuse(401, auth::AuthError::Missing.to_string());
@@ -102,17 +92,10 @@ impl Gate {
         };
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
         if self.allowed_origins.is_empty() {
-            let host = origin
-                .split_once("://")
-                .map_or(origin.as_str(), |(_, rest)| rest);
-            return req
-                .host
-                .as_deref()
-                .is_some_and(|h| h.eq_ignore_ascii_case(host));
+            let host = origin.split_once("://").map_or(origin.as_str(), |(_, rest)| rest);
+            return req.host.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(host));
         }
-        self.allowed_origins
-            .iter()
-            .any(|allowed| allowed == "*" || *allowed == origin)
+        self.allowed_origins.iter().any(|allowed| allowed == "*" || *allowed == origin)
     }
 }
 
@@ -160,20 +143,10 @@ mod tests {
     #[test]
     fn routes_paths() {
         let g = gate(&[]);
-        let get = |path: &str| Request {
-            method: "GET".into(),
-            path: path.into(),
-            ..Request::default()
-        };
+        let get = |path: &str| Request { method: "GET".into(), path: path.into(), ..Request::default() };
         assert!(matches!(g.decide(&get("/health")), Decision::Health));
         assert!(matches!(g.decide(&get("/metrics")), Decision::Metrics));
-        assert!(matches!(
-            g.decide(&get("/nope")),
-            Decision::Refuse { status: 404, .. }
-        ));
-        assert!(matches!(
-            g.decide(&get("/ws")),
-            Decision::Refuse { status: 400, .. }
-        ));
+        assert!(matches!(g.decide(&get("/nope")), Decision::Refuse { status: 404, .. }));
+        assert!(matches!(g.decide(&get("/ws")), Decision::Refuse { status: 400, .. }));
     }
 }

@@ -102,18 +102,13 @@ fn extract(req: &httparse::Request<'_, '_>) -> Request {
 }
 
 fn has_token(value: &str, token: &str) -> bool {
-    value
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 impl Request {
     /// True when this is a well-formed WebSocket upgrade request (RFC 6455 §4.2.1).
     pub fn is_upgrade(&self) -> bool {
-        self.method == "GET"
-            && self.upgrade_websocket
-            && self.connection_upgrade
-            && self.ws_key.is_some()
+        self.method == "GET" && self.upgrade_websocket && self.connection_upgrade && self.ws_key.is_some()
     }
 
     /// Value of query parameter `name`, percent-decoded.
@@ -142,10 +137,7 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
                     Ok(b) => {
                         out.push(b);
                         i += 3;
@@ -170,9 +162,7 @@ mod tests {
 
     #[test]
     fn parses_an_upgrade() {
-        let Parsed::Complete(req, len) = parse(UPGRADE.as_bytes()) else {
-            panic!("not complete")
-        };
+        let Parsed::Complete(req, len) = parse(UPGRADE.as_bytes()) else { panic!("not complete") };
         assert_eq!(len, UPGRADE.len());
         assert!(req.is_upgrade());
         assert_eq!(req.path, "/ws");
@@ -186,30 +176,19 @@ mod tests {
     fn partial_and_limits() {
         assert_eq!(parse(&UPGRADE.as_bytes()[..20]), Parsed::Partial);
         let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES));
-        assert_eq!(
-            parse(long.as_bytes()),
-            Parsed::Invalid(431, "request header too large")
-        );
+        assert_eq!(parse(long.as_bytes()), Parsed::Invalid(431, "request header too large"));
         let mut many = String::from("GET / HTTP/1.1\r\n");
         for i in 0..=MAX_HEADERS {
             many.push_str(&format!("X-{i}: 1\r\n"));
         }
         many.push_str("\r\n");
-        assert_eq!(
-            parse(many.as_bytes()),
-            Parsed::Invalid(431, "too many request headers")
-        );
-        assert!(matches!(
-            parse(b"\x00\x01 garbage\r\n\r\n"),
-            Parsed::Invalid(400, _)
-        ));
+        assert_eq!(parse(many.as_bytes()), Parsed::Invalid(431, "too many request headers"));
+        assert!(matches!(parse(b"\x00\x01 garbage\r\n\r\n"), Parsed::Invalid(400, _)));
     }
 
     #[test]
     fn plain_get_is_not_an_upgrade() {
-        let Parsed::Complete(req, _) = parse(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n") else {
-            panic!()
-        };
+        let Parsed::Complete(req, _) = parse(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n") else { panic!() };
         assert!(!req.is_upgrade());
     }
 

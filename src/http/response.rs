@@ -6,10 +6,7 @@ use http::StatusCode;
 
 /// A complete response with a body.
 pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
-    let reason = StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
+    let reason = StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
     let mut out = Vec::with_capacity(128 + body.len());
     let _ = write!(
         out,
@@ -23,11 +20,7 @@ pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8
 /// `{"error": message}` with the given status.
 pub fn json_error(status: u16, message: &str) -> Vec<u8> {
     let body = serde_json::json!({ "error": message }).to_string();
-    let extra = if status == 426 {
-        "Sec-WebSocket-Version: 13\r\n"
-    } else {
-        ""
-    };
+    let extra = if status == 426 { "Sec-WebSocket-Version: 13\r\n" } else { "" };
     response(status, "application/json", extra, body.as_bytes())
 }
 
@@ -52,11 +45,8 @@ mod tests {
 
     #[test]
     fn rfc6455_sample_accept_key() {
-        let text = String::from_utf8(switching_protocols(
-            "dGhlIHNhbXBsZSBub25jZQ==",
-            Some("bearer"),
-        ))
-        .unwrap();
+        let text =
+            String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", Some("bearer"))).unwrap();
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(text.contains("Sec-WebSocket-Protocol: bearer\r\n"));
         assert!(text.ends_with("\r\n\r\n"));

@@ -45,9 +45,7 @@ impl<'a> ClientMessage<'a> {
 
     /// The payload's raw JSON bytes, if present and not `null`.
     pub fn payload_bytes(&self) -> Option<&'a [u8]> {
-        self.payload
-            .map(|raw| raw.get().as_bytes())
-            .filter(|raw| *raw != b"null")
+        self.payload.map(|raw| raw.get().as_bytes()).filter(|raw| *raw != b"null")
     }
 
     /// Decodes the payload into `T`; a missing payload decodes from `{}`.
@@ -108,13 +106,7 @@ pub struct Envelope<'a> {
 impl<'a> Envelope<'a> {
     /// An envelope of the given type.
     pub fn new(kind: &'a str) -> Self {
-        Envelope {
-            pid: None,
-            kind,
-            from_user_id: None,
-            payload: None,
-            error: None,
-        }
+        Envelope { pid: None, kind, from_user_id: None, payload: None, error: None }
     }
 
     /// Sets `pid`.
@@ -194,24 +186,17 @@ pub fn server_ack(acknowledged: &str, status: &str) -> Bytes {
     payload.extend_from_slice(b",\"status\":");
     write_str(&mut payload, status);
     payload.push(b'}');
-    Envelope::new("server_ack")
-        .raw_payload(Some(&payload))
-        .frame()
+    Envelope::new("server_ack").raw_payload(Some(&payload)).frame()
 }
 
 /// `error_notification` with `{originalPid?, code, message}`.
 pub fn error_notification(original_pid: Option<&str>, code: u16, message: &str) -> Bytes {
-    Envelope::new("error_notification")
-        .error(original_pid, code, message)
-        .frame()
+    Envelope::new("error_notification").error(original_pid, code, message).frame()
 }
 
 /// `data_event` from `from`, splicing the sender's payload bytes.
 pub fn data_event(from: i64, payload: Option<&[u8]>) -> Bytes {
-    Envelope::new("data_event")
-        .from_user(from)
-        .raw_payload(payload)
-        .frame()
+    Envelope::new("data_event").from_user(from).raw_payload(payload).frame()
 }
 
 /// `presence_event` for `user`: `{"userId","status","context","timestamp"}`.
@@ -224,10 +209,7 @@ pub fn presence_event(user: i64, status: &str, context: Option<&[u8]>, timestamp
     payload.extend_from_slice(b",\"timestamp\":");
     write_str(&mut payload, timestamp);
     payload.push(b'}');
-    Envelope::new("presence_event")
-        .from_user(user)
-        .raw_payload(Some(&payload))
-        .frame()
+    Envelope::new("presence_event").from_user(user).raw_payload(Some(&payload)).frame()
 }
 
 #[cfg(test)]
@@ -265,21 +247,14 @@ mod tests {
             b"{\"type\":5}",
             b"{\"type\":\"x\",\"targetUserId\":\"2\"}",
         ] {
-            assert!(
-                ClientMessage::parse(bad).is_err(),
-                "{:?}",
-                std::str::from_utf8(bad)
-            );
+            assert!(ClientMessage::parse(bad).is_err(), "{:?}", std::str::from_utf8(bad));
         }
     }
 
     #[test]
     fn encodes_data_event_with_spliced_payload() {
         let frame = data_event(42, Some(br#"{"b":1,  "a":[1, 2]}"#));
-        assert_eq!(
-            text(&frame),
-            r#"{"type":"data_event","fromUserId":42,"payload":{"b":1,  "a":[1, 2]}}"#
-        );
+        assert_eq!(text(&frame), r#"{"type":"data_event","fromUserId":42,"payload":{"b":1,  "a":[1, 2]}}"#);
     }
 
     #[test]
@@ -289,11 +264,7 @@ mod tests {
             r#"{"type":"server_ack","payload":{"acknowledgedPid":"p\"1","status":"delivered"}}"#
         );
         assert_eq!(
-            text(&error_notification(
-                Some("p1"),
-                404,
-                "user 9 is not connected"
-            )),
+            text(&error_notification(Some("p1"), 404, "user 9 is not connected")),
             r#"{"type":"error_notification","error":{"originalPid":"p1","code":404,"message":"user 9 is not connected"}}"#
         );
         assert_eq!(

@@ -64,9 +64,7 @@ pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
     match &*msg.kind {
         "data_request" => data_request(msg, caps),
         "generic_request" => match msg.pid {
-            Some(_) => Route::GenericEcho {
-                payload: msg.payload_bytes(),
-            },
+            Some(_) => Route::GenericEcho { payload: msg.payload_bytes() },
             None => reject(400, "generic_request needs a pid"),
         },
         "presence_update" | "PRESENCE_UPDATE" => match msg.payload_as::<PresenceUpdate>() {
@@ -95,30 +93,20 @@ fn data_request<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
 }
 
 fn watch_list<'a>(msg: &ClientMessage<'a>) -> Result<Vec<i64>, Route<'a>> {
-    let watch: PresenceWatch = msg
-        .payload_as()
-        .map_err(|e| reject_owned(400, format!("invalid userIds payload: {e}")))?;
+    let watch: PresenceWatch =
+        msg.payload_as().map_err(|e| reject_owned(400, format!("invalid userIds payload: {e}")))?;
     if watch.user_ids.len() > MAX_WATCH_LIST {
-        return Err(reject_owned(
-            400,
-            format!("at most {MAX_WATCH_LIST} userIds per message"),
-        ));
+        return Err(reject_owned(400, format!("at most {MAX_WATCH_LIST} userIds per message")));
     }
     Ok(watch.user_ids)
 }
 
 fn reject(code: u16, message: &'static str) -> Route<'static> {
-    Route::Reject {
-        code,
-        message: Cow::Borrowed(message),
-    }
+    Route::Reject { code, message: Cow::Borrowed(message) }
 }
 
 fn reject_owned(code: u16, message: String) -> Route<'static> {
-    Route::Reject {
-        code,
-        message: Cow::Owned(message),
-    }
+    Route::Reject { code, message: Cow::Owned(message) }
 }
 
 #[cfg(test)]
@@ -132,10 +120,7 @@ mod tests {
 
     #[test]
     fn data_request_with_target_is_p2p() {
-        let r = decide(
-            r#"{"type":"data_request","targetUserId":9,"payload":{"x":1}}"#,
-            false,
-        );
+        let r = decide(r#"{"type":"data_request","targetUserId":9,"payload":{"x":1}}"#, false);
         assert!(r.starts_with("P2p { target: 9"), "{r}");
     }
 
@@ -149,47 +134,30 @@ mod tests {
     #[test]
     fn generic_request_echoes_and_needs_a_pid() {
         assert!(
-            decide(r#"{"type":"generic_request","pid":"p","payload":1}"#, false)
-                .starts_with("GenericEcho")
+            decide(r#"{"type":"generic_request","pid":"p","payload":1}"#, false).starts_with("GenericEcho")
         );
-        assert!(
-            decide(r#"{"type":"generic_request","payload":1}"#, false)
-                .starts_with("Reject { code: 400")
-        );
+        assert!(decide(r#"{"type":"generic_request","payload":1}"#, false).starts_with("Reject { code: 400"));
     }
 
     #[test]
     fn presence_messages() {
         assert!(
-            decide(
-                r#"{"type":"presence_update","payload":{"status":"busy"}}"#,
-                false
-            )
-            .starts_with("Presence")
+            decide(r#"{"type":"presence_update","payload":{"status":"busy"}}"#, false)
+                .starts_with("Presence")
         );
         assert!(
-            decide(r#"{"type":"presence_update","payload":{}}"#, false)
-                .starts_with("Reject { code: 400")
+            decide(r#"{"type":"presence_update","payload":{}}"#, false).starts_with("Reject { code: 400")
         );
         assert_eq!(
-            decide(
-                r#"{"type":"presence_subscribe","payload":{"userIds":[1,2]}}"#,
-                false
-            ),
+            decide(r#"{"type":"presence_subscribe","payload":{"userIds":[1,2]}}"#, false),
             "Subscribe([1, 2])"
         );
         assert_eq!(
-            decide(
-                r#"{"type":"presence_unsubscribe","payload":{"userIds":[3]}}"#,
-                false
-            ),
+            decide(r#"{"type":"presence_unsubscribe","payload":{"userIds":[3]}}"#, false),
             "Unsubscribe([3])"
         );
         let many: Vec<String> = (0..=MAX_WATCH_LIST).map(|i| i.to_string()).collect();
-        let raw = format!(
-            r#"{{"type":"presence_subscribe","payload":{{"userIds":[{}]}}}}"#,
-            many.join(",")
-        );
+        let raw = format!(r#"{{"type":"presence_subscribe","payload":{{"userIds":[{}]}}}}"#, many.join(","));
         assert!(decide(&raw, false).starts_with("Reject { code: 400"));
     }
 
@@ -200,10 +168,7 @@ mod tests {
 
     #[test]
     fn seed_004_types() {
-        assert_eq!(
-            decide(r#"{"type":"HEARTBEAT","timestamp":"x"}"#, false),
-            "Heartbeat"
-        );
+        assert_eq!(decide(r#"{"type":"HEARTBEAT","timestamp":"x"}"#, false), "Heartbeat");
         assert_eq!(decide(r#"{"type":"DISCONNECT"}"#, false), "Disconnect");
     }
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use mio::net::TcpStream;
 
+use crate::core::pending::WaitKey;
 use crate::http::auth::Roles;
 use crate::ws::Reassembly;
 
@@ -168,6 +169,8 @@ pub struct Conn {
     pub next_ping: u64,
     /// When the socket last refused bytes with output still queued; `u64::MAX` when not.
     pub write_blocked_at: u64,
+    /// Server-initiated waits sent on this connection (failed with `Closed` when it goes).
+    pub waits: Vec<WaitKey>,
 }
 
 impl Conn {
@@ -188,6 +191,7 @@ impl Conn {
             read_deadline: u64::MAX,
             next_ping: u64::MAX,
             write_blocked_at: u64::MAX,
+            waits: Vec::new(),
         }
     }
 
@@ -197,12 +201,7 @@ impl Conn {
     }
 
     /// Queues a frame within the bounds; over them, hands it back.
-    pub fn queue(
-        &mut self,
-        frame: Bytes,
-        max_frames: usize,
-        max_bytes: usize,
-    ) -> Result<(), Refused> {
+    pub fn queue(&mut self, frame: Bytes, max_frames: usize, max_bytes: usize) -> Result<(), Refused> {
         if self.phase != Phase::Open {
             return Err(Refused::Closing);
         }
@@ -265,12 +264,7 @@ mod tests {
         for f in [&b"abc"[..], b"defg", b"hi"] {
             q.push(Bytes::copy_from_slice(f));
         }
-        let mut w = Trickle {
-            taken: vec![],
-            cap: 4,
-            calls: 0,
-            budget: 1,
-        };
+        let mut w = Trickle { taken: vec![], cap: 4, calls: 0, budget: 1 };
         assert_eq!(q.flush(&mut w).unwrap(), Flushed::Blocked);
         assert_eq!((q.len(), q.bytes()), (2, 5));
         w.budget = 10;
@@ -285,12 +279,7 @@ mod tests {
         for f in [&b"abc"[..], b"def", b"ghi"] {
             q.push(Bytes::copy_from_slice(f));
         }
-        let mut w = Trickle {
-            taken: vec![],
-            cap: 2,
-            calls: 0,
-            budget: 1,
-        };
+        let mut w = Trickle { taken: vec![], cap: 2, calls: 0, budget: 1 };
         let _ = q.flush(&mut w);
         assert_eq!(q.discard_unsent(), 2);
         assert_eq!((q.len(), q.bytes()), (1, 1));

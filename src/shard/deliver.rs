@@ -20,13 +20,7 @@ use crate::ws::close;
 
 impl Shard {
     /// Carries out what the router decided for a message of `user` on `key`.
-    pub(super) fn execute(
-        &mut self,
-        key: ConnKey,
-        user: i64,
-        pid: Option<&str>,
-        decision: Route<'_>,
-    ) {
+    pub(super) fn execute(&mut self, key: ConnKey, user: i64, pid: Option<&str>, decision: Route<'_>) {
         match decision {
             Route::P2p { target, payload } => {
                 let delivered = self.deliver_to_users(&[target], data_event(user, payload));
@@ -34,11 +28,7 @@ impl Shard {
                     (Some(pid), true) => self.reply(key, server_ack(pid, "delivered")),
                     (Some(pid), false) => self.reply(
                         key,
-                        error_notification(
-                            Some(pid),
-                            404,
-                            &format!("user {target} is not connected"),
-                        ),
+                        error_notification(Some(pid), 404, &format!("user {target} is not connected")),
                     ),
                     (None, _) => {}
                 }
@@ -48,10 +38,7 @@ impl Shard {
                 self.ack(key, pid, "broadcast");
             }
             Route::GenericEcho { payload } => {
-                let frame = Envelope::new("generic_response")
-                    .pid(pid)
-                    .raw_payload(payload)
-                    .frame();
+                let frame = Envelope::new("generic_response").pid(pid).raw_payload(payload).frame();
                 self.reply(key, frame);
             }
             Route::Presence(update) => {
@@ -60,12 +47,7 @@ impl Shard {
                     context: update.context.map(|raw| raw.get().as_bytes().into()),
                     since_ms: Self::wall_ms(),
                 };
-                self.presence_update(
-                    key,
-                    user,
-                    presence,
-                    update.target_user_id.filter(|&t| t != 0),
-                );
+                self.presence_update(key, user, presence, update.target_user_id.filter(|&t| t != 0));
                 self.ack(key, pid, "ok");
             }
             Route::Subscribe(targets) => {
@@ -80,19 +62,11 @@ impl Shard {
             Route::Unsubscribe(targets) => {
                 self.send_to(
                     Directory::home_of(user, self.shards()),
-                    ShardMsg::DropWatch {
-                        watcher: user,
-                        targets,
-                    },
+                    ShardMsg::DropWatch { watcher: user, targets },
                 );
                 self.ack(key, pid, "ok");
             }
-            Route::Ack(ack) => {
-                log::debug!(
-                    "client_ack for {} with no pending wait (user={user})",
-                    ack.acknowledged_pid
-                );
-            }
+            Route::Ack(ack) => self.on_client_ack(key, &ack),
             Route::Heartbeat => self.reply(key, heartbeat_ack(Self::wall_ms())),
             Route::Disconnect => self.close(key, close::NORMAL, "client requested disconnect"),
             Route::Reject { code, message } => {
@@ -133,29 +107,14 @@ impl Shard {
                 }
             }
         }
-        for (shard, users) in remote
-            .into_iter()
-            .enumerate()
-            .filter(|(_, u)| !u.is_empty())
-        {
-            self.send_to(
-                shard,
-                ShardMsg::Deliver {
-                    users,
-                    frame: frame.clone(),
-                },
-            );
+        for (shard, users) in remote.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
+            self.send_to(shard, ShardMsg::Deliver { users, frame: frame.clone() });
         }
         found
     }
 
     fn deliver_local(&mut self, user: i64, frame: &Bytes) {
-        let Shard {
-            directory,
-            conns,
-            sink,
-            ..
-        } = self;
+        let Shard { directory, conns, sink, .. } = self;
         for &key in directory.local(user) {
             sink.push(conns, key, frame.clone());
         }
@@ -165,13 +124,7 @@ impl Shard {
     pub(super) fn broadcast(&mut self, frame: Bytes, except: Option<ConnAddr>) {
         let me = self.id;
         for shard in (0..self.shards()).filter(|&s| s != me) {
-            self.send_to(
-                shard,
-                ShardMsg::Broadcast {
-                    frame: frame.clone(),
-                    except,
-                },
-            );
+            self.send_to(shard, ShardMsg::Broadcast { frame: frame.clone(), except });
         }
         self.broadcast_local(&frame, except);
     }
@@ -180,23 +133,14 @@ impl Shard {
         let skip = except.filter(|a| a.shard == self.id).map(|a| a.key);
         let Shard { conns, sink, .. } = self;
         for (index, conn) in conns.iter_mut() {
-            let key = ConnKey {
-                index: index as u32,
-                generation: conn.generation,
-            };
+            let key = ConnKey { index: index as u32, generation: conn.generation };
             if conn.phase == Phase::Open && Some(key) != skip {
                 sink.offer(key, conn, frame.clone());
             }
         }
     }
 
-    fn presence_update(
-        &mut self,
-        key: ConnKey,
-        user: i64,
-        presence: Presence,
-        target: Option<i64>,
-    ) {
+    fn presence_update(&mut self, key: ConnKey, user: i64, presence: Presence, target: Option<i64>) {
         let home = Directory::home_of(user, self.shards());
         let fan_out = match (target, self.shared.config.presence_scope) {
             (Some(target), _) => {
@@ -209,14 +153,7 @@ impl Shard {
             }
             (None, _) => true,
         };
-        self.send_to(
-            home,
-            ShardMsg::PresenceSet {
-                user,
-                presence,
-                fan_out,
-            },
-        );
+        self.send_to(home, ShardMsg::PresenceSet { user, presence, fan_out });
     }
 
     /// Home shard: tells `user`'s watchers (or everyone, with `presence_scope = "all"`).
@@ -235,11 +172,7 @@ impl Shard {
     /// Handles a message from another shard (or from ourselves).
     pub(super) fn handle(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Replica {
-                user,
-                shard,
-                present,
-            } => self.directory.set_replica(user, shard, present),
+            ShardMsg::Replica { user, shard, present } => self.directory.set_replica(user, shard, present),
             ShardMsg::HomeOpened { user, seq, addr } => self.home_opened(user, seq, addr),
             ShardMsg::HomeClosed { user, seq } => self.home_closed(user, seq),
             ShardMsg::Close { key, code, reason } => self.close(key, code, reason),
@@ -250,44 +183,32 @@ impl Shard {
             }
             ShardMsg::DeliverConn { key, frame } => self.reply(key, frame),
             ShardMsg::Broadcast { frame, except } => self.broadcast_local(&frame, except),
-            ShardMsg::PresenceSet {
-                user,
-                presence,
-                fan_out,
-            } => {
+            ShardMsg::PresenceSet { user, presence, fan_out } => {
                 if fan_out {
                     self.announce_presence(user, &presence);
                 }
                 self.presence.update(user, presence);
             }
-            ShardMsg::AdmitWatch {
-                watcher,
-                targets,
-                reply,
-                pid,
-            } => self.admit_watch(watcher, targets, reply, pid),
+            ShardMsg::AdmitWatch { watcher, targets, reply, pid } => {
+                self.admit_watch(watcher, targets, reply, pid)
+            }
             ShardMsg::DropWatch { watcher, targets } => {
                 self.presence.drop_watch(watcher, &targets);
                 self.for_each_home(targets, |targets| ShardMsg::Unwatch { watcher, targets });
             }
-            ShardMsg::Watch {
-                watcher,
-                targets,
-                reply,
-            } => self.watch(watcher, targets, reply),
+            ShardMsg::Watch { watcher, targets, reply } => self.watch(watcher, targets, reply),
             ShardMsg::Unwatch { watcher, targets } => {
                 for target in targets {
                     self.presence.remove_watcher(target, watcher);
                 }
             }
             ShardMsg::Shutdown => self.begin_shutdown(),
+            op => self.handle_op(op),
         }
     }
 
     fn home_opened(&mut self, user: i64, seq: u64, addr: ConnAddr) {
-        let opened = self
-            .directory
-            .home_open(user, seq, addr, self.limits.per_user);
+        let opened = self.directory.home_open(user, seq, addr, self.limits.per_user);
         for old in opened.evict {
             let msg = ShardMsg::Close {
                 key: old.key,
@@ -299,11 +220,7 @@ impl Shard {
         if opened.came_online {
             ShardMetrics::inc(&self.metrics().users_current);
             let now = Self::wall_ms();
-            let presence = Presence {
-                status: "online".into(),
-                context: None,
-                since_ms: now,
-            };
+            let presence = Presence { status: "online".into(), context: None, since_ms: now };
             self.announce_presence(user, &presence);
             self.presence.online(user, now);
         }
@@ -317,45 +234,24 @@ impl Shard {
         self.presence.offline(user);
         self.announce_presence(user, &Presence::offline(Self::wall_ms()));
         let watched = self.presence.take_watching(user);
-        self.for_each_home(watched, |targets| ShardMsg::Unwatch {
-            watcher: user,
-            targets,
-        });
+        self.for_each_home(watched, |targets| ShardMsg::Unwatch { watcher: user, targets });
     }
 
-    fn admit_watch(
-        &mut self,
-        watcher: i64,
-        targets: Vec<i64>,
-        reply: ConnAddr,
-        pid: Option<Box<str>>,
-    ) {
+    fn admit_watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr, pid: Option<Box<str>>) {
         if !self.directory.home_online(watcher) {
             return; // the watcher left before its request got here
         }
         let answer = match self.presence.admit_watch(watcher, &targets) {
-            WatchAdmission::TooMany => {
-                error_notification(pid.as_deref(), 429, "watch list limit reached")
-            }
+            WatchAdmission::TooMany => error_notification(pid.as_deref(), 429, "watch list limit reached"),
             WatchAdmission::Accepted(_) => {
-                self.for_each_home(targets, |targets| ShardMsg::Watch {
-                    watcher,
-                    targets,
-                    reply,
-                });
+                self.for_each_home(targets, |targets| ShardMsg::Watch { watcher, targets, reply });
                 match pid.as_deref() {
                     Some(pid) => server_ack(pid, "ok"),
                     None => return,
                 }
             }
         };
-        self.send_to(
-            reply.shard,
-            ShardMsg::DeliverConn {
-                key: reply.key,
-                frame: answer,
-            },
-        );
+        self.send_to(reply.shard, ShardMsg::DeliverConn { key: reply.key, frame: answer });
     }
 
     fn watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr) {
@@ -363,13 +259,7 @@ impl Shard {
         for target in targets {
             self.presence.add_watcher(target, watcher);
             let frame = encode_presence(target, &self.presence.get(target, now));
-            self.send_to(
-                reply.shard,
-                ShardMsg::DeliverConn {
-                    key: reply.key,
-                    frame,
-                },
-            );
+            self.send_to(reply.shard, ShardMsg::DeliverConn { key: reply.key, frame });
         }
     }
 
@@ -380,23 +270,14 @@ impl Shard {
         for user in users {
             groups[Directory::home_of(user, shards)].push(user);
         }
-        for (shard, group) in groups
-            .into_iter()
-            .enumerate()
-            .filter(|(_, g)| !g.is_empty())
-        {
+        for (shard, group) in groups.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
             self.send_to(shard, make(group));
         }
     }
 }
 
 fn encode_presence(user: i64, presence: &Presence) -> Bytes {
-    presence_event(
-        user,
-        &presence.status,
-        presence.context.as_deref(),
-        &rfc3339(presence.since_ms),
-    )
+    presence_event(user, &presence.status, presence.context.as_deref(), &rfc3339(presence.since_ms))
 }
 
 /// Seed 004's `{"type":"HEARTBEAT_ACK","timestamp":…}`.

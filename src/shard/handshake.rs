@@ -26,26 +26,13 @@ impl Shard {
                 let rest = conn.inbuf.split_off(len);
                 conn.inbuf = rest;
                 match self.shared.gate.decide(&request) {
-                    Decision::Upgrade {
-                        identity,
-                        subprotocol,
-                    } => self.upgrade(
-                        key,
-                        identity,
-                        subprotocol,
-                        request.ws_key.as_deref().unwrap_or(""),
-                    ),
-                    Decision::Health => {
-                        self.respond(key, 200, "application/json", self.health().as_bytes())
+                    Decision::Upgrade { identity, subprotocol } => {
+                        self.upgrade(key, identity, subprotocol, request.ws_key.as_deref().unwrap_or(""))
                     }
+                    Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
                     Decision::Metrics => {
                         let text = self.shared.metrics.render();
-                        self.respond(
-                            key,
-                            200,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                            text.as_bytes(),
-                        );
+                        self.respond(key, 200, "text/plain; version=0.0.4; charset=utf-8", text.as_bytes());
                     }
                     Decision::Refuse { status, message } => self.refuse(key, status, &message),
                 }
@@ -67,10 +54,7 @@ impl Shard {
     fn refuse(&mut self, key: ConnKey, status: u16, message: &str) {
         ShardMetrics::inc(&self.metrics().handshake_failures);
         if let Some(conn) = self.conn_mut(key) {
-            log::info!(
-                "handshake refused status={status} peer={} reason={message}",
-                conn.peer
-            );
+            log::info!("handshake refused status={status} peer={} reason={message}", conn.peer);
         }
         let body = json_error(status, message);
         self.send_last(key, Bytes::from(body));
@@ -95,23 +79,14 @@ impl Shard {
         self.schedule_before(key, deadline);
     }
 
-    fn upgrade(
-        &mut self,
-        key: ConnKey,
-        identity: Identity,
-        subprotocol: Option<&'static str>,
-        ws_key: &str,
-    ) {
+    fn upgrade(&mut self, key: ConnKey, identity: Identity, subprotocol: Option<&'static str>, ws_key: &str) {
         let limit = self.limits.max_connections;
         if limit > 0 && self.shared.metrics.sum(|s| &s.connections_current) as usize >= limit {
             self.refuse(key, 503, "server at max_connections");
             return;
         }
         let accept = Bytes::from(switching_protocols(ws_key, subprotocol));
-        let seq = self
-            .shared
-            .next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self.shared.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let user = identity.user_id;
         let now = self.now;
         let limits = self.limits;
@@ -123,12 +98,7 @@ impl Shard {
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.next_ping = now + limits.ping_period_ms;
         let peer = conn.peer;
-        conn.session = Some(Box::new(Session {
-            user,
-            roles: identity.roles,
-            seq,
-            claims: identity.claims,
-        }));
+        conn.session = Some(Box::new(Session { user, roles: identity.roles, seq, claims: identity.claims }));
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.connections_total);

@@ -9,6 +9,7 @@ mod handshake;
 pub mod msg;
 mod read;
 pub mod sink;
+mod waits;
 
 use std::io;
 use std::sync::Arc;
@@ -20,8 +21,10 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use crate::app::ops::Completion;
 use crate::config::Config;
 use crate::core::directory::{ConnAddr, ShardId};
+use crate::core::pending::{PendingTable, WaitKey};
 use crate::core::{ConnKey, Directory, PresenceTable, TimerWheel};
 use crate::http::Gate;
 use crate::metrics::{Metrics, ShardMetrics};
@@ -42,6 +45,15 @@ const SCRATCH: usize = 64 * 1024;
 const ACCEPT_RETRY_MS: u64 = 100;
 /// How long a closing connection waits for the peer's EOF after our last byte.
 const LINGER_MS: u64 = 2_000;
+
+/// What a timer-wheel entry points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKey {
+    /// A connection's earliest deadline.
+    Conn(ConnKey),
+    /// A server-initiated wait's timeout.
+    Wait(WaitKey),
+}
 
 /// A shard's address book: how to reach it from any thread.
 #[derive(Debug)]
@@ -131,22 +143,10 @@ impl ShardParts {
         let waker = Waker::new(poll.registry(), WAKER)?;
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let (tx, inbox) = crossbeam_channel::unbounded();
-        let link = Link {
-            tx,
-            waker,
-            sleeping: AtomicBool::new(false),
-        };
-        Ok((
-            ShardParts {
-                poll,
-                listener,
-                inbox,
-            },
-            link,
-        ))
+        let link = Link { tx, waker, sleeping: AtomicBool::new(false) };
+        Ok((ShardParts { poll, listener, inbox }, link))
     }
 }
 
@@ -159,7 +159,8 @@ pub struct Shard {
     inbox: Receiver<ShardMsg>,
     conns: Slab<Conn>,
     next_generation: u32,
-    wheel: TimerWheel<ConnKey>,
+    wheel: TimerWheel<TimerKey>,
+    pending: PendingTable<Completion>,
     directory: Directory,
     presence: PresenceTable,
     sink: Sink,
@@ -182,12 +183,7 @@ impl Shard {
     pub fn new(id: ShardId, shared: Arc<Shared>, parts: ShardParts) -> Self {
         let config = &shared.config;
         let limits = Limits::from(config);
-        let sink = Sink::new(
-            config.send_queue,
-            config.send_queue_bytes,
-            Arc::clone(&shared.metrics),
-            id,
-        );
+        let sink = Sink::new(config.send_queue, config.send_queue_bytes, Arc::clone(&shared.metrics), id);
         let peers = shared.links.len();
         Shard {
             id,
@@ -196,11 +192,8 @@ impl Shard {
             inbox: parts.inbox,
             conns: Slab::new(),
             next_generation: 0,
-            wheel: TimerWheel::new(
-                crate::core::timer::DEFAULT_TICK_MS,
-                crate::core::timer::DEFAULT_SLOTS,
-                0,
-            ),
+            wheel: TimerWheel::new(crate::core::timer::DEFAULT_TICK_MS, crate::core::timer::DEFAULT_SLOTS, 0),
+            pending: PendingTable::new(id),
             directory: Directory::default(),
             presence: PresenceTable::default(),
             sink,
@@ -224,11 +217,7 @@ impl Shard {
             let timeout = self.poll_timeout();
             let link = &self.shared.links[self.id];
             link.sleeping.store(true, Ordering::SeqCst);
-            let timeout = if self.inbox.is_empty() {
-                timeout
-            } else {
-                Some(Duration::ZERO)
-            };
+            let timeout = if self.inbox.is_empty() { timeout } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -237,10 +226,7 @@ impl Shard {
             }
             link.sleeping.store(false, Ordering::SeqCst);
             let woke = Instant::now();
-            let messages_before = self
-                .metrics()
-                .messages_in
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let messages_before = self.metrics().messages_in.load(std::sync::atomic::Ordering::Relaxed);
             self.now = woke.duration_since(self.epoch).as_millis() as u64;
             // The inbox first: whatever another shard sent before a client's bytes reached us
             // (a directory update, say) must be known when those bytes are routed.
@@ -278,14 +264,9 @@ impl Shard {
     /// wake-up that read it until its deliveries were written (one clock read per iteration).
     fn observe_latency(&self, woke: Instant, messages_before: u64) {
         let metrics = self.metrics();
-        let handled = metrics
-            .messages_in
-            .load(std::sync::atomic::Ordering::Relaxed)
-            - messages_before;
+        let handled = metrics.messages_in.load(std::sync::atomic::Ordering::Relaxed) - messages_before;
         if handled > 0 {
-            metrics
-                .latency
-                .observe_n(woke.elapsed().as_secs_f64(), handled);
+            metrics.latency.observe_n(woke.elapsed().as_secs_f64(), handled);
         }
     }
 
@@ -298,17 +279,13 @@ impl Shard {
             ms = Some(ms.unwrap_or(u64::MAX).min(at.saturating_sub(self.now)));
         }
         if let Some(deadline) = self.shutdown_deadline {
-            ms = Some(
-                ms.unwrap_or(u64::MAX)
-                    .min(deadline.saturating_sub(self.now)),
-            );
+            ms = Some(ms.unwrap_or(u64::MAX).min(deadline.saturating_sub(self.now)));
         }
         ms.map(Duration::from_millis)
     }
 
     fn finished(&self) -> bool {
-        self.shutdown_deadline
-            .is_some_and(|deadline| self.conns.is_empty() || self.now >= deadline)
+        self.shutdown_deadline.is_some_and(|deadline| self.conns.is_empty() || self.now >= deadline)
     }
 
     fn metrics(&self) -> &ShardMetrics {
@@ -320,29 +297,19 @@ impl Shard {
     }
 
     fn wall_ms() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
     fn addr(&self, key: ConnKey) -> ConnAddr {
-        ConnAddr {
-            shard: self.id,
-            key,
-        }
+        ConnAddr { shard: self.id, key }
     }
 
     fn key_of(&self, index: usize) -> Option<ConnKey> {
-        self.conns.get(index).map(|c| ConnKey {
-            index: index as u32,
-            generation: c.generation,
-        })
+        self.conns.get(index).map(|c| ConnKey { index: index as u32, generation: c.generation })
     }
 
     fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(key.index as usize)
-            .filter(|c| c.generation == key.generation)
+        self.conns.get_mut(key.index as usize).filter(|c| c.generation == key.generation)
     }
 
     // ----- accepting ---------------------------------------------------------------------
@@ -361,10 +328,7 @@ impl Shard {
                 Err(e) => {
                     // EMFILE and friends: the backlog keeps the connection, and edge-triggered
                     // readiness will not fire again for it; retry shortly instead of spinning.
-                    log::warn!(
-                        "shard {}: accept failed: {e}; retrying in {ACCEPT_RETRY_MS} ms",
-                        self.id
-                    );
+                    log::warn!("shard {}: accept failed: {e}; retrying in {ACCEPT_RETRY_MS} ms", self.id);
                     self.accept_retry_at = Some(self.now + ACCEPT_RETRY_MS);
                     return;
                 }
@@ -378,24 +342,17 @@ impl Shard {
         let entry = self.conns.vacant_entry();
         let index = entry.key();
         let token = Token(index);
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            token,
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) =
+            self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+        {
             log::warn!("shard {}: register {peer} failed: {e}", self.id);
             return;
         }
         self.next_generation = self.next_generation.wrapping_add(1);
         let deadline = self.now + self.limits.handshake_ms;
         entry.insert(Conn::new(stream, peer, self.next_generation, deadline));
-        self.wheel.insert(
-            deadline,
-            ConnKey {
-                index: index as u32,
-                generation: self.next_generation,
-            },
-        );
+        let key = ConnKey { index: index as u32, generation: self.next_generation };
+        self.wheel.insert(deadline, TimerKey::Conn(key));
     }
 
     // ----- readiness ---------------------------------------------------------------------
@@ -509,18 +466,13 @@ impl Shard {
             }
             let (user, peer, queued) = (conn.user(), conn.peer, conn.out.len());
             ShardMetrics::inc(&self.metrics().slow_consumer_closes);
-            log::warn!(
-                "slow consumer closed 1013: user={user:?} peer={peer} queued_frames={queued}"
-            );
+            log::warn!("slow consumer closed 1013: user={user:?} peer={peer} queued_frames={queued}");
             self.close(key, close::TRY_AGAIN_LATER, "slow consumer");
         }
     }
 
     fn mark_dirty(&mut self, key: ConnKey) {
-        if let Some(conn) = self
-            .conns
-            .get_mut(key.index as usize)
-            .filter(|c| c.generation == key.generation)
+        if let Some(conn) = self.conns.get_mut(key.index as usize).filter(|c| c.generation == key.generation)
         {
             self.sink.mark_dirty(key, conn);
         }
@@ -535,28 +487,18 @@ impl Shard {
         let phase = conn.phase;
         let mut conn = self.conns.remove(key.index as usize);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.fail_waits(&conn.waits);
         let Some(session) = conn.session.take() else {
             log::trace!("dropped peer={conn_peer} phase={phase:?}: {reason}");
             return;
         };
         ShardMetrics::dec(&self.metrics().connections_current);
-        log::info!(
-            "disconnect user={} peer={} shard={} reason={reason}",
-            session.user,
-            conn_peer,
-            self.id
-        );
+        log::info!("disconnect user={} peer={} shard={} reason={reason}", session.user, conn_peer, self.id);
         if self.directory.remove_local(session.user, key) {
             self.announce_replica(session.user, false);
         }
         let home = Directory::home_of(session.user, self.shards());
-        self.send_to(
-            home,
-            ShardMsg::HomeClosed {
-                user: session.user,
-                seq: session.seq,
-            },
-        );
+        self.send_to(home, ShardMsg::HomeClosed { user: session.user, seq: session.seq });
     }
 
     // ----- timers ------------------------------------------------------------------------
@@ -569,7 +511,7 @@ impl Shard {
         };
         if deadline < conn.timer_at || conn.timer_at < now {
             conn.timer_at = deadline;
-            self.wheel.insert(deadline, key);
+            self.wheel.insert(deadline, TimerKey::Conn(key));
         }
     }
 
@@ -577,6 +519,13 @@ impl Shard {
         let mut due = Vec::new();
         self.wheel.expire(self.now, &mut due);
         for key in due {
+            let key = match key {
+                TimerKey::Conn(key) => key,
+                TimerKey::Wait(wait) => {
+                    self.expire_wait(wait);
+                    continue;
+                }
+            };
             let now = self.now;
             let Some(conn) = self.conn_mut(key) else {
                 continue;
@@ -591,7 +540,7 @@ impl Shard {
             };
             let next = conn.next_deadline(write_wait);
             conn.timer_at = next;
-            self.wheel.insert(next, key);
+            self.wheel.insert(next, TimerKey::Conn(key));
         }
     }
 
@@ -631,19 +580,10 @@ impl Shard {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        let keys: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .map(|(i, c)| ConnKey {
-                index: i as u32,
-                generation: c.generation,
-            })
-            .collect();
-        log::info!(
-            "shard {}: shutting down, closing {} connections",
-            self.id,
-            keys.len()
-        );
+        self.fail_all_waits();
+        let keys: Vec<ConnKey> =
+            self.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
+        log::info!("shard {}: shutting down, closing {} connections", self.id, keys.len());
         for key in keys {
             match self.conn_mut(key).map(|c| c.phase) {
                 Some(Phase::Http) => self.drop_conn(key, "server shutting down"),
@@ -686,14 +626,7 @@ impl Shard {
     /// Tells every shard (ourselves included) whether we hold `user`.
     fn announce_replica(&mut self, user: i64, present: bool) {
         for shard in 0..self.shards() {
-            self.send_to(
-                shard,
-                ShardMsg::Replica {
-                    user,
-                    shard: self.id,
-                    present,
-                },
-            );
+            self.send_to(shard, ShardMsg::Replica { user, shard: self.id, present });
         }
     }
 }

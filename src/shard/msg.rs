@@ -5,7 +5,11 @@
 
 use bytes::Bytes;
 
+use std::sync::Arc;
+
+use crate::app::ops::{Completion, OutMessage};
 use crate::core::directory::{ConnAddr, ConnKey, ShardId};
+use crate::core::pending::WaitKind;
 use crate::core::presence::Presence;
 
 /// One message to a shard.
@@ -108,6 +112,66 @@ pub enum ShardMsg {
         watcher: i64,
         /// Targets homed on the receiving shard.
         targets: Vec<i64>,
+    },
+    /// To the user's home shard: queue `frame` on every connection of `user`; completes with
+    /// the number of connections.
+    SendUser {
+        /// The receiving user.
+        user: i64,
+        /// The encoded frame.
+        frame: Bytes,
+        /// Gets `Delivered(n)`.
+        done: Option<Completion>,
+    },
+    /// Queue `frame` on every open local connection whose user is not in `exclude` (sorted);
+    /// completes with this shard's count.
+    BroadcastExcept {
+        /// The encoded frame.
+        frame: Bytes,
+        /// Sorted user ids to skip.
+        exclude: Arc<[i64]>,
+        /// Gets `Delivered(n)`.
+        done: Option<Completion>,
+    },
+    /// To the user's home shard: send `msg` to the user's newest connection and wait.
+    Await {
+        /// The receiving user.
+        user: i64,
+        /// What to send (the pid is added by the owning shard).
+        msg: Arc<OutMessage>,
+        /// Ack or request.
+        kind: WaitKind,
+        /// Wait bound in milliseconds.
+        timeout_ms: u64,
+        /// Gets `Ack`, `Reply` or `Failed`.
+        done: Completion,
+    },
+    /// To the connection's shard: register the wait, send `msg` with its pid.
+    AwaitOn {
+        /// The connection.
+        key: ConnKey,
+        /// What to send.
+        msg: Arc<OutMessage>,
+        /// Ack or request.
+        kind: WaitKind,
+        /// Wait bound in milliseconds.
+        timeout_ms: u64,
+        /// Gets `Ack`, `Reply` or `Failed`.
+        done: Completion,
+    },
+    /// To the user's home shard: report the user's connections.
+    QueryUser {
+        /// The user.
+        user: i64,
+        /// Gets `User(list)`.
+        done: Completion,
+    },
+    /// To the user's home shard: close every connection of the user (1000).
+    DisconnectUser {
+        /// The user.
+        user: i64,
+        /// Gets `Delivered(n)`: connections closed.
+        done: Option<Completion>,
     },
     /// Begin graceful shutdown.
     Shutdown,

@@ -132,9 +132,7 @@ impl Shard {
                 }
             }
             FrameKind::Close => self.on_close_frame(key, payload),
-            FrameKind::Binary => {
-                self.close(key, close::UNSUPPORTED, "binary frames are not supported")
-            }
+            FrameKind::Binary => self.close(key, close::UNSUPPORTED, "binary frames are not supported"),
             FrameKind::Text | FrameKind::Continuation => self.on_data_frame(key, frame, payload),
         }
     }
@@ -174,11 +172,7 @@ impl Shard {
     fn fail(&mut self, key: ConnKey, error: FrameError) {
         ShardMetrics::inc(&self.metrics().errors);
         if let Some(conn) = self.conn_mut(key) {
-            log::info!(
-                "protocol error user={:?} peer={}: {error}",
-                conn.user(),
-                conn.peer
-            );
+            log::info!("protocol error user={:?} peer={}: {error}", conn.user(), conn.peer);
         }
         self.close(key, error.close_code(), &error.to_string());
     }
@@ -196,11 +190,12 @@ impl Shard {
             return;
         };
         let (user, roles) = (session.user, session.roles);
-        let caps = SenderCaps {
-            can_broadcast: roles.broadcast || self.shared.config.allow_client_broadcast,
-        };
+        let caps = SenderCaps { can_broadcast: roles.broadcast || self.shared.config.allow_client_broadcast };
         match ClientMessage::parse(text) {
             Ok(msg) => {
+                if self.answers_request(key, msg.pid.as_deref(), text) {
+                    return;
+                }
                 let decision = route(&msg, caps);
                 self.execute(key, user, msg.pid.as_deref(), decision);
             }

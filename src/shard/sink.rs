@@ -29,22 +29,12 @@ pub struct Sink {
 impl Sink {
     /// A sink with the per-connection queue bounds.
     pub fn new(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>, shard: usize) -> Self {
-        Sink {
-            dirty: Vec::new(),
-            overflowed: Vec::new(),
-            max_frames,
-            max_bytes,
-            metrics,
-            shard,
-        }
+        Sink { dirty: Vec::new(), overflowed: Vec::new(), max_frames, max_bytes, metrics, shard }
     }
 
     /// Queues `frame` on the connection `key`, if it still exists.
     pub fn push(&mut self, conns: &mut Slab<Conn>, key: ConnKey, frame: Bytes) {
-        if let Some(conn) = conns
-            .get_mut(key.index as usize)
-            .filter(|c| c.generation == key.generation)
-        {
+        if let Some(conn) = conns.get_mut(key.index as usize).filter(|c| c.generation == key.generation) {
             self.offer(key, conn, frame);
         }
     }

@@ -116,12 +116,7 @@ pub fn parse_frame(buf: &mut [u8], max_payload: usize) -> Result<Option<Frame>, 
         return Ok(None);
     }
     unmask(&mut buf[header_len..end], mask);
-    Ok(Some(Frame {
-        kind,
-        fin: header.is_final,
-        payload: header_len..end,
-        len: end,
-    }))
+    Ok(Some(Frame { kind, fin: header.is_final, payload: header_len..end, len: end }))
 }
 
 fn frame_kind(header: &FrameHeader, length: u64) -> Result<FrameKind, FrameError> {
@@ -139,18 +134,14 @@ fn frame_kind(header: &FrameHeader, length: u64) -> Result<FrameKind, FrameError
     };
     let control = matches!(kind, FrameKind::Ping | FrameKind::Pong | FrameKind::Close);
     if control && (!header.is_final || length > 125) {
-        return Err(FrameError::Protocol(
-            "fragmented or oversized control frame",
-        ));
+        return Err(FrameError::Protocol("fragmented or oversized control frame"));
     }
     Ok(kind)
 }
 
 /// XORs `buf` with the 4-byte mask, eight bytes at a time.
 pub fn unmask(buf: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let word = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8])) ^ wide;
@@ -181,16 +172,9 @@ pub enum Assembled {
 
 impl Reassembly {
     /// Feeds one data frame (text, binary or continuation).
-    pub fn push(
-        &mut self,
-        frame: &Frame,
-        payload: &[u8],
-        max: usize,
-    ) -> Result<Assembled, FrameError> {
+    pub fn push(&mut self, frame: &Frame, payload: &[u8], max: usize) -> Result<Assembled, FrameError> {
         match (frame.kind, self.partial.as_mut()) {
-            (FrameKind::Continuation, None) => {
-                Err(FrameError::Protocol("continuation without message"))
-            }
+            (FrameKind::Continuation, None) => Err(FrameError::Protocol("continuation without message")),
             (FrameKind::Continuation, Some((_, bytes))) => {
                 if bytes.len() + payload.len() > max {
                     return Err(FrameError::TooBig);
@@ -202,9 +186,7 @@ impl Reassembly {
                 let (kind, bytes) = self.partial.take().unwrap_or((FrameKind::Text, Vec::new()));
                 Ok(Assembled::Buffered(kind, bytes))
             }
-            (_, Some(_)) => Err(FrameError::Protocol(
-                "new message before the last one ended",
-            )),
+            (_, Some(_)) => Err(FrameError::Protocol("new message before the last one ended")),
             (kind, None) if frame.fin => Ok(Assembled::InPlace(kind)),
             (kind, None) => {
                 self.partial = Some((kind, payload.to_vec()));
@@ -304,10 +286,7 @@ fn header_bytes(kind: OutKind, len: usize) -> Vec<u8> {
         OutKind::Ping => OpCode::Control(Control::Ping),
         OutKind::Pong => OpCode::Control(Control::Pong),
     };
-    let header = FrameHeader {
-        opcode,
-        ..FrameHeader::default()
-    };
+    let header = FrameHeader { opcode, ..FrameHeader::default() };
     let mut out = Vec::with_capacity(MAX_HEADER);
     // Writing into a Vec cannot fail.
     let _ = header.format(len as u64, &mut out);
@@ -344,10 +323,7 @@ mod tests {
         let frame = parse_frame(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(frame.kind, FrameKind::Text);
         assert!(frame.fin);
-        assert_eq!(
-            &buf[frame.payload.clone()],
-            b"hello world, longer than eight"
-        );
+        assert_eq!(&buf[frame.payload.clone()], b"hello world, longer than eight");
         assert_eq!(frame.len, buf.len());
     }
 
@@ -363,30 +339,15 @@ mod tests {
     #[test]
     fn rejects_hostile_frames() {
         let mut unmasked = vec![0x81, 0x02, b'h', b'i'];
-        assert!(matches!(
-            parse_frame(&mut unmasked, 1024),
-            Err(FrameError::Protocol(_))
-        ));
+        assert!(matches!(parse_frame(&mut unmasked, 1024), Err(FrameError::Protocol(_))));
         let mut rsv = client_frame(0xC1, b"x", [1, 1, 1, 1]);
-        assert!(matches!(
-            parse_frame(&mut rsv, 1024),
-            Err(FrameError::Protocol(_))
-        ));
+        assert!(matches!(parse_frame(&mut rsv, 1024), Err(FrameError::Protocol(_))));
         let mut reserved_op = client_frame(0x83, b"x", [1, 1, 1, 1]);
-        assert!(matches!(
-            parse_frame(&mut reserved_op, 1024),
-            Err(FrameError::Protocol(_))
-        ));
+        assert!(matches!(parse_frame(&mut reserved_op, 1024), Err(FrameError::Protocol(_))));
         let mut frag_ping = client_frame(0x09, b"x", [1, 1, 1, 1]);
-        assert!(matches!(
-            parse_frame(&mut frag_ping, 1024),
-            Err(FrameError::Protocol(_))
-        ));
+        assert!(matches!(parse_frame(&mut frag_ping, 1024), Err(FrameError::Protocol(_))));
         let mut big_ping = client_frame(0x89, &[0; 126], [1, 1, 1, 1]);
-        assert!(matches!(
-            parse_frame(&mut big_ping, 1024),
-            Err(FrameError::Protocol(_))
-        ));
+        assert!(matches!(parse_frame(&mut big_ping, 1024), Err(FrameError::Protocol(_))));
     }
 
     #[test]
@@ -401,36 +362,19 @@ mod tests {
     #[test]
     fn reassembles_fragments_and_enforces_order_and_size() {
         let mut r = Reassembly::default();
-        let f = |kind, fin| Frame {
-            kind,
-            fin,
-            payload: 0..0,
-            len: 0,
-        };
-        assert_eq!(
-            r.push(&f(FrameKind::Text, false), b"ab", 10),
-            Ok(Assembled::Pending)
-        );
+        let f = |kind, fin| Frame { kind, fin, payload: 0..0, len: 0 };
+        assert_eq!(r.push(&f(FrameKind::Text, false), b"ab", 10), Ok(Assembled::Pending));
         assert!(r.push(&f(FrameKind::Text, true), b"x", 10).is_err());
-        assert_eq!(
-            r.push(&f(FrameKind::Continuation, false), b"cd", 10),
-            Ok(Assembled::Pending)
-        );
+        assert_eq!(r.push(&f(FrameKind::Continuation, false), b"cd", 10), Ok(Assembled::Pending));
         assert_eq!(
             r.push(&f(FrameKind::Continuation, true), b"e", 10),
             Ok(Assembled::Buffered(FrameKind::Text, b"abcde".to_vec()))
         );
         assert_eq!(r.held(), 0);
         assert!(r.push(&f(FrameKind::Continuation, true), b"e", 10).is_err());
-        assert_eq!(
-            r.push(&f(FrameKind::Text, true), b"z", 10),
-            Ok(Assembled::InPlace(FrameKind::Text))
-        );
+        assert_eq!(r.push(&f(FrameKind::Text, true), b"z", 10), Ok(Assembled::InPlace(FrameKind::Text)));
         r.push(&f(FrameKind::Binary, false), b"123456", 10).unwrap();
-        assert_eq!(
-            r.push(&f(FrameKind::Continuation, true), b"7890x", 10),
-            Err(FrameError::TooBig)
-        );
+        assert_eq!(r.push(&f(FrameKind::Continuation, true), b"7890x", 10), Err(FrameError::TooBig));
     }
 
     #[test]

@@ -2,6 +2,4 @@
 
 pub mod frame;
 
-pub use frame::{
-    Assembled, Frame, FrameEncoder, FrameError, FrameKind, OutKind, Reassembly, close,
-};
+pub use frame::{Assembled, Frame, FrameEncoder, FrameError, FrameKind, OutKind, Reassembly, close};

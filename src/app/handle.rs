@@ -1,0 +1,267 @@
+//! The application's handle: every server-initiated operation, callable from any thread.
+//!
+//! An operation becomes one or more [`ShardMsg`]s to the shards that own the answer (a user's
+//! home shard, the shard of the connection asked to acknowledge, every shard for a broadcast).
+//! Results come back on a channel as [`Outcome`]s: [`Waiter`] blocks on it, while an event loop
+//! (the HTTP API) uses [`Handle::submit`] with its own channel, tag and waker, so thousands of
+//! waits cost no thread each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
+use crate::core::Directory;
+use crate::core::pending::WaitKind;
+use crate::shard::Shared;
+use crate::shard::msg::ShardMsg;
+
+/// An operation for [`Handle::submit`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Op<'a> {
+    /// Queue `msg` on every connection of each user; one `Delivered(n)` per user.
+    Send {
+        /// Receiving users.
+        users: &'a [i64],
+        /// The message.
+        msg: &'a OutMessage,
+    },
+    /// Every connection of every user not in `exclude`; one `Delivered(n)` per shard.
+    Broadcast {
+        /// The message.
+        msg: &'a OutMessage,
+        /// Users to skip.
+        exclude: &'a [i64],
+    },
+    /// Send to the user's newest connection and wait for its `client_ack`: `Ack` or `Failed`.
+    Ack {
+        /// Receiving user.
+        user: i64,
+        /// The message (the tier adds the pid).
+        msg: &'a OutMessage,
+        /// Wait bound; `ack_timeout` when `None`.
+        timeout: Option<Duration>,
+    },
+    /// Send to the user's newest connection and wait for its message with the same pid:
+    /// `Reply` or `Failed`.
+    Request {
+        /// Receiving user.
+        user: i64,
+        /// The message (the tier adds the pid).
+        msg: &'a OutMessage,
+        /// Wait bound; `request_timeout` when `None`.
+        timeout: Option<Duration>,
+    },
+    /// The user's connections: `User(list)`.
+    Query {
+        /// The user.
+        user: i64,
+    },
+    /// Close every connection of the user with 1000: `Delivered(n)`.
+    Disconnect {
+        /// The user.
+        user: i64,
+    },
+}
+
+/// Issues server-initiated operations. Cheap to clone; usable from any thread.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Handle { shared }
+    }
+
+    /// Starts `op`; its outcomes arrive through `done` (cloned per part). Returns how many
+    /// outcomes will arrive.
+    pub fn submit(&self, op: Op<'_>, done: &Completion) -> usize {
+        match op {
+            Op::Send { users, msg } => {
+                let frame = msg.frame(None);
+                for &user in users {
+                    let send = ShardMsg::SendUser { user, frame: frame.clone(), done: Some(done.clone()) };
+                    self.to_home(user, send);
+                }
+                users.len()
+            }
+            Op::Broadcast { msg, exclude } => {
+                let frame = msg.frame(None);
+                let mut sorted = exclude.to_vec();
+                sorted.sort_unstable();
+                let exclude: Arc<[i64]> = sorted.into();
+                for link in &self.shared.links {
+                    let exclude = Arc::clone(&exclude);
+                    link.send_now(ShardMsg::BroadcastExcept {
+                        frame: frame.clone(),
+                        exclude,
+                        done: Some(done.clone()),
+                    });
+                }
+                self.shared.links.len()
+            }
+            Op::Ack { user, msg, timeout } => self.await_reply(
+                user,
+                msg,
+                WaitKind::Ack,
+                timeout.unwrap_or(self.shared.config.ack_timeout),
+                done,
+            ),
+            Op::Request { user, msg, timeout } => {
+                let timeout = timeout.unwrap_or(self.shared.config.request_timeout);
+                self.await_reply(user, msg, WaitKind::Request, timeout, done)
+            }
+            Op::Query { user } => {
+                self.to_home(user, ShardMsg::QueryUser { user, done: done.clone() });
+                1
+            }
+            Op::Disconnect { user } => {
+                self.to_home(user, ShardMsg::DisconnectUser { user, done: Some(done.clone()) });
+                1
+            }
+        }
+    }
+
+    fn await_reply(
+        &self,
+        user: i64,
+        msg: &OutMessage,
+        kind: WaitKind,
+        timeout: Duration,
+        done: &Completion,
+    ) -> usize {
+        let msg = Arc::new(msg.clone());
+        let timeout_ms = timeout.as_millis().min(u128::from(u64::MAX / 2)) as u64;
+        self.to_home(user, ShardMsg::Await { user, msg, kind, timeout_ms, done: done.clone() });
+        1
+    }
+
+    fn to_home(&self, user: i64, msg: ShardMsg) {
+        let home = Directory::home_of(user, self.shared.links.len());
+        self.shared.links[home].send_now(msg);
+    }
+
+    fn start<T>(&self, op: Op<'_>, finish: fn(Vec<Outcome>) -> Result<T, WaitError>) -> Waiter<T> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let parts = self.submit(op, &Completion::new(tx, 0, None));
+        Waiter { rx, parts, finish }
+    }
+
+    /// Queues `msg` on every connection of `user`; yields the number of connections.
+    pub fn send_to_user(&self, user: i64, msg: &OutMessage) -> Waiter<usize> {
+        self.start(Op::Send { users: &[user], msg }, sum_delivered)
+    }
+
+    /// Queues `msg` on every connection of each user; yields the number of connections.
+    pub fn send_to_users(&self, users: &[i64], msg: &OutMessage) -> Waiter<usize> {
+        self.start(Op::Send { users, msg }, sum_delivered)
+    }
+
+    /// Queues `msg` on every connection except those of `exclude`; yields the count.
+    pub fn broadcast(&self, msg: &OutMessage, exclude: &[i64]) -> Waiter<usize> {
+        self.start(Op::Broadcast { msg, exclude }, sum_delivered)
+    }
+
+    /// Sends `msg` with a server pid to the user's newest connection and waits for the
+    /// client's `client_ack` (`timeout` or `ack_timeout`).
+    pub fn send_for_ack(&self, user: i64, msg: &OutMessage, timeout: Option<Duration>) -> Waiter<AckReply> {
+        self.start(Op::Ack { user, msg, timeout }, |outcomes| match outcomes.into_iter().next() {
+            Some(Outcome::Ack(reply)) => Ok(reply),
+            other => Err(failure(other)),
+        })
+    }
+
+    /// Sends `msg` with a server pid to the user's newest connection and waits for the
+    /// client's next message carrying that pid (`timeout` or `request_timeout`).
+    pub fn request(&self, user: i64, msg: &OutMessage, timeout: Option<Duration>) -> Waiter<ClientReply> {
+        self.start(Op::Request { user, msg, timeout }, |outcomes| match outcomes.into_iter().next() {
+            Some(Outcome::Reply(reply)) => Ok(reply),
+            other => Err(failure(other)),
+        })
+    }
+
+    /// The user's connections (empty when offline).
+    pub fn user_connections(&self, user: i64) -> Waiter<Vec<ConnInfo>> {
+        self.start(Op::Query { user }, |outcomes| match outcomes.into_iter().next() {
+            Some(Outcome::User(list)) => Ok(list),
+            other => Err(failure(other)),
+        })
+    }
+
+    /// Whether the user has any connection.
+    pub fn is_online(&self, user: i64) -> Waiter<bool> {
+        self.start(Op::Query { user }, |outcomes| match outcomes.into_iter().next() {
+            Some(Outcome::User(list)) => Ok(!list.is_empty()),
+            other => Err(failure(other)),
+        })
+    }
+
+    /// Closes every connection of the user with 1000; yields how many.
+    pub fn disconnect_user(&self, user: i64) -> Waiter<usize> {
+        self.start(Op::Disconnect { user }, sum_delivered)
+    }
+
+    /// Begins graceful shutdown (close 1001 everywhere, pending waits fail `ShuttingDown`).
+    pub fn shutdown(&self) {
+        for link in &self.shared.links {
+            link.send_now(ShardMsg::Shutdown);
+        }
+    }
+}
+
+fn sum_delivered(outcomes: Vec<Outcome>) -> Result<usize, WaitError> {
+    outcomes.into_iter().try_fold(0, |sum, outcome| match outcome {
+        Outcome::Delivered(n) => Ok(sum + n),
+        other => Err(failure(Some(other))),
+    })
+}
+
+fn failure(outcome: Option<Outcome>) -> WaitError {
+    match outcome {
+        Some(Outcome::Failed(e)) => e,
+        _ => WaitError::ShuttingDown,
+    }
+}
+
+/// The pending result of an operation started through [`Handle`].
+#[derive(Debug)]
+#[must_use = "a Waiter does nothing unless waited on; dropping it is fine for fire-and-forget"]
+pub struct Waiter<T> {
+    rx: Receiver<(u64, Outcome)>,
+    parts: usize,
+    finish: fn(Vec<Outcome>) -> Result<T, WaitError>,
+}
+
+impl<T> Waiter<T> {
+    /// Blocks until the result is known. Waits on clients are bounded by their timeout, so
+    /// this returns; if the server stops first, the result is `ShuttingDown`.
+    pub fn wait(self) -> Result<T, WaitError> {
+        self.collect(|rx| rx.recv().map_err(|_| WaitError::ShuttingDown))
+    }
+
+    /// Like [`Waiter::wait`], giving up with `TimedOut` after `limit`.
+    pub fn wait_timeout(self, limit: Duration) -> Result<T, WaitError> {
+        let deadline = std::time::Instant::now() + limit;
+        self.collect(|rx| {
+            rx.recv_deadline(deadline).map_err(|e| match e {
+                RecvTimeoutError::Timeout => WaitError::TimedOut,
+                RecvTimeoutError::Disconnected => WaitError::ShuttingDown,
+            })
+        })
+    }
+
+    fn collect(
+        self,
+        mut next: impl FnMut(&Receiver<(u64, Outcome)>) -> Result<(u64, Outcome), WaitError>,
+    ) -> Result<T, WaitError> {
+        let mut outcomes = Vec::with_capacity(self.parts);
+        for _ in 0..self.parts {
+            outcomes.push(next(&self.rx)?.1);
+        }
+        (self.finish)(outcomes)
+    }
+}

@@ -1,0 +1,8 @@
+//! The application side: server-initiated operations and the handle that issues them from any
+//! thread.
+
+pub mod handle;
+pub mod ops;
+
+pub use handle::{Handle, Waiter};
+pub use ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};

@@ -1,0 +1,137 @@
+//! The vocabulary of server-initiated operations: what is sent, what comes back, and how a
+//! result reaches whoever waits for it (a blocking caller, or the HTTP API's event loop).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use mio::Waker;
+use serde_json::value::RawValue;
+
+use crate::protocol::Envelope;
+
+/// A message the server pushes to clients: `{"pid"?, "type", "fromUserId"?, "payload"?}`.
+/// The pid is added by the tier for acknowledged sends and requests.
+#[derive(Debug, Clone)]
+pub struct OutMessage {
+    /// `type`.
+    pub kind: String,
+    /// `payload`, raw JSON.
+    pub payload: Option<Box<RawValue>>,
+    /// `fromUserId`.
+    pub from_user_id: Option<i64>,
+}
+
+impl OutMessage {
+    /// A message of `kind` with a raw JSON payload. Fails if `payload` is not valid JSON.
+    pub fn new(kind: impl Into<String>, payload: &str) -> Result<Self, serde_json::Error> {
+        let payload = RawValue::from_string(payload.to_string())?;
+        Ok(OutMessage { kind: kind.into(), payload: Some(payload), from_user_id: None })
+    }
+
+    /// A message of `kind` with a serializable payload.
+    pub fn json(kind: impl Into<String>, payload: &impl serde::Serialize) -> Result<Self, serde_json::Error> {
+        let payload = serde_json::value::to_raw_value(payload)?;
+        Ok(OutMessage { kind: kind.into(), payload: Some(payload), from_user_id: None })
+    }
+
+    /// The frame for this message, with `pid` when given.
+    pub fn frame(&self, pid: Option<&str>) -> Bytes {
+        let mut envelope =
+            Envelope::new(&self.kind).pid(pid).raw_payload(self.payload.as_ref().map(|p| p.get().as_bytes()));
+        if let Some(from) = self.from_user_id {
+            envelope = envelope.from_user(from);
+        }
+        envelope.frame()
+    }
+}
+
+/// A client's answer to a send-for-ack: the `client_ack` payload's `status` and `error`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckReply {
+    /// `status`, if the client gave one.
+    pub status: Option<String>,
+    /// `error`, if the client reported one (any JSON).
+    pub error: Option<serde_json::Value>,
+}
+
+/// A client's reply to a request: its whole message, as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientReply {
+    /// The client message's JSON text.
+    pub raw: String,
+}
+
+impl ClientReply {
+    /// The message parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.raw).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One connection of a user, as reported by [`Outcome::User`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Owning shard.
+    pub shard: usize,
+    /// Global open order (higher is newer).
+    pub seq: u64,
+}
+
+/// Why a wait ended without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// No answer within the timeout.
+    #[error("timed out waiting for the client")]
+    TimedOut,
+    /// The user has no connection.
+    #[error("user is not connected")]
+    Offline,
+    /// The connection closed before answering.
+    #[error("connection closed before the client answered")]
+    Closed,
+    /// The server is shutting down.
+    #[error("server shutting down")]
+    ShuttingDown,
+}
+
+/// What an operation produced.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Connections the message was queued on.
+    Delivered(usize),
+    /// The client acknowledged.
+    Ack(AckReply),
+    /// The client replied.
+    Reply(ClientReply),
+    /// A user's connections (empty: offline).
+    User(Vec<ConnInfo>),
+    /// No answer.
+    Failed(WaitError),
+}
+
+/// Where an outcome goes: a channel, a tag to tell operations apart, and an optional waker for
+/// an event loop that receives on that channel.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    tx: Sender<(u64, Outcome)>,
+    tag: u64,
+    waker: Option<Arc<Waker>>,
+}
+
+impl Completion {
+    /// A completion sending `(tag, outcome)` on `tx`, waking `waker` if given.
+    pub fn new(tx: Sender<(u64, Outcome)>, tag: u64, waker: Option<Arc<Waker>>) -> Self {
+        Completion { tx, tag, waker }
+    }
+
+    /// Delivers the outcome. A receiver that went away is not an error: nobody waits any more.
+    pub fn complete(self, outcome: Outcome) {
+        if self.tx.send((self.tag, outcome)).is_ok()
+            && let Some(waker) = &self.waker
+        {
+            let _ = waker.wake();
+        }
+    }
+}
