@@ -17,5 +17,7 @@ pub mod server;
 pub mod shard;
 pub mod ws;
 
+pub use app::application::{Application, Handled};
+pub use app::{Handle, OutMessage};
 pub use config::Config;
-pub use server::{ServerHandle, StartError, start};
+pub use server::{ServerHandle, StartError, start, start_with};

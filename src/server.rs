@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::app::application::{App, BuiltIn};
 use crate::config::Config;
 use crate::core::directory::MAX_SHARDS;
 use crate::http::Gate;
@@ -54,13 +55,25 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Starts a server: binds every shard's `SO_REUSEPORT` listener, then runs the shards.
+/// Starts a server with the built-in behaviour only (JWT authentication, echo for
+/// `generic_request`).
 pub fn start(config: Config) -> Result<ServerHandle, StartError> {
+    start_with(config, Arc::new(BuiltIn))
+}
+
+/// Starts a server with the application's callbacks: binds every shard's `SO_REUSEPORT`
+/// listener, then runs the shards.
+pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> {
     let shards = config.effective_shards();
     if shards == 0 || shards > MAX_SHARDS {
         return Err(StartError::TooManyShards(shards));
     }
-    let auth = Authenticator::from_config(&config)?;
+    let auth = match Authenticator::from_config(&config) {
+        Ok(auth) => Some(auth),
+        // No secret: only an application's own authentication can admit anyone.
+        Err(AuthConfigError::MissingSecret) => None,
+        Err(e) => return Err(e.into()),
+    };
     let listeners = bind_all(config.listen, shards)?;
     let local_addr =
         listeners[0].local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -77,6 +90,7 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
         metrics: Metrics::new(shards),
         started: Instant::now(),
         next_seq: AtomicU64::new(1),
+        app,
         config,
     });
     let mut threads = Vec::with_capacity(shards);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use super::application::ConnId;
 use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
 use crate::core::Directory;
 use crate::core::pending::WaitKind;
@@ -203,6 +204,20 @@ impl Handle {
     /// Closes every connection of the user with 1000; yields how many.
     pub fn disconnect_user(&self, user: i64) -> Waiter<usize> {
         self.start(Op::Disconnect { user }, sum_delivered)
+    }
+
+    /// Queues `msg` on one connection (e.g. a worker answering the connection whose callback
+    /// started it). Fire-and-forget: a connection gone meanwhile drops it.
+    pub fn send_to_conn(&self, conn: ConnId, msg: &OutMessage) {
+        self.send_frame_to_conn(conn, msg.frame(None));
+    }
+
+    /// Queues an already-encoded frame on one connection.
+    pub fn send_frame_to_conn(&self, conn: ConnId, frame: bytes::Bytes) {
+        let addr = conn.0;
+        if let Some(link) = self.shared.links.get(addr.shard) {
+            link.send_now(ShardMsg::DeliverConn { key: addr.key, frame });
+        }
     }
 
     /// Begins graceful shutdown (close 1001 everywhere, pending waits fail `ShuttingDown`).

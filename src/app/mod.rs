@@ -1,6 +1,7 @@
 //! The application side: server-initiated operations and the handle that issues them from any
 //! thread.
 
+pub mod application;
 pub mod handle;
 pub mod ops;
 

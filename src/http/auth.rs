@@ -41,6 +41,9 @@ pub enum AuthError {
     /// The claims name no usable user id.
     #[error("token has no numeric user_id or decimal sub claim")]
     NoUserId,
+    /// No JWT key is configured, so no token can be verified.
+    #[error("no JWT key configured")]
+    Unconfigured,
 }
 
 /// Bad authentication configuration, reported at start-up.

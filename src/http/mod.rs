@@ -5,7 +5,7 @@ pub mod auth;
 pub mod request;
 pub mod response;
 
-use auth::{Authenticator, Identity, TokenSource, find_token};
+use auth::{AuthError, Authenticator, Identity, TokenSource, find_token};
 use request::Request;
 
 use crate::config::Config;
@@ -13,10 +13,10 @@ use crate::config::Config;
 /// What to do with a complete request head.
 #[derive(Debug)]
 pub enum Decision {
-    /// Upgrade to a WebSocket for this user.
+    /// An acceptable upgrade; the application decides on `jwt`.
     Upgrade {
-        /// The authenticated user.
-        identity: Identity,
+        /// The result of the JWT check.
+        jwt: Result<Identity, AuthError>,
         /// Subprotocol to select in the 101 (`bearer` when the token came that way).
         subprotocol: Option<&'static str>,
     },
@@ -38,12 +38,13 @@ pub enum Decision {
 pub struct Gate {
     ws_path: String,
     allowed_origins: Vec<String>,
-    auth: Authenticator,
+    auth: Option<Authenticator>,
 }
 
 impl Gate {
-    /// Builds the gate from configuration.
-    pub fn new(config: &Config, auth: Authenticator) -> Self {
+    /// Builds the gate from configuration; without an authenticator every JWT check fails
+    /// with [`AuthError::Unconfigured`] and only an application's own scheme can admit.
+    pub fn new(config: &Config, auth: Option<Authenticator>) -> Self {
         let allowed_origins =
             config.allowed_origins.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect();
         Gate { ws_path: config.ws_path.clone(), allowed_origins, auth }
@@ -72,15 +73,13 @@ impl Gate {
             return refuse(403, format!("origin {} not allowed", req.origin.as_deref().unwrap_or("")));
         }
         let Some((token, source)) = find_token(req) else {
-            return refuse(401, auth::AuthError::Missing.to_string());
+            return Decision::Upgrade { jwt: Err(AuthError::Missing), subprotocol: None };
         };
-        match self.auth.verify(&token) {
-            Ok(identity) => Decision::Upgrade {
-                identity,
-                subprotocol: (source == TokenSource::Subprotocol).then_some("bearer"),
-            },
-            Err(e) => refuse(401, e.to_string()),
-        }
+        let jwt = match &self.auth {
+            Some(auth) => auth.verify(&token),
+            None => Err(AuthError::Unconfigured),
+        };
+        Decision::Upgrade { jwt, subprotocol: (source == TokenSource::Subprotocol).then_some("bearer") }
     }
 
     /// `allowed_origins`: `*` allows any; an empty list allows only the request's own host;
@@ -113,7 +112,7 @@ mod tests {
             allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
             ..Config::default()
         };
-        Gate::new(&config, Authenticator::from_config(&config).unwrap())
+        Gate::new(&config, Some(Authenticator::from_config(&config).unwrap()))
     }
 
     fn req(origin: Option<&str>) -> Request {

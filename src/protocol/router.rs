@@ -50,6 +50,8 @@ pub enum Route<'a> {
     Heartbeat,
     /// Seed 004 `DISCONNECT`: close 1000.
     Disconnect,
+    /// Not a built-in type: the application's, or `error_notification` 400 without one.
+    Unhandled,
     /// Refused: answer `error_notification` with this code and message.
     Reject {
         /// HTTP-like status code.
@@ -79,7 +81,7 @@ pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
         },
         "HEARTBEAT" => Route::Heartbeat,
         "DISCONNECT" => Route::Disconnect,
-        other => reject_owned(400, format!("unknown message type {other:?}")),
+        _ => Route::Unhandled,
     }
 }
 
@@ -162,8 +164,8 @@ mod tests {
     }
 
     #[test]
-    fn unknown_type_is_rejected_with_400() {
-        assert!(decide(r#"{"type":"nope"}"#, true).starts_with("Reject { code: 400"));
+    fn unknown_type_goes_to_the_application() {
+        assert_eq!(decide(r#"{"type":"nope"}"#, true), "Unhandled");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub enum Phase {
 }
 
 /// The authenticated user of an open connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Session {
     /// User id.
     pub user: i64,
@@ -38,8 +38,10 @@ pub struct Session {
     pub roles: Roles,
     /// Global open order (for `connections_per_user`).
     pub seq: u64,
-    /// The token's claim set, the application's user data.
+    /// The token's claim set.
     pub claims: Box<str>,
+    /// The application's data for this connection.
+    pub user_data: Option<crate::app::application::UserData>,
 }
 
 /// Why a frame was not queued.

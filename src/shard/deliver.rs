@@ -7,11 +7,13 @@ use super::Shard;
 use super::conn::Phase;
 use super::handshake::rfc3339;
 use super::msg::ShardMsg;
+use crate::app::application::Handled;
 use crate::config::PresenceScope;
 use crate::core::directory::{ConnAddr, ShardId};
 use crate::core::presence::{Presence, WatchAdmission};
 use crate::core::{ConnKey, Directory};
 use crate::metrics::ShardMetrics;
+use crate::protocol::ClientMessage;
 use crate::protocol::envelope::{
     Envelope, data_event, error_notification, presence_event, server_ack, write_str,
 };
@@ -20,7 +22,15 @@ use crate::ws::close;
 
 impl Shard {
     /// Carries out what the router decided for a message of `user` on `key`.
-    pub(super) fn execute(&mut self, key: ConnKey, user: i64, pid: Option<&str>, decision: Route<'_>) {
+    pub(super) fn execute(
+        &mut self,
+        key: ConnKey,
+        user: i64,
+        msg: &ClientMessage<'_>,
+        text: &[u8],
+        decision: Route<'_>,
+    ) {
+        let pid = msg.pid.as_deref();
         match decision {
             Route::P2p { target, payload } => {
                 let delivered = self.deliver_to_users(&[target], data_event(user, payload));
@@ -38,8 +48,17 @@ impl Shard {
                 self.ack(key, pid, "broadcast");
             }
             Route::GenericEcho { payload } => {
-                let frame = Envelope::new("generic_response").pid(pid).raw_payload(payload).frame();
-                self.reply(key, frame);
+                if !self.offer_to_app(key, msg, text) {
+                    let frame = Envelope::new("generic_response").pid(pid).raw_payload(payload).frame();
+                    self.reply(key, frame);
+                }
+            }
+            Route::Unhandled => {
+                if !self.offer_to_app(key, msg, text) {
+                    ShardMetrics::inc(&self.metrics().errors);
+                    let message = format!("unknown message type {:?}", msg.kind);
+                    self.reply(key, error_notification(pid, 400, &message));
+                }
             }
             Route::Presence(update) => {
                 let presence = Presence {
@@ -74,6 +93,11 @@ impl Shard {
                 self.reply(key, error_notification(pid, code, &message));
             }
         }
+    }
+
+    /// Gives the message to the application; true when it handled it.
+    fn offer_to_app(&mut self, key: ConnKey, msg: &ClientMessage<'_>, text: &[u8]) -> bool {
+        self.call_app(key, |app, conn| app.on_message(conn, msg, text)) == Some(Handled::Yes)
     }
 
     fn reply(&mut self, key: ConnKey, frame: Bytes) {

@@ -5,9 +5,11 @@ use bytes::Bytes;
 use super::Shard;
 use super::conn::{Phase, Session};
 use super::msg::ShardMsg;
+use crate::app::application::{Admission, Rejection};
 use crate::core::{ConnKey, Directory};
 use crate::http::Decision;
-use crate::http::auth::Identity;
+use crate::http::auth::{AuthError, Identity};
+use crate::http::request::Request;
 use crate::http::request::{Parsed, parse};
 use crate::http::response::{json_error, response, switching_protocols};
 use crate::metrics::ShardMetrics;
@@ -26,9 +28,12 @@ impl Shard {
                 let rest = conn.inbuf.split_off(len);
                 conn.inbuf = rest;
                 match self.shared.gate.decide(&request) {
-                    Decision::Upgrade { identity, subprotocol } => {
-                        self.upgrade(key, identity, subprotocol, request.ws_key.as_deref().unwrap_or(""))
-                    }
+                    Decision::Upgrade { jwt, subprotocol } => match self.call_authenticate(&request, jwt) {
+                        Ok(admission) => {
+                            self.upgrade(key, admission, subprotocol, request.ws_key.as_deref().unwrap_or(""))
+                        }
+                        Err(rejection) => self.refuse(key, rejection.status, &rejection.message),
+                    },
                     Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
                     Decision::Metrics => {
                         let text = self.shared.metrics.render();
@@ -79,7 +84,28 @@ impl Shard {
         self.schedule_before(key, deadline);
     }
 
-    fn upgrade(&mut self, key: ConnKey, identity: Identity, subprotocol: Option<&'static str>, ws_key: &str) {
+    /// The application's authentication, shielded from its panics.
+    fn call_authenticate(
+        &self,
+        request: &Request,
+        jwt: Result<Identity, AuthError>,
+    ) -> Result<Admission, Rejection> {
+        let app = &self.shared.app;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| app.authenticate(request, jwt)))
+            .unwrap_or_else(|_| {
+                log::error!("application authenticate() panicked");
+                Err(Rejection { status: 500, message: "authentication failed".into() })
+            })
+    }
+
+    fn upgrade(
+        &mut self,
+        key: ConnKey,
+        admission: Admission,
+        subprotocol: Option<&'static str>,
+        ws_key: &str,
+    ) {
+        let Admission { identity, user_data } = admission;
         let limit = self.limits.max_connections;
         if limit > 0 && self.shared.metrics.sum(|s| &s.connections_current) as usize >= limit {
             self.refuse(key, 503, "server at max_connections");
@@ -98,7 +124,8 @@ impl Shard {
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.next_ping = now + limits.ping_period_ms;
         let peer = conn.peer;
-        conn.session = Some(Box::new(Session { user, roles: identity.roles, seq, claims: identity.claims }));
+        conn.session =
+            Some(Box::new(Session { user, roles: identity.roles, seq, claims: identity.claims, user_data }));
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.connections_total);
@@ -112,6 +139,7 @@ impl Shard {
         let home = Directory::home_of(user, self.shards());
         let addr = self.addr(key);
         self.send_to(home, ShardMsg::HomeOpened { user, seq, addr });
+        self.call_app(key, |app, conn| app.on_connect(conn));
         if !pending.is_empty() {
             self.resume_frames(key, pending);
         }

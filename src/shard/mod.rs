@@ -3,6 +3,7 @@
 //! inbox from the other shards. The loop is a thin driver over the sans-IO pieces in `ws`,
 //! `http`, `protocol` and `core`. See `LIFECYCLE.md` for the connection state machine.
 
+mod callbacks;
 pub mod conn;
 mod deliver;
 mod handshake;
@@ -85,7 +86,6 @@ impl Link {
 }
 
 /// What every shard shares, read-only (atomics aside).
-#[derive(Debug)]
 pub struct Shared {
     /// The configuration.
     pub config: Config,
@@ -99,6 +99,17 @@ pub struct Shared {
     pub started: Instant,
     /// Global connection open order.
     pub next_seq: std::sync::atomic::AtomicU64,
+    /// The application's callbacks.
+    pub app: crate::app::application::App,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("shards", &self.links.len())
+            .field("listen", &self.config.listen)
+            .finish()
+    }
 }
 
 /// Timeouts and bounds in the shard's units (milliseconds).
@@ -176,6 +187,10 @@ pub struct Shard {
     epoch: Instant,
     now: u64,
     shutdown_deadline: Option<u64>,
+    /// For callbacks: a handle to the whole server.
+    handle: crate::app::Handle,
+    /// Frames a callback queued, reused between calls.
+    app_out: Vec<bytes::Bytes>,
 }
 
 impl Shard {
@@ -206,6 +221,8 @@ impl Shard {
             epoch: Instant::now(),
             now: 0,
             shutdown_deadline: None,
+            handle: crate::app::Handle::new(Arc::clone(&shared)),
+            app_out: Vec::new(),
             shared,
         }
     }
@@ -493,6 +510,7 @@ impl Shard {
             return;
         };
         ShardMetrics::dec(&self.metrics().connections_current);
+        self.notify_disconnect(session.user, key, reason);
         log::info!("disconnect user={} peer={} shard={} reason={reason}", session.user, conn_peer, self.id);
         if self.directory.remove_local(session.user, key) {
             self.announce_replica(session.user, false);

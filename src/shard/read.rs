@@ -197,7 +197,7 @@ impl Shard {
                     return;
                 }
                 let decision = route(&msg, caps);
-                self.execute(key, user, msg.pid.as_deref(), decision);
+                self.execute(key, user, &msg, text, decision);
             }
             Err(e) => {
                 ShardMetrics::inc(&self.metrics().errors);

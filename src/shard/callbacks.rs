@@ -1,0 +1,61 @@
+//! Calling the application's callbacks from the shard: frames they queue are pushed to the
+//! connection afterwards, and a panic closes that connection (1011) instead of the shard.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use super::Shard;
+use crate::app::application::{Application, Conn, ConnId, Disconnect};
+use crate::core::ConnKey;
+use crate::ws::close;
+
+impl Shard {
+    /// Runs `f` with the connection `key` as the application sees it; `None` when the
+    /// connection has no session or the callback panicked.
+    pub(super) fn call_app<R>(
+        &mut self,
+        key: ConnKey,
+        f: impl FnOnce(&dyn Application, &mut Conn<'_>) -> R,
+    ) -> Option<R> {
+        let id = ConnId(self.addr(key));
+        let mut out = std::mem::take(&mut self.app_out);
+        let result = {
+            let session = self
+                .conns
+                .get(key.index as usize)
+                .filter(|c| c.generation == key.generation)?
+                .session
+                .as_deref()?;
+            let mut conn = Conn {
+                id,
+                user: session.user,
+                claims: &session.claims,
+                user_data: session.user_data.as_deref(),
+                handle: &self.handle,
+                out: &mut out,
+            };
+            let app = &*self.shared.app;
+            catch_unwind(AssertUnwindSafe(|| f(app, &mut conn)))
+        };
+        for frame in out.drain(..) {
+            self.sink.push(&mut self.conns, key, frame);
+        }
+        self.app_out = out;
+        match result {
+            Ok(value) => Some(value),
+            Err(_) => {
+                log::error!("application callback panicked; closing the connection with 1011");
+                self.close(key, close::INTERNAL, "internal error");
+                None
+            }
+        }
+    }
+
+    /// Tells the application a connection is gone.
+    pub(super) fn notify_disconnect(&self, user_id: i64, key: ConnKey, reason: &str) {
+        let event = Disconnect { user_id, id: ConnId(self.addr(key)), reason };
+        let app = &*self.shared.app;
+        if catch_unwind(AssertUnwindSafe(|| app.on_disconnect(&event))).is_err() {
+            log::error!("application on_disconnect panicked");
+        }
+    }
+}
