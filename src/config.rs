@@ -95,6 +95,14 @@ pub struct Config {
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
+    /// Backend to forward `generic_request` and unknown types to (`backend_url`).
+    pub backend_url: Option<String>,
+    /// Bound on one backend call (`backend_timeout`).
+    pub backend_timeout: Duration,
+    /// Backend calls in flight at once (`backend_concurrency`).
+    pub backend_concurrency: usize,
+    /// Backend calls waiting for a worker (`backend_queue`).
+    pub backend_queue: usize,
     /// Development mode: generate a secret and print ready-to-use tokens (`dev`).
     pub dev: bool,
 }
@@ -130,6 +138,10 @@ impl Default for Config {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
             api_key: None,
             echo_path: None,
+            backend_url: None,
+            backend_timeout: Duration::from_secs(5),
+            backend_concurrency: 16,
+            backend_queue: 1024,
             dev: false,
         }
     }
@@ -451,6 +463,10 @@ keys! {
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
+    backend_url: OptText => "POST generic_request and unknown message types to this URL; off when unset.",
+    backend_timeout: Dur => "Bound on one backend call; past it the client gets error_notification 504.",
+    backend_concurrency: Count => "Backend calls in flight at once (worker threads).",
+    backend_queue: Count => "Backend calls waiting for a worker; beyond it the client gets 503.",
     dev: Flag => "Development mode: generate a secret and print ready-to-use tokens.",
 }
 
