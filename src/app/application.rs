@@ -17,8 +17,8 @@ use super::ops::OutMessage;
 use crate::core::directory::ConnAddr;
 use crate::http::auth::{AuthError, Identity};
 use crate::http::request::Request;
-use crate::protocol::envelope::{error_notification, server_ack, Envelope};
 use crate::protocol::ClientMessage;
+use crate::protocol::envelope::{Envelope, error_notification, server_ack};
 
 /// Application data attached to a connection at authentication.
 pub type UserData = Box<dyn Any + Send + Sync>;

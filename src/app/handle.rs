@@ -13,10 +13,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::application::ConnId;
 use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
-use crate::core::pending::WaitKind;
 use crate::core::Directory;
-use crate::shard::msg::ShardMsg;
+use crate::core::pending::WaitKind;
 use crate::shard::Shared;
+use crate::shard::msg::ShardMsg;
 
 /// An operation for [`Handle::submit`].
 #[derive(Debug)]
