@@ -95,6 +95,12 @@ pub struct Config {
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
+    /// Rooms one connection may be in (`max_rooms_per_connection`).
+    pub max_rooms_per_connection: usize,
+    /// Members one room may have (`max_room_members`).
+    pub max_room_members: usize,
+    /// Rooms up to this size announce joins and leaves (`room_presence_max_members`).
+    pub room_presence_max_members: usize,
     /// Backend to forward `generic_request` and unknown types to (`backend_url`).
     pub backend_url: Option<String>,
     /// Bound on one backend call (`backend_timeout`).
@@ -138,6 +144,9 @@ impl Default for Config {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
             api_key: None,
             echo_path: None,
+            max_rooms_per_connection: 64,
+            max_room_members: 100_000,
+            room_presence_max_members: 1000,
             backend_url: None,
             backend_timeout: Duration::from_secs(5),
             backend_concurrency: 16,
@@ -463,6 +472,10 @@ keys! {
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
+    max_rooms_per_connection: Count => "Rooms one connection may be in at once.",
+    max_room_members: Count => "Members one room may have (all shards; may overshoot by a few during racing joins).",
+    room_presence_max_members: Count =>
+        "Rooms up to this size get joined/left presence events; bigger rooms stay quiet (0 = never).",
     backend_url: OptText => "POST generic_request and unknown message types to this URL; off when unset.",
     backend_timeout: Dur => "Bound on one backend call; past it the client gets error_notification 504.",
     backend_concurrency: Count => "Backend calls in flight at once (worker threads).",

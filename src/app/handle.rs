@@ -15,6 +15,7 @@ use super::application::ConnId;
 use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
 use crate::core::Directory;
 use crate::core::pending::WaitKind;
+use crate::protocol::envelope::room_message;
 use crate::shard::Shared;
 use crate::shard::msg::ShardMsg;
 
@@ -54,6 +55,22 @@ pub enum Op<'a> {
         msg: &'a OutMessage,
         /// Wait bound; `request_timeout` when `None`.
         timeout: Option<Duration>,
+    },
+    /// Publish `body` (raw JSON) to a room as a `room_message`; one `Delivered(n)` per shard.
+    RoomPublish {
+        /// The room.
+        room: &'a str,
+        /// The message body, raw JSON.
+        body: &'a str,
+        /// Optional metadata, raw JSON.
+        meta: Option<&'a str>,
+        /// `from` in the envelope (`null` when `None`: the server).
+        from: Option<i64>,
+    },
+    /// A room's members: one `Members(list)` per shard.
+    RoomMembers {
+        /// The room.
+        room: &'a str,
     },
     /// The user's connections: `User(list)`.
     Query {
@@ -115,6 +132,30 @@ impl Handle {
             Op::Request { user, msg, timeout } => {
                 let timeout = timeout.unwrap_or(self.shared.config.request_timeout);
                 self.await_reply(user, msg, WaitKind::Request, timeout, done)
+            }
+            Op::RoomPublish { room, body, meta, from } => {
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let frame = room_message(from, room, ts as u64, body.as_bytes(), meta.map(str::as_bytes));
+                let rooms: Arc<[Arc<str>]> = Arc::from(vec![Arc::from(room)]);
+                for link in &self.shared.links {
+                    let msg = ShardMsg::RoomDeliver {
+                        rooms: Arc::clone(&rooms),
+                        frame: frame.clone(),
+                        except: None,
+                        done: Some(done.clone()),
+                    };
+                    link.send_now(msg);
+                }
+                self.shared.links.len()
+            }
+            Op::RoomMembers { room } => {
+                let room: Arc<str> = Arc::from(room);
+                for link in &self.shared.links {
+                    link.send_now(ShardMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
+                }
+                self.shared.links.len()
             }
             Op::Query { user } => {
                 self.to_home(user, ShardMsg::QueryUser { user, done: done.clone() });
@@ -198,6 +239,28 @@ impl Handle {
         self.start(Op::Query { user }, |outcomes| match outcomes.into_iter().next() {
             Some(Outcome::User(list)) => Ok(!list.is_empty()),
             other => Err(failure(other)),
+        })
+    }
+
+    /// Publishes `body` (raw JSON; `meta` likewise) to `room` as a `room_message` from the
+    /// server (`from: null`); yields the number of connections it was queued on.
+    pub fn publish_to_room(&self, room: &str, body: &str, meta: Option<&str>) -> Waiter<usize> {
+        self.start(Op::RoomPublish { room, body, meta, from: None }, sum_delivered)
+    }
+
+    /// The user ids of a room's members, sorted, each once.
+    pub fn room_members(&self, room: &str) -> Waiter<Vec<i64>> {
+        self.start(Op::RoomMembers { room }, |outcomes| {
+            let mut users = Vec::new();
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Members(list) => users.extend(list),
+                    other => return Err(failure(Some(other))),
+                }
+            }
+            users.sort_unstable();
+            users.dedup();
+            Ok(users)
         })
     }
 

@@ -107,6 +107,8 @@ pub enum Outcome {
     Reply(ClientReply),
     /// A user's connections (empty: offline).
     User(Vec<ConnInfo>),
+    /// User ids of a room's members on one shard.
+    Members(Vec<i64>),
     /// No answer.
     Failed(WaitError),
 }

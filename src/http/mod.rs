@@ -19,6 +19,13 @@ pub enum Decision {
         jwt: Result<Identity, AuthError>,
         /// Subprotocol to select in the 101 (`bearer` when the token came that way).
         subprotocol: Option<&'static str>,
+        /// Admitted through seed 004's `?userId=` (dev-only mode): greet with `CONNECT`.
+        insecure_user_id: bool,
+    },
+    /// Seed 004's contract for a bad `?userId=`: complete the handshake, then close 1002.
+    UpgradeThenClose {
+        /// Close reason.
+        reason: &'static str,
     },
     /// `GET /health`.
     Health,
@@ -39,6 +46,7 @@ pub struct Gate {
     ws_path: String,
     allowed_origins: Vec<String>,
     auth: Option<Authenticator>,
+    insecure_user_id: bool,
 }
 
 impl Gate {
@@ -47,12 +55,18 @@ impl Gate {
     pub fn new(config: &Config, auth: Option<Authenticator>) -> Self {
         let allowed_origins =
             config.allowed_origins.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect();
-        Gate { ws_path: config.ws_path.clone(), allowed_origins, auth }
+        Gate {
+            ws_path: config.ws_path.clone(),
+            allowed_origins,
+            auth,
+            insecure_user_id: config.allow_insecure_user_id,
+        }
     }
 
     /// Decides what a request gets.
     pub fn decide(&self, req: &Request) -> Decision {
-        if req.path == self.ws_path {
+        // Seed 004 clients connect to `ws://host:port?userId=…`, path `/`.
+        if req.path == self.ws_path || (self.insecure_user_id && req.path == "/" && req.is_upgrade()) {
             return self.upgrade(req);
         }
         match (req.method.as_str(), req.path.as_str()) {
@@ -73,13 +87,21 @@ impl Gate {
             return refuse(403, format!("origin {} not allowed", req.origin.as_deref().unwrap_or("")));
         }
         let Some((token, source)) = find_token(req) else {
-            return Decision::Upgrade { jwt: Err(AuthError::Missing), subprotocol: None };
+            if self.insecure_user_id {
+                return insecure_user_id(req);
+            }
+            return Decision::Upgrade {
+                jwt: Err(AuthError::Missing),
+                subprotocol: None,
+                insecure_user_id: false,
+            };
         };
         let jwt = match &self.auth {
             Some(auth) => auth.verify(&token),
             None => Err(AuthError::Unconfigured),
         };
-        Decision::Upgrade { jwt, subprotocol: (source == TokenSource::Subprotocol).then_some("bearer") }
+        let subprotocol = (source == TokenSource::Subprotocol).then_some("bearer");
+        Decision::Upgrade { jwt, subprotocol, insecure_user_id: false }
     }
 
     /// `allowed_origins`: `*` allows any; an empty list allows only the request's own host;
@@ -95,6 +117,19 @@ impl Gate {
             return req.host.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(host));
         }
         self.allowed_origins.iter().any(|allowed| allowed == "*" || *allowed == origin)
+    }
+}
+
+/// Dev-only seed 004 mode: `?userId=<int>` is the identity, unverified.
+fn insecure_user_id(req: &Request) -> Decision {
+    match req.query_param("userId").map(|v| v.parse::<i64>()) {
+        Some(Ok(user_id)) => {
+            let claims = format!("{{\"user_id\":{user_id},\"insecure\":true}}").into_boxed_str();
+            let identity = Identity { user_id, roles: auth::Roles::default(), claims, expires_at: u64::MAX };
+            Decision::Upgrade { jwt: Ok(identity), subprotocol: None, insecure_user_id: true }
+        }
+        Some(Err(_)) => Decision::UpgradeThenClose { reason: "userId must be an integer" },
+        None => Decision::UpgradeThenClose { reason: "userId required" },
     }
 }
 

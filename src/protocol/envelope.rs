@@ -80,6 +80,28 @@ pub struct PresenceWatch {
     pub user_ids: Vec<i64>,
 }
 
+/// `join` / `leave` / `room_presence` payload (seed 003).
+#[derive(Debug, Deserialize)]
+pub struct RoomRef<'a> {
+    /// Room name.
+    #[serde(borrow)]
+    pub room: Cow<'a, str>,
+}
+
+/// `broadcast` payload (seed 003): `{room, body, meta?}`.
+#[derive(Debug, Deserialize)]
+pub struct RoomPublish<'a> {
+    /// Room name.
+    #[serde(borrow)]
+    pub room: Cow<'a, str>,
+    /// The message body, any JSON.
+    #[serde(borrow)]
+    pub body: &'a RawValue,
+    /// Optional metadata, any JSON.
+    #[serde(borrow, default)]
+    pub meta: Option<&'a RawValue>,
+}
+
 /// `client_ack` payload.
 #[derive(Debug, Deserialize)]
 pub struct ClientAck<'a> {
@@ -212,6 +234,26 @@ pub fn presence_event(user: i64, status: &str, context: Option<&[u8]>, timestamp
     Envelope::new("presence_event").from_user(user).raw_payload(Some(&payload)).frame()
 }
 
+/// `room_message` `{"from","room","ts","body","meta"}` (seed 003's envelope).
+pub fn room_message(from: Option<i64>, room: &str, ts_ms: u64, body: &[u8], meta: Option<&[u8]>) -> Bytes {
+    let mut payload = Vec::with_capacity(64 + room.len() + body.len() + meta.map_or(4, <[u8]>::len));
+    payload.extend_from_slice(b"{\"from\":");
+    match from {
+        Some(from) => {
+            let _ = write!(payload, "{from}");
+        }
+        None => payload.extend_from_slice(b"null"),
+    }
+    payload.extend_from_slice(b",\"room\":");
+    write_str(&mut payload, room);
+    let _ = write!(payload, ",\"ts\":{ts_ms},\"body\":");
+    payload.extend_from_slice(body);
+    payload.extend_from_slice(b",\"meta\":");
+    payload.extend_from_slice(meta.unwrap_or(b"null"));
+    payload.push(b'}');
+    Envelope::new("room_message").raw_payload(Some(&payload)).frame()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +318,15 @@ mod tests {
         assert_eq!(value["fromUserId"], 5);
         assert_eq!(value["payload"]["status"], "busy");
         assert!(value["payload"]["context"].is_null());
+    }
+
+    #[test]
+    fn encodes_room_message() {
+        let frame = room_message(Some(3), "r-1", 1700, br#""hola""#, None);
+        assert_eq!(
+            text(&frame),
+            r#"{"type":"room_message","payload":{"from":3,"room":"r-1","ts":1700,"body":"hola","meta":null}}"#
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 
 use std::borrow::Cow;
 
-use super::envelope::{ClientAck, ClientMessage, PresenceUpdate, PresenceWatch};
+use super::envelope::{ClientAck, ClientMessage, PresenceUpdate, PresenceWatch, RoomPublish, RoomRef};
+use crate::core::rooms::validate_name;
 
 /// Largest `userIds` list accepted by one `presence_subscribe`.
 pub const MAX_WATCH_LIST: usize = 1024;
@@ -46,6 +47,14 @@ pub enum Route<'a> {
     Unsubscribe(Vec<i64>),
     /// `client_ack` resolving a server-initiated wait.
     Ack(ClientAck<'a>),
+    /// `join` `{room}` (seed 003).
+    Join(Cow<'a, str>),
+    /// `leave` `{room}` (seed 003).
+    Leave(Cow<'a, str>),
+    /// `broadcast` `{room, body, meta?}` to the room's members (seed 003).
+    RoomPublish(RoomPublish<'a>),
+    /// `room_presence` `{room}`: the current presence of each member.
+    RoomPresence(Cow<'a, str>),
     /// Seed 004 `HEARTBEAT`: answer `HEARTBEAT_ACK`.
     Heartbeat,
     /// Seed 004 `DISCONNECT`: close 1000.
@@ -79,6 +88,13 @@ pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
             Ok(ack) => Route::Ack(ack),
             Err(e) => reject_owned(400, format!("invalid client_ack payload: {e}")),
         },
+        "join" => room_ref(msg).map_or_else(|r| r, Route::Join),
+        "leave" => room_ref(msg).map_or_else(|r| r, Route::Leave),
+        "room_presence" => room_ref(msg).map_or_else(|r| r, Route::RoomPresence),
+        "broadcast" => match msg.payload_as::<RoomPublish>() {
+            Ok(publish) => Route::RoomPublish(publish),
+            Err(e) => reject_owned(400, format!("invalid broadcast payload (want room, body, meta?): {e}")),
+        },
         "HEARTBEAT" => Route::Heartbeat,
         "DISCONNECT" => Route::Disconnect,
         _ => Route::Unhandled,
@@ -101,6 +117,13 @@ fn watch_list<'a>(msg: &ClientMessage<'a>) -> Result<Vec<i64>, Route<'a>> {
         return Err(reject_owned(400, format!("at most {MAX_WATCH_LIST} userIds per message")));
     }
     Ok(watch.user_ids)
+}
+
+fn room_ref<'a>(msg: &ClientMessage<'a>) -> Result<Cow<'a, str>, Route<'a>> {
+    let room: RoomRef =
+        msg.payload_as().map_err(|e| reject_owned(400, format!("invalid room payload: {e}")))?;
+    validate_name(&room.room).map_err(|e| reject_owned(400, e.to_string()))?;
+    Ok(room.room)
 }
 
 fn reject(code: u16, message: &'static str) -> Route<'static> {
@@ -166,6 +189,23 @@ mod tests {
     #[test]
     fn unknown_type_goes_to_the_application() {
         assert_eq!(decide(r#"{"type":"nope"}"#, true), "Unhandled");
+    }
+
+    #[test]
+    fn room_messages() {
+        assert_eq!(decide(r#"{"type":"join","payload":{"room":"room-1"}}"#, false), "Join(\"room-1\")");
+        assert_eq!(decide(r#"{"type":"leave","payload":{"room":"room-1"}}"#, false), "Leave(\"room-1\")");
+        assert!(
+            decide(r#"{"type":"join","payload":{"room":"a b"}}"#, false).starts_with("Reject { code: 400")
+        );
+        assert!(decide(r#"{"type":"join","payload":{}}"#, false).starts_with("Reject { code: 400"));
+        assert!(
+            decide(r#"{"type":"broadcast","payload":{"room":"r","body":"hi"}}"#, false)
+                .starts_with("RoomPublish")
+        );
+        assert!(
+            decide(r#"{"type":"broadcast","payload":{"room":"r"}}"#, false).starts_with("Reject { code: 400")
+        );
     }
 
     #[test]

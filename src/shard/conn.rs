@@ -42,6 +42,8 @@ pub struct Session {
     pub claims: Box<str>,
     /// The application's data for this connection.
     pub user_data: Option<crate::app::application::UserData>,
+    /// Rooms this connection is in.
+    pub rooms: Vec<std::sync::Arc<str>>,
 }
 
 /// Why a frame was not queued.

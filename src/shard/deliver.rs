@@ -86,6 +86,10 @@ impl Shard {
                 self.ack(key, pid, "ok");
             }
             Route::Ack(ack) => self.on_client_ack(key, &ack),
+            Route::Join(room) => self.join_room(key, user, &room, pid),
+            Route::Leave(room) => self.leave_room(key, user, &room, pid),
+            Route::RoomPublish(publish) => self.publish_from_client(key, user, &publish, pid),
+            Route::RoomPresence(room) => self.room_roster(key, &room, pid),
             Route::Heartbeat => self.reply(key, heartbeat_ack(Self::wall_ms())),
             Route::Disconnect => self.close(key, close::NORMAL, "client requested disconnect"),
             Route::Reject { code, message } => {
@@ -175,7 +179,10 @@ impl Shard {
                 self.broadcast(encode_presence(user, &presence), Some(self.addr(key)));
                 false
             }
-            (None, _) => true,
+            (None, _) => {
+                self.presence_to_rooms(key, &encode_presence(user, &presence));
+                true
+            }
         };
         self.send_to(home, ShardMsg::PresenceSet { user, presence, fan_out });
     }
@@ -227,7 +234,7 @@ impl Shard {
                 }
             }
             ShardMsg::Shutdown => self.begin_shutdown(),
-            op => self.handle_op(op),
+            other => self.handle_room(other),
         }
     }
 
@@ -300,7 +307,7 @@ impl Shard {
     }
 }
 
-fn encode_presence(user: i64, presence: &Presence) -> Bytes {
+pub(super) fn encode_presence(user: i64, presence: &Presence) -> Bytes {
     presence_event(user, &presence.status, presence.context.as_deref(), &rfc3339(presence.since_ms))
 }
 

@@ -28,12 +28,28 @@ impl Shard {
                 let rest = conn.inbuf.split_off(len);
                 conn.inbuf = rest;
                 match self.shared.gate.decide(&request) {
-                    Decision::Upgrade { jwt, subprotocol } => match self.call_authenticate(&request, jwt) {
-                        Ok(admission) => {
-                            self.upgrade(key, admission, subprotocol, request.ws_key.as_deref().unwrap_or(""))
+                    Decision::UpgradeThenClose { reason } => {
+                        let ws_key = request.ws_key.as_deref().unwrap_or("");
+                        self.upgrade_then_close(key, ws_key, reason);
+                    }
+                    Decision::Upgrade { jwt, subprotocol, insecure_user_id } => {
+                        match self.call_authenticate(&request, jwt) {
+                            Ok(admission) => {
+                                let user = admission.identity.user_id;
+                                self.upgrade(
+                                    key,
+                                    admission,
+                                    subprotocol,
+                                    request.ws_key.as_deref().unwrap_or(""),
+                                );
+                                if insecure_user_id {
+                                    let frame = connect_greeting(user, Self::wall_ms());
+                                    self.sink.push(&mut self.conns, key, frame);
+                                }
+                            }
+                            Err(rejection) => self.refuse(key, rejection.status, &rejection.message),
                         }
-                        Err(rejection) => self.refuse(key, rejection.status, &rejection.message),
-                    },
+                    }
                     Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
                     Decision::Metrics => {
                         let text = self.shared.metrics.render();
@@ -84,6 +100,17 @@ impl Shard {
         self.schedule_before(key, deadline);
     }
 
+    /// Seed 004: a bad `?userId=` still gets its WebSocket, then close 1002.
+    fn upgrade_then_close(&mut self, key: ConnKey, ws_key: &str, reason: &str) {
+        ShardMetrics::inc(&self.metrics().handshake_failures);
+        let Some(conn) = self.conn_mut(key) else { return };
+        log::info!("handshake without a valid userId peer={}: {reason}", conn.peer);
+        conn.inbuf = Vec::new();
+        conn.out.push(Bytes::from(switching_protocols(ws_key, None)));
+        conn.phase = Phase::Open;
+        self.close(key, crate::ws::close::PROTOCOL_ERROR, reason);
+    }
+
     /// The application's authentication, shielded from its panics.
     fn call_authenticate(
         &self,
@@ -124,8 +151,14 @@ impl Shard {
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.next_ping = now + limits.ping_period_ms;
         let peer = conn.peer;
-        conn.session =
-            Some(Box::new(Session { user, roles: identity.roles, seq, claims: identity.claims, user_data }));
+        conn.session = Some(Box::new(Session {
+            user,
+            roles: identity.roles,
+            seq,
+            claims: identity.claims,
+            user_data,
+            rooms: Vec::new(),
+        }));
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.connections_total);
@@ -144,6 +177,12 @@ impl Shard {
             self.resume_frames(key, pending);
         }
     }
+}
+
+/// Seed 004's greeting: `{"type":"CONNECT","userId":…,"timestamp":…}`.
+fn connect_greeting(user: i64, unix_ms: u64) -> Bytes {
+    let text = format!(r#"{{"type":"CONNECT","userId":{user},"timestamp":"{}"}}"#, rfc3339(unix_ms));
+    crate::ws::FrameEncoder::frame(crate::ws::OutKind::Text, text.as_bytes())
 }
 
 /// RFC 3339 UTC timestamp with milliseconds.

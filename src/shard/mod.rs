@@ -9,6 +9,7 @@ mod deliver;
 mod handshake;
 pub mod msg;
 mod read;
+mod rooms;
 pub mod sink;
 mod waits;
 
@@ -174,6 +175,7 @@ pub struct Shard {
     pending: PendingTable<Completion>,
     directory: Directory,
     presence: PresenceTable,
+    rooms: crate::core::rooms::RoomTable,
     sink: Sink,
     scratch: Vec<u8>,
     /// Connections that still had bytes to read when their per-wake budget ran out.
@@ -211,6 +213,7 @@ impl Shard {
             pending: PendingTable::new(id),
             directory: Directory::default(),
             presence: PresenceTable::default(),
+            rooms: crate::core::rooms::RoomTable::new(peers),
             sink,
             scratch: vec![0; SCRATCH],
             pending_reads: Vec::new(),
@@ -510,6 +513,8 @@ impl Shard {
             return;
         };
         ShardMetrics::dec(&self.metrics().connections_current);
+        let session = *session;
+        self.leave_all_rooms(key, session.user, session.rooms);
         self.notify_disconnect(session.user, key, reason);
         log::info!("disconnect user={} peer={} shard={} reason={reason}", session.user, conn_peer, self.id);
         if self.directory.remove_local(session.user, key) {

@@ -173,6 +173,48 @@ pub enum ShardMsg {
         /// Gets `Delivered(n)`: connections closed.
         done: Option<Completion>,
     },
+    /// Shard `shard` now has `count` members of `room`.
+    RoomCount {
+        /// The room.
+        room: Arc<str>,
+        /// The announcing shard.
+        shard: ShardId,
+        /// Its member count.
+        count: u32,
+    },
+    /// Queue `frame` on the local members of each of `rooms` (each connection once), except
+    /// `except`; completes with the count when `done` is given.
+    RoomDeliver {
+        /// The rooms.
+        rooms: Arc<[Arc<str>]>,
+        /// The encoded frame.
+        frame: Bytes,
+        /// A connection to skip (the sender's).
+        except: Option<ConnAddr>,
+        /// Gets `Delivered(n)`.
+        done: Option<Completion>,
+    },
+    /// Ask the home shard of each local member of `room` to send its presence to `reply`.
+    RoomRoster {
+        /// The room.
+        room: Arc<str>,
+        /// The connection asking.
+        reply: ConnAddr,
+    },
+    /// To `user`'s home shard: send the user's current presence to `reply`.
+    PresenceQuery {
+        /// The user.
+        user: i64,
+        /// The connection asking.
+        reply: ConnAddr,
+    },
+    /// Report the local members' user ids of `room`: `Members(list)`.
+    RoomMembers {
+        /// The room.
+        room: Arc<str>,
+        /// Gets `Members`.
+        done: Completion,
+    },
     /// Begin graceful shutdown.
     Shutdown,
 }
