@@ -95,6 +95,12 @@ pub struct Config {
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
+    /// Presence statuses that expire by themselves (`transient_statuses`).
+    pub transient_statuses: Vec<String>,
+    /// Lifetime of a transient status (`transient_ttl`).
+    pub transient_ttl: Duration,
+    /// Window in which identical presence updates are coalesced (`presence_coalesce`).
+    pub presence_coalesce: Duration,
     /// Rooms one connection may be in (`max_rooms_per_connection`).
     pub max_rooms_per_connection: usize,
     /// Members one room may have (`max_room_members`).
@@ -144,6 +150,9 @@ impl Default for Config {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
             api_key: None,
             echo_path: None,
+            transient_statuses: vec!["typing".to_string()],
+            transient_ttl: Duration::from_secs(5),
+            presence_coalesce: Duration::from_secs(1),
             max_rooms_per_connection: 64,
             max_room_members: 100_000,
             room_presence_max_members: 1000,
@@ -472,6 +481,9 @@ keys! {
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
+    transient_statuses: List => "Presence statuses that expire by themselves (seed 001: typing).",
+    transient_ttl: Dur => "How long a transient status lasts unless repeated; then the last lasting one returns.",
+    presence_coalesce: Dur => "Identical presence updates from a connection within this window are dropped.",
     max_rooms_per_connection: Count => "Rooms one connection may be in at once.",
     max_room_members: Count => "Members one room may have (all shards; may overshoot by a few during racing joins).",
     room_presence_max_members: Count =>

@@ -160,3 +160,125 @@ mod tests {
         assert!(table.take_watching(1).is_empty());
     }
 }
+
+/// How short-lived statuses behave (SPEC seed 001 §10: typing and friends).
+#[derive(Debug, Clone)]
+pub struct TransientPolicy {
+    /// Statuses that expire by themselves (e.g. `typing`).
+    pub statuses: Vec<String>,
+    /// How long a transient status lasts without being repeated.
+    pub ttl_ms: u64,
+    /// Identical updates within this window are dropped.
+    pub coalesce_ms: u64,
+}
+
+/// Per connection: the last update (for coalescing) and a transient status's expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Debounce {
+    last: u64,
+    last_at: Option<u64>,
+    /// When the current transient status expires (`u64::MAX`: none).
+    pub transient_until: u64,
+    base: Box<str>,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce { last: 0, last_at: None, transient_until: u64::MAX, base: "online".into() }
+    }
+}
+
+/// What to do with a presence update.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Identical to one sent within the coalescing window: drop it.
+    Coalesced,
+    /// Send it.
+    Send,
+}
+
+impl Debounce {
+    /// Decides on an update of `status` (with `context` and `target`) at `now`.
+    pub fn admit(
+        &mut self,
+        status: &str,
+        context: Option<&[u8]>,
+        target: Option<i64>,
+        now: u64,
+        policy: &TransientPolicy,
+    ) -> Admit {
+        let mark = fingerprint(status, context, target);
+        let transient = policy.statuses.iter().any(|s| s == status);
+        if mark == self.last && self.last_at.is_some_and(|at| now.saturating_sub(at) < policy.coalesce_ms) {
+            if transient {
+                self.transient_until = now + policy.ttl_ms; // still typing: keep it alive
+            }
+            return Admit::Coalesced;
+        }
+        self.last = mark;
+        self.last_at = Some(now);
+        if transient {
+            self.transient_until = now + policy.ttl_ms;
+        } else if target.is_none() {
+            self.base = status.into();
+            self.transient_until = u64::MAX;
+        }
+        Admit::Send
+    }
+
+    /// At `now`, the status to fall back to if a transient status has expired.
+    pub fn expire(&mut self, now: u64) -> Option<Box<str>> {
+        if now < self.transient_until {
+            return None;
+        }
+        self.transient_until = u64::MAX;
+        self.last_at = None;
+        Some(self.base.clone())
+    }
+}
+
+fn fingerprint(status: &str, context: Option<&[u8]>, target: Option<i64>) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut hasher = foldhash::fast::FixedState::with_seed(0x5eed).build_hasher();
+    status.hash(&mut hasher);
+    context.hash(&mut hasher);
+    target.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod debounce_tests {
+    use super::*;
+
+    fn policy() -> TransientPolicy {
+        TransientPolicy { statuses: vec!["typing".into()], ttl_ms: 3000, coalesce_ms: 1000 }
+    }
+
+    #[test]
+    fn a_keystroke_storm_costs_one_event_per_window() {
+        let (mut d, p) = (Debounce::default(), policy());
+        let sent = (0..50u64).filter(|i| d.admit("typing", None, None, i * 100, &p) == Admit::Send).count();
+        assert_eq!(sent, 5, "one per 1 s window over 5 s");
+    }
+
+    #[test]
+    fn different_updates_are_not_coalesced() {
+        let (mut d, p) = (Debounce::default(), policy());
+        assert_eq!(d.admit("typing", None, None, 0, &p), Admit::Send);
+        assert_eq!(d.admit("away", None, None, 10, &p), Admit::Send);
+        assert_eq!(d.admit("away", Some(b"{}"), None, 20, &p), Admit::Send);
+    }
+
+    #[test]
+    fn typing_expires_back_to_the_last_lasting_status() {
+        let (mut d, p) = (Debounce::default(), policy());
+        d.admit("busy", None, None, 0, &p);
+        d.admit("typing", None, None, 5000, &p);
+        assert_eq!(d.expire(7999), None);
+        d.admit("typing", None, None, 5500, &p); // coalesced, but extends the expiry
+        assert_eq!(d.expire(8000), None);
+        assert_eq!(d.expire(8500).as_deref(), Some("busy"));
+        assert_eq!(d.expire(9000), None, "expires once");
+        assert_eq!(d.admit("typing", None, None, 9001, &p), Admit::Send, "a new burst is not coalesced");
+    }
+}

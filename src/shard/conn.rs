@@ -44,6 +44,8 @@ pub struct Session {
     pub user_data: Option<crate::app::application::UserData>,
     /// Rooms this connection is in.
     pub rooms: Vec<std::sync::Arc<str>>,
+    /// Presence coalescing and transient-status expiry.
+    pub debounce: crate::core::presence::Debounce,
 }
 
 /// Why a frame was not queued.
@@ -221,7 +223,8 @@ impl Conn {
         match self.phase {
             Phase::Open => {
                 let write = self.write_blocked_at.saturating_add(write_wait_ms);
-                self.read_deadline.min(self.next_ping).min(write)
+                let transient = self.session.as_ref().map_or(u64::MAX, |s| s.debounce.transient_until);
+                self.read_deadline.min(self.next_ping).min(write).min(transient)
             }
             _ => self.deadline,
         }

@@ -10,7 +10,7 @@ use super::msg::ShardMsg;
 use crate::app::application::Handled;
 use crate::config::PresenceScope;
 use crate::core::directory::{ConnAddr, ShardId};
-use crate::core::presence::{Presence, WatchAdmission};
+use crate::core::presence::{Admit, Presence, WatchAdmission};
 use crate::core::{ConnKey, Directory};
 use crate::metrics::ShardMetrics;
 use crate::protocol::ClientMessage;
@@ -61,12 +61,18 @@ impl Shard {
                 }
             }
             Route::Presence(update) => {
+                let target = update.target_user_id.filter(|&t| t != 0);
+                let context = update.context.map(|raw| raw.get().as_bytes());
+                if self.debounce(key, &update.status, context, target) == Admit::Coalesced {
+                    self.ack(key, pid, "coalesced");
+                    return;
+                }
                 let presence = Presence {
                     status: update.status.as_ref().into(),
-                    context: update.context.map(|raw| raw.get().as_bytes().into()),
+                    context: context.map(Into::into),
                     since_ms: Self::wall_ms(),
                 };
-                self.presence_update(key, user, presence, update.target_user_id.filter(|&t| t != 0));
+                self.presence_update(key, user, presence, target);
                 self.ack(key, pid, "ok");
             }
             Route::Subscribe(targets) => {
@@ -165,6 +171,36 @@ impl Shard {
             if conn.phase == Phase::Open && Some(key) != skip {
                 sink.offer(key, conn, frame.clone());
             }
+        }
+    }
+
+    /// Coalescing and transient expiry for one connection's presence updates.
+    fn debounce(&mut self, key: ConnKey, status: &str, context: Option<&[u8]>, target: Option<i64>) -> Admit {
+        let now = self.now;
+        let Shard { conns, transient, .. } = self;
+        let Some(session) = conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+            .and_then(|c| c.session.as_deref_mut())
+        else {
+            return Admit::Coalesced;
+        };
+        let admit = session.debounce.admit(status, context, target, now, transient);
+        let until = session.debounce.transient_until;
+        if until != u64::MAX {
+            self.schedule_before(key, until);
+        }
+        admit
+    }
+
+    /// A transient status (typing) expired: the connection's lasting status is announced again.
+    pub(super) fn expire_transient(&mut self, key: ConnKey) {
+        let now = self.now;
+        let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return };
+        let user = session.user;
+        if let Some(base) = session.debounce.expire(now) {
+            let presence = Presence { status: base, context: None, since_ms: Self::wall_ms() };
+            self.presence_update(key, user, presence, None);
         }
     }
 

@@ -158,6 +158,7 @@ impl Shard {
             claims: identity.claims,
             user_data,
             rooms: Vec::new(),
+            debounce: Default::default(),
         }));
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();

@@ -193,6 +193,8 @@ pub struct Shard {
     handle: crate::app::Handle,
     /// Frames a callback queued, reused between calls.
     app_out: Vec<bytes::Bytes>,
+    /// Typing-like statuses: expiry and coalescing.
+    transient: crate::core::presence::TransientPolicy,
 }
 
 impl Shard {
@@ -226,6 +228,11 @@ impl Shard {
             shutdown_deadline: None,
             handle: crate::app::Handle::new(Arc::clone(&shared)),
             app_out: Vec::new(),
+            transient: crate::core::presence::TransientPolicy {
+                statuses: shared.config.transient_statuses.clone(),
+                ttl_ms: shared.config.transient_ttl.as_millis() as u64,
+                coalesce_ms: shared.config.presence_coalesce.as_millis() as u64,
+            },
             shared,
         }
     }
@@ -582,6 +589,9 @@ impl Shard {
             }
             Phase::Open if conn.write_blocked_at.saturating_add(limits.write_wait_ms) <= now => {
                 self.drop_conn(key, "write timeout");
+            }
+            Phase::Open if conn.session.as_ref().is_some_and(|s| s.debounce.transient_until <= now) => {
+                self.expire_transient(key);
             }
             Phase::Open if now >= conn.next_ping => {
                 conn.next_ping = now + limits.ping_period_ms;
