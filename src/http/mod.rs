@@ -27,6 +27,8 @@ pub enum Decision {
         /// Close reason.
         reason: &'static str,
     },
+    /// An upgrade at `echo_path`: no authentication, messages echoed (conformance runs).
+    Echo,
     /// `GET /health`.
     Health,
     /// `GET /metrics`.
@@ -47,6 +49,7 @@ pub struct Gate {
     allowed_origins: Vec<String>,
     auth: Option<Authenticator>,
     insecure_user_id: bool,
+    echo_path: Option<String>,
 }
 
 impl Gate {
@@ -60,11 +63,19 @@ impl Gate {
             allowed_origins,
             auth,
             insecure_user_id: config.allow_insecure_user_id,
+            echo_path: config.echo_path.clone(),
         }
     }
 
     /// Decides what a request gets.
     pub fn decide(&self, req: &Request) -> Decision {
+        if self.echo_path.as_deref() == Some(req.path.as_str()) {
+            return if req.is_upgrade() {
+                Decision::Echo
+            } else {
+                refuse(400, "expected a WebSocket upgrade request".into())
+            };
+        }
         // Seed 004 clients connect to `ws://host:port?userId=…`, path `/`.
         if req.path == self.ws_path || (self.insecure_user_id && req.path == "/" && req.is_upgrade()) {
             return self.upgrade(req);

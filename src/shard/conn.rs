@@ -163,6 +163,8 @@ pub struct Conn {
     pub out: OutQueue,
     /// In the shard's flush list.
     pub dirty: bool,
+    /// An echo-endpoint connection (conformance runs): messages come back as they came.
+    pub echo: bool,
     /// The user, once open.
     pub session: Option<Box<Session>>,
     /// The deadline currently scheduled in the wheel (ms).
@@ -191,6 +193,7 @@ impl Conn {
             reassembly: Reassembly::default(),
             out: OutQueue::default(),
             dirty: false,
+            echo: false,
             session: None,
             timer_at: deadline,
             deadline,

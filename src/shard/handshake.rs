@@ -50,6 +50,7 @@ impl Shard {
                             Err(rejection) => self.refuse(key, rejection.status, &rejection.message),
                         }
                     }
+                    Decision::Echo => self.upgrade_echo(key, request.ws_key.as_deref().unwrap_or("")),
                     Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
                     Decision::Metrics => {
                         let text = self.shared.metrics.render();
@@ -98,6 +99,23 @@ impl Shard {
         conn.deadline = deadline;
         self.mark_dirty(key);
         self.schedule_before(key, deadline);
+    }
+
+    /// The conformance echo endpoint: an open WebSocket with no user.
+    fn upgrade_echo(&mut self, key: ConnKey, ws_key: &str) {
+        let (now, limits) = (self.now, self.limits);
+        let Some(conn) = self.conn_mut(key) else { return };
+        conn.out.push(Bytes::from(switching_protocols(ws_key, None)));
+        conn.phase = Phase::Open;
+        conn.echo = true;
+        conn.read_deadline = now + limits.pong_wait_ms;
+        conn.next_ping = now + limits.ping_period_ms;
+        let pending = std::mem::take(&mut conn.inbuf);
+        self.mark_dirty(key);
+        self.schedule_before(key, now + limits.ping_period_ms.min(limits.pong_wait_ms));
+        if !pending.is_empty() {
+            self.resume_frames(key, pending);
+        }
     }
 
     /// Seed 004: a bad `?userId=` still gets its WebSocket, then close 1002.

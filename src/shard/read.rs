@@ -132,8 +132,12 @@ impl Shard {
                 }
             }
             FrameKind::Close => self.on_close_frame(key, payload),
-            FrameKind::Binary => self.close(key, close::UNSUPPORTED, "binary frames are not supported"),
-            FrameKind::Text | FrameKind::Continuation => self.on_data_frame(key, frame, payload),
+            FrameKind::Binary if !self.conn_mut(key).is_some_and(|c| c.echo) => {
+                self.close(key, close::UNSUPPORTED, "binary frames are not supported")
+            }
+            FrameKind::Text | FrameKind::Binary | FrameKind::Continuation => {
+                self.on_data_frame(key, frame, payload)
+            }
         }
     }
 
@@ -157,6 +161,9 @@ impl Shard {
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
+        if conn.echo {
+            return self.echo(key, frame, payload);
+        }
         match conn.reassembly.push(frame, payload, max) {
             Ok(Assembled::InPlace(FrameKind::Text)) => self.on_text(key, payload),
             Ok(Assembled::Buffered(FrameKind::Text, mut bytes)) => self.on_text(key, &mut bytes),
@@ -166,6 +173,27 @@ impl Shard {
             Ok(Assembled::Pending) => {}
             Err(e) => self.fail(key, e),
         }
+    }
+
+    /// Echo endpoint: a complete message goes back with its own opcode; text must be UTF-8.
+    fn echo(&mut self, key: ConnKey, frame: &Frame, payload: &mut [u8]) {
+        let max = self.limits.max_message;
+        let Some(conn) = self.conn_mut(key) else { return };
+        let assembled = match conn.reassembly.push(frame, payload, max) {
+            Ok(assembled) => assembled,
+            Err(e) => return self.fail(key, e),
+        };
+        let (kind, bytes) = match &assembled {
+            Assembled::InPlace(kind) => (*kind, &*payload),
+            Assembled::Buffered(kind, bytes) => (*kind, bytes.as_slice()),
+            Assembled::Pending => return,
+        };
+        if kind == FrameKind::Text && std::str::from_utf8(bytes).is_err() {
+            return self.fail(key, FrameError::InvalidUtf8);
+        }
+        let out = if kind == FrameKind::Text { OutKind::Text } else { OutKind::Binary };
+        let reply = FrameEncoder::frame(out, bytes);
+        self.sink.push(&mut self.conns, key, reply);
     }
 
     /// A protocol violation: count it and close with the matching code.

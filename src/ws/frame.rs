@@ -231,6 +231,8 @@ pub struct FrameEncoder;
 pub enum OutKind {
     /// Text frame.
     Text = 0x1,
+    /// Binary frame (echo endpoint only).
+    Binary = 0x2,
     /// Close frame.
     Close = 0x8,
     /// Ping frame.
@@ -282,6 +284,7 @@ impl FrameEncoder {
 fn header_bytes(kind: OutKind, len: usize) -> Vec<u8> {
     let opcode = match kind {
         OutKind::Text => OpCode::Data(Data::Text),
+        OutKind::Binary => OpCode::Data(Data::Binary),
         OutKind::Close => OpCode::Control(Control::Close),
         OutKind::Ping => OpCode::Control(Control::Ping),
         OutKind::Pong => OpCode::Control(Control::Pong),
