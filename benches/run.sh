@@ -56,7 +56,7 @@ cp "$LOADGEN_EXE" "$BIN/loadgen"
 cp "$FLOOR_EXE" "$BIN/floor"
 
 SERVER_ARGS=(--listen "127.0.0.1:$PORT" --jwt-secret "$SECRET" --shards 2
-    --pong-wait 10m --ping-period 9m --send-queue 4096 --send-queue-bytes 16MiB
+    --pong-wait 10m --ping-period 9m --send-queue 4096 --send-queue-bytes 16MiB --rate-limit 0 --rate-limit-bytes 0
     --max-message-size 64KiB --log-level "$LOG_LEVEL")
 # shellcheck disable=SC2206
 [[ -n "${SERVER_EXTRA:-}" ]] && SERVER_ARGS+=($SERVER_EXTRA)

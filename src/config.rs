@@ -95,6 +95,20 @@ pub struct Config {
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
+    /// Client messages per second per connection and per user on a shard (`rate_limit`).
+    pub rate_limit: usize,
+    /// Burst above the rate (`rate_limit_burst`).
+    pub rate_limit_burst: usize,
+    /// Client message bytes per second per connection (`rate_limit_bytes`).
+    pub rate_limit_bytes: usize,
+    /// Refusals within 10 s that close the connection with 1008 (`rate_limit_close_after`).
+    pub rate_limit_close_after: usize,
+    /// WebSocket connections per client IP (`max_connections_per_ip`).
+    pub max_connections_per_ip: usize,
+    /// WebSocket connections per user, refused beyond (`max_connections_per_user`).
+    pub max_connections_per_user: usize,
+    /// Allowed clock skew on `exp`/`nbf` (`jwt_leeway`).
+    pub jwt_leeway: Duration,
     /// Presence statuses that expire by themselves (`transient_statuses`).
     pub transient_statuses: Vec<String>,
     /// Lifetime of a transient status (`transient_ttl`).
@@ -150,6 +164,13 @@ impl Default for Config {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
             api_key: None,
             echo_path: None,
+            rate_limit: 100,
+            rate_limit_burst: 200,
+            rate_limit_bytes: 1024 * 1024,
+            rate_limit_close_after: 100,
+            max_connections_per_ip: 0,
+            max_connections_per_user: 0,
+            jwt_leeway: Duration::from_secs(60),
             transient_statuses: vec!["typing".to_string()],
             transient_ttl: Duration::from_secs(5),
             presence_coalesce: Duration::from_secs(1),
@@ -481,6 +502,13 @@ keys! {
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
+    rate_limit: Count => "Client messages per second per connection, and per user on a shard; 0 = off.",
+    rate_limit_burst: Count => "Messages a connection (or user) may send at once above the rate.",
+    rate_limit_bytes: Size => "Client message bytes per second per connection; 0 = off (burst: one second's worth).",
+    rate_limit_close_after: Count => "Refused messages within 10 s that close the connection with 1008; 0 = never.",
+    max_connections_per_ip: Count => "WebSocket connections per client IP; over it the handshake gets 429. 0 = off.",
+    max_connections_per_user: Count => "WebSocket connections per user; over it the handshake gets 429. 0 = off.",
+    jwt_leeway: Dur => "Clock skew allowed on exp/nbf, at the handshake and for expiry while connected.",
     transient_statuses: List => "Presence statuses that expire by themselves (seed 001: typing).",
     transient_ttl: Dur => "How long a transient status lasts unless repeated; then the last lasting one returns.",
     presence_coalesce: Dur => "Identical presence updates from a connection within this window are dropped.",

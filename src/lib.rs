@@ -6,7 +6,9 @@
 //! `ws` (framing) → `protocol` (envelopes, router) → `http` (upgrade gate) → `core`
 //! (directory, presence, timers) → `shard` (event loop) → `server` (start/stop).
 
+pub mod api;
 pub mod app;
+pub mod backend;
 pub mod config;
 pub mod core;
 pub mod dev;

@@ -4,6 +4,7 @@
 //! generates a secret and prints ready-to-use tokens. SIGTERM/SIGINT shut down gracefully.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use customws::config::{Config, ConfigError};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -33,7 +34,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = match customws::start(config) {
+    // With `backend_url`, generic_request and unknown message types go to the backend.
+    let app: customws::app::application::App = match customws::backend::BackendApp::from_config(&config) {
+        Ok(Some(backend)) => Arc::new(backend),
+        Ok(None) => Arc::new(customws::app::application::BuiltIn),
+        Err(e) => {
+            eprintln!("customws: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = match customws::start_with(config, app) {
         Ok(server) => server,
         Err(e) => {
             eprintln!("customws: {e}");

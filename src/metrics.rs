@@ -71,6 +71,12 @@ pub struct ShardMetrics {
     pub frames_dropped: AtomicU64,
     /// Connections closed for missing pongs.
     pub pong_timeouts: AtomicU64,
+    /// Client messages refused by a rate limit (answered 429).
+    pub rate_limited: AtomicU64,
+    /// Connections closed 1008 (sustained rate-limit abuse, token expiry).
+    pub policy_closes: AtomicU64,
+    /// Handshakes refused by an admission limit (503/429).
+    pub admission_refusals: AtomicU64,
     /// Sizes of received client messages.
     pub sizes: Histogram<7>,
     /// Time from a loop iteration's wake-up to its deliveries being written, per message.
@@ -90,6 +96,9 @@ impl Default for ShardMetrics {
             slow_consumer_closes: AtomicU64::new(0),
             frames_dropped: AtomicU64::new(0),
             pong_timeouts: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            policy_closes: AtomicU64::new(0),
+            admission_refusals: AtomicU64::new(0),
             sizes: Histogram::new(&SIZE_BUCKETS),
             latency: Histogram::new(&LATENCY_BUCKETS),
         }
@@ -149,7 +158,7 @@ impl Metrics {
 
 type Pick = fn(&ShardMetrics) -> &AtomicU64;
 
-const COUNTERS: [(&str, &str, Pick); 8] = [
+const COUNTERS: [(&str, &str, Pick); 11] = [
     ("ws_connections", "WebSocket connections opened.", |s| &s.connections_total),
     ("ws_messages", "Client messages received.", |s| &s.messages_in),
     ("ws_errors", "Protocol errors and refused messages.", |s| &s.errors),
@@ -160,6 +169,13 @@ const COUNTERS: [(&str, &str, Pick); 8] = [
     }),
     ("customws_frames_dropped", "Frames discarded on overflow or close.", |s| &s.frames_dropped),
     ("customws_pong_timeouts", "Connections closed for a missing pong.", |s| &s.pong_timeouts),
+    ("customws_rate_limited", "Client messages refused by a rate limit (429).", |s| &s.rate_limited),
+    ("customws_policy_closes", "Connections closed 1008: sustained rate abuse or token expiry.", |s| {
+        &s.policy_closes
+    }),
+    ("customws_admission_refusals", "Handshakes refused by an admission limit (503/429).", |s| {
+        &s.admission_refusals
+    }),
 ];
 
 impl Collector for Metrics {

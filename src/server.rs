@@ -53,6 +53,7 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     threads: Vec<JoinHandle<()>>,
+    api: Option<crate::api::ApiServer>,
 }
 
 /// Starts a server with the built-in behaviour only (JWT authentication, echo for
@@ -93,6 +94,9 @@ pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> 
         app,
         config,
     });
+    // Bound before the shards run, so a busy `api_listen` leaves nothing running.
+    let api = crate::api::start(&shared.config, crate::app::Handle::new(Arc::clone(&shared)))
+        .map_err(|source| StartError::Bind { addr: shared.config.api_listen, source })?;
     let mut threads = Vec::with_capacity(shards);
     for (id, part) in parts.into_iter().enumerate() {
         let shard = Shard::new(id, Arc::clone(&shared), part);
@@ -103,7 +107,7 @@ pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> 
         threads.push(thread);
     }
     log::info!("listening on {local_addr} with {shards} shards, WebSocket path {}", shared.config.ws_path);
-    Ok(ServerHandle { shared, local_addr, threads })
+    Ok(ServerHandle { shared, local_addr, threads, api })
 }
 
 /// One `SO_REUSEPORT` socket per shard on the same address. With port 0 the first socket
@@ -140,12 +144,20 @@ impl ServerHandle {
     /// Begins graceful shutdown: stop accepting, close every connection with 1001, flush,
     /// exit within `shutdown_timeout`. Does not wait; see [`ServerHandle::wait`].
     pub fn shutdown(&self) {
+        if let Some(api) = &self.api {
+            api.begin_shutdown();
+        }
         self.handle().shutdown();
     }
 
     /// Waits for every shard to finish (after [`ServerHandle::shutdown`], or forever).
     pub fn wait(mut self) {
         self.join();
+    }
+
+    /// The backend HTTP API's address, when `api_key` is configured.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(crate::api::ApiServer::local_addr)
     }
 
     /// A handle for server-initiated operations, usable from any thread.
@@ -163,6 +175,9 @@ impl ServerHandle {
             if thread.join().is_err() {
                 log::error!("a shard thread panicked");
             }
+        }
+        if let Some(mut api) = self.api.take() {
+            api.shutdown();
         }
     }
 }

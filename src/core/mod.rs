@@ -3,6 +3,7 @@
 pub mod directory;
 pub mod pending;
 pub mod presence;
+pub mod ratelimit;
 pub mod rooms;
 pub mod timer;
 

@@ -179,12 +179,20 @@ pub struct Debounce {
     last_at: Option<u64>,
     /// When the current transient status expires (`u64::MAX`: none).
     pub transient_until: u64,
+    /// Who the transient status was addressed to (`None`: watchers and rooms).
+    transient_target: Option<i64>,
     base: Box<str>,
 }
 
 impl Default for Debounce {
     fn default() -> Self {
-        Debounce { last: 0, last_at: None, transient_until: u64::MAX, base: "online".into() }
+        Debounce {
+            last: 0,
+            last_at: None,
+            transient_until: u64::MAX,
+            transient_target: None,
+            base: "online".into(),
+        }
     }
 }
 
@@ -219,6 +227,7 @@ impl Debounce {
         self.last_at = Some(now);
         if transient {
             self.transient_until = now + policy.ttl_ms;
+            self.transient_target = target;
         } else if target.is_none() {
             self.base = status.into();
             self.transient_until = u64::MAX;
@@ -226,14 +235,15 @@ impl Debounce {
         Admit::Send
     }
 
-    /// At `now`, the status to fall back to if a transient status has expired.
-    pub fn expire(&mut self, now: u64) -> Option<Box<str>> {
+    /// At `now`, if a transient status has expired: the status to fall back to, and the user
+    /// the transient status was addressed to (the revert goes to the same audience).
+    pub fn expire(&mut self, now: u64) -> Option<(Box<str>, Option<i64>)> {
         if now < self.transient_until {
             return None;
         }
         self.transient_until = u64::MAX;
         self.last_at = None;
-        Some(self.base.clone())
+        Some((self.base.clone(), self.transient_target.take()))
     }
 }
 
@@ -277,8 +287,15 @@ mod debounce_tests {
         assert_eq!(d.expire(7999), None);
         d.admit("typing", None, None, 5500, &p); // coalesced, but extends the expiry
         assert_eq!(d.expire(8000), None);
-        assert_eq!(d.expire(8500).as_deref(), Some("busy"));
+        assert_eq!(d.expire(8500), Some(("busy".into(), None)));
         assert_eq!(d.expire(9000), None, "expires once");
         assert_eq!(d.admit("typing", None, None, 9001, &p), Admit::Send, "a new burst is not coalesced");
+    }
+
+    #[test]
+    fn targeted_typing_reverts_at_its_target() {
+        let (mut d, p) = (Debounce::default(), policy());
+        d.admit("typing", None, Some(7), 0, &p);
+        assert_eq!(d.expire(3000), Some(("online".into(), Some(7))));
     }
 }

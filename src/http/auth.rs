@@ -113,6 +113,7 @@ impl Authenticator {
         };
         let mut validation = Validation::new(algorithm);
         validation.validate_nbf = true;
+        validation.leeway = config.jwt_leeway.as_secs();
         // A configured issuer/audience must be present, not merely match when present.
         match &config.jwt_issuer {
             Some(iss) => {

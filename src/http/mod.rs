@@ -115,6 +115,11 @@ impl Gate {
         Decision::Upgrade { jwt, subprotocol, insecure_user_id: false }
     }
 
+    /// Verifies a token with the configured key (for `auth_refresh`).
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.auth.as_ref().map_or(Err(AuthError::Unconfigured), |auth| auth.verify(token))
+    }
+
     /// `allowed_origins`: `*` allows any; an empty list allows only the request's own host;
     /// otherwise exact (case-insensitive) matches. A request without `Origin` is not from a
     /// browser and is allowed.

@@ -102,6 +102,14 @@ pub struct RoomPublish<'a> {
     pub meta: Option<&'a RawValue>,
 }
 
+/// `auth_refresh` payload.
+#[derive(Debug, Deserialize)]
+pub struct AuthRefresh<'a> {
+    /// The new JWT.
+    #[serde(borrow)]
+    pub token: Cow<'a, str>,
+}
+
 /// `client_ack` payload.
 #[derive(Debug, Deserialize)]
 pub struct ClientAck<'a> {

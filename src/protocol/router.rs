@@ -5,7 +5,9 @@
 
 use std::borrow::Cow;
 
-use super::envelope::{ClientAck, ClientMessage, PresenceUpdate, PresenceWatch, RoomPublish, RoomRef};
+use super::envelope::{
+    AuthRefresh, ClientAck, ClientMessage, PresenceUpdate, PresenceWatch, RoomPublish, RoomRef,
+};
 use crate::core::rooms::validate_name;
 
 /// Largest `userIds` list accepted by one `presence_subscribe`.
@@ -55,6 +57,8 @@ pub enum Route<'a> {
     RoomPublish(RoomPublish<'a>),
     /// `room_presence` `{room}`: the current presence of each member.
     RoomPresence(Cow<'a, str>),
+    /// `auth_refresh` `{token}`: extend the session with a new token of the same user.
+    AuthRefresh(Cow<'a, str>),
     /// Seed 004 `HEARTBEAT`: answer `HEARTBEAT_ACK`.
     Heartbeat,
     /// Seed 004 `DISCONNECT`: close 1000.
@@ -94,6 +98,10 @@ pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
         "broadcast" => match msg.payload_as::<RoomPublish>() {
             Ok(publish) => Route::RoomPublish(publish),
             Err(e) => reject_owned(400, format!("invalid broadcast payload (want room, body, meta?): {e}")),
+        },
+        "auth_refresh" => match msg.payload_as::<AuthRefresh>() {
+            Ok(refresh) => Route::AuthRefresh(refresh.token),
+            Err(e) => reject_owned(400, format!("invalid auth_refresh payload (want token): {e}")),
         },
         "HEARTBEAT" => Route::Heartbeat,
         "DISCONNECT" => Route::Disconnect,

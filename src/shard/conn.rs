@@ -46,6 +46,14 @@ pub struct Session {
     pub rooms: Vec<std::sync::Arc<str>>,
     /// Presence coalescing and transient-status expiry.
     pub debounce: crate::core::presence::Debounce,
+    /// Message rate limit.
+    pub messages: crate::core::ratelimit::TokenBucket,
+    /// Byte rate limit.
+    pub bytes: crate::core::ratelimit::TokenBucket,
+    /// Refusals, for closing sustained abusers.
+    pub strikes: crate::core::ratelimit::Strikes,
+    /// When the token expires, in shard milliseconds (`u64::MAX`: never).
+    pub expires_deadline: u64,
 }
 
 /// Why a frame was not queued.
@@ -226,7 +234,9 @@ impl Conn {
         match self.phase {
             Phase::Open => {
                 let write = self.write_blocked_at.saturating_add(write_wait_ms);
-                let transient = self.session.as_ref().map_or(u64::MAX, |s| s.debounce.transient_until);
+                let session = self.session.as_deref();
+                let transient =
+                    session.map_or(u64::MAX, |s| s.debounce.transient_until.min(s.expires_deadline));
                 self.read_deadline.min(self.next_ping).min(write).min(transient)
             }
             _ => self.deadline,

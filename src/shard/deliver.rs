@@ -1,6 +1,8 @@
 //! Carrying out routing decisions: deliveries to users and connections, broadcasts, presence,
 //! and the messages other shards send us.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::Shard;
@@ -96,6 +98,7 @@ impl Shard {
             Route::Leave(room) => self.leave_room(key, user, &room, pid),
             Route::RoomPublish(publish) => self.publish_from_client(key, user, &publish, pid),
             Route::RoomPresence(room) => self.room_roster(key, &room, pid),
+            Route::AuthRefresh(token) => self.refresh_token(key, user, &token, pid),
             Route::Heartbeat => self.reply(key, heartbeat_ack(Self::wall_ms())),
             Route::Disconnect => self.close(key, close::NORMAL, "client requested disconnect"),
             Route::Reject { code, message } => {
@@ -198,9 +201,9 @@ impl Shard {
         let now = self.now;
         let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return };
         let user = session.user;
-        if let Some(base) = session.debounce.expire(now) {
+        if let Some((base, target)) = session.debounce.expire(now) {
             let presence = Presence { status: base, context: None, since_ms: Self::wall_ms() };
-            self.presence_update(key, user, presence, None);
+            self.presence_update(key, user, presence, target);
         }
     }
 
@@ -215,25 +218,72 @@ impl Shard {
                 self.broadcast(encode_presence(user, &presence), Some(self.addr(key)));
                 false
             }
-            (None, _) => {
-                self.presence_to_rooms(key, &encode_presence(user, &presence));
-                true
-            }
+            (None, _) => true,
         };
-        self.send_to(home, ShardMsg::PresenceSet { user, presence, fan_out });
+        let rooms = if fan_out { self.rooms_of(key) } else { Vec::new() };
+        let except = Some(self.addr(key));
+        self.send_to(home, ShardMsg::PresenceSet { user, presence, fan_out, rooms, except });
     }
 
-    /// Home shard: tells `user`'s watchers (or everyone, with `presence_scope = "all"`).
-    fn announce_presence(&mut self, user: i64, presence: &Presence) {
+    /// Home shard: tells `user`'s watchers and the members of `rooms` — each receiving
+    /// connection once, even when it is reached through several of them — or everyone, with
+    /// `presence_scope = "all"`.
+    fn announce_presence(
+        &mut self,
+        user: i64,
+        presence: &Presence,
+        rooms: Vec<Arc<str>>,
+        except: Option<ConnAddr>,
+    ) {
         let frame = encode_presence(user, presence);
         if self.shared.config.presence_scope == PresenceScope::All {
-            self.broadcast(frame, None);
+            self.broadcast(frame, except);
             return;
         }
-        let watchers = self.presence.watchers_of(user).to_vec();
-        if !watchers.is_empty() {
-            self.deliver_to_users(&watchers, frame);
+        let shards = self.shards();
+        let mut users_by_shard: Vec<Vec<i64>> = vec![Vec::new(); shards];
+        let mut mask = rooms.iter().fold(0u64, |mask, room| mask | self.rooms.shards_of(room));
+        for &watcher in self.presence.watchers_of(user) {
+            let mut held = self.directory.shards_of(watcher);
+            mask |= held;
+            while held != 0 {
+                users_by_shard[held.trailing_zeros() as usize].push(watcher);
+                held &= held - 1;
+            }
         }
+        let rooms: Arc<[Arc<str>]> = rooms.into();
+        while mask != 0 {
+            let shard = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let users = std::mem::take(&mut users_by_shard[shard]);
+            let msg =
+                ShardMsg::PresenceFanout { frame: frame.clone(), rooms: Arc::clone(&rooms), users, except };
+            self.send_to(shard, msg);
+        }
+    }
+
+    /// Local part of a presence fan-out: room members and watchers' connections, each once.
+    fn presence_fanout(
+        &mut self,
+        frame: &Bytes,
+        rooms: &[Arc<str>],
+        users: &[i64],
+        except: Option<ConnAddr>,
+    ) {
+        let skip = except.filter(|a| a.shard == self.id).map(|a| a.key);
+        let mut keys = self.rooms.local_union(rooms);
+        for &user in users {
+            keys.extend_from_slice(self.directory.local(user));
+        }
+        keys.sort_unstable_by_key(|k| (k.index, k.generation));
+        keys.dedup();
+        for key in keys.into_iter().filter(|k| Some(*k) != skip) {
+            self.sink.push(&mut self.conns, key, frame.clone());
+        }
+    }
+
+    fn rooms_of(&mut self, key: ConnKey) -> Vec<Arc<str>> {
+        self.conn_mut(key).and_then(|c| c.session.as_deref()).map(|s| s.rooms.clone()).unwrap_or_default()
     }
 
     /// Handles a message from another shard (or from ourselves).
@@ -250,11 +300,14 @@ impl Shard {
             }
             ShardMsg::DeliverConn { key, frame } => self.reply(key, frame),
             ShardMsg::Broadcast { frame, except } => self.broadcast_local(&frame, except),
-            ShardMsg::PresenceSet { user, presence, fan_out } => {
+            ShardMsg::PresenceSet { user, presence, fan_out, rooms, except } => {
                 if fan_out {
-                    self.announce_presence(user, &presence);
+                    self.announce_presence(user, &presence, rooms, except);
                 }
                 self.presence.update(user, presence);
+            }
+            ShardMsg::PresenceFanout { frame, rooms, users, except } => {
+                self.presence_fanout(&frame, &rooms, &users, except);
             }
             ShardMsg::AdmitWatch { watcher, targets, reply, pid } => {
                 self.admit_watch(watcher, targets, reply, pid)
@@ -288,7 +341,7 @@ impl Shard {
             ShardMetrics::inc(&self.metrics().users_current);
             let now = Self::wall_ms();
             let presence = Presence { status: "online".into(), context: None, since_ms: now };
-            self.announce_presence(user, &presence);
+            self.announce_presence(user, &presence, Vec::new(), None);
             self.presence.online(user, now);
         }
     }
@@ -299,7 +352,7 @@ impl Shard {
         }
         ShardMetrics::dec(&self.metrics().users_current);
         self.presence.offline(user);
-        self.announce_presence(user, &Presence::offline(Self::wall_ms()));
+        self.announce_presence(user, &Presence::offline(Self::wall_ms()), Vec::new(), None);
         let watched = self.presence.take_watching(user);
         self.for_each_home(watched, |targets| ShardMsg::Unwatch { watcher: user, targets });
     }

@@ -6,6 +6,7 @@ use super::Shard;
 use super::conn::{Phase, Session};
 use super::msg::ShardMsg;
 use crate::app::application::{Admission, Rejection};
+use crate::core::ratelimit::{Strikes, TokenBucket};
 use crate::core::{ConnKey, Directory};
 use crate::http::Decision;
 use crate::http::auth::{AuthError, Identity};
@@ -35,17 +36,8 @@ impl Shard {
                     Decision::Upgrade { jwt, subprotocol, insecure_user_id } => {
                         match self.call_authenticate(&request, jwt) {
                             Ok(admission) => {
-                                let user = admission.identity.user_id;
-                                self.upgrade(
-                                    key,
-                                    admission,
-                                    subprotocol,
-                                    request.ws_key.as_deref().unwrap_or(""),
-                                );
-                                if insecure_user_id {
-                                    let frame = connect_greeting(user, Self::wall_ms());
-                                    self.sink.push(&mut self.conns, key, frame);
-                                }
+                                let ws_key = request.ws_key.as_deref().unwrap_or("");
+                                self.upgrade(key, admission, subprotocol, ws_key, insecure_user_id);
                             }
                             Err(rejection) => self.refuse(key, rejection.status, &rejection.message),
                         }
@@ -121,12 +113,16 @@ impl Shard {
     /// Seed 004: a bad `?userId=` still gets its WebSocket, then close 1002.
     fn upgrade_then_close(&mut self, key: ConnKey, ws_key: &str, reason: &str) {
         ShardMetrics::inc(&self.metrics().handshake_failures);
+        let deadline = self.close_deadline();
         let Some(conn) = self.conn_mut(key) else { return };
         log::info!("handshake without a valid userId peer={}: {reason}", conn.peer);
         conn.inbuf = Vec::new();
         conn.out.push(Bytes::from(switching_protocols(ws_key, None)));
-        conn.phase = Phase::Open;
-        self.close(key, crate::ws::close::PROTOCOL_ERROR, reason);
+        conn.out.push(crate::ws::FrameEncoder::close(crate::ws::close::PROTOCOL_ERROR, reason));
+        conn.phase = Phase::Closing { peer_done: false };
+        conn.deadline = deadline;
+        self.mark_dirty(key);
+        self.schedule_before(key, deadline);
     }
 
     /// The application's authentication, shielded from its panics.
@@ -143,14 +139,18 @@ impl Shard {
             })
     }
 
+    /// Opens the WebSocket: the 101 (and seed 004's `CONNECT` when `greet`) are the first
+    /// frames, before any event the new connection causes.
     fn upgrade(
         &mut self,
         key: ConnKey,
         admission: Admission,
         subprotocol: Option<&'static str>,
         ws_key: &str,
+        greet: bool,
     ) {
         let Admission { identity, user_data } = admission;
+        let (rates, expires_deadline) = (self.rates, self.expiry_deadline(identity.expires_at));
         let limit = self.limits.max_connections;
         if limit > 0 && self.shared.metrics.sum(|s| &s.connections_current) as usize >= limit {
             self.refuse(key, 503, "server at max_connections");
@@ -165,6 +165,9 @@ impl Shard {
             return;
         };
         conn.out.push(accept);
+        if greet {
+            conn.out.push(connect_greeting(user, Self::wall_ms()));
+        }
         conn.phase = Phase::Open;
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.next_ping = now + limits.ping_period_ms;
@@ -177,6 +180,10 @@ impl Shard {
             user_data,
             rooms: Vec::new(),
             debounce: Default::default(),
+            messages: TokenBucket::full(rates.messages, now),
+            bytes: TokenBucket::full(rates.bytes, now),
+            strikes: Strikes::default(),
+            expires_deadline,
         }));
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();
@@ -184,7 +191,10 @@ impl Shard {
         ShardMetrics::inc(&metrics.connections_current);
         log::info!("connect user={user} peer={peer} shard={}", self.id);
         self.mark_dirty(key);
-        self.schedule_before(key, now + limits.ping_period_ms.min(limits.pong_wait_ms));
+        self.schedule_before(
+            key,
+            (now + limits.ping_period_ms.min(limits.pong_wait_ms)).min(expires_deadline),
+        );
         if self.directory.add_local(user, key) {
             self.announce_replica(user, true);
         }

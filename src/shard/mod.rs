@@ -7,6 +7,7 @@ mod callbacks;
 pub mod conn;
 mod deliver;
 mod handshake;
+mod limits;
 pub mod msg;
 mod read;
 mod rooms;
@@ -195,6 +196,13 @@ pub struct Shard {
     app_out: Vec<bytes::Bytes>,
     /// Typing-like statuses: expiry and coalescing.
     transient: crate::core::presence::TransientPolicy,
+    /// Rate limits.
+    rates: limits::Rates,
+    /// `room_presence` requests gathering member lists.
+    rosters: Slab<rooms::Roster>,
+    /// Per-user message buckets, shared by a user's connections on this shard.
+    user_buckets:
+        std::collections::HashMap<i64, crate::core::ratelimit::TokenBucket, foldhash::fast::RandomState>,
 }
 
 impl Shard {
@@ -233,6 +241,9 @@ impl Shard {
                 ttl_ms: shared.config.transient_ttl.as_millis() as u64,
                 coalesce_ms: shared.config.presence_coalesce.as_millis() as u64,
             },
+            rates: limits::Rates::from(&shared.config),
+            rosters: Slab::new(),
+            user_buckets: Default::default(),
             shared,
         }
     }
@@ -525,6 +536,7 @@ impl Shard {
         self.notify_disconnect(session.user, key, reason);
         log::info!("disconnect user={} peer={} shard={} reason={reason}", session.user, conn_peer, self.id);
         if self.directory.remove_local(session.user, key) {
+            self.forget_user_bucket(session.user);
             self.announce_replica(session.user, false);
         }
         let home = Directory::home_of(session.user, self.shards());
@@ -589,6 +601,9 @@ impl Shard {
             }
             Phase::Open if conn.write_blocked_at.saturating_add(limits.write_wait_ms) <= now => {
                 self.drop_conn(key, "write timeout");
+            }
+            Phase::Open if conn.session.as_ref().is_some_and(|s| s.expires_deadline <= now) => {
+                self.expire_session(key);
             }
             Phase::Open if conn.session.as_ref().is_some_and(|s| s.debounce.transient_until <= now) => {
                 self.expire_transient(key);

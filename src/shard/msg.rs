@@ -76,8 +76,24 @@ pub enum ShardMsg {
         user: i64,
         /// The new presence.
         presence: Presence,
-        /// Notify watchers (false when the update was targeted at one user).
+        /// Notify watchers and `rooms` (false when the update was targeted at one user).
         fan_out: bool,
+        /// The sending connection's rooms, whose members are told too.
+        rooms: Vec<Arc<str>>,
+        /// The sending connection, which is not told.
+        except: Option<ConnAddr>,
+    },
+    /// Queue `frame` on the local members of `rooms` and local connections of `users`, each
+    /// connection once, except `except`.
+    PresenceFanout {
+        /// The encoded presence event.
+        frame: Bytes,
+        /// Rooms whose members receive it.
+        rooms: Arc<[Arc<str>]>,
+        /// Watchers with connections on the receiving shard.
+        users: Vec<i64>,
+        /// The connection not to tell.
+        except: Option<ConnAddr>,
     },
     /// To the watcher's home shard: admit a subscription request.
     AdmitWatch {
@@ -194,12 +210,21 @@ pub enum ShardMsg {
         /// Gets `Delivered(n)`.
         done: Option<Completion>,
     },
-    /// Ask the home shard of each local member of `room` to send its presence to `reply`.
+    /// Report the local members' user ids of `room` to `reply_shard`'s roster `roster`.
     RoomRoster {
         /// The room.
         room: Arc<str>,
-        /// The connection asking.
-        reply: ConnAddr,
+        /// The asking shard.
+        reply_shard: ShardId,
+        /// The asking shard's gather entry.
+        roster: u32,
+    },
+    /// One shard's part of a roster: local members' user ids.
+    RosterPart {
+        /// The gather entry.
+        roster: u32,
+        /// User ids.
+        users: Vec<i64>,
     },
     /// To `user`'s home shard: send the user's current presence to `reply`.
     PresenceQuery {

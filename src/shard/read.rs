@@ -210,6 +210,9 @@ impl Shard {
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.messages_in);
         metrics.observe_size(text.len());
+        if !self.admit_message(key, text.len()) {
+            return;
+        }
         if std::str::from_utf8(text).is_err() {
             self.fail(key, FrameError::InvalidUtf8);
             return;

@@ -14,6 +14,14 @@ use crate::core::presence::Presence;
 use crate::metrics::ShardMetrics;
 use crate::protocol::envelope::{RoomPublish, error_notification, presence_event, room_message, server_ack};
 
+/// A `room_presence` request gathering member lists from the shards.
+#[derive(Debug)]
+pub(super) struct Roster {
+    reply: ConnKey,
+    remaining: u32,
+    users: Vec<i64>,
+}
+
 /// Result of a join or leave, for the client's answer.
 enum Membership {
     Done(&'static str),
@@ -187,30 +195,42 @@ impl Shard {
         self.publish_to_rooms(Arc::from(vec![Arc::clone(room)]), frame, except, None);
     }
 
-    /// A presence change of the sender reaches the members of its rooms, once per connection.
-    pub(super) fn presence_to_rooms(&mut self, key: ConnKey, frame: &Bytes) {
-        let rooms = self
-            .conn_mut(key)
-            .and_then(|c| c.session.as_deref())
-            .map(|s| s.rooms.clone())
-            .unwrap_or_default();
-        if !rooms.is_empty() {
-            self.publish_to_rooms(rooms.into(), frame.clone(), Some(self.addr(key)), None);
-        }
-    }
-
-    /// `room_presence` `{room}`: every member's home shard sends its presence to the asker.
+    /// `room_presence` `{room}`: gathers the member list from every shard with members, then
+    /// each member's home shard sends its presence to the asker (each user once).
     pub(super) fn room_roster(&mut self, key: ConnKey, room: &str, pid: Option<&str>) {
         let room = self.rooms.intern(room);
-        let reply = self.addr(key);
         if let Some(pid) = pid {
             self.sink.push(&mut self.conns, key, server_ack(pid, "ok"));
         }
         let mut rest = self.rooms.shards_of(&room);
+        if rest == 0 {
+            return;
+        }
+        let roster = Roster { reply: key, remaining: rest.count_ones(), users: Vec::new() };
+        let roster = self.rosters.insert(roster) as u32;
         while rest != 0 {
             let shard = rest.trailing_zeros() as ShardId;
             rest &= rest - 1;
-            self.send_to(shard, ShardMsg::RoomRoster { room: Arc::clone(&room), reply });
+            self.send_to(
+                shard,
+                ShardMsg::RoomRoster { room: Arc::clone(&room), reply_shard: self.id, roster },
+            );
+        }
+    }
+
+    fn roster_part(&mut self, roster: u32, users: Vec<i64>) {
+        let Some(entry) = self.rosters.get_mut(roster as usize) else { return };
+        entry.users.extend(users);
+        entry.remaining -= 1;
+        if entry.remaining > 0 {
+            return;
+        }
+        let Roster { reply, mut users, .. } = self.rosters.remove(roster as usize);
+        users.sort_unstable();
+        users.dedup();
+        let reply = self.addr(reply);
+        for user in users {
+            self.send_to(self.home_shard(user), ShardMsg::PresenceQuery { user, reply });
         }
     }
 
@@ -238,11 +258,11 @@ impl Shard {
                     done.complete(Outcome::Delivered(count));
                 }
             }
-            ShardMsg::RoomRoster { room, reply } => {
-                for user in self.local_room_users(&room) {
-                    self.send_to(self.home_shard(user), ShardMsg::PresenceQuery { user, reply });
-                }
+            ShardMsg::RoomRoster { room, reply_shard, roster } => {
+                let users = self.local_room_users(&room);
+                self.send_to(reply_shard, ShardMsg::RosterPart { roster, users });
             }
+            ShardMsg::RosterPart { roster, users } => self.roster_part(roster, users),
             ShardMsg::PresenceQuery { user, reply } => {
                 let presence: Presence = self.presence.get(user, Self::wall_ms());
                 let frame = super::deliver::encode_presence(user, &presence);

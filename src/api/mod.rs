@@ -1,0 +1,162 @@
+//! The backend HTTP API: server-initiated operations for backends written in any language.
+//!
+//! One thread runs its own `mio` event loop with a listener on `api_listen` (loopback by
+//! default, so it is never exposed next to public clients by accident). Every request is
+//! authenticated with `Authorization: apikey <api_key>` and turned into a [`crate::app::Handle`]
+//! operation whose outcomes come back through a channel and a [`mio::Waker`]. A call that waits
+//! for a client (`"ack": true`, `request`) is just a slab entry until its outcome arrives: no
+//! thread and no shard is held per waiting call, so thousands can wait at once.
+//!
+//! # Routes
+//!
+//! | request | success | body |
+//! |---|---|---|
+//! | `POST /api/v1/send` `{"userId", "message", "ack"?, "timeoutMs"?}` | 200 | `{"delivered": n}`; with `"ack": true` `{"delivered": 1, "ack": {"status", "error"}}` |
+//! | `POST /api/v1/send_many` `{"userIds", "message"}` | 200 | `{"delivered": total}` |
+//! | `POST /api/v1/broadcast` `{"message", "exclude"?}` | 200 | `{"delivered": total}` |
+//! | `POST /api/v1/request` `{"userId", "message", "timeoutMs"?}` | 200 | `{"response": <the client's whole message>}` |
+//! | `GET /api/v1/users/{id}` | 200 | `{"userId", "online", "connections"}` |
+//! | `DELETE /api/v1/users/{id}/connections` | 200 | `{"disconnected": n}` |
+//! | `POST /api/v1/rooms/{room}/publish` | 501 | rooms are not implemented yet |
+//!
+//! `message` is `{"type": string, "payload"?: any JSON (forwarded byte-for-byte),
+//! "fromUserId"?: int}`. An acknowledged send and a request go to the user's newest
+//! connection; a plain send goes to all of the user's connections.
+//!
+//! # Errors
+//!
+//! Every error is `{"error": message}` (waits add `"reason"`):
+//!
+//! | status | when |
+//! |---|---|
+//! | 400 | malformed HTTP, bad JSON, a missing or mistyped field, a bad user id in the path |
+//! | 401 | no `Authorization: apikey <key>` header, or the wrong key (answered with `WWW-Authenticate: apikey`) |
+//! | 404 | unknown path; the user is offline (`send`, `"reason": "offline"`) |
+//! | 405 | known path, wrong method (with `Allow`) |
+//! | 408 | the request was not received within 30 s |
+//! | 410 | `"reason": "closed"`: the connection asked closed before the client answered |
+//! | 411 | a body without `Content-Length` (chunked bodies are not supported) |
+//! | 413 | a body over 1 MiB |
+//! | 431 | a request head over 8 KiB or with too many headers |
+//! | 501 | room publish (not implemented yet) |
+//! | 503 | `"reason": "shutting_down"`: the server is shutting down; too many API connections |
+//! | 504 | `"reason": "timeout"`: the client did not answer within `timeoutMs` (default `ack_timeout` / `request_timeout`) |
+//!
+//! HTTP/1.1 keep-alive is supported (HTTP/1.0 only with `Connection: keep-alive`); requests
+//! pipelined on one connection are answered in order. Error responses that leave the request
+//! stream in an unknown state (400 malformed, 408, 411, 413, 431) close the connection.
+
+mod conn;
+mod event_loop;
+mod head;
+mod reply;
+mod routes;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::thread::JoinHandle;
+
+use mio::{Poll, Token, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::app::Handle;
+use crate::config::Config;
+
+/// Largest request body accepted; a larger `Content-Length` is answered 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Most API connections open at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 16 * 1024;
+/// Listen backlog of the API socket.
+const BACKLOG: i32 = 1024;
+
+/// The API thread's run state, set by [`ApiServer`].
+const RUN: u8 = 0;
+/// New requests are answered 503; waits in flight still get their outcomes.
+const DRAIN: u8 = 1;
+/// Answer what is waiting with 503 and exit.
+const STOP: u8 = 2;
+
+/// Token of the API thread's waker (outcomes and control).
+const WAKER: Token = Token(usize::MAX - 1);
+/// Token of the API listener.
+const LISTENER: Token = Token(usize::MAX - 2);
+
+/// The running API thread. Dropping it stops the thread and waits for it.
+#[derive(Debug)]
+pub struct ApiServer {
+    local_addr: SocketAddr,
+    waker: Arc<Waker>,
+    control: Arc<AtomicU8>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts the API listener and its thread; `Ok(None)` when `api_key` is not configured (the
+/// API is off).
+pub fn start(config: &Config, handle: Handle) -> io::Result<Option<ApiServer>> {
+    let Some(key) = config.api_key.as_deref() else {
+        return Ok(None);
+    };
+    let listener = bind(config.api_listen)?;
+    let local_addr = listener.local_addr()?;
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let control = Arc::new(AtomicU8::new(RUN));
+    let api = event_loop::ApiLoop::new(
+        poll,
+        mio::net::TcpListener::from_std(listener),
+        handle,
+        event_loop::Settings {
+            key: key.as_bytes().into(),
+            ack_timeout: config.ack_timeout,
+            request_timeout: config.request_timeout,
+        },
+        Arc::clone(&waker),
+        Arc::clone(&control),
+    )?;
+    let thread = std::thread::Builder::new().name("customws-api".into()).spawn(move || api.run())?;
+    log::info!("backend HTTP API listening on {local_addr}");
+    Ok(Some(ApiServer { local_addr, waker, control, thread: Some(thread) }))
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+impl ApiServer {
+    /// The address the API listens on (the real port when 0 was configured).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Begins shutdown: new requests are answered 503, calls already waiting still receive
+    /// their outcomes (the shards fail pending waits as shutting down). Does not wait.
+    pub fn begin_shutdown(&self) {
+        let _ = self.control.compare_exchange(RUN, DRAIN, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.waker.wake();
+    }
+
+    /// Stops the thread and waits for it: calls still waiting are answered 503 (best effort)
+    /// and every API connection is closed.
+    pub fn shutdown(&mut self) {
+        self.control.store(STOP, Ordering::Release);
+        let _ = self.waker.wake();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the API thread panicked");
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

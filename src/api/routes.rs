@@ -1,0 +1,425 @@
+//! Routing: a request (method, path, JSON body) becomes a [`Call`] on the application
+//! handle, and the call's outcomes become one [`Reply`].
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::reply::{Reply, wait_failed};
+use crate::app::handle::{Handle, Op};
+use crate::app::ops::{Completion, OutMessage, Outcome};
+
+/// Largest `timeoutMs` accepted (one hour).
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+/// A routed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// `POST /api/v1/send`.
+    Send,
+    /// `POST /api/v1/send_many`.
+    SendMany,
+    /// `POST /api/v1/broadcast`.
+    Broadcast,
+    /// `POST /api/v1/request`.
+    Request,
+    /// `GET /api/v1/users/{id}`.
+    User(i64),
+    /// `DELETE /api/v1/users/{id}/connections`.
+    Disconnect(i64),
+    /// `POST /api/v1/rooms/{room}/publish`.
+    RoomPublish,
+}
+
+/// Finds the route of `method path`: 404 for an unknown path, 405 for a known path with
+/// another method, 400 for a user id that is not an integer.
+pub(super) fn route(method: &str, path: &str) -> Result<Route, Reply> {
+    let Some(rest) = path.strip_prefix("/api/v1/") else {
+        return Err(not_found(path));
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (route, allow) = match segments.as_slice() {
+        ["send"] => (Route::Send, "POST"),
+        ["send_many"] => (Route::SendMany, "POST"),
+        ["broadcast"] => (Route::Broadcast, "POST"),
+        ["request"] => (Route::Request, "POST"),
+        ["users", id] if !id.is_empty() => (Route::User(user_id(id)?), "GET"),
+        ["users", id, "connections"] if !id.is_empty() => (Route::Disconnect(user_id(id)?), "DELETE"),
+        ["rooms", room, "publish"] if !room.is_empty() => (Route::RoomPublish, "POST"),
+        _ => return Err(not_found(path)),
+    };
+    if method == allow { Ok(route) } else { Err(Reply::method_not_allowed(allow)) }
+}
+
+fn not_found(path: &str) -> Reply {
+    Reply::error(404, &format!("no API endpoint at {path}"))
+}
+
+fn user_id(segment: &str) -> Result<i64, Reply> {
+    segment
+        .parse()
+        .map_err(|_| Reply::error(400, &format!("user id in the path must be an integer, got {segment:?}")))
+}
+
+/// An operation to start on the handle, owning its inputs.
+#[derive(Debug)]
+pub(super) enum Call {
+    /// Send to one user (404 when offline) or to several (`many`).
+    Send {
+        /// Receiving users.
+        users: Vec<i64>,
+        /// The message.
+        msg: OutMessage,
+        /// `send_many`: never 404.
+        many: bool,
+    },
+    /// Broadcast with exclusions.
+    Broadcast {
+        /// The message.
+        msg: OutMessage,
+        /// Users to skip.
+        exclude: Vec<i64>,
+    },
+    /// Send for a `client_ack`.
+    Ack {
+        /// Receiving user.
+        user: i64,
+        /// The message.
+        msg: OutMessage,
+        /// `timeoutMs`.
+        timeout: Option<Duration>,
+    },
+    /// Send a request and wait for the reply.
+    Request {
+        /// Receiving user.
+        user: i64,
+        /// The message.
+        msg: OutMessage,
+        /// `timeoutMs`.
+        timeout: Option<Duration>,
+    },
+    /// Query a user's connections.
+    Query {
+        /// The user.
+        user: i64,
+    },
+    /// Close a user's connections.
+    Disconnect {
+        /// The user.
+        user: i64,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageIn {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    payload: Option<Box<RawValue>>,
+    #[serde(default)]
+    from_user_id: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendIn {
+    user_id: i64,
+    message: Box<RawValue>,
+    #[serde(default)]
+    ack: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendManyIn {
+    user_ids: Vec<i64>,
+    message: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BroadcastIn {
+    message: Box<RawValue>,
+    #[serde(default)]
+    exclude: Vec<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn {
+    user_id: i64,
+    message: Box<RawValue>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// The call for a routed request with its body, or the reply when there is nothing to start.
+pub(super) fn call(route: Route, body: &[u8]) -> Result<Call, Reply> {
+    Ok(match route {
+        Route::Send => {
+            let input: SendIn = parse_body(body)?;
+            let msg = message(&input.message)?;
+            if input.ack {
+                Call::Ack { user: input.user_id, msg, timeout: timeout(input.timeout_ms)? }
+            } else {
+                Call::Send { users: vec![input.user_id], msg, many: false }
+            }
+        }
+        Route::SendMany => {
+            let input: SendManyIn = parse_body(body)?;
+            Call::Send { users: input.user_ids, msg: message(&input.message)?, many: true }
+        }
+        Route::Broadcast => {
+            let input: BroadcastIn = parse_body(body)?;
+            Call::Broadcast { msg: message(&input.message)?, exclude: input.exclude }
+        }
+        Route::Request => {
+            let input: RequestIn = parse_body(body)?;
+            let msg = message(&input.message)?;
+            Call::Request { user: input.user_id, msg, timeout: timeout(input.timeout_ms)? }
+        }
+        Route::User(user) => Call::Query { user },
+        Route::Disconnect(user) => Call::Disconnect { user },
+        Route::RoomPublish => return Err(Reply::error(501, "rooms are not implemented yet")),
+    })
+}
+
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
+    serde_json::from_slice(body).map_err(|e| Reply::error(400, &describe("request body", &e)))
+}
+
+fn describe(what: &str, e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Data => format!("invalid {what}: {e}"),
+        _ => format!("{what} is not valid JSON: {e}"),
+    }
+}
+
+fn message(raw: &RawValue) -> Result<OutMessage, Reply> {
+    let input: MessageIn = serde_json::from_str(raw.get()).map_err(|e| {
+        let text = if raw.get().trim_start().starts_with('{') {
+            format!("invalid message: {e}")
+        } else {
+            "invalid message: expected an object {\"type\", \"payload\"?, \"fromUserId\"?}".to_string()
+        };
+        Reply::error(400, &text)
+    })?;
+    if input.kind.is_empty() {
+        return Err(Reply::error(400, "invalid message: `type` must not be empty"));
+    }
+    Ok(OutMessage { kind: input.kind, payload: input.payload, from_user_id: input.from_user_id })
+}
+
+fn timeout(ms: Option<u64>) -> Result<Option<Duration>, Reply> {
+    match ms {
+        None => Ok(None),
+        Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(Some(Duration::from_millis(ms))),
+        Some(_) => Err(Reply::error(400, &format!("timeoutMs must be between 1 and {MAX_TIMEOUT_MS}"))),
+    }
+}
+
+/// What a started call still waits for, and how its outcomes add up.
+#[derive(Debug)]
+pub(super) struct Tally {
+    kind: Kind,
+    left: usize,
+    delivered: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    SendOne { user: i64 },
+    Sum,
+    Ack,
+    Request,
+    Query { user: i64 },
+    Disconnect,
+}
+
+impl Call {
+    /// Starts the call; its outcomes arrive through `done`.
+    pub(super) fn submit(&self, handle: &Handle, done: &Completion) -> Tally {
+        let (op, kind) = match self {
+            Call::Send { users, msg, many } => {
+                let kind = match (many, users.as_slice()) {
+                    (false, [user]) => Kind::SendOne { user: *user },
+                    _ => Kind::Sum,
+                };
+                (Op::Send { users, msg }, kind)
+            }
+            Call::Broadcast { msg, exclude } => (Op::Broadcast { msg, exclude }, Kind::Sum),
+            Call::Ack { user, msg, timeout } => (Op::Ack { user: *user, msg, timeout: *timeout }, Kind::Ack),
+            Call::Request { user, msg, timeout } => {
+                (Op::Request { user: *user, msg, timeout: *timeout }, Kind::Request)
+            }
+            Call::Query { user } => (Op::Query { user: *user }, Kind::Query { user: *user }),
+            Call::Disconnect { user } => (Op::Disconnect { user: *user }, Kind::Disconnect),
+        };
+        let left = handle.submit(op, done);
+        Tally { kind, left, delivered: 0 }
+    }
+
+    /// Whether the call waits for a client (its safety deadline is the wait's timeout).
+    pub(super) fn wait_timeout(&self) -> Option<Option<Duration>> {
+        match self {
+            Call::Ack { timeout, .. } | Call::Request { timeout, .. } => Some(*timeout),
+            _ => None,
+        }
+    }
+}
+
+impl Tally {
+    /// The reply when every outcome is already in (a call with no parts: `send_many` to an
+    /// empty list).
+    pub(super) fn finished(&self) -> Option<Reply> {
+        (self.left == 0).then(|| self.summed())
+    }
+
+    /// Takes one outcome; the reply once the call is complete.
+    pub(super) fn absorb(&mut self, outcome: Outcome) -> Option<Reply> {
+        self.left = self.left.saturating_sub(1);
+        let reply = match (self.kind, outcome) {
+            (_, Outcome::Failed(e)) => wait_failed(e),
+            (Kind::SendOne { user }, Outcome::Delivered(0)) => {
+                Reply::wait_error(404, "offline", &format!("user {user} is not connected"))
+            }
+            (Kind::SendOne { .. } | Kind::Sum, Outcome::Delivered(n)) => {
+                self.delivered += n;
+                if self.left > 0 {
+                    return None;
+                }
+                self.summed()
+            }
+            (Kind::Ack, Outcome::Ack(ack)) => Reply::ok(
+                serde_json::json!({
+                    "delivered": 1,
+                    "ack": { "status": ack.status, "error": ack.error },
+                })
+                .to_string(),
+            ),
+            (Kind::Request, Outcome::Reply(reply)) => {
+                let response = match serde_json::from_str::<&RawValue>(&reply.raw) {
+                    Ok(raw) => raw.get().to_string(),
+                    Err(_) => serde_json::Value::String(reply.raw).to_string(),
+                };
+                Reply::ok(format!("{{\"response\":{response}}}"))
+            }
+            (Kind::Query { user }, Outcome::User(conns)) => Reply::ok(
+                serde_json::json!({ "userId": user, "online": !conns.is_empty(), "connections": conns.len() })
+                    .to_string(),
+            ),
+            (Kind::Disconnect, Outcome::Delivered(n)) => {
+                Reply::ok(serde_json::json!({ "disconnected": n }).to_string())
+            }
+            (kind, other) => {
+                log::error!("API: unexpected outcome {other:?} for a {kind:?} call");
+                Reply::error(500, "unexpected outcome from the server")
+            }
+        };
+        Some(reply)
+    }
+
+    fn summed(&self) -> Reply {
+        Reply::ok(serde_json::json!({ "delivered": self.delivered }).to_string())
+    }
+
+    /// Whether this call waits for a client's answer (its safety net answers 504, not 503).
+    pub(super) fn waits_for_client(&self) -> bool {
+        matches!(self.kind, Kind::Ack | Kind::Request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::ops::{AckReply, ClientReply, ConnInfo, WaitError};
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(route("POST", "/api/v1/send"), Ok(Route::Send));
+        assert_eq!(route("POST", "/api/v1/send_many"), Ok(Route::SendMany));
+        assert_eq!(route("POST", "/api/v1/broadcast"), Ok(Route::Broadcast));
+        assert_eq!(route("POST", "/api/v1/request"), Ok(Route::Request));
+        assert_eq!(route("GET", "/api/v1/users/-7"), Ok(Route::User(-7)));
+        assert_eq!(route("DELETE", "/api/v1/users/7/connections"), Ok(Route::Disconnect(7)));
+        assert_eq!(route("POST", "/api/v1/rooms/lobby/publish"), Ok(Route::RoomPublish));
+        assert_eq!(route("GET", "/api/v1/send").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/api/v1/send").unwrap_err().header, Some(("Allow", "POST")));
+        assert_eq!(route("POST", "/api/v1/users/7").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/api/v1/users/x").unwrap_err().status, 400);
+        assert_eq!(route("GET", "/api/v1/users/").unwrap_err().status, 404);
+        assert_eq!(route("GET", "/api/v2/send").unwrap_err().status, 404);
+        assert_eq!(route("GET", "/health").unwrap_err().status, 404);
+    }
+
+    #[test]
+    fn bodies_become_calls() {
+        let body = br#"{"userId":7,"message":{"type":"data_event","payload":{"a": [1, 2]},"fromUserId":3},"ack":true,"timeoutMs":250}"#;
+        let Ok(Call::Ack { user, msg, timeout }) = call(Route::Send, body) else { panic!() };
+        assert_eq!((user, timeout), (7, Some(Duration::from_millis(250))));
+        assert_eq!(msg.kind, "data_event");
+        assert_eq!(msg.payload.as_ref().map(|p| p.get()), Some(r#"{"a": [1, 2]}"#));
+        assert_eq!(msg.from_user_id, Some(3));
+        let body = br#"{"userIds":[1,2],"message":{"type":"t"}}"#;
+        assert!(matches!(call(Route::SendMany, body), Ok(Call::Send { many: true, .. })));
+        let body = br#"{"message":{"type":"t"},"exclude":[2]}"#;
+        let Ok(Call::Broadcast { exclude, .. }) = call(Route::Broadcast, body) else { panic!() };
+        assert_eq!(exclude, vec![2]);
+    }
+
+    #[test]
+    fn bad_bodies_name_the_problem() {
+        let error = |route, body: &[u8]| call(route, body).unwrap_err();
+        let e = error(Route::Send, b"{nope");
+        assert_eq!(e.status, 400);
+        assert!(e.message().contains("not valid JSON"), "{}", e.message());
+        assert!(error(Route::Send, br#"{"message":{"type":"t"}}"#).message().contains("userId"));
+        assert!(error(Route::Send, br#"{"userId":1}"#).message().contains("message"));
+        assert!(error(Route::Send, br#"{"userId":1,"message":{"payload":1}}"#).message().contains("type"));
+        assert!(
+            error(Route::Send, br#"{"userId":1,"message":{"type":5}}"#).message().contains("invalid type")
+        );
+        assert!(error(Route::Send, br#"{"userId":1,"message":[]}"#).message().contains("expected an object"));
+        assert!(
+            error(Route::Send, br#"{"userId":"x","message":{"type":"t"}}"#)
+                .message()
+                .contains("invalid type")
+        );
+        let zero = br#"{"userId":1,"message":{"type":"t"},"timeoutMs":0}"#;
+        assert!(error(Route::Request, zero).message().contains("timeoutMs"));
+        assert_eq!(error(Route::RoomPublish, b"").status, 501);
+    }
+
+    fn json(reply: Option<Reply>) -> serde_json::Value {
+        serde_json::from_str(&reply.expect("a reply").body).expect("a JSON body")
+    }
+
+    #[test]
+    fn outcomes_add_up() {
+        let mut one = Tally { kind: Kind::SendOne { user: 4 }, left: 1, delivered: 0 };
+        assert_eq!(one.absorb(Outcome::Delivered(0)).unwrap().status, 404);
+        let mut sum = Tally { kind: Kind::Sum, left: 2, delivered: 0 };
+        assert!(sum.absorb(Outcome::Delivered(2)).is_none());
+        assert_eq!(json(sum.absorb(Outcome::Delivered(3))), serde_json::json!({"delivered": 5}));
+        assert_eq!(Tally { kind: Kind::Sum, left: 0, delivered: 0 }.finished().unwrap().status, 200);
+        let mut ack = Tally { kind: Kind::Ack, left: 1, delivered: 0 };
+        let reply = ack.absorb(Outcome::Ack(AckReply { status: Some("read".into()), error: None })).unwrap();
+        assert_eq!(
+            json(Some(reply)),
+            serde_json::json!({"delivered": 1, "ack": {"status": "read", "error": null}})
+        );
+        let mut req = Tally { kind: Kind::Request, left: 1, delivered: 0 };
+        let raw = r#"{"pid":"s0.1.1", "type":"x"}"#.to_string();
+        let reply = req.absorb(Outcome::Reply(ClientReply { raw })).unwrap();
+        assert_eq!(reply.body, r#"{"response":{"pid":"s0.1.1", "type":"x"}}"#);
+        let mut query = Tally { kind: Kind::Query { user: 9 }, left: 1, delivered: 0 };
+        let reply = query.absorb(Outcome::User(vec![ConnInfo { shard: 0, seq: 1 }])).unwrap();
+        assert_eq!(json(Some(reply)), serde_json::json!({"userId": 9, "online": true, "connections": 1}));
+        let mut wait = Tally { kind: Kind::Request, left: 1, delivered: 0 };
+        assert_eq!(wait.absorb(Outcome::Failed(WaitError::TimedOut)).unwrap().status, 504);
+    }
+}

@@ -1,0 +1,558 @@
+//! Backend forwarding: `generic_request` and unknown client message types go to an HTTP backend.
+//!
+//! When `backend_url` is configured, the binary runs [`BackendApp`] as its application. For
+//! every `generic_request` and every message type the built-in router does not know, the shard
+//! only copies what the call needs (user id, claims, the message's JSON text, the pid) into a
+//! job and hands it to a bounded [`Workers`] pool; it never waits for the backend. A worker
+//! POSTs
+//!
+//! ```json
+//! {"userId": 7, "claims": {…the token's claims…}, "message": {…the client's whole message…}}
+//! ```
+//!
+//! to `backend_url` (`content-type: application/json`, bounded by `backend_timeout`) and sends
+//! the answer to the connection through its shard's channel:
+//!
+//! | backend outcome | the client gets |
+//! |---|---|
+//! | 2xx, JSON body, message had a `pid` | `{"pid": pid, "type": "generic_response", "payload": <body>}` |
+//! | 2xx, empty body (e.g. 204), message had a `pid` | `generic_response` with the pid and no payload |
+//! | 2xx, message without a `pid` (fire-and-forget unknown type) | the body itself when it is a JSON object with a `type` field (a complete server envelope chosen by the backend), else nothing |
+//! | 4xx/5xx | `error_notification` with the backend's status; the message quotes the backend's `{"error": …}` (a string, or an object's `message`) when there is one |
+//! | other statuses (1xx/3xx; redirects are not followed) | `error_notification` 502 |
+//! | 2xx whose body is not JSON, or larger than 1 MiB | `error_notification` 502 |
+//! | connection refused, DNS failure, connection reset | `error_notification` 502 |
+//! | no complete answer within `backend_timeout` | `error_notification` 504 |
+//! | queue full (`backend_concurrency` calls in flight and `backend_queue` waiting) | `error_notification` 503 `backend busy`, at once, from the shard |
+//!
+//! Every `error_notification` carries `originalPid` when the message had a pid, and is sent
+//! even when it had none (as the built-in 400 for unknown types is). A client that is gone by
+//! the time the answer arrives simply does not get it.
+//!
+//! The backend is called directly: proxy environment variables (`HTTP_PROXY`, …) are ignored,
+//! since a backend is an internal service. Each failed call logs one `warn` line naming the
+//! URL, the user and the reason, at most [`WARN_LINES_PER_SECOND`] per second (the others are
+//! counted and reported with the next line). [`BackendApp::stats`] gives running counters.
+
+use std::borrow::Cow;
+use std::io::ErrorKind;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::app::Handle;
+use crate::app::application::{Application, Conn, ConnId, Handled, Workers};
+use crate::config::Config;
+use crate::protocol::ClientMessage;
+use crate::protocol::envelope::{Envelope, error_notification};
+use crate::ws::{FrameEncoder, OutKind};
+
+/// Largest backend response body accepted by default (1 MiB); a larger one answers 502.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+/// Largest error-response body read to quote its `error` field; beyond it the body is ignored.
+const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
+
+/// Longest quote of a backend's `error` text in an `error_notification` message, in bytes.
+const MAX_ERROR_QUOTE: usize = 200;
+
+/// At most this many backend-failure `warn` lines per second; the rest are counted.
+pub const WARN_LINES_PER_SECOND: u64 = 10;
+
+/// The backend configuration is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// `backend_url` is not an absolute `http://` or `https://` URL.
+    #[error("backend_url {url:?} is not an absolute http:// or https:// URL")]
+    InvalidUrl {
+        /// The configured value.
+        url: String,
+    },
+    /// [`BackendApp::new`] was called without a `backend_url`.
+    #[error("backend_url is not set")]
+    NoUrl,
+}
+
+/// How [`BackendApp`] calls its backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// Where to POST (`backend_url`).
+    pub url: String,
+    /// Bound on one call, connect to last body byte (`backend_timeout`).
+    pub timeout: Duration,
+    /// Calls in flight at once, one worker thread each (`backend_concurrency`).
+    pub concurrency: usize,
+    /// Calls waiting for a worker; beyond it the client gets 503 (`backend_queue`).
+    pub queue: usize,
+    /// Largest accepted 2xx body; beyond it the client gets 502.
+    pub max_response_bytes: u64,
+}
+
+impl BackendOptions {
+    /// The options of `config`, or `None` when `backend_url` is not set.
+    pub fn from_config(config: &Config) -> Option<Self> {
+        let url = config.backend_url.as_deref()?.trim();
+        Some(BackendOptions {
+            url: url.to_owned(),
+            timeout: config.backend_timeout,
+            concurrency: config.backend_concurrency,
+            queue: config.backend_queue,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        })
+    }
+}
+
+/// Running counters of a [`BackendApp`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Messages queued for the backend.
+    pub forwarded: u64,
+    /// Calls answered 2xx with a usable body.
+    pub answered: u64,
+    /// Calls answered with a 4xx/5xx (or other non-2xx) status.
+    pub status_errors: u64,
+    /// Calls that hit `backend_timeout` (answered 504).
+    pub timeouts: u64,
+    /// Calls that found no backend or got an unusable answer (answered 502).
+    pub failures: u64,
+    /// Messages refused because the queue was full (answered 503).
+    pub busy: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    forwarded: AtomicU64,
+    answered: AtomicU64,
+    status_errors: AtomicU64,
+    timeouts: AtomicU64,
+    failures: AtomicU64,
+    busy: AtomicU64,
+}
+
+/// The application that forwards `generic_request` and unknown message types to an HTTP
+/// backend (see the [module documentation](self) for the exchange and every outcome).
+#[derive(Clone)]
+pub struct BackendApp {
+    forwarder: Arc<Forwarder>,
+    workers: Workers,
+}
+
+impl std::fmt::Debug for BackendApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendApp").field("url", &self.forwarder.url).finish_non_exhaustive()
+    }
+}
+
+struct Forwarder {
+    agent: ureq::Agent,
+    url: String,
+    max_response_bytes: u64,
+    counters: Counters,
+    warnings: WarnLimiter,
+}
+
+/// One forwarded message, built on the shard thread without I/O.
+struct Job {
+    conn: ConnId,
+    handle: Handle,
+    user: i64,
+    claims: Box<str>,
+    message: Box<str>,
+    pid: Option<Box<str>>,
+}
+
+/// Why a call produced no usable answer.
+#[derive(Debug)]
+struct Failure {
+    /// The `error_notification` code.
+    code: u16,
+    /// The `error_notification` message.
+    message: String,
+    kind: FailureKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    Status,
+    Timeout,
+    Unusable,
+}
+
+impl BackendApp {
+    /// Forwards to `config.backend_url` with the configuration's timeout, concurrency and
+    /// queue; starts the worker threads.
+    pub fn new(config: &Config) -> Result<Self, BackendError> {
+        let options = BackendOptions::from_config(config).ok_or(BackendError::NoUrl)?;
+        Self::with_options(options)
+    }
+
+    /// A `BackendApp` when `backend_url` is set, `None` otherwise.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, BackendError> {
+        BackendOptions::from_config(config).map(Self::with_options).transpose()
+    }
+
+    /// Forwards as `options` say; starts `options.concurrency` worker threads.
+    pub fn with_options(options: BackendOptions) -> Result<Self, BackendError> {
+        check_url(&options.url)?;
+        let concurrency = options.concurrency.max(1);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(options.timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .max_idle_connections(concurrency)
+            .max_idle_connections_per_host(concurrency)
+            .user_agent(concat!("customws/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let forwarder = Arc::new(Forwarder {
+            agent,
+            url: options.url,
+            max_response_bytes: options.max_response_bytes,
+            counters: Counters::default(),
+            warnings: WarnLimiter::new(WARN_LINES_PER_SECOND),
+        });
+        let workers = Workers::new(concurrency, options.queue);
+        Ok(BackendApp { forwarder, workers })
+    }
+
+    /// The backend URL.
+    pub fn url(&self) -> &str {
+        &self.forwarder.url
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BackendStats {
+        let c = &self.forwarder.counters;
+        BackendStats {
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            answered: c.answered.load(Ordering::Relaxed),
+            status_errors: c.status_errors.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            busy: c.busy.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Application for BackendApp {
+    fn on_message(&self, conn: &mut Conn<'_>, msg: &ClientMessage<'_>, raw: &[u8]) -> Handled {
+        let job = Job {
+            conn: conn.id(),
+            handle: conn.handle().clone(),
+            user: conn.user_id(),
+            claims: conn.claims().into(),
+            message: String::from_utf8_lossy(raw).into(),
+            pid: msg.pid.as_deref().map(Into::into),
+        };
+        let forwarder = Arc::clone(&self.forwarder);
+        match self.workers.spawn(move || forwarder.run(job)) {
+            Ok(()) => {
+                self.forwarder.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_busy) => {
+                self.forwarder.counters.busy.fetch_add(1, Ordering::Relaxed);
+                self.forwarder.warn(conn.user_id(), "queue full, answered 503");
+                conn.error(msg.pid.as_deref(), 503, "backend busy");
+            }
+        }
+        Handled::Yes
+    }
+}
+
+impl Forwarder {
+    /// Runs on a worker thread: one call, one answer to the connection.
+    fn run(&self, job: Job) {
+        let body = request_body(job.user, &job.claims, &job.message);
+        let pid = job.pid.as_deref();
+        let frame = match self.call(&body) {
+            Ok(answer) => {
+                self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                answer_frame(pid, answer.as_deref())
+            }
+            Err(failure) => {
+                let counter = match failure.kind {
+                    FailureKind::Status => &self.counters.status_errors,
+                    FailureKind::Timeout => &self.counters.timeouts,
+                    FailureKind::Unusable => &self.counters.failures,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.warn(job.user, &format!("{} ({})", failure.message, failure.code));
+                Some(error_notification(pid, failure.code, &failure.message))
+            }
+        };
+        if let Some(frame) = frame {
+            job.handle.send_frame_to_conn(job.conn, frame);
+        }
+    }
+
+    /// POSTs `body`; the 2xx body's JSON text (`None` when empty), or why there is none.
+    fn call(&self, body: &str) -> Result<Option<String>, Failure> {
+        let mut response = self
+            .agent
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .send(body.as_bytes())
+            .map_err(|e| transport_failure(&e))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.body_mut().with_config().limit(MAX_ERROR_BODY_BYTES).read_to_vec().ok();
+            return Err(status_failure(status, text.as_deref()));
+        }
+        let bytes =
+            response.body_mut().with_config().limit(self.max_response_bytes).read_to_vec().map_err(|e| {
+                match e {
+                    ureq::Error::BodyExceedsLimit(limit) => Failure {
+                        code: 502,
+                        message: format!("backend response larger than {limit} bytes"),
+                        kind: FailureKind::Unusable,
+                    },
+                    other => transport_failure(&other),
+                }
+            })?;
+        json_body(bytes)
+    }
+
+    fn warn(&self, user: i64, what: &str) {
+        if let Some(suppressed) = self.warnings.admit() {
+            if suppressed > 0 {
+                log::warn!(
+                    "backend {} for user {user}: {what} ({suppressed} similar lines suppressed)",
+                    self.url
+                );
+            } else {
+                log::warn!("backend {} for user {user}: {what}", self.url);
+            }
+        }
+    }
+}
+
+/// `{"userId": user, "claims": claims, "message": message}`; claims that are not JSON text
+/// (an application's own identity) become `null`. `message` was parsed by the shard already.
+fn request_body(user: i64, claims: &str, message: &str) -> String {
+    let claims = match serde_json::from_str::<&RawValue>(claims) {
+        Ok(raw) => raw.get(),
+        Err(_) => "null",
+    };
+    let mut body = String::with_capacity(40 + claims.len() + message.len());
+    body.push_str("{\"userId\":");
+    body.push_str(&user.to_string());
+    body.push_str(",\"claims\":");
+    body.push_str(claims);
+    body.push_str(",\"message\":");
+    body.push_str(message.trim());
+    body.push('}');
+    body
+}
+
+/// A 2xx body: empty, or one JSON value (returned trimmed).
+fn json_body(bytes: Vec<u8>) -> Result<Option<String>, Failure> {
+    let invalid = |why: String| Failure {
+        code: 502,
+        message: format!("backend answered invalid JSON: {why}"),
+        kind: FailureKind::Unusable,
+    };
+    let text = String::from_utf8(bytes).map_err(|e| invalid(e.to_string()))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str::<&RawValue>(trimmed).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some(if trimmed.len() == text.len() { text } else { trimmed.to_owned() }))
+}
+
+/// The message for the client after a 2xx: a `generic_response` when there is a pid, else the
+/// backend's own envelope (a JSON object with a `type`), else nothing.
+fn answer_frame(pid: Option<&str>, body: Option<&str>) -> Option<Bytes> {
+    match pid {
+        Some(pid) => Some(
+            Envelope::new("generic_response").pid(Some(pid)).raw_payload(body.map(str::as_bytes)).frame(),
+        ),
+        None => {
+            let body = body?;
+            is_envelope(body).then(|| FrameEncoder::frame(OutKind::Text, body.as_bytes()))
+        }
+    }
+}
+
+/// Whether `json` is an object with a string `type`.
+fn is_envelope(json: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        _kind: Cow<'a, str>,
+    }
+    json.starts_with('{') && serde_json::from_str::<Typed<'_>>(json).is_ok()
+}
+
+/// A non-2xx answer: 4xx/5xx keep their status, anything else is a 502.
+fn status_failure(status: u16, body: Option<&[u8]>) -> Failure {
+    let quote = body.and_then(error_quote);
+    let code = if (400..600).contains(&status) { status } else { 502 };
+    let message = match quote {
+        Some(quote) => format!("backend error {status}: {quote}"),
+        None => format!("backend error {status}"),
+    };
+    Failure { code, message, kind: FailureKind::Status }
+}
+
+/// The `error` of a `{"error": "…"}` or `{"error": {"message": "…"}}` body, shortened.
+fn error_quote(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let error = value.get("error")?;
+    let text = match error {
+        serde_json::Value::String(s) => s.as_str(),
+        other => other.get("message")?.as_str()?,
+    };
+    let mut end = text.len().min(MAX_ERROR_QUOTE);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(text[..end].to_owned())
+}
+
+/// A call that got no status line (or died reading the body).
+fn transport_failure(error: &ureq::Error) -> Failure {
+    let timeout = match error {
+        ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(io) => matches!(io.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        _ => false,
+    };
+    if timeout {
+        return Failure { code: 504, message: "backend timed out".into(), kind: FailureKind::Timeout };
+    }
+    let message = match error {
+        ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+            format!("backend unreachable: {error}")
+        }
+        _ => format!("backend call failed: {error}"),
+    };
+    Failure { code: 502, message, kind: FailureKind::Unusable }
+}
+
+fn check_url(url: &str) -> Result<(), BackendError> {
+    let invalid = || BackendError::InvalidUrl { url: url.to_owned() };
+    let uri: http::Uri = url.parse().map_err(|_| invalid())?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.host().is_none_or(str::is_empty) {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
+/// Admits at most `per_second` lines per one-second window; counts the others.
+struct WarnLimiter {
+    epoch: Instant,
+    per_second: u64,
+    /// Current window (seconds since `epoch`) in the high 32 bits, lines in it in the low 32.
+    window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl WarnLimiter {
+    fn new(per_second: u64) -> Self {
+        WarnLimiter {
+            epoch: Instant::now(),
+            per_second,
+            window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last admitted one)` when a line may be logged now.
+    fn admit(&self) -> Option<u64> {
+        let second = self.epoch.elapsed().as_secs() & 0xffff_ffff;
+        let mut current = self.window.load(Ordering::Relaxed);
+        loop {
+            let (window, count) = (current >> 32, current & 0xffff_ffff);
+            let next = if window == second {
+                if count >= self.per_second {
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                current + 1
+            } else {
+                (second << 32) | 1
+            };
+            match self.window.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(self.suppressed.swap(0, Ordering::Relaxed)),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(frame: &Bytes) -> &str {
+        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
+        std::str::from_utf8(&frame[header..]).unwrap()
+    }
+
+    #[test]
+    fn request_body_splices_claims_and_message() {
+        let body = request_body(7, r#"{"user_id":7}"#, r#" {"type":"x","pid":"p"} "#);
+        assert_eq!(body, r#"{"userId":7,"claims":{"user_id":7},"message":{"type":"x","pid":"p"}}"#);
+        let body = request_body(-3, "", r#"{"type":"x"}"#);
+        assert_eq!(body, r#"{"userId":-3,"claims":null,"message":{"type":"x"}}"#);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    }
+
+    #[test]
+    fn bodies_must_be_json() {
+        assert_eq!(json_body(b" {\"a\":1}\n".to_vec()).unwrap().as_deref(), Some("{\"a\":1}"));
+        assert_eq!(json_body(b"  ".to_vec()).unwrap(), None);
+        assert_eq!(json_body(b"{nope".to_vec()).unwrap_err().code, 502);
+        assert_eq!(json_body(vec![0xff, 0xfe]).unwrap_err().code, 502);
+    }
+
+    #[test]
+    fn answers_with_and_without_pid() {
+        let frame = answer_frame(Some("p1"), Some(r#"{"ok":true}"#)).unwrap();
+        assert_eq!(text(&frame), r#"{"pid":"p1","type":"generic_response","payload":{"ok":true}}"#);
+        let frame = answer_frame(Some("p2"), None).unwrap();
+        assert_eq!(text(&frame), r#"{"pid":"p2","type":"generic_response"}"#);
+        let envelope = r#"{"type":"custom_event","payload":1}"#;
+        assert_eq!(text(&answer_frame(None, Some(envelope)).unwrap()), envelope);
+        assert!(answer_frame(None, Some(r#"{"payload":1}"#)).is_none());
+        assert!(answer_frame(None, Some(r#"["custom_event"]"#)).is_none());
+        assert!(answer_frame(None, None).is_none());
+    }
+
+    #[test]
+    fn status_failures_quote_the_backend() {
+        let f = status_failure(422, Some(br#"{"error":"nope"}"#));
+        assert_eq!((f.code, f.message.as_str()), (422, "backend error 422: nope"));
+        let f = status_failure(500, Some(br#"{"error":{"message":"db down"}}"#));
+        assert_eq!((f.code, f.message.as_str()), (500, "backend error 500: db down"));
+        let f = status_failure(404, Some(b"<html>"));
+        assert_eq!((f.code, f.message.as_str()), (404, "backend error 404"));
+        assert_eq!(status_failure(302, None).code, 502);
+        let long = format!(r#"{{"error":"{}"}}"#, "é".repeat(300));
+        assert!(status_failure(400, Some(long.as_bytes())).message.len() <= 40 + MAX_ERROR_QUOTE);
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(check_url("http://127.0.0.1:9000/hook").is_ok());
+        assert!(check_url("https://backend.internal/api").is_ok());
+        for bad in ["", "backend:9000", "ftp://x/y", "/relative", "http://"] {
+            assert!(check_url(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn warn_limiter_caps_lines_per_second() {
+        let limiter = WarnLimiter::new(3);
+        let admitted = (0..10).filter(|_| limiter.admit().is_some()).count();
+        // All ten calls fall in one or two windows.
+        assert!((3..=6).contains(&admitted), "{admitted}");
+    }
+}

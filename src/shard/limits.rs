@@ -1,0 +1,117 @@
+//! Abuse limits on open connections: message and byte rates (per connection and per user on
+//! this shard), closing sustained abusers, token expiry and `auth_refresh`.
+
+use super::Shard;
+use crate::core::ConnKey;
+use crate::core::ratelimit::{Rate, TokenBucket};
+use crate::metrics::ShardMetrics;
+use crate::protocol::envelope::{error_notification, server_ack};
+use crate::ws::close;
+
+/// Refusals are counted in windows of this length for `rate_limit_close_after`.
+const STRIKE_WINDOW_MS: u64 = 10_000;
+
+/// The configured rates, in bucket units.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rates {
+    pub(super) messages: Rate,
+    pub(super) bytes: Rate,
+    pub(super) close_after: u32,
+}
+
+impl Rates {
+    pub(super) fn from(config: &crate::config::Config) -> Self {
+        let messages =
+            Rate { per_second: config.rate_limit as u64, burst: config.rate_limit_burst.max(1) as u64 };
+        let per_second = config.rate_limit_bytes as u64;
+        Rates {
+            messages,
+            bytes: Rate { per_second, burst: per_second },
+            close_after: config.rate_limit_close_after.min(u32::MAX as usize) as u32,
+        }
+    }
+}
+
+impl Shard {
+    /// Charges one client message of `len` bytes; false (after answering 429, or closing 1008
+    /// on sustained abuse) when it must be dropped.
+    pub(super) fn admit_message(&mut self, key: ConnKey, len: usize) -> bool {
+        let (now, rates) = (self.now, self.rates);
+        let Shard { conns, user_buckets, .. } = self;
+        let Some(session) = conns
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+            .and_then(|c| c.session.as_deref_mut())
+        else {
+            return true; // echo endpoint: conformance runs are not rate limited
+        };
+        let user_bucket =
+            user_buckets.entry(session.user).or_insert_with(|| TokenBucket::full(rates.messages, now));
+        let allowed = session.messages.take(rates.messages, 1, now)
+            && session.bytes.take(rates.bytes, len as u64, now)
+            && user_bucket.take(rates.messages, 1, now);
+        if allowed {
+            return true;
+        }
+        let abusive = session.strikes.strike(now, STRIKE_WINDOW_MS, rates.close_after);
+        let (user, peer) = (session.user, self.conns[key.index as usize].peer);
+        ShardMetrics::inc(&self.metrics().rate_limited);
+        if abusive {
+            ShardMetrics::inc(&self.metrics().policy_closes);
+            log::warn!("rate limit: closing user={user} peer={peer} after repeated refusals (1008)");
+            self.close(key, close::POLICY, "rate limit exceeded");
+        } else {
+            let frame = error_notification(None, 429, "rate limit exceeded; message dropped");
+            self.sink.push(&mut self.conns, key, frame);
+        }
+        false
+    }
+
+    /// Forgets a user's shared bucket when its last local connection is gone.
+    pub(super) fn forget_user_bucket(&mut self, user: i64) {
+        self.user_buckets.remove(&user);
+    }
+
+    /// Shard-time deadline for a token expiring at `exp` (Unix seconds), leeway included.
+    pub(super) fn expiry_deadline(&self, exp: u64) -> u64 {
+        if exp == u64::MAX {
+            return u64::MAX;
+        }
+        let leeway_ms = self.shared.config.jwt_leeway.as_millis() as u64;
+        let exp_ms = exp.saturating_mul(1000).saturating_add(leeway_ms);
+        self.now.saturating_add(exp_ms.saturating_sub(Self::wall_ms()))
+    }
+
+    /// `auth_refresh` `{token}`: a valid token of the same user moves the expiry.
+    pub(super) fn refresh_token(&mut self, key: ConnKey, user: i64, token: &str, pid: Option<&str>) {
+        let answer = match self.shared.gate.verify(token) {
+            Err(e) => error_notification(pid, 401, &format!("refresh refused: {e}")),
+            Ok(identity) if identity.user_id != user => {
+                error_notification(pid, 403, "refresh token belongs to another user")
+            }
+            Ok(identity) => {
+                let deadline = self.expiry_deadline(identity.expires_at);
+                if let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) {
+                    session.expires_deadline = deadline;
+                }
+                self.schedule_before(key, deadline);
+                match pid {
+                    Some(pid) => server_ack(pid, "refreshed"),
+                    None => return,
+                }
+            }
+        };
+        self.sink.push(&mut self.conns, key, answer);
+    }
+
+    /// The token expired without a refresh: tell the client, close 1008.
+    pub(super) fn expire_session(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conn_mut(key) {
+            log::info!("token expired user={:?} peer={}", conn.user(), conn.peer);
+        }
+        let notice = error_notification(None, 401, "token expired; send auth_refresh before exp");
+        self.sink.push(&mut self.conns, key, notice);
+        ShardMetrics::inc(&self.metrics().policy_closes);
+        self.close(key, close::POLICY, "token expired");
+    }
+}
