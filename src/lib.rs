@@ -23,3 +23,8 @@ pub use app::application::{Application, Handled};
 pub use app::{Handle, OutMessage};
 pub use config::Config;
 pub use server::{ServerHandle, StartError, start, start_with};
+
+/// README.md's Rust examples, compiled as doc tests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
