@@ -105,6 +105,8 @@ pub struct Config {
     pub rate_limit_close_after: usize,
     /// WebSocket connections per client IP (`max_connections_per_ip`).
     pub max_connections_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For` is believed (`trusted_proxies`).
+    pub trusted_proxies: Vec<String>,
     /// WebSocket connections per user, refused beyond (`max_connections_per_user`).
     pub max_connections_per_user: usize,
     /// Allowed clock skew on `exp`/`nbf` (`jwt_leeway`).
@@ -169,6 +171,7 @@ impl Default for Config {
             rate_limit_bytes: 1024 * 1024,
             rate_limit_close_after: 100,
             max_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
             max_connections_per_user: 0,
             jwt_leeway: Duration::from_secs(60),
             transient_statuses: vec!["typing".to_string()],
@@ -235,7 +238,21 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_timers()?;
         self.validate_bounds()?;
+        self.validate_proxies()?;
         self.validate_auth()
+    }
+
+    /// The `trusted_proxies` as addresses (validated by [`Config::validate`]; invalid entries
+    /// are skipped here).
+    pub fn trusted_proxy_ips(&self) -> Vec<std::net::IpAddr> {
+        self.trusted_proxies.iter().filter_map(|p| p.parse().ok()).collect()
+    }
+
+    fn validate_proxies(&self) -> Result<(), ConfigError> {
+        match self.trusted_proxies.iter().find(|p| p.parse::<std::net::IpAddr>().is_err()) {
+            Some(bad) => Err(invalid("trusted_proxies", format!("{bad:?} is not an IP address"))),
+            None => Ok(()),
+        }
     }
 
     /// The configuration keys as a Markdown table (key, flag / env, default, meaning), for the
@@ -507,6 +524,8 @@ keys! {
     rate_limit_bytes: Size => "Client message bytes per second per connection; 0 = off (burst: one second's worth).",
     rate_limit_close_after: Count => "Refused messages within 10 s that close the connection with 1008; 0 = never.",
     max_connections_per_ip: Count => "WebSocket connections per client IP; over it the handshake gets 429. 0 = off.",
+    trusted_proxies: List =>
+        "Proxy IPs whose X-Forwarded-For names the client (for per-IP limits); others are the client.",
     max_connections_per_user: Count => "WebSocket connections per user; over it the handshake gets 429. 0 = off.",
     jwt_leeway: Dur => "Clock skew allowed on exp/nbf, at the handshake and for expiry while connected.",
     transient_statuses: List => "Presence statuses that expire by themselves (seed 001: typing).",

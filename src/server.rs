@@ -92,6 +92,13 @@ pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> 
         started: Instant::now(),
         next_seq: AtomicU64::new(1),
         app,
+        occupancy: Default::default(),
+        caps: crate::core::occupancy::Caps {
+            total: config.max_connections,
+            per_ip: config.max_connections_per_ip,
+            per_user: config.max_connections_per_user,
+        },
+        trusted_proxies: config.trusted_proxy_ips(),
         config,
     });
     // Bound before the shards run, so a busy `api_listen` leaves nothing running.

@@ -1,6 +1,7 @@
 //! Sans-IO core state of a shard: timers, the user directory, presence. No sockets, no clock.
 
 pub mod directory;
+pub mod occupancy;
 pub mod pending;
 pub mod presence;
 pub mod ratelimit;

@@ -32,6 +32,8 @@ pub struct Request {
     pub authorization: Option<String>,
     /// `Cookie`.
     pub cookie: Option<String>,
+    /// `X-Forwarded-For` (all values joined with commas).
+    pub forwarded_for: Option<String>,
 }
 
 /// Outcome of parsing the bytes received so far.
@@ -96,6 +98,12 @@ fn extract(req: &httparse::Request<'_, '_>) -> Request {
             out.authorization = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("cookie") {
             out.cookie = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            let joined = match out.forwarded_for.take() {
+                Some(before) => format!("{before}, {value}"),
+                None => value.to_string(),
+            };
+            out.forwarded_for = Some(joined);
         }
     }
     out

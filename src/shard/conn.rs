@@ -54,6 +54,8 @@ pub struct Session {
     pub strikes: crate::core::ratelimit::Strikes,
     /// When the token expires, in shard milliseconds (`u64::MAX`: never).
     pub expires_deadline: u64,
+    /// The client's address as counted for `max_connections_per_ip`.
+    pub client_ip: std::net::IpAddr,
 }
 
 /// Why a frame was not queued.

@@ -87,11 +87,13 @@ impl Shard {
                 self.send_to(Directory::home_of(user, self.shards()), msg);
             }
             Route::Unsubscribe(targets) => {
-                self.send_to(
-                    Directory::home_of(user, self.shards()),
-                    ShardMsg::DropWatch { watcher: user, targets },
-                );
-                self.ack(key, pid, "ok");
+                let msg = ShardMsg::DropWatch {
+                    watcher: user,
+                    targets,
+                    reply: self.addr(key),
+                    pid: pid.map(Into::into),
+                };
+                self.send_to(Directory::home_of(user, self.shards()), msg);
             }
             Route::Ack(ack) => self.on_client_ack(key, &ack),
             Route::Join(room) => self.join_room(key, user, &room, pid),
@@ -312,9 +314,17 @@ impl Shard {
             ShardMsg::AdmitWatch { watcher, targets, reply, pid } => {
                 self.admit_watch(watcher, targets, reply, pid)
             }
-            ShardMsg::DropWatch { watcher, targets } => {
+            ShardMsg::DropWatch { watcher, targets, reply, pid } => {
                 self.presence.drop_watch(watcher, &targets);
                 self.for_each_home(targets, |targets| ShardMsg::Unwatch { watcher, targets });
+                // Acknowledged after the Unwatch messages are queued: an update that follows
+                // the ack reaches the target's home shard after them, so no event slips through.
+                if let Some(pid) = pid {
+                    self.send_to(
+                        reply.shard,
+                        ShardMsg::DeliverConn { key: reply.key, frame: server_ack(&pid, "ok") },
+                    );
+                }
             }
             ShardMsg::Watch { watcher, targets, reply } => self.watch(watcher, targets, reply),
             ShardMsg::Unwatch { watcher, targets } => {

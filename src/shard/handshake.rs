@@ -6,6 +6,7 @@ use super::Shard;
 use super::conn::{Phase, Session};
 use super::msg::ShardMsg;
 use crate::app::application::{Admission, Rejection};
+use crate::core::occupancy::client_ip;
 use crate::core::ratelimit::{Strikes, TokenBucket};
 use crate::core::{ConnKey, Directory};
 use crate::http::Decision;
@@ -37,7 +38,8 @@ impl Shard {
                         match self.call_authenticate(&request, jwt) {
                             Ok(admission) => {
                                 let ws_key = request.ws_key.as_deref().unwrap_or("");
-                                self.upgrade(key, admission, subprotocol, ws_key, insecure_user_id);
+                                let ip = self.client_ip(key, request.forwarded_for.as_deref());
+                                self.upgrade(key, admission, subprotocol, ws_key, insecure_user_id, ip);
                             }
                             Err(rejection) => self.refuse(key, rejection.status, &rejection.message),
                         }
@@ -125,6 +127,12 @@ impl Shard {
         self.schedule_before(key, deadline);
     }
 
+    /// The client's address for admission limits (see [`client_ip`]).
+    fn client_ip(&mut self, key: ConnKey, forwarded_for: Option<&str>) -> std::net::IpAddr {
+        let peer = self.conn_mut(key).map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.peer.ip());
+        client_ip(peer, forwarded_for, &self.shared.trusted_proxies)
+    }
+
     /// The application's authentication, shielded from its panics.
     fn call_authenticate(
         &self,
@@ -148,12 +156,13 @@ impl Shard {
         subprotocol: Option<&'static str>,
         ws_key: &str,
         greet: bool,
+        client_ip: std::net::IpAddr,
     ) {
         let Admission { identity, user_data } = admission;
         let (rates, expires_deadline) = (self.rates, self.expiry_deadline(identity.expires_at));
-        let limit = self.limits.max_connections;
-        if limit > 0 && self.shared.metrics.sum(|s| &s.connections_current) as usize >= limit {
-            self.refuse(key, 503, "server at max_connections");
+        if let Err(refusal) = self.shared.admit(client_ip, identity.user_id) {
+            ShardMetrics::inc(&self.metrics().admission_refusals);
+            self.refuse(key, refusal.status, refusal.message);
             return;
         }
         let accept = Bytes::from(switching_protocols(ws_key, subprotocol));
@@ -184,6 +193,7 @@ impl Shard {
             bytes: TokenBucket::full(rates.bytes, now),
             strikes: Strikes::default(),
             expires_deadline,
+            client_ip,
         }));
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();

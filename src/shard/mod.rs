@@ -103,6 +103,25 @@ pub struct Shared {
     pub next_seq: std::sync::atomic::AtomicU64,
     /// The application's callbacks.
     pub app: crate::app::application::App,
+    /// Admission counts (per process, IP, user); locked once per handshake and disconnect.
+    pub occupancy: std::sync::Mutex<crate::core::occupancy::Occupancy>,
+    /// Admission limits.
+    pub caps: crate::core::occupancy::Caps,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+impl Shared {
+    /// Counts a new connection against the admission limits.
+    pub fn admit(&self, ip: std::net::IpAddr, user: i64) -> Result<(), crate::core::occupancy::Refusal> {
+        let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        occupancy.admit(ip, user, self.caps)
+    }
+
+    /// Forgets a connection counted by [`Shared::admit`].
+    pub fn release(&self, ip: std::net::IpAddr, user: i64) {
+        self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release(ip, user);
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -122,7 +141,6 @@ struct Limits {
     ping_period_ms: u64,
     write_wait_ms: u64,
     max_message: usize,
-    max_connections: usize,
     per_user: usize,
 }
 
@@ -135,7 +153,6 @@ impl Limits {
             ping_period_ms: ms(config.ping_period),
             write_wait_ms: ms(config.write_wait),
             max_message: config.max_message_size,
-            max_connections: config.max_connections,
             per_user: config.connections_per_user,
         }
     }
@@ -531,6 +548,7 @@ impl Shard {
             return;
         };
         ShardMetrics::dec(&self.metrics().connections_current);
+        self.shared.release(session.client_ip, session.user);
         let session = *session;
         self.leave_all_rooms(key, session.user, session.rooms);
         self.notify_disconnect(session.user, key, reason);

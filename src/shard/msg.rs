@@ -112,6 +112,10 @@ pub enum ShardMsg {
         watcher: i64,
         /// Users to stop watching.
         targets: Vec<i64>,
+        /// The connection that asked (gets the ack).
+        reply: ConnAddr,
+        /// The request pid, for the ack.
+        pid: Option<Box<str>>,
     },
     /// To each target's home shard: add `watcher`; send the current presences to `reply`.
     Watch {
