@@ -17,11 +17,20 @@
 //! | `POST /api/v1/request` `{"userId", "message", "timeoutMs"?}` | 200 | `{"response": <the client's whole message>}` |
 //! | `GET /api/v1/users/{id}` | 200 | `{"userId", "online", "connections"}` |
 //! | `DELETE /api/v1/users/{id}/connections` | 200 | `{"disconnected": n}` |
-//! | `POST /api/v1/rooms/{room}/publish` | 501 | rooms are not implemented yet |
+//! | `POST /api/v1/rooms/{room}/publish` `{"body", "meta"?, "fromUserId"?}` | 200 | `{"delivered": n}` |
+//! | `GET /api/v1/rooms/{room}` | 200 | `{"room", "members": [user ids, sorted, unique], "count"}` |
 //!
 //! `message` is `{"type": string, "payload"?: any JSON (forwarded byte-for-byte),
 //! "fromUserId"?: int}`. An acknowledged send and a request go to the user's newest
 //! connection; a plain send goes to all of the user's connections.
+//!
+//! `{room}` is a room name as clients `join` it (1–128 characters from `A-Z a-z 0-9 _ - . :
+//! @ #`), percent-decoded first: `#` must be sent as `%23`. A publish queues
+//! `{"type": "room_message", "payload": {"from": fromUserId or null, "room", "ts" (ms),
+//! "body", "meta" (null when absent)}}` on every member connection on every shard; `body`
+//! (required, any JSON including `null`) and `meta` are forwarded byte-for-byte, and
+//! `delivered` counts those connections (0 for a room nobody is in). The member list of an
+//! unknown or empty room is `[]`; members leave asynchronously when they disconnect.
 //!
 //! # Errors
 //!
@@ -29,7 +38,7 @@
 //!
 //! | status | when |
 //! |---|---|
-//! | 400 | malformed HTTP, bad JSON, a missing or mistyped field, a bad user id in the path |
+//! | 400 | malformed HTTP, bad JSON, a missing or mistyped field (e.g. no `body` in a publish), a bad user id or room name in the path |
 //! | 401 | no `Authorization: apikey <key>` header, or the wrong key (answered with `WWW-Authenticate: apikey`) |
 //! | 404 | unknown path; the user is offline (`send`, `"reason": "offline"`) |
 //! | 405 | known path, wrong method (with `Allow`) |
@@ -38,7 +47,6 @@
 //! | 411 | a body without `Content-Length` (chunked bodies are not supported) |
 //! | 413 | a body over 1 MiB |
 //! | 431 | a request head over 8 KiB or with too many headers |
-//! | 501 | room publish (not implemented yet) |
 //! | 503 | `"reason": "shutting_down"`: the server is shutting down; too many API connections |
 //! | 504 | `"reason": "timeout"`: the client did not answer within `timeoutMs` (default `ack_timeout` / `request_timeout`) |
 //!

@@ -9,12 +9,13 @@ use serde_json::value::RawValue;
 use super::reply::{Reply, wait_failed};
 use crate::app::handle::{Handle, Op};
 use crate::app::ops::{Completion, OutMessage, Outcome};
+use crate::core::rooms::validate_name;
 
 /// Largest `timeoutMs` accepted (one hour).
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 /// A routed request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Route {
     /// `POST /api/v1/send`.
     Send,
@@ -28,12 +29,14 @@ pub(super) enum Route {
     User(i64),
     /// `DELETE /api/v1/users/{id}/connections`.
     Disconnect(i64),
-    /// `POST /api/v1/rooms/{room}/publish`.
-    RoomPublish,
+    /// `POST /api/v1/rooms/{room}/publish`, with the room name (percent-decoded, valid).
+    RoomPublish(String),
+    /// `GET /api/v1/rooms/{room}`, with the room name (percent-decoded, valid).
+    Room(String),
 }
 
 /// Finds the route of `method path`: 404 for an unknown path, 405 for a known path with
-/// another method, 400 for a user id that is not an integer.
+/// another method, 400 for a user id that is not an integer or an invalid room name.
 pub(super) fn route(method: &str, path: &str) -> Result<Route, Reply> {
     let Some(rest) = path.strip_prefix("/api/v1/") else {
         return Err(not_found(path));
@@ -46,7 +49,8 @@ pub(super) fn route(method: &str, path: &str) -> Result<Route, Reply> {
         ["request"] => (Route::Request, "POST"),
         ["users", id] if !id.is_empty() => (Route::User(user_id(id)?), "GET"),
         ["users", id, "connections"] if !id.is_empty() => (Route::Disconnect(user_id(id)?), "DELETE"),
-        ["rooms", room, "publish"] if !room.is_empty() => (Route::RoomPublish, "POST"),
+        ["rooms", room] if !room.is_empty() => (Route::Room(room_name(room)?), "GET"),
+        ["rooms", room, "publish"] if !room.is_empty() => (Route::RoomPublish(room_name(room)?), "POST"),
         _ => return Err(not_found(path)),
     };
     if method == allow { Ok(route) } else { Err(Reply::method_not_allowed(allow)) }
@@ -60,6 +64,32 @@ fn user_id(segment: &str) -> Result<i64, Reply> {
     segment
         .parse()
         .map_err(|_| Reply::error(400, &format!("user id in the path must be an integer, got {segment:?}")))
+}
+
+/// The room name of a path segment: percent-decoded (so `#`, which cannot appear raw in a
+/// request target, is written `%23`), then checked with [`validate_name`].
+fn room_name(segment: &str) -> Result<String, Reply> {
+    let bad = |why: &str| Reply::error(400, &format!("invalid room name {segment:?} in the path: {why}"));
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+            let Some(byte) = hex.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
+            else {
+                return Err(bad("a '%' must be followed by two hex digits"));
+            };
+            decoded.push(byte);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let name = String::from_utf8(decoded).map_err(|_| bad("not UTF-8 once decoded"))?;
+    validate_name(&name).map_err(|e| bad(&e.to_string()))?;
+    Ok(name)
 }
 
 /// An operation to start on the handle, owning its inputs.
@@ -109,6 +139,22 @@ pub(super) enum Call {
         /// The user.
         user: i64,
     },
+    /// Publish a `room_message` to a room's members.
+    RoomPublish {
+        /// The room (valid).
+        room: String,
+        /// `body`, raw JSON (validated by the parse).
+        body: Box<RawValue>,
+        /// `meta`, raw JSON; `None` when absent or `null`.
+        meta: Option<Box<RawValue>>,
+        /// `fromUserId`; `null` in the envelope when `None`.
+        from: Option<i64>,
+    },
+    /// List a room's members.
+    RoomMembers {
+        /// The room (valid).
+        room: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -157,6 +203,16 @@ struct RequestIn {
     timeout_ms: Option<u64>,
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RoomPublishIn {
+    body: Box<RawValue>,
+    #[serde(default)]
+    meta: Option<Box<RawValue>>,
+    #[serde(default)]
+    from_user_id: Option<i64>,
+}
+
 /// The call for a routed request with its body, or the reply when there is nothing to start.
 pub(super) fn call(route: Route, body: &[u8]) -> Result<Call, Reply> {
     Ok(match route {
@@ -184,12 +240,25 @@ pub(super) fn call(route: Route, body: &[u8]) -> Result<Call, Reply> {
         }
         Route::User(user) => Call::Query { user },
         Route::Disconnect(user) => Call::Disconnect { user },
-        Route::RoomPublish => return Err(Reply::error(501, "rooms are not implemented yet")),
+        Route::RoomPublish(room) => {
+            let input: RoomPublishIn = parse_object(body)?;
+            Call::RoomPublish { room, body: input.body, meta: input.meta, from: input.from_user_id }
+        }
+        Route::Room(room) => Call::RoomMembers { room },
     })
 }
 
 fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
     serde_json::from_slice(body).map_err(|e| Reply::error(400, &describe("request body", &e)))
+}
+
+/// [`parse_body`] for a body that must be a JSON object: serde would otherwise take an array
+/// as the struct's fields in order (`[1]` as `{"body": 1}`).
+fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
+    if body.trim_ascii_start().starts_with(b"[") {
+        return Err(Reply::error(400, "invalid request body: expected a JSON object"));
+    }
+    parse_body(body)
 }
 
 fn describe(what: &str, e: &serde_json::Error) -> String {
@@ -228,9 +297,10 @@ pub(super) struct Tally {
     kind: Kind,
     left: usize,
     delivered: usize,
+    members: Vec<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     SendOne { user: i64 },
     Sum,
@@ -238,6 +308,7 @@ enum Kind {
     Request,
     Query { user: i64 },
     Disconnect,
+    Members { room: String },
 }
 
 impl Call {
@@ -258,9 +329,14 @@ impl Call {
             }
             Call::Query { user } => (Op::Query { user: *user }, Kind::Query { user: *user }),
             Call::Disconnect { user } => (Op::Disconnect { user: *user }, Kind::Disconnect),
+            Call::RoomPublish { room, body, meta, from } => {
+                let meta = meta.as_deref().map(RawValue::get);
+                (Op::RoomPublish { room, body: body.get(), meta, from: *from }, Kind::Sum)
+            }
+            Call::RoomMembers { room } => (Op::RoomMembers { room }, Kind::Members { room: room.clone() }),
         };
         let left = handle.submit(op, done);
-        Tally { kind, left, delivered: 0 }
+        Tally::new(kind, left)
     }
 
     /// Whether the call waits for a client (its safety deadline is the wait's timeout).
@@ -273,16 +349,23 @@ impl Call {
 }
 
 impl Tally {
+    fn new(kind: Kind, left: usize) -> Self {
+        Tally { kind, left, delivered: 0, members: Vec::new() }
+    }
+
     /// The reply when every outcome is already in (a call with no parts: `send_many` to an
     /// empty list).
     pub(super) fn finished(&self) -> Option<Reply> {
-        (self.left == 0).then(|| self.summed())
+        (self.left == 0).then(|| match &self.kind {
+            Kind::Members { room } => self.listed(room),
+            _ => self.summed(),
+        })
     }
 
     /// Takes one outcome; the reply once the call is complete.
     pub(super) fn absorb(&mut self, outcome: Outcome) -> Option<Reply> {
         self.left = self.left.saturating_sub(1);
-        let reply = match (self.kind, outcome) {
+        let reply = match (&self.kind, outcome) {
             (_, Outcome::Failed(e)) => wait_failed(e),
             (Kind::SendOne { user }, Outcome::Delivered(0)) => {
                 Reply::wait_error(404, "offline", &format!("user {user} is not connected"))
@@ -315,6 +398,13 @@ impl Tally {
             (Kind::Disconnect, Outcome::Delivered(n)) => {
                 Reply::ok(serde_json::json!({ "disconnected": n }).to_string())
             }
+            (Kind::Members { room }, Outcome::Members(users)) => {
+                self.members.extend(users);
+                if self.left > 0 {
+                    return None;
+                }
+                self.listed(room)
+            }
             (kind, other) => {
                 log::error!("API: unexpected outcome {other:?} for a {kind:?} call");
                 Reply::error(500, "unexpected outcome from the server")
@@ -325,6 +415,15 @@ impl Tally {
 
     fn summed(&self) -> Reply {
         Reply::ok(serde_json::json!({ "delivered": self.delivered }).to_string())
+    }
+
+    /// `{"room", "members", "count"}`: every shard's members, sorted, each user once.
+    fn listed(&self, room: &str) -> Reply {
+        let mut members = self.members.clone();
+        members.sort_unstable();
+        members.dedup();
+        let count = members.len();
+        Reply::ok(serde_json::json!({ "room": room, "members": members, "count": count }).to_string())
     }
 
     /// Whether this call waits for a client's answer (its safety net answers 504, not 503).
@@ -346,7 +445,8 @@ mod tests {
         assert_eq!(route("POST", "/api/v1/request"), Ok(Route::Request));
         assert_eq!(route("GET", "/api/v1/users/-7"), Ok(Route::User(-7)));
         assert_eq!(route("DELETE", "/api/v1/users/7/connections"), Ok(Route::Disconnect(7)));
-        assert_eq!(route("POST", "/api/v1/rooms/lobby/publish"), Ok(Route::RoomPublish));
+        assert_eq!(route("POST", "/api/v1/rooms/lobby/publish"), Ok(Route::RoomPublish("lobby".into())));
+        assert_eq!(route("GET", "/api/v1/rooms/lobby"), Ok(Route::Room("lobby".into())));
         assert_eq!(route("GET", "/api/v1/send").unwrap_err().status, 405);
         assert_eq!(route("GET", "/api/v1/send").unwrap_err().header, Some(("Allow", "POST")));
         assert_eq!(route("POST", "/api/v1/users/7").unwrap_err().status, 405);
@@ -354,6 +454,73 @@ mod tests {
         assert_eq!(route("GET", "/api/v1/users/").unwrap_err().status, 404);
         assert_eq!(route("GET", "/api/v2/send").unwrap_err().status, 404);
         assert_eq!(route("GET", "/health").unwrap_err().status, 404);
+        assert_eq!(route("GET", "/api/v1/rooms/lobby/publish").unwrap_err().header, Some(("Allow", "POST")));
+        assert_eq!(route("POST", "/api/v1/rooms/lobby").unwrap_err().header, Some(("Allow", "GET")));
+        assert_eq!(route("GET", "/api/v1/rooms/").unwrap_err().status, 404);
+        assert_eq!(route("POST", "/api/v1/rooms//publish").unwrap_err().status, 404);
+        assert_eq!(route("POST", "/api/v1/rooms/lobby/members").unwrap_err().status, 404);
+    }
+
+    #[test]
+    fn room_names_are_decoded_and_checked() {
+        let room = |path: &str| match route("GET", path) {
+            Ok(Route::Room(room)) => Ok(room),
+            Ok(other) => panic!("{other:?}"),
+            Err(reply) => Err((reply.status, reply.message())),
+        };
+        assert_eq!(room("/api/v1/rooms/a-Z_0.9:x@y"), Ok("a-Z_0.9:x@y".into()));
+        assert_eq!(room("/api/v1/rooms/%23general"), Ok("#general".into()));
+        assert_eq!(room("/api/v1/rooms/team%3a1%40x"), Ok("team:1@x".into()));
+        assert_eq!(room(&format!("/api/v1/rooms/{}", "r".repeat(128))), Ok("r".repeat(128)));
+        for bad in ["bad!", "a%20b", "a%2Fb", "%C3%A9", "%ff", "%", "a%2", "a%zz", "%00", "%+4", "%-1"] {
+            let Err((status, message)) = room(&format!("/api/v1/rooms/{bad}")) else {
+                panic!("{bad} accepted")
+            };
+            assert_eq!(status, 400, "{bad}");
+            assert!(message.contains("invalid room name"), "{bad}: {message}");
+        }
+        let long = format!("/api/v1/rooms/{}/publish", "r".repeat(129));
+        let e = route("POST", &long).unwrap_err();
+        assert!(e.status == 400 && e.message().contains("1 to 128"), "{}", e.message());
+        let e = route("POST", "/api/v1/rooms/a%20b/publish").unwrap_err();
+        assert!(e.status == 400 && e.message().contains("may only contain"), "{}", e.message());
+    }
+
+    #[test]
+    fn room_bodies_become_calls() {
+        let body = br#"{"body": {"text": "hi", "n": [1, 2]}, "meta": {"k" : true}, "fromUserId": 42}"#;
+        let Ok(Call::RoomPublish { room, body, meta, from }) = call(Route::RoomPublish("r".into()), body)
+        else {
+            panic!()
+        };
+        assert_eq!((room.as_str(), from), ("r", Some(42)));
+        assert_eq!(body.get(), r#"{"text": "hi", "n": [1, 2]}"#);
+        assert_eq!(meta.as_ref().map(|m| m.get()), Some(r#"{"k" : true}"#));
+        let bare = br#"{"body":"text","meta":null,"fromUserId":null}"#;
+        let Ok(Call::RoomPublish { body, meta, from, .. }) = call(Route::RoomPublish("r".into()), bare)
+        else {
+            panic!()
+        };
+        assert_eq!((body.get(), meta.is_none(), from), (r#""text""#, true, None));
+        let null = call(Route::RoomPublish("r".into()), br#"{"body":null}"#);
+        assert!(matches!(null, Ok(Call::RoomPublish { body, .. }) if body.get() == "null"));
+        assert!(matches!(call(Route::Room("r".into()), b""), Ok(Call::RoomMembers { room }) if room == "r"));
+        let error = |body: &[u8]| call(Route::RoomPublish("r".into()), body).unwrap_err();
+        for (body, needle) in [
+            (&br#"{"meta":1}"#[..], "missing field `body`"),
+            (b"", "not valid JSON"),
+            (br#"{"body":}"#, "not valid JSON"),
+            (br#"{"body":[1,}"#, "not valid JSON"),
+            (br#"{"body":1,"fromUserId":"x"}"#, "invalid type"),
+            (br#"{"body":1,"fromUserId":1.5}"#, "invalid type"),
+            (br#"[1]"#, "expected a JSON object"),
+            (br#" [1, null, 2]"#, "expected a JSON object"),
+            (br#"5"#, "invalid type"),
+        ] {
+            let e = error(body);
+            assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(body));
+            assert!(e.message().contains(needle), "{}: {}", String::from_utf8_lossy(body), e.message());
+        }
     }
 
     #[test]
@@ -391,7 +558,6 @@ mod tests {
         );
         let zero = br#"{"userId":1,"message":{"type":"t"},"timeoutMs":0}"#;
         assert!(error(Route::Request, zero).message().contains("timeoutMs"));
-        assert_eq!(error(Route::RoomPublish, b"").status, 501);
     }
 
     fn json(reply: Option<Reply>) -> serde_json::Value {
@@ -400,26 +566,45 @@ mod tests {
 
     #[test]
     fn outcomes_add_up() {
-        let mut one = Tally { kind: Kind::SendOne { user: 4 }, left: 1, delivered: 0 };
+        let mut one = Tally::new(Kind::SendOne { user: 4 }, 1);
         assert_eq!(one.absorb(Outcome::Delivered(0)).unwrap().status, 404);
-        let mut sum = Tally { kind: Kind::Sum, left: 2, delivered: 0 };
+        let mut sum = Tally::new(Kind::Sum, 2);
         assert!(sum.absorb(Outcome::Delivered(2)).is_none());
         assert_eq!(json(sum.absorb(Outcome::Delivered(3))), serde_json::json!({"delivered": 5}));
-        assert_eq!(Tally { kind: Kind::Sum, left: 0, delivered: 0 }.finished().unwrap().status, 200);
-        let mut ack = Tally { kind: Kind::Ack, left: 1, delivered: 0 };
+        assert_eq!(Tally::new(Kind::Sum, 0).finished().unwrap().status, 200);
+        let mut ack = Tally::new(Kind::Ack, 1);
         let reply = ack.absorb(Outcome::Ack(AckReply { status: Some("read".into()), error: None })).unwrap();
         assert_eq!(
             json(Some(reply)),
             serde_json::json!({"delivered": 1, "ack": {"status": "read", "error": null}})
         );
-        let mut req = Tally { kind: Kind::Request, left: 1, delivered: 0 };
+        let mut req = Tally::new(Kind::Request, 1);
         let raw = r#"{"pid":"s0.1.1", "type":"x"}"#.to_string();
         let reply = req.absorb(Outcome::Reply(ClientReply { raw })).unwrap();
         assert_eq!(reply.body, r#"{"response":{"pid":"s0.1.1", "type":"x"}}"#);
-        let mut query = Tally { kind: Kind::Query { user: 9 }, left: 1, delivered: 0 };
+        let mut query = Tally::new(Kind::Query { user: 9 }, 1);
         let reply = query.absorb(Outcome::User(vec![ConnInfo { shard: 0, seq: 1 }])).unwrap();
         assert_eq!(json(Some(reply)), serde_json::json!({"userId": 9, "online": true, "connections": 1}));
-        let mut wait = Tally { kind: Kind::Request, left: 1, delivered: 0 };
+        let mut wait = Tally::new(Kind::Request, 1);
         assert_eq!(wait.absorb(Outcome::Failed(WaitError::TimedOut)).unwrap().status, 504);
+    }
+
+    #[test]
+    fn room_members_merge_across_shards() {
+        let mut members = Tally::new(Kind::Members { room: "lobby".into() }, 2);
+        assert!(members.absorb(Outcome::Members(vec![3, 9, 1])).is_none());
+        assert_eq!(
+            json(members.absorb(Outcome::Members(vec![9, 2, 3]))),
+            serde_json::json!({"room": "lobby", "members": [1, 2, 3, 9], "count": 4})
+        );
+        let empty = Tally::new(Kind::Members { room: "#r".into() }, 0).finished();
+        assert_eq!(json(empty), serde_json::json!({"room": "#r", "members": [], "count": 0}));
+        let mut failed = Tally::new(Kind::Members { room: "r".into() }, 2);
+        assert_eq!(failed.absorb(Outcome::Failed(WaitError::ShuttingDown)).unwrap().status, 503);
+        let mut odd = Tally::new(Kind::Members { room: "r".into() }, 1);
+        assert_eq!(odd.absorb(Outcome::Delivered(1)).unwrap().status, 500);
+        let mut published = Tally::new(Kind::Sum, 2);
+        assert!(published.absorb(Outcome::Delivered(3)).is_none());
+        assert_eq!(json(published.absorb(Outcome::Delivered(0))), serde_json::json!({"delivered": 3}));
     }
 }

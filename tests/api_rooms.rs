@@ -1,0 +1,451 @@
+//! The backend HTTP API's rooms (`POST /api/v1/rooms/{room}/publish`, `GET /api/v1/rooms/{room}`)
+//! against real WebSocket clients that `join` rooms on both shards: delivery to every member
+//! and to no one else with seed 003's `room_message` envelope, the delivered count, member
+//! lists that follow disconnects and leaves, percent-encoded names, and the 400/401/405 errors.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use customws::ServerHandle;
+use serde_json::{Value, json};
+
+/// The API key of every test server.
+const KEY: &str = "k";
+/// Read bound of one API call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on asynchronous membership changes (a disconnect leaving its rooms).
+const SETTLE: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers (the HTTP client is a trimmed copy of tests/api_http.rs's)
+// ---------------------------------------------------------------------------------------------
+
+/// A quiet server (no join/leave presence events, so clients only see what a test is about)
+/// with the API on 127.0.0.1:0; (server, WebSocket addr, API addr).
+fn api_server() -> (ServerHandle, SocketAddr, SocketAddr) {
+    let server = start(|c| {
+        c.api_listen = "127.0.0.1:0".parse().unwrap();
+        c.api_key = Some(KEY.into());
+        c.room_presence_max_members = 0;
+    });
+    let api = server.api_addr().expect("the API must run when api_key is set");
+    let ws = server.local_addr();
+    (server, ws, api)
+}
+
+/// A response read off a `Connection: close` API call.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Value,
+    raw: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn error(&self) -> &str {
+        self.body["error"].as_str().unwrap_or_else(|| panic!("no \"error\" string in {}", self.raw))
+    }
+}
+
+/// Parses one response from `buf`; `None` when incomplete.
+fn parse_answer(buf: &[u8]) -> Option<Answer> {
+    let mut hs = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut hs);
+    let httparse::Status::Complete(head_len) = resp.parse(buf).expect("malformed HTTP response") else {
+        return None;
+    };
+    let headers: Vec<(String, String)> = resp
+        .headers
+        .iter()
+        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+        .collect();
+    let status = resp.code.unwrap();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no Content-Length in a {status} response"));
+    if buf.len() < head_len + length {
+        return None;
+    }
+    let raw = String::from_utf8_lossy(&buf[head_len..head_len + length]).into_owned();
+    let body =
+        serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {raw}"));
+    Some(Answer { status, headers, body, raw })
+}
+
+/// One API call on a fresh connection; `key` None sends no `Authorization`.
+fn call(api: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> Answer {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
+    if let Some(key) = key {
+        req.push_str(&format!("Authorization: {key}\r\n"));
+    }
+    if let Some(body) = body {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.unwrap_or(""));
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(answer) = parse_answer(&buf) {
+            return answer;
+        }
+        let n = s.read(&mut chunk).unwrap_or_else(|e| panic!("reading an API response: {e}"));
+        assert!(n > 0, "EOF before a complete API response; got {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// POST with a raw body text (so tests control its exact bytes).
+fn post_raw(api: SocketAddr, path: &str, body: &str) -> Answer {
+    call(api, "POST", path, Some(&format!("apikey {KEY}")), Some(body))
+}
+
+fn post(api: SocketAddr, path: &str, body: &Value) -> Answer {
+    post_raw(api, path, &body.to_string())
+}
+
+fn get(api: SocketAddr, path: &str) -> Answer {
+    call(api, "GET", path, Some(&format!("apikey {KEY}")), None)
+}
+
+fn assert_ok(answer: &Answer) {
+    assert_eq!(answer.status, 200, "expected 200, got {} {}", answer.status, answer.raw);
+}
+
+fn assert_status(answer: &Answer, status: u16) {
+    assert_eq!(answer.status, status, "expected {status}, got {} {}", answer.status, answer.raw);
+    assert!(answer.body["error"].is_string(), "an error body must be {{\"error\": …}}: {}", answer.raw);
+}
+
+/// Publishes through the API; must answer 200 `{"delivered": n}`; returns n.
+fn publish(api: SocketAddr, room: &str, body: &str) -> u64 {
+    let answer = post_raw(api, &format!("/api/v1/rooms/{room}/publish"), body);
+    assert_ok(&answer);
+    let keys: Vec<&String> = answer.body.as_object().expect("an object").keys().collect();
+    assert_eq!(keys, ["delivered"], "{}", answer.raw);
+    answer.body["delivered"].as_u64().unwrap_or_else(|| panic!("delivered must be a count: {}", answer.raw))
+}
+
+/// `GET /api/v1/rooms/{room}`: checks the answer's shape, returns the member list.
+fn members(api: SocketAddr, path_room: &str, room: &str) -> Vec<i64> {
+    let answer = get(api, &format!("/api/v1/rooms/{path_room}"));
+    assert_ok(&answer);
+    let b = &answer.body;
+    let mut keys: Vec<&String> = b.as_object().expect("an object").keys().collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["count", "members", "room"], "{}", answer.raw);
+    assert_eq!(b["room"], room, "{}", answer.raw);
+    let list: Vec<i64> = b["members"]
+        .as_array()
+        .unwrap_or_else(|| panic!("members must be a list: {}", answer.raw))
+        .iter()
+        .map(|v| v.as_i64().unwrap_or_else(|| panic!("members must be user ids: {}", answer.raw)))
+        .collect();
+    assert!(list.windows(2).all(|w| w[0] < w[1]), "members must be sorted and unique: {}", answer.raw);
+    assert_eq!(
+        b["count"].as_u64(),
+        Some(list.len() as u64),
+        "count must be the list's length: {}",
+        answer.raw
+    );
+    list
+}
+
+/// Polls the member list until it is `want` (leaving after a disconnect is asynchronous).
+fn await_members(api: SocketAddr, room: &str, want: &[i64]) {
+    let mut last = Vec::new();
+    let what = format!("members of {room} to become {want:?}");
+    wait_until(SETTLE, &what, || {
+        last = members(api, room, room);
+        last == want
+    });
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// `join` with a pid; the next message must be its `joined` ack.
+fn join(c: &mut Client, room: &str, pid: &str) {
+    c.send_value(&json!({"type": "join", "pid": pid, "payload": {"room": room}}));
+    let v = c.recv_json();
+    assert_eq!(v["type"], "server_ack", "expected the ack of {pid}, got {v}");
+    assert_eq!(v["payload"]["acknowledgedPid"], pid, "{v}");
+    assert_eq!(v["payload"]["status"], "joined", "{v}");
+}
+
+/// Receives one message that must be a `room_message` with exactly `{from, room, ts, body,
+/// meta}`, `ts` Unix ms within [`after`, now]; returns the raw text.
+fn expect_room_message(
+    c: &mut Client,
+    from: Value,
+    room: &str,
+    body: &Value,
+    meta: &Value,
+    after: u64,
+) -> String {
+    let raw = c.recv_text();
+    let v: Value = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("not JSON ({e}): {raw}"));
+    let mut top: Vec<&String> = v.as_object().expect("an object").keys().collect();
+    top.sort_unstable();
+    assert_eq!(top, ["payload", "type"], "user {}: {raw}", c.user_id);
+    assert_eq!(v["type"], "room_message", "user {}: expected a room_message, got {raw}", c.user_id);
+    let p = v["payload"].as_object().unwrap_or_else(|| panic!("payload must be an object: {raw}"));
+    let mut keys: Vec<&str> = p.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["body", "from", "meta", "room", "ts"], "envelope fields: {raw}");
+    assert_eq!(p["from"], from, "{raw}");
+    assert_eq!(p["room"], room, "{raw}");
+    assert_eq!(&p["body"], body, "{raw}");
+    assert_eq!(&p["meta"], meta, "{raw}");
+    let ts = p["ts"].as_u64().unwrap_or_else(|| panic!("ts must be Unix milliseconds: {raw}"));
+    assert!(ts + 5 >= after && ts <= now_ms() + 5, "ts {ts} not within [{after}, now]: {raw}");
+    raw
+}
+
+/// Sends `{"type": "sentinel"}` to `c`'s user through the API, and asserts it is `c`'s next
+/// message: nothing else (such as a room message) was queued for `c` before it.
+fn expect_only_sentinel(api: SocketAddr, c: &mut Client, tag: &str) {
+    let answer = post(
+        api,
+        "/api/v1/send",
+        &json!({"userId": c.user_id, "message": {"type": "sentinel", "payload": tag}}),
+    );
+    assert_ok(&answer);
+    let v = c.recv_json();
+    assert_eq!(v["type"], "sentinel", "user {}: expected only the sentinel {tag}, got {v}", c.user_id);
+    assert_eq!(v["payload"], tag, "{v}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publish
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn publish_reaches_every_member_on_both_shards_and_no_one_else() {
+    let (_server, ws, api) = api_server();
+    let mut a0 = connect_on_shard(ws, 1, &[], 0);
+    let mut a1 = connect_on_shard(ws, 1, &[], 1); // user 1's second connection, other shard
+    let mut b = connect_on_shard(ws, 2, &[], 1);
+    let mut c = connect_on_shard(ws, 3, &[], 0);
+    let mut outsider0 = connect_on_shard(ws, 4, &[], 0);
+    let mut outsider1 = connect_on_shard(ws, 5, &[], 1);
+    let mut elsewhere = connect_on_shard(ws, 6, &[], 1);
+    for (i, m) in [&mut a0, &mut a1, &mut b, &mut c].into_iter().enumerate() {
+        join(m, "lobby", &format!("j{i}"));
+    }
+    join(&mut elsewhere, "lobby-2", "j-other");
+
+    // Body and meta are forwarded byte-for-byte; `from` is fromUserId.
+    let body_text = r#"{"text": "hola sala",  "n": [1, 2.5, null], "u": "\u00e9"}"#;
+    let meta_text = r#"{"trace" : "t-1"}"#;
+    let request = format!(r#"{{"body": {body_text}, "meta": {meta_text}, "fromUserId": 42}}"#);
+    let before = now_ms();
+    assert_eq!(publish(api, "lobby", &request), 4, "four member connections on two shards");
+    let body: Value = serde_json::from_str(body_text).unwrap();
+    let meta: Value = serde_json::from_str(meta_text).unwrap();
+    for m in [&mut a0, &mut a1, &mut b, &mut c] {
+        let raw = expect_room_message(m, json!(42), "lobby", &body, &meta, before);
+        assert!(
+            raw.contains(&format!(r#""body":{body_text},"meta":{meta_text}"#)),
+            "not byte-for-byte: {raw}"
+        );
+    }
+
+    // Without fromUserId and meta: from the server (`from: null`), `meta: null`.
+    let before = now_ms();
+    assert_eq!(publish(api, "lobby", r#"{"body": ["x", 1]}"#), 4);
+    for m in [&mut a0, &mut a1, &mut b, &mut c] {
+        expect_room_message(m, Value::Null, "lobby", &json!(["x", 1]), &Value::Null, before);
+    }
+    // Explicit nulls are the same; a null body is still a body.
+    let before = now_ms();
+    assert_eq!(publish(api, "lobby", r#"{"body": null, "meta": null, "fromUserId": null}"#), 4);
+    for m in [&mut a0, &mut a1, &mut b, &mut c] {
+        expect_room_message(m, Value::Null, "lobby", &Value::Null, &Value::Null, before);
+    }
+
+    // Each member got each message once; non-members (either shard, another room) got none.
+    for m in [&mut a0, &mut b, &mut c, &mut outsider0, &mut outsider1, &mut elsewhere] {
+        expect_only_sentinel(api, m, "after-publish");
+    }
+    let v = a1.recv_json(); // user 1's other connection gets the sentinel too
+    assert_eq!(v["type"], "sentinel", "{v}");
+
+    // Another room and a room nobody is in.
+    let before = now_ms();
+    assert_eq!(publish(api, "lobby-2", r#"{"body": "other", "fromUserId": 7}"#), 1);
+    expect_room_message(&mut elsewhere, json!(7), "lobby-2", &json!("other"), &Value::Null, before);
+    assert_eq!(publish(api, "empty-room", r#"{"body": 1}"#), 0);
+    for m in [&mut a0, &mut a1, &mut b, &mut c, &mut outsider0, &mut elsewhere] {
+        m.expect_silence(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn delivered_counts_the_members_left_after_disconnects() {
+    let (_server, ws, api) = api_server();
+    let mut a = connect_on_shard(ws, 1, &[], 0);
+    let mut b = connect_on_shard(ws, 2, &[], 1);
+    let mut c = connect_on_shard(ws, 3, &[], 1);
+    for (i, m) in [&mut a, &mut b, &mut c].into_iter().enumerate() {
+        join(m, "count-room", &format!("j{i}"));
+    }
+    assert_eq!(publish(api, "count-room", r#"{"body": 1}"#), 3);
+    for m in [&mut a, &mut b, &mut c] {
+        assert_eq!(m.recv_json()["payload"]["body"], 1);
+    }
+    c.close();
+    await_members(api, "count-room", &[1, 2]);
+    assert_eq!(publish(api, "count-room", r#"{"body": 2}"#), 2);
+    for m in [&mut a, &mut b] {
+        assert_eq!(m.recv_json()["payload"]["body"], 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Members
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn members_are_listed_across_shards_and_follow_disconnects() {
+    let (_server, ws, api) = api_server();
+    assert_eq!(members(api, "lobby", "lobby"), Vec::<i64>::new(), "an unknown room has no members");
+    let unknown = get(api, "/api/v1/rooms/never-joined");
+    assert_ok(&unknown);
+    assert_eq!(unknown.body, json!({"room": "never-joined", "members": [], "count": 0}));
+
+    let mut a0 = connect_on_shard(ws, 30, &[], 0);
+    let mut a1 = connect_on_shard(ws, 30, &[], 1); // same user twice: listed once
+    let mut b = connect_on_shard(ws, 7, &[], 1);
+    let mut c = connect_on_shard(ws, 12, &[], 0);
+    let mut other = connect(ws, 99, &[]);
+    for (i, m) in [&mut a0, &mut a1, &mut b, &mut c].into_iter().enumerate() {
+        join(m, "lobby", &format!("j{i}"));
+    }
+    join(&mut other, "not-lobby", "jo");
+    let answer = get(api, "/api/v1/rooms/lobby");
+    assert_ok(&answer);
+    assert_eq!(answer.body, json!({"room": "lobby", "members": [7, 12, 30], "count": 3}));
+    assert_eq!(members(api, "not-lobby", "not-lobby"), [99]);
+
+    // A disconnected member disappears (asynchronously); a user stays while any of its
+    // connections is in.
+    c.close();
+    await_members(api, "lobby", &[7, 30]);
+    let gauges = metrics_shard_connections(ws);
+    a1.close();
+    wait_until(SETTLE, "user 30's shard-1 connection to be gone", || {
+        metrics_shard_connections(ws)[1] < gauges[1]
+    });
+    assert_eq!(members(api, "lobby", "lobby"), [7, 30], "user 30 is still in through its other connection");
+    // ...and is gone once its last member connection is.
+    a0.close();
+    await_members(api, "lobby", &[7]);
+    // A leave takes effect too.
+    b.send_value(&json!({"type": "leave", "pid": "l", "payload": {"room": "lobby"}}));
+    assert_eq!(b.recv_json()["payload"]["status"], "left");
+    await_members(api, "lobby", &[]);
+    assert_eq!(members(api, "not-lobby", "not-lobby"), [99]);
+}
+
+#[test]
+fn percent_encoded_room_names() {
+    let (_server, ws, api) = api_server();
+    let mut a = connect_on_shard(ws, 1, &[], 0);
+    let mut b = connect_on_shard(ws, 2, &[], 1);
+    join(&mut a, "#general", "ja");
+    join(&mut b, "team:1@x", "jb");
+    assert_eq!(members(api, "%23general", "#general"), [1]);
+    assert_eq!(members(api, "team%3A1%40x", "team:1@x"), [2]);
+    assert_eq!(members(api, "team:1@x", "team:1@x"), [2]);
+    let before = now_ms();
+    assert_eq!(publish(api, "%23general", r#"{"body": "hi"}"#), 1);
+    expect_room_message(&mut a, Value::Null, "#general", &json!("hi"), &Value::Null, before);
+    b.expect_silence(Duration::from_millis(100));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_names_bad_bodies_and_wrong_methods_are_refused() {
+    let (_server, ws, api) = api_server();
+    let mut member = connect(ws, 1, &[]);
+    join(&mut member, "lobby", "j");
+
+    let long = "r".repeat(129);
+    for bad in ["bad!", "a%20b", "sp%2Fce", "%C3%A9t%C3%A9", "x%zz", long.as_str()] {
+        let answer = post(api, &format!("/api/v1/rooms/{bad}/publish"), &json!({"body": 1}));
+        assert_status(&answer, 400);
+        assert!(answer.error().contains("room name"), "{bad}: {}", answer.raw);
+        let answer = get(api, &format!("/api/v1/rooms/{bad}"));
+        assert_status(&answer, 400);
+        assert!(answer.error().contains("room name"), "{bad}: {}", answer.raw);
+    }
+    assert_ok(&get(api, &format!("/api/v1/rooms/{}", "r".repeat(128))));
+
+    let publish_path = "/api/v1/rooms/lobby/publish";
+    let answer = post(api, publish_path, &json!({"meta": {"m": 1}, "fromUserId": 1}));
+    assert_status(&answer, 400);
+    assert!(answer.error().contains("body"), "a missing body must be named: {}", answer.raw);
+    for (text, needle) in [
+        ("", "not valid JSON"),
+        ("{nope", "not valid JSON"),
+        (r#"{"body": [1, }"#, "not valid JSON"),
+        (r#"{"body": 1, "fromUserId": "1"}"#, "invalid type"),
+        (r#"["body"]"#, "expected a JSON object"),
+    ] {
+        let answer = post_raw(api, publish_path, text);
+        assert_status(&answer, 400);
+        assert!(answer.error().contains(needle), "{text}: {}", answer.raw);
+    }
+    let answer = call(api, "POST", publish_path, Some("apikey k"), None);
+    assert_status(&answer, 400);
+
+    let answer = get(api, publish_path);
+    assert_status(&answer, 405);
+    assert_eq!(answer.header("allow"), Some("POST"));
+    let answer = post(api, "/api/v1/rooms/lobby", &json!({"body": 1}));
+    assert_status(&answer, 405);
+    assert_eq!(answer.header("allow"), Some("GET"));
+    assert_status(&get(api, "/api/v1/rooms/lobby/members"), 404);
+
+    // None of these reached the member.
+    expect_only_sentinel(api, &mut member, "after-errors");
+}
+
+#[test]
+fn the_api_key_is_required() {
+    let (_server, ws, api) = api_server();
+    let mut member = connect(ws, 1, &[]);
+    join(&mut member, "lobby", "j");
+    let body = r#"{"body": "sneaky"}"#;
+    for key in [None, Some("apikey wrong"), Some("Bearer k")] {
+        let answer = call(api, "POST", "/api/v1/rooms/lobby/publish", key, Some(body));
+        assert_status(&answer, 401);
+        assert_eq!(answer.header("www-authenticate"), Some("apikey"));
+        let answer = call(api, "GET", "/api/v1/rooms/lobby", key, None);
+        assert_status(&answer, 401);
+        assert_eq!(answer.header("www-authenticate"), Some("apikey"));
+        // Authentication comes first, even for a bad room name.
+        assert_status(&call(api, "GET", "/api/v1/rooms/bad!", key, None), 401);
+    }
+    expect_only_sentinel(api, &mut member, "after-401");
+    assert_eq!(members(api, "lobby", "lobby"), [1]);
+}
