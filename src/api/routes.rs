@@ -330,8 +330,7 @@ impl Call {
             Call::Query { user } => (Op::Query { user: *user }, Kind::Query { user: *user }),
             Call::Disconnect { user } => (Op::Disconnect { user: *user }, Kind::Disconnect),
             Call::RoomPublish { room, body, meta, from } => {
-                let meta = meta.as_deref().map(RawValue::get);
-                (Op::RoomPublish { room, body: body.get(), meta, from: *from }, Kind::Sum)
+                (Op::RoomPublish { room, body, meta: meta.as_deref(), from: *from }, Kind::Sum)
             }
             Call::RoomMembers { room } => (Op::RoomMembers { room }, Kind::Members { room: room.clone() }),
         };

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use serde_json::value::RawValue;
 
 use super::application::ConnId;
 use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
@@ -60,10 +61,10 @@ pub enum Op<'a> {
     RoomPublish {
         /// The room.
         room: &'a str,
-        /// The message body, raw JSON.
-        body: &'a str,
-        /// Optional metadata, raw JSON.
-        meta: Option<&'a str>,
+        /// The message body.
+        body: &'a RawValue,
+        /// Optional metadata.
+        meta: Option<&'a RawValue>,
         /// `from` in the envelope (`null` when `None`: the server).
         from: Option<i64>,
     },
@@ -137,7 +138,13 @@ impl Handle {
                 let ts = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis());
-                let frame = room_message(from, room, ts as u64, body.as_bytes(), meta.map(str::as_bytes));
+                let frame = room_message(
+                    from,
+                    room,
+                    ts as u64,
+                    body.get().as_bytes(),
+                    meta.map(|m| m.get().as_bytes()),
+                );
                 let rooms: Arc<[Arc<str>]> = Arc::from(vec![Arc::from(room)]);
                 for link in &self.shared.links {
                     let msg = ShardMsg::RoomDeliver {
@@ -242,9 +249,11 @@ impl Handle {
         })
     }
 
-    /// Publishes `body` (raw JSON; `meta` likewise) to `room` as a `room_message` from the
-    /// server (`from: null`); yields the number of connections it was queued on.
-    pub fn publish_to_room(&self, room: &str, body: &str, meta: Option<&str>) -> Waiter<usize> {
+    /// Publishes `body` (and `meta`) to `room` as a `room_message` from the server
+    /// (`from: null`); yields the number of connections it was queued on. Taking `RawValue`
+    /// keeps anything but valid JSON off the wire (`serde_json::value::to_raw_value`,
+    /// `RawValue::from_string`).
+    pub fn publish_to_room(&self, room: &str, body: &RawValue, meta: Option<&RawValue>) -> Waiter<usize> {
         self.start(Op::RoomPublish { room, body, meta, from: None }, sum_delivered)
     }
 

@@ -228,9 +228,16 @@ impl Debounce {
         if transient {
             self.transient_until = now + policy.ttl_ms;
             self.transient_target = target;
-        } else if target.is_none() {
+            return Admit::Send;
+        }
+        if target.is_none() {
             self.base = status.into();
+        }
+        // A lasting status to the audience of a pending transient one ends it (an explicit
+        // "stop typing"): no automatic revert follows.
+        if target == self.transient_target {
             self.transient_until = u64::MAX;
+            self.transient_target = None;
         }
         Admit::Send
     }
@@ -290,6 +297,16 @@ mod debounce_tests {
         assert_eq!(d.expire(8500), Some(("busy".into(), None)));
         assert_eq!(d.expire(9000), None, "expires once");
         assert_eq!(d.admit("typing", None, None, 9001, &p), Admit::Send, "a new burst is not coalesced");
+    }
+
+    #[test]
+    fn an_explicit_stop_cancels_the_revert_for_that_audience_only() {
+        let (mut d, p) = (Debounce::default(), policy());
+        d.admit("typing", None, Some(7), 0, &p);
+        d.admit("online", None, Some(8), 10, &p);
+        assert_ne!(d.transient_until, u64::MAX, "a status to someone else does not stop typing to 7");
+        d.admit("online", None, Some(7), 20, &p);
+        assert_eq!(d.expire(5000), None);
     }
 
     #[test]

@@ -83,7 +83,11 @@ pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
             None => reject(400, "generic_request needs a pid"),
         },
         "presence_update" | "PRESENCE_UPDATE" => match msg.payload_as::<PresenceUpdate>() {
-            Ok(update) => Route::Presence(update),
+            // Seed 001's PresenceManager puts targetUserId on the envelope; the payload's wins.
+            Ok(update) => Route::Presence(PresenceUpdate {
+                target_user_id: update.target_user_id.or(msg.target()),
+                ..update
+            }),
             Err(e) => reject_owned(400, format!("invalid presence_update payload: {e}")),
         },
         "presence_subscribe" => watch_list(msg).map_or_else(|r| r, Route::Subscribe),

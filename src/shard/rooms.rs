@@ -130,7 +130,7 @@ impl Shard {
         let body = publish.body.get().as_bytes();
         let meta = publish.meta.map(|m| m.get().as_bytes());
         let frame = room_message(Some(user), &room, Self::wall_ms(), body, meta);
-        self.publish_to_rooms(Arc::from(vec![room]), frame, None, None);
+        self.publish_to_rooms(Arc::from(vec![room]), frame, Some(self.addr(key)), None);
         if let Some(pid) = pid {
             self.sink.push(&mut self.conns, key, server_ack(pid, "published"));
         }
