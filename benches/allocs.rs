@@ -1,1 +1,380 @@
-fn main() {}
+//! Heap allocations per delivered message, counted by a global allocator that wraps
+//! [`System`] and counts every `alloc`, `alloc_zeroed` and `realloc` (calls and bytes).
+//!
+//! Three measurements, all on the sans-IO hot paths, each repeated [`ROUNDS`] times with the
+//! per-round minimum and maximum reported (equal when the count is exact):
+//! - **broadcast**: one `data_event` frame encode (100-byte payload), then `push(frame.clone())`
+//!   into 1,000 `OutQueue`s that were pre-warmed (pushed and flushed once, so their `VecDeque`
+//!   has capacity). Goal: 0 allocations per recipient.
+//! - **P2P**: `ClientMessage::parse` + `route` + `data_event` + `server_ack(pid, "delivered")`,
+//!   plus the two pushes into pre-warmed queues, for payloads of 10, 100 and 1000 bytes.
+//!   Goal: a constant number, not growing with the payload.
+//! - **frame parse**: `parse_frame` of a masked client text frame, unmasked in place. Goal: 0.
+//!
+//! Run with `cargo bench --bench allocs`; prints one JSON object, then a table.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use customws::protocol::ClientMessage;
+use customws::protocol::envelope::{data_event, server_ack};
+use customws::protocol::router::{Route, SenderCaps, route};
+use customws::shard::conn::OutQueue;
+use customws::ws::frame::{FrameKind, parse_frame, unmask};
+use serde_json::{Value, json};
+
+/// Times each measurement is repeated.
+const ROUNDS: usize = 1_000;
+/// Recipients of one broadcast.
+const RECIPIENTS: usize = 1_000;
+/// Payload sizes of the P2P and frame-parse measurements.
+const SIZES: [usize; 3] = [10, 100, 1000];
+/// The largest payload `parse_frame` accepts here.
+const MAX_PAYLOAD: usize = 64 * 1024;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static REALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// [`System`], counting allocation calls and requested bytes.
+struct Counting;
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the
+// counters are atomics and never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc`, forwarded.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc_zeroed`, forwarded.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract for `dealloc`, forwarded.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        REALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(new_size.saturating_sub(layout.size()) as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `realloc`, forwarded.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Counter values at one instant; differences of two are what a piece of code allocated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    /// `alloc` + `alloc_zeroed` calls.
+    allocs: u64,
+    /// `realloc` calls.
+    reallocs: u64,
+    /// Bytes requested (for `realloc`, the growth).
+    bytes: u64,
+}
+
+impl Counts {
+    fn now() -> Self {
+        Counts {
+            allocs: ALLOCS.load(Ordering::Relaxed),
+            reallocs: REALLOCS.load(Ordering::Relaxed),
+            bytes: BYTES.load(Ordering::Relaxed),
+        }
+    }
+
+    fn since(self, start: Counts) -> Counts {
+        Counts {
+            allocs: self.allocs - start.allocs,
+            reallocs: self.reallocs - start.reallocs,
+            bytes: self.bytes - start.bytes,
+        }
+    }
+
+    /// Heap calls that may allocate: `alloc`, `alloc_zeroed` and `realloc`.
+    fn calls(self) -> u64 {
+        self.allocs + self.reallocs
+    }
+}
+
+/// Per-round counts of one measured step, summarised.
+#[derive(Debug, Default)]
+struct Stat {
+    rounds: Vec<Counts>,
+}
+
+impl Stat {
+    fn add(&mut self, c: Counts) {
+        self.rounds.push(c);
+    }
+
+    fn min_calls(&self) -> u64 {
+        self.rounds.iter().map(|c| c.calls()).min().unwrap_or(0)
+    }
+
+    fn max_calls(&self) -> u64 {
+        self.rounds.iter().map(|c| c.calls()).max().unwrap_or(0)
+    }
+
+    fn mean_calls(&self) -> f64 {
+        self.rounds.iter().map(|c| c.calls()).sum::<u64>() as f64 / self.rounds.len().max(1) as f64
+    }
+
+    fn mean_bytes(&self) -> f64 {
+        self.rounds.iter().map(|c| c.bytes).sum::<u64>() as f64 / self.rounds.len().max(1) as f64
+    }
+
+    fn reallocs(&self) -> u64 {
+        self.rounds.iter().map(|c| c.reallocs).sum()
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "min": self.min_calls(),
+            "max": self.max_calls(),
+            "mean": self.mean_calls(),
+            "bytes_mean": self.mean_bytes(),
+            "reallocs_total": self.reallocs(),
+        })
+    }
+}
+
+/// A JSON object payload of exactly `len` bytes: `{"d":"xxx…"}`.
+fn payload(len: usize) -> Vec<u8> {
+    assert!(len >= 8, "payload too short for the wrapper");
+    let mut out = b"{\"d\":\"".to_vec();
+    out.resize(len - 2, b'x');
+    out.extend_from_slice(b"\"}");
+    out
+}
+
+/// A P2P `data_request` with a pid, carrying `payload`.
+fn p2p_message(payload: &[u8]) -> Vec<u8> {
+    let mut out = br#"{"pid":"c-000042","type":"data_request","targetUserId":12345,"payload":"#.to_vec();
+    out.extend_from_slice(payload);
+    out.push(b'}');
+    out
+}
+
+/// A masked client text frame (FIN + text) carrying `body`.
+fn masked_text_frame(body: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x81];
+    match body.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    let mut masked = body.to_vec();
+    unmask(&mut masked, mask);
+    out.extend_from_slice(&masked);
+    out
+}
+
+/// A queue that has pushed and flushed once, as a connection's queue in a running shard.
+fn warm_queue(frame: &Bytes) -> OutQueue {
+    let mut q = OutQueue::default();
+    q.push(frame.clone());
+    drain(&mut q);
+    q
+}
+
+fn drain(q: &mut OutQueue) {
+    q.flush(&mut std::io::sink()).expect("the sink accepts everything");
+}
+
+struct Broadcast {
+    /// Encode with a realistic sender id (`fromUserId` 777001).
+    encode: Stat,
+    /// Encode with a sender id of at most two digits (the envelope fits the size hint).
+    encode_small_id: Stat,
+    pushes: Stat,
+}
+
+/// The sender of every measured message: a realistic (six-digit) user id.
+const FROM: i64 = 777_001;
+
+fn broadcast() -> Broadcast {
+    let body = payload(100);
+    let first = data_event(1, Some(&body));
+    let mut queues: Vec<OutQueue> = (0..RECIPIENTS).map(|_| warm_queue(&first)).collect();
+    drop(first);
+    let mut result =
+        Broadcast { encode: Stat::default(), encode_small_id: Stat::default(), pushes: Stat::default() };
+    for _ in 0..ROUNDS {
+        let t0 = Counts::now();
+        let small = data_event(black_box(7), Some(black_box(&body[..])));
+        result.encode_small_id.add(Counts::now().since(t0));
+        drop(small);
+        let t0 = Counts::now();
+        let frame = data_event(black_box(FROM), Some(black_box(&body[..])));
+        let t1 = Counts::now();
+        for q in &mut queues {
+            q.push(black_box(&frame).clone());
+        }
+        let t2 = Counts::now();
+        result.encode.add(t1.since(t0));
+        result.pushes.add(t2.since(t1));
+        drop(frame);
+        queues.iter_mut().for_each(drain);
+    }
+    result
+}
+
+struct P2p {
+    size: usize,
+    parse_route: Stat,
+    data_event: Stat,
+    server_ack: Stat,
+    pushes: Stat,
+    total: Stat,
+}
+
+fn p2p(size: usize) -> P2p {
+    let raw = p2p_message(&payload(size));
+    let warm = data_event(1, Some(b"{}"));
+    let mut receiver = warm_queue(&warm);
+    let mut sender = warm_queue(&warm);
+    drop(warm);
+    let caps = SenderCaps { can_broadcast: false };
+    let mut r = P2p {
+        size,
+        parse_route: Stat::default(),
+        data_event: Stat::default(),
+        server_ack: Stat::default(),
+        pushes: Stat::default(),
+        total: Stat::default(),
+    };
+    for _ in 0..ROUNDS {
+        let t0 = Counts::now();
+        let msg = ClientMessage::parse(black_box(&raw)).expect("valid envelope");
+        let Route::P2p { target, payload } = route(&msg, caps) else {
+            panic!("the message must route as P2P");
+        };
+        let t1 = Counts::now();
+        let event = data_event(FROM, payload);
+        let t2 = Counts::now();
+        let ack = server_ack(msg.pid.as_deref().unwrap_or_default(), "delivered");
+        let t3 = Counts::now();
+        receiver.push(event);
+        sender.push(ack);
+        let t4 = Counts::now();
+        black_box(target);
+        r.parse_route.add(t1.since(t0));
+        r.data_event.add(t2.since(t1));
+        r.server_ack.add(t3.since(t2));
+        r.pushes.add(t4.since(t3));
+        r.total.add(t4.since(t0));
+        drain(&mut receiver);
+        drain(&mut sender);
+    }
+    r
+}
+
+fn frame_parse(size: usize) -> Stat {
+    let body = payload(size);
+    let mut buf = masked_text_frame(&body);
+    let mut stat = Stat::default();
+    for _ in 0..ROUNDS {
+        let t0 = Counts::now();
+        // Unmasks in place; the header is untouched, so the same buffer parses again next
+        // round (its payload alternates masked / unmasked).
+        let frame = parse_frame(black_box(&mut buf[..]), MAX_PAYLOAD);
+        let t1 = Counts::now();
+        let frame = frame.expect("valid frame").expect("complete frame");
+        assert_eq!((frame.kind, frame.len), (FrameKind::Text, buf.len()));
+        stat.add(t1.since(t0));
+    }
+    stat
+}
+
+fn main() {
+    let bcast = broadcast();
+    let p2ps: Vec<P2p> = SIZES.iter().map(|&size| p2p(size)).collect();
+    let frames: Vec<(usize, Stat)> = SIZES.iter().map(|&size| (size, frame_parse(size))).collect();
+
+    let push_total = bcast.pushes.rounds.iter().map(|c| c.calls()).sum::<u64>();
+    let per_recipient = push_total as f64 / (ROUNDS * RECIPIENTS) as f64;
+    let p2p_totals: Vec<u64> = p2ps.iter().map(|p| p.total.max_calls()).collect();
+    let p2p_constant = p2ps.iter().all(|p| p.total.min_calls() == p.total.max_calls())
+        && p2p_totals.windows(2).all(|w| w[0] == w[1]);
+    let frame_zero = frames.iter().all(|(_, s)| s.max_calls() == 0);
+
+    let report = json!({
+        "bench": "allocs",
+        "rounds": ROUNDS,
+        "counted": "alloc + alloc_zeroed + realloc calls; bytes = requested (realloc: growth)",
+        "broadcast": {
+            "payload_bytes": 100,
+            "recipients": RECIPIENTS,
+            "from_user_id": FROM,
+            "frame_encode": bcast.encode.json(),
+            "frame_encode_from_user_id_7": bcast.encode_small_id.json(),
+            "pushes_per_broadcast": bcast.pushes.json(),
+            "allocs_per_recipient": per_recipient,
+        },
+        "p2p": p2ps.iter().map(|p| json!({
+            "payload_bytes": p.size,
+            "parse_route": p.parse_route.json(),
+            "data_event": p.data_event.json(),
+            "server_ack": p.server_ack.json(),
+            "queue_pushes": p.pushes.json(),
+            "total": p.total.json(),
+        })).collect::<Vec<_>>(),
+        "frame_parse": frames.iter().map(|(size, s)| json!({
+            "payload_bytes": size,
+            "allocs": s.json(),
+        })).collect::<Vec<_>>(),
+        "goals": {
+            "broadcast_zero_per_recipient": per_recipient == 0.0,
+            "p2p_constant_across_sizes": p2p_constant,
+            "frame_parse_zero": frame_zero,
+        },
+    });
+    println!("{report}");
+    println!();
+
+    let row = |what: &str, s: &Stat| {
+        let exact = if s.min_calls() == s.max_calls() {
+            format!("{}", s.min_calls())
+        } else {
+            format!("{}..{}", s.min_calls(), s.max_calls())
+        };
+        println!("{what:<44} {exact:>9} {:>10.1}", s.mean_bytes());
+    };
+    println!("{:<44} {:>9} {:>10}", "path (per round, min..max over rounds)", "allocs", "bytes");
+    println!("{}", "-".repeat(65));
+    row("broadcast 100 B: frame encode (once)", &bcast.encode);
+    row("  same, fromUserId 7 (fits the size hint)", &bcast.encode_small_id);
+    row("broadcast 100 B: 1,000 pushes of clones", &bcast.pushes);
+    println!("{:<44} {:>9.4} {:>10}", "broadcast 100 B: per recipient", per_recipient, "");
+    for p in &p2ps {
+        let size = p.size;
+        row(&format!("p2p {size} B: parse + route"), &p.parse_route);
+        row(&format!("p2p {size} B: data_event"), &p.data_event);
+        row(&format!("p2p {size} B: server_ack"), &p.server_ack);
+        row(&format!("p2p {size} B: 2 pushes (warm queues)"), &p.pushes);
+        row(&format!("p2p {size} B: total per message"), &p.total);
+    }
+    for (size, s) in &frames {
+        row(&format!("parse_frame {size} B (in place)"), s);
+    }
+}

@@ -165,7 +165,15 @@ impl<'a> Envelope<'a> {
 
     /// Encodes the envelope as one complete text frame.
     pub fn frame(self) -> Bytes {
-        let hint = 48 + self.payload.map_or(0, <[u8]>::len);
+        // Fixed keys and punctuation, a 20-digit fromUserId, the pid and the payload: the
+        // buffer is allocated once and never grows.
+        let error_len =
+            self.error.map_or(0, |(pid, _, message)| 48 + pid.map_or(0, str::len) + message.len());
+        let hint = 64
+            + self.kind.len()
+            + self.pid.map_or(0, str::len)
+            + self.payload.map_or(0, <[u8]>::len)
+            + error_len;
         let mut w = FrameEncoder::start(hint).writer();
         self.write(&mut w);
         FrameEncoder::finish(w.into_inner(), OutKind::Text)

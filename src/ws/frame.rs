@@ -256,9 +256,9 @@ impl FrameEncoder {
     /// Writes the header in front of the payload and returns the frame.
     pub fn finish(mut buf: BytesMut, kind: OutKind) -> Bytes {
         let payload_len = buf.len() - MAX_HEADER;
-        let header = header_bytes(kind, payload_len);
-        let start = MAX_HEADER - header.len();
-        buf[start..MAX_HEADER].copy_from_slice(&header);
+        let (header, len) = header_bytes(kind, payload_len);
+        let start = MAX_HEADER - len;
+        buf[start..MAX_HEADER].copy_from_slice(&header[..len]);
         let mut frame = buf.freeze();
         let _ = frame.split_to(start);
         frame
@@ -281,7 +281,8 @@ impl FrameEncoder {
     }
 }
 
-fn header_bytes(kind: OutKind, len: usize) -> Vec<u8> {
+/// The header for a frame of `len` payload bytes, formatted on the stack.
+fn header_bytes(kind: OutKind, len: usize) -> ([u8; MAX_HEADER], usize) {
     let opcode = match kind {
         OutKind::Text => OpCode::Data(Data::Text),
         OutKind::Binary => OpCode::Data(Data::Binary),
@@ -290,10 +291,11 @@ fn header_bytes(kind: OutKind, len: usize) -> Vec<u8> {
         OutKind::Pong => OpCode::Control(Control::Pong),
     };
     let header = FrameHeader { opcode, ..FrameHeader::default() };
-    let mut out = Vec::with_capacity(MAX_HEADER);
-    // Writing into a Vec cannot fail.
+    let mut out = Cursor::new([0u8; MAX_HEADER]);
+    // An unmasked header is at most MAX_HEADER bytes, so this cannot run out of room.
     let _ = header.format(len as u64, &mut out);
-    out
+    let written = out.position() as usize;
+    (out.into_inner(), written)
 }
 
 #[cfg(test)]
