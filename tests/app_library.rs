@@ -323,3 +323,28 @@ fn blocking_work_on_workers_does_not_stall_the_shard() {
     answered.sort();
     assert_eq!(answered, (0..8).map(|i| format!("q{i}")).collect::<Vec<_>>());
 }
+
+#[test]
+fn answers_to_server_waits_are_not_rate_limited() {
+    let server = start(|c| {
+        c.rate_limit = 2;
+        c.rate_limit_burst = 2;
+    });
+    let mut client = connect(server.local_addr(), 50, &[]);
+    let handle = server.handle();
+    let waiters: Vec<_> = (0..20).map(|_| handle.send_for_ack(50, &event(), None)).collect();
+    let pids: Vec<String> =
+        (0..20).map(|_| recv_with_pid(&mut client)["pid"].as_str().unwrap().to_string()).collect();
+    for pid in &pids {
+        ack(&mut client, pid, "ok", None);
+    }
+    for waiter in waiters {
+        assert_eq!(waiter.wait().map(|a| a.status), Ok(Some("ok".into())));
+    }
+    // Ordinary messages still are: the burst of 2 passes, then 429.
+    for i in 0..3 {
+        client.send_json(&format!(r#"{{"type":"nope{i}"}}"#));
+    }
+    let codes: Vec<i64> = (0..3).map(|_| client.recv_json()["error"]["code"].as_i64().unwrap()).collect();
+    assert_eq!(codes, vec![400, 400, 429]);
+}

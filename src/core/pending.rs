@@ -96,6 +96,13 @@ impl<C> PendingTable<C> {
         Some(self.slots.remove(key.index as usize).1)
     }
 
+    /// Whether the wait `key` is pending, of `kind`, and was sent on `conn`.
+    pub fn is_pending(&self, key: WaitKey, conn: ConnKey, kind: WaitKind) -> bool {
+        self.slots.get(key.index as usize).is_some_and(|(generation, wait)| {
+            *generation == key.generation && wait.conn == conn && wait.kind == kind
+        })
+    }
+
     /// Takes the wait `key` if its deadline has passed at `now`.
     pub fn expire(&mut self, key: WaitKey, now: u64) -> Option<Wait<C>> {
         let (generation, wait) = self.slots.get(key.index as usize)?;
@@ -147,6 +154,8 @@ mod tests {
         let mut table = PendingTable::new(0);
         let key = table.insert(wait(WaitKind::Request, 10));
         assert!(table.resolve(key, OTHER, WaitKind::Request).is_none());
+        assert!(table.is_pending(key, CONN, WaitKind::Request));
+        assert!(!table.is_pending(key, OTHER, WaitKind::Request));
         assert!(table.resolve(key, CONN, WaitKind::Ack).is_none());
         assert!(table.resolve(key, CONN, WaitKind::Request).is_some());
         assert!(table.resolve(key, CONN, WaitKind::Request).is_none());

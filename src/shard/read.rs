@@ -210,9 +210,6 @@ impl Shard {
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.messages_in);
         metrics.observe_size(text.len());
-        if !self.admit_message(key, text.len()) {
-            return;
-        }
         if std::str::from_utf8(text).is_err() {
             self.fail(key, FrameError::InvalidUtf8);
             return;
@@ -222,7 +219,13 @@ impl Shard {
         };
         let (user, roles) = (session.user, session.roles);
         let caps = SenderCaps { can_broadcast: roles.broadcast || self.shared.config.allow_client_broadcast };
-        match ClientMessage::parse(text) {
+        let parsed = ClientMessage::parse(text);
+        // Answers to the server's own waits are not charged: the server asked for them.
+        let answers_wait = parsed.as_ref().is_ok_and(|msg| self.is_wait_answer(key, msg));
+        if !answers_wait && !self.admit_message(key, text.len()) {
+            return;
+        }
+        match parsed {
             Ok(msg) => {
                 if self.answers_request(key, msg.pid.as_deref(), text) {
                     return;

@@ -11,6 +11,7 @@ use super::{Shard, TimerKey};
 use crate::app::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
 use crate::core::ConnKey;
 use crate::core::pending::{Wait, WaitKey, WaitKind};
+use crate::protocol::ClientMessage;
 use crate::protocol::envelope::ClientAck;
 use crate::ws::close;
 
@@ -150,6 +151,22 @@ impl Shard {
                 .filter(|v: &serde_json::Value| !v.is_null()),
         };
         entry.completion.complete(Outcome::Ack(reply));
+    }
+
+    /// Whether `msg` answers a wait pending on this connection (a `client_ack` for it, or a
+    /// reply carrying its pid), without resolving it.
+    pub(super) fn is_wait_answer(&self, key: ConnKey, msg: &ClientMessage<'_>) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        let pending = |pid: &str, kind| {
+            self.pending.parse_pid(pid).is_some_and(|w| self.pending.is_pending(w, key, kind))
+        };
+        if msg.pid.as_deref().is_some_and(|pid| pending(pid, WaitKind::Request)) {
+            return true;
+        }
+        msg.kind == "client_ack"
+            && msg.payload_as::<ClientAck>().is_ok_and(|ack| pending(&ack.acknowledged_pid, WaitKind::Ack))
     }
 
     /// A client message whose pid may answer a request; true when it did.
