@@ -8,6 +8,9 @@
 //!   broadcast --receivers R --messages M [--size 100] [--with-pid 0] [--rounds 1]
 //!   p2p       --pairs P --inflight F --messages M [--size 100]
 //!   handshake --conns N --concurrency C
+//!   room      --members N --messages M [--size 100] [--rounds 1] [--with-pid 0] [--room bench-room]
+//!             (server: --room-presence-max-members 0 --max-room-members 1000000, rate limits off)
+//!   presence  --watchers W --updates U [--size 100] [--rounds 1] [--interval-ms 0 = back-to-back]
 //!   report    --file FILE.jsonl   (Markdown table of a benches/run.sh results file)
 //! common: --src-ips K (127.0.0.2 ..= 127.0.0.(K+1), default 8) --timeout-secs T (default 60)
 //!         --clk-tck 100 --path /ws --no-metrics 1
@@ -46,6 +49,10 @@ fn now_us() -> u64 {
 macro_rules! progress {
     ($($t:tt)*) => { eprintln!("[loadgen] {}", format!($($t)*)) };
 }
+
+// After the macro, so that the scenarios there can use `progress!`.
+#[path = "loadgen/rooms.rs"]
+mod rooms;
 
 /// A server → client message, only the fields the scenarios look at.
 #[derive(Deserialize)]
@@ -844,7 +851,7 @@ fn run() -> Result<(), String> {
     let scenario = args
         .scenario
         .clone()
-        .ok_or("usage: loadgen density|broadcast|p2p|handshake --url HOST:PORT --server-pid PID --secret S [options] | report FILE.jsonl")?;
+        .ok_or("usage: loadgen density|broadcast|p2p|handshake|room|presence --url HOST:PORT --server-pid PID --secret S [options] | report FILE.jsonl")?;
     if scenario == "report" {
         let file = args.str("file").ok_or("usage: loadgen report --file FILE.jsonl")?;
         return report::report(file);
@@ -881,6 +888,8 @@ fn run() -> Result<(), String> {
         "broadcast" => broadcast(&mut ctx),
         "p2p" => p2p(&mut ctx),
         "handshake" => handshake(&mut ctx),
+        "room" => rooms::room(&mut ctx),
+        "presence" => rooms::presence(&mut ctx),
         other => Err(format!("unknown scenario {other:?}")),
     }?;
     if ctx.timed_out() {

@@ -61,6 +61,9 @@ SERVER_ARGS=(--listen "127.0.0.1:$PORT" --jwt-secret "$SECRET" --shards 2
 # shellcheck disable=SC2206
 [[ -n "${SERVER_EXTRA:-}" ]] && SERVER_ARGS+=($SERVER_EXTRA)
 
+# More server flags for one run only (set by run_with).
+RUN_EXTRA=()
+
 # ---- server lifecycle (only the PID started here is ever signalled) ---------------------------
 SERVER_PID=""
 stop_server() {
@@ -90,7 +93,7 @@ start_server() {
         log "port $PORT is already in use; set PORT"
         return 1
     fi
-    "$BIN/customws" "${SERVER_ARGS[@]}" >"$LOGDIR/server-$name.log" 2>&1 &
+    "$BIN/customws" "${SERVER_ARGS[@]}" ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"} >"$LOGDIR/server-$name.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 100); do
         if curl -sf -m 1 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
@@ -116,9 +119,10 @@ json_str() { # minimal JSON string escaping
     printf '"%s"' "$s"
 }
 
-failure_line() { # name, scenario, message
-    printf '{"scenario":%s,"run":%s,"ok":false,"problems":[%s],"command":%s}\n' \
-        "$(json_str "$2")" "$(json_str "$1")" "$(json_str "$3")" "$(json_str "$4")" >>"$OUT"
+failure_line() { # name, scenario, message, command
+    printf '{"scenario":%s,"run":%s,"ok":false,"problems":[%s],"command":%s,"server_extra":%s}\n' \
+        "$(json_str "$2")" "$(json_str "$1")" "$(json_str "$3")" "$(json_str "$4")" \
+        "$(json_str "${RUN_EXTRA[*]+${RUN_EXTRA[*]}}")" >>"$OUT"
 }
 
 selected() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
@@ -139,8 +143,10 @@ run() {
     local rc=$?
     tail -n 3 "$LOGDIR/$name.err" >&2
     if [[ -s "$LOGDIR/$name.json" ]]; then
-        # Tag the line with the run name.
-        sed "s/^{/{\"run\":$(json_str "$name" | sed 's/[\/&]/\\&/g'),/" "$LOGDIR/$name.json" >>"$OUT"
+        # Tag the line with the run name and the run's extra server flags.
+        local tag
+        tag="\"run\":$(json_str "$name"),\"server_extra\":$(json_str "${RUN_EXTRA[*]+${RUN_EXTRA[*]}}"),"
+        sed "s/^{/{$(printf '%s' "$tag" | sed 's/[\/&]/\\&/g')/" "$LOGDIR/$name.json" >>"$OUT"
     else
         failure_line "$name" "$1" "loadgen exited with $rc: $(tail -n 1 "$LOGDIR/$name.err")" \
             "cargo bench --bench loadgen -- $*"
@@ -151,6 +157,18 @@ run() {
     fi
     stop_server
 }
+
+# run_with "EXTRA SERVER FLAGS" NAME SCENARIO [loadgen options...]: run with more server flags.
+run_with() {
+    read -r -a RUN_EXTRA <<<"$1"
+    shift
+    run "$@"
+    RUN_EXTRA=()
+}
+
+# Rooms: rate limits are already off in SERVER_ARGS; no joined/left presence events (5,000 joins
+# would otherwise announce 12.5 M of them) and room size unbounded.
+ROOM_FLAGS="--room-presence-max-members 0 --max-room-members 1000000"
 
 # ---- meta -------------------------------------------------------------------------------------
 MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -168,6 +186,8 @@ if [[ "$QUICK" == 1 ]]; then
     run p2p-1 p2p --pairs 8 --inflight 1 --messages 500
     run p2p-16 p2p --pairs 8 --inflight 16 --messages 2000
     run handshake handshake --conns 1000 --concurrency 64
+    run_with "$ROOM_FLAGS" room-small room --members 500 --messages 50 --size 100
+    run presence-small presence --watchers 100 --updates 50
 else
     run density density --conns 15000
     # Bursts repeated (--rounds) so that the server CPU spans many 10 ms clock ticks.
@@ -176,6 +196,13 @@ else
     run p2p-1 p2p --pairs 64 --inflight 1 --messages 8000
     run p2p-16 p2p --pairs 64 --inflight 16 --messages 20000
     run handshake handshake --conns 5000 --concurrency 64
+    # One room of 5,000 members over both shards, one member publishing 200 back-to-back
+    # broadcasts per burst; 5 bursts so that the server CPU spans many clock ticks.
+    run_with "$ROOM_FLAGS" room-5000 room --members 5000 --messages 200 --size 100 --rounds 5
+    # 1,000 watchers of one user; 200 distinct presence_updates written back-to-back per burst.
+    run presence-1000 presence --watchers 1000 --updates 200 --size 100 --rounds 10
+    # The same paced (one update every 5 ms): about one write per event, little batching.
+    run presence-1000-paced presence --watchers 1000 --updates 200 --size 100 --interval-ms 5 --rounds 2
 fi
 
 if selected floor; then

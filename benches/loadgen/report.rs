@@ -47,6 +47,26 @@ fn cpu_total(v: &Value) -> String {
     )
 }
 
+/// ", N bursts" when there was more than one round.
+fn rounds(v: &Value) -> String {
+    match num(v, &["rounds"]) {
+        Some(r) if r > 1.0 => format!(", {r} bursts"),
+        _ => String::new(),
+    }
+}
+
+/// Connections per shard, "a/b/…".
+fn shards(v: &Value) -> String {
+    match v["shard_connections"].as_object() {
+        Some(o) if !o.is_empty() => o
+            .values()
+            .map(|x| x.as_f64().map_or("?".into(), |n| format!("{n:.0}")))
+            .collect::<Vec<_>>()
+            .join("/"),
+        _ => "n/a".into(),
+    }
+}
+
 /// (scenario label, parameters, figures)
 fn row(v: &Value) -> (String, String, Vec<String>) {
     let sc = v["scenario"].as_str().unwrap_or("?").to_string();
@@ -141,6 +161,66 @@ fn row(v: &Value) -> (String, String, Vec<String>) {
                 format!("connect→101 {}", lat(v, "handshake_latency")),
             ],
         ),
+        "room" => (
+            sc,
+            format!(
+                "{} members (shards {}) × {} msgs of {} B{}",
+                f(v, &["members"], 0),
+                shards(v),
+                f(v, &["messages"], 0),
+                f(v, &["size"], 0),
+                rounds(v)
+            ),
+            vec![
+                format!(
+                    "**{} µs server CPU/room delivery** (schedstat {}; {})",
+                    f(v, &["server_cpu_us_per_room_delivery"], 3),
+                    f(v, &["server_sched_us_per_room_delivery"], 3),
+                    cpu_total(v)
+                ),
+                format!(
+                    "{} deliveries/s, {} of {} delivered in {} s in all; {} own copies to the sender",
+                    f(v, &["deliveries_per_sec"], 0),
+                    f(v, &["deliveries"], 0),
+                    f(v, &["expected_deliveries"], 0),
+                    f(v, &["wall_secs"], 3),
+                    f(v, &["publisher_own_copies"], 0)
+                ),
+                format!("latency from burst start: {}", lat(v, "latency")),
+            ],
+        ),
+        "presence" => (
+            sc,
+            format!(
+                "{} watchers (shards {}) × {} updates, {}{}",
+                f(v, &["watchers"], 0),
+                shards(v),
+                f(v, &["updates"], 0),
+                match num(v, &["interval_ms"]) {
+                    Some(ms) if ms > 0.0 => format!("one every {ms} ms"),
+                    _ => "back-to-back".into(),
+                },
+                rounds(v)
+            ),
+            vec![
+                format!(
+                    "**{} µs server CPU/presence_update**, **{} µs per event** (schedstat {} / {}; {})",
+                    f(v, &["server_cpu_us_per_update"], 1),
+                    f(v, &["server_cpu_us_per_event"], 3),
+                    f(v, &["server_sched_us_per_update"], 1),
+                    f(v, &["server_sched_us_per_event"], 3),
+                    cpu_total(v)
+                ),
+                format!(
+                    "{} events/s, {} of {} delivered in {} s in all",
+                    f(v, &["events_per_sec"], 0),
+                    f(v, &["events"], 0),
+                    f(v, &["expected_events"], 0),
+                    f(v, &["wall_secs"], 3)
+                ),
+                format!("latency from update sent: {}", lat(v, "latency")),
+            ],
+        ),
         "floor" => (
             "floor (kernel)".into(),
             format!("{} loopback pairs, {} B", f(v, &["pairs"], 0), f(v, &["size"], 0)),
@@ -185,7 +265,11 @@ pub(crate) fn report(path: &str) -> Result<(), String> {
     let mut cmds = Vec::new();
     for v in lines.iter().filter(|v| v["scenario"] != "meta") {
         let (sc, params, figs) = row(v);
-        cmds.push(v["command"].as_str().unwrap_or("?").to_string());
+        let mut cmd = format!("`{}`", v["command"].as_str().unwrap_or("?"));
+        if let Some(extra) = v["server_extra"].as_str().filter(|e| !e.is_empty()) {
+            cmd.push_str(&format!(" (server started with also `{extra}`)"));
+        }
+        cmds.push(cmd);
         let problems = match v["problems"].as_array() {
             Some(p) if !p.is_empty() => {
                 p.iter().map(|x| x.as_str().unwrap_or("?").to_string()).collect::<Vec<_>>().join("; ")
@@ -203,7 +287,7 @@ pub(crate) fn report(path: &str) -> Result<(), String> {
     }
     out.push_str("\nCommands (server restarted before each loadgen run):\n\n");
     for (i, c) in cmds.iter().enumerate() {
-        out.push_str(&format!("{}. `{}`\n", i + 1, c));
+        out.push_str(&format!("{}. {}\n", i + 1, c));
     }
     print!("{out}");
     Ok(())

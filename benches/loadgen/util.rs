@@ -110,11 +110,33 @@ pub(crate) struct Server {
 #[derive(Clone, Copy)]
 pub(crate) struct CpuMark {
     ticks: Option<u64>,
+    /// Sum of the threads' run time from /proc/PID/task/*/schedstat, in ns (not tick-sampled;
+    /// threads that exited in between are missing).
+    ns: Option<u64>,
+}
+
+/// Sum of the first field (time spent on the CPU, ns) of /proc/PID/task/*/schedstat.
+pub(crate) fn proc_sched_ns(pid: &str) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread may exit between the listing and the read.
+        if let Ok(s) = std::fs::read_to_string(path) {
+            total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
 }
 
 impl Server {
     pub(crate) fn cpu(&self) -> CpuMark {
-        CpuMark { ticks: self.pid.as_deref().and_then(proc_cpu_ticks) }
+        let pid = self.pid.as_deref();
+        CpuMark { ticks: pid.and_then(proc_cpu_ticks), ns: pid.and_then(proc_sched_ns) }
+    }
+
+    /// Server CPU microseconds between two marks from the threads' schedstat run times.
+    pub(crate) fn sched_us(&self, a: CpuMark, b: CpuMark) -> Option<f64> {
+        Some(b.ns?.saturating_sub(a.ns?) as f64 / 1e3)
     }
 
     /// Server CPU microseconds between two marks.
