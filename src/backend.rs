@@ -491,10 +491,7 @@ impl WarnLimiter {
 mod tests {
     use super::*;
 
-    fn text(frame: &Bytes) -> &str {
-        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
-        std::str::from_utf8(&frame[header..]).unwrap()
-    }
+    use crate::ws::frame::frame_text as text;
 
     #[test]
     fn request_body_splices_claims_and_message() {

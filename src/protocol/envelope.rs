@@ -274,10 +274,7 @@ pub fn room_message(from: Option<i64>, room: &str, ts_ms: u64, body: &[u8], meta
 mod tests {
     use super::*;
 
-    fn text(frame: &Bytes) -> &str {
-        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
-        std::str::from_utf8(&frame[header..]).unwrap()
-    }
+    use crate::ws::frame::frame_text as text;
 
     #[test]
     fn decodes_and_keeps_payload_bytes() {

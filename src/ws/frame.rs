@@ -298,6 +298,13 @@ fn header_bytes(kind: OutKind, len: usize) -> ([u8; MAX_HEADER], usize) {
     (out.into_inner(), written)
 }
 
+/// The payload of an unmasked server frame as text (test helper; short and 16-bit lengths).
+#[cfg(test)]
+pub(crate) fn frame_text(frame: &Bytes) -> &str {
+    let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
+    std::str::from_utf8(&frame[header..]).unwrap_or("<not UTF-8>")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
