@@ -5,130 +5,25 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::api::*;
 use common::*;
-use customws::ServerHandle;
+use customws::Config;
 use serde_json::{Value, json};
 
-/// The API key of every test server.
-const KEY: &str = "k";
-/// Read bound of one API call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on asynchronous membership changes (a disconnect leaving its rooms).
 const SETTLE: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
-// Helpers (the HTTP client is a trimmed copy of tests/api_http.rs's)
+// Helpers (the HTTP client is in tests/common/api.rs)
 // ---------------------------------------------------------------------------------------------
 
-/// A quiet server (no join/leave presence events, so clients only see what a test is about)
-/// with the API on 127.0.0.1:0; (server, WebSocket addr, API addr).
-fn api_server() -> (ServerHandle, SocketAddr, SocketAddr) {
-    let server = start(|c| {
-        c.api_listen = "127.0.0.1:0".parse().unwrap();
-        c.api_key = Some(KEY.into());
-        c.room_presence_max_members = 0;
-    });
-    let api = server.api_addr().expect("the API must run when api_key is set");
-    let ws = server.local_addr();
-    (server, ws, api)
-}
-
-/// A response read off a `Connection: close` API call.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Value,
-    raw: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    fn error(&self) -> &str {
-        self.body["error"].as_str().unwrap_or_else(|| panic!("no \"error\" string in {}", self.raw))
-    }
-}
-
-/// Parses one response from `buf`; `None` when incomplete.
-fn parse_answer(buf: &[u8]) -> Option<Answer> {
-    let mut hs = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut hs);
-    let httparse::Status::Complete(head_len) = resp.parse(buf).expect("malformed HTTP response") else {
-        return None;
-    };
-    let headers: Vec<(String, String)> = resp
-        .headers
-        .iter()
-        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
-        .collect();
-    let status = resp.code.unwrap();
-    let length: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.trim().parse().unwrap())
-        .unwrap_or_else(|| panic!("no Content-Length in a {status} response"));
-    if buf.len() < head_len + length {
-        return None;
-    }
-    let raw = String::from_utf8_lossy(&buf[head_len..head_len + length]).into_owned();
-    let body =
-        serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {raw}"));
-    Some(Answer { status, headers, body, raw })
-}
-
-/// One API call on a fresh connection; `key` None sends no `Authorization`.
-fn call(api: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> Answer {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
-    if let Some(key) = key {
-        req.push_str(&format!("Authorization: {key}\r\n"));
-    }
-    if let Some(body) = body {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    req.push_str(body.unwrap_or(""));
-    let mut s = TcpStream::connect(api).unwrap();
-    s.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(answer) = parse_answer(&buf) {
-            return answer;
-        }
-        let n = s.read(&mut chunk).unwrap_or_else(|e| panic!("reading an API response: {e}"));
-        assert!(n > 0, "EOF before a complete API response; got {:?}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// POST with a raw body text (so tests control its exact bytes).
-fn post_raw(api: SocketAddr, path: &str, body: &str) -> Answer {
-    call(api, "POST", path, Some(&format!("apikey {KEY}")), Some(body))
-}
-
-fn post(api: SocketAddr, path: &str, body: &Value) -> Answer {
-    post_raw(api, path, &body.to_string())
-}
-
-fn get(api: SocketAddr, path: &str) -> Answer {
-    call(api, "GET", path, Some(&format!("apikey {KEY}")), None)
-}
-
-fn assert_ok(answer: &Answer) {
-    assert_eq!(answer.status, 200, "expected 200, got {} {}", answer.status, answer.raw);
-}
-
-fn assert_status(answer: &Answer, status: u16) {
-    assert_eq!(answer.status, status, "expected {status}, got {} {}", answer.status, answer.raw);
-    assert!(answer.body["error"].is_string(), "an error body must be {{\"error\": …}}: {}", answer.raw);
+/// Makes the server quiet (no join/leave presence events, so clients only see what a test is
+/// about); every test's server is `api_server(quiet)`.
+fn quiet(c: &mut Config) {
+    c.room_presence_max_members = 0;
 }
 
 /// Publishes through the API; must answer 200 `{"delivered": n}`; returns n.
@@ -237,7 +132,7 @@ fn expect_only_sentinel(api: SocketAddr, c: &mut Client, tag: &str) {
 
 #[test]
 fn publish_reaches_every_member_on_both_shards_and_no_one_else() {
-    let (_server, ws, api) = api_server();
+    let (_server, ws, api) = api_server(quiet);
     let mut a0 = connect_on_shard(ws, 1, &[], 0);
     let mut a1 = connect_on_shard(ws, 1, &[], 1); // user 1's second connection, other shard
     let mut b = connect_on_shard(ws, 2, &[], 1);
@@ -298,7 +193,7 @@ fn publish_reaches_every_member_on_both_shards_and_no_one_else() {
 
 #[test]
 fn delivered_counts_the_members_left_after_disconnects() {
-    let (_server, ws, api) = api_server();
+    let (_server, ws, api) = api_server(quiet);
     let mut a = connect_on_shard(ws, 1, &[], 0);
     let mut b = connect_on_shard(ws, 2, &[], 1);
     let mut c = connect_on_shard(ws, 3, &[], 1);
@@ -323,7 +218,7 @@ fn delivered_counts_the_members_left_after_disconnects() {
 
 #[test]
 fn members_are_listed_across_shards_and_follow_disconnects() {
-    let (_server, ws, api) = api_server();
+    let (_server, ws, api) = api_server(quiet);
     assert_eq!(members(api, "lobby", "lobby"), Vec::<i64>::new(), "an unknown room has no members");
     let unknown = get(api, "/api/v1/rooms/never-joined");
     assert_ok(&unknown);
@@ -365,7 +260,7 @@ fn members_are_listed_across_shards_and_follow_disconnects() {
 
 #[test]
 fn percent_encoded_room_names() {
-    let (_server, ws, api) = api_server();
+    let (_server, ws, api) = api_server(quiet);
     let mut a = connect_on_shard(ws, 1, &[], 0);
     let mut b = connect_on_shard(ws, 2, &[], 1);
     join(&mut a, "#general", "ja");
@@ -385,7 +280,7 @@ fn percent_encoded_room_names() {
 
 #[test]
 fn bad_names_bad_bodies_and_wrong_methods_are_refused() {
-    let (_server, ws, api) = api_server();
+    let (_server, ws, api) = api_server(quiet);
     let mut member = connect(ws, 1, &[]);
     join(&mut member, "lobby", "j");
 
@@ -432,7 +327,7 @@ fn bad_names_bad_bodies_and_wrong_methods_are_refused() {
 
 #[test]
 fn the_api_key_is_required() {
-    let (_server, ws, api) = api_server();
+    let (_server, ws, api) = api_server(quiet);
     let mut member = connect(ws, 1, &[]);
     join(&mut member, "lobby", "j");
     let body = r#"{"body": "sneaky"}"#;

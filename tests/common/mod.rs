@@ -2,6 +2,7 @@
 //! a blocking WebSocket client whose reads are bounded (no test can hang), raw HTTP, raw
 //! WebSocket sockets that never answer anything, and `/metrics` parsing.
 #![allow(dead_code, unreachable_pub)]
+pub mod api;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
