@@ -348,3 +348,30 @@ fn answers_to_server_waits_are_not_rate_limited() {
     let codes: Vec<i64> = (0..3).map(|_| client.recv_json()["error"]["code"].as_i64().unwrap()).collect();
     assert_eq!(codes, vec![400, 400, 429]);
 }
+
+#[test]
+fn presence_of_a_user_and_of_a_room() {
+    let server = start(|c| c.room_presence_max_members = 0);
+    let addr = server.local_addr();
+    let mut a = connect(addr, 61, &[]);
+    let mut b = connect(addr, 62, &[]);
+    for (c, pid) in [(&mut a, "ja"), (&mut b, "jb")] {
+        c.send_value(&json!({"pid": pid, "type": "join", "payload": {"room": "desk"}}));
+        assert_eq!(c.recv_of_type("server_ack")["payload"]["status"], "joined");
+    }
+    a.send_value(
+        &json!({"pid": "p", "type": "presence_update", "payload": {"status": "busy", "context": {"doc": 1}}}),
+    );
+    assert_eq!(a.recv_of_type("server_ack")["payload"]["status"], "ok");
+    let handle = server.handle();
+    wait_until(Duration::from_secs(3), "user 61 busy at its home shard", || {
+        handle.presence(61).wait().is_ok_and(|p| p.status == "busy")
+    });
+    let busy = handle.presence(61).wait().unwrap();
+    assert_eq!(busy.context.as_deref(), Some(r#"{"doc":1}"#));
+    assert_eq!(handle.presence(62).wait().unwrap().status, "online");
+    assert_eq!(handle.presence(63).wait().unwrap().status, "offline");
+    let room = handle.room_presence("desk", Duration::from_secs(2)).unwrap();
+    let statuses: Vec<(i64, String)> = room.into_iter().map(|p| (p.user_id, p.status)).collect();
+    assert_eq!(statuses, vec![(61, "busy".to_string()), (62, "online".to_string())]);
+}

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::value::RawValue;
 
 use super::application::ConnId;
-use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
+use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};
 use crate::core::Directory;
 use crate::core::pending::WaitKind;
 use crate::protocol::envelope::room_message;
@@ -72,6 +72,11 @@ pub enum Op<'a> {
     RoomMembers {
         /// The room.
         room: &'a str,
+    },
+    /// The user's presence: `Presence`.
+    Presence {
+        /// The user.
+        user: i64,
     },
     /// The user's connections: `User(list)`.
     Query {
@@ -163,6 +168,10 @@ impl Handle {
                     link.send_now(ShardMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
                 }
                 self.shared.links.len()
+            }
+            Op::Presence { user } => {
+                self.to_home(user, ShardMsg::QueryPresence { user, done: done.clone() });
+                1
             }
             Op::Query { user } => {
                 self.to_home(user, ShardMsg::QueryUser { user, done: done.clone() });
@@ -271,6 +280,22 @@ impl Handle {
             users.dedup();
             Ok(users)
         })
+    }
+
+    /// The user's current presence (`offline` when not connected).
+    pub fn presence(&self, user: i64) -> Waiter<UserPresence> {
+        self.start(Op::Presence { user }, |outcomes| match outcomes.into_iter().next() {
+            Some(Outcome::Presence(p)) => Ok(p),
+            other => Err(failure(other)),
+        })
+    }
+
+    /// The presence of every member of `room`: the member list first, then each member's
+    /// home shard; each step bounded by `limit`.
+    pub fn room_presence(&self, room: &str, limit: Duration) -> Result<Vec<UserPresence>, WaitError> {
+        let members = self.room_members(room).wait_timeout(limit)?;
+        let waiters: Vec<_> = members.iter().map(|&user| self.presence(user)).collect();
+        waiters.into_iter().map(|w| w.wait_timeout(limit)).collect()
     }
 
     /// Closes every connection of the user with 1000; yields how many.

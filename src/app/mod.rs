@@ -6,4 +6,4 @@ pub mod handle;
 pub mod ops;
 
 pub use handle::{Handle, Waiter};
-pub use ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
+pub use ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};

@@ -78,6 +78,19 @@ pub struct ConnInfo {
     pub seq: u64,
 }
 
+/// A user's presence as the home shard stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPresence {
+    /// The user.
+    pub user_id: i64,
+    /// `online`, `offline`, or the last status the user set.
+    pub status: String,
+    /// The status's context, raw JSON (`None`: null).
+    pub context: Option<String>,
+    /// When it was set, Unix milliseconds.
+    pub since_ms: u64,
+}
+
 /// Why a wait ended without an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -109,6 +122,8 @@ pub enum Outcome {
     User(Vec<ConnInfo>),
     /// User ids of a room's members on one shard.
     Members(Vec<i64>),
+    /// A user's current presence (status `offline` when not connected).
+    Presence(UserPresence),
     /// No answer.
     Failed(WaitError),
 }

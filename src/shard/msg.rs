@@ -237,6 +237,13 @@ pub enum ShardMsg {
         /// The connection asking.
         reply: ConnAddr,
     },
+    /// To `user`'s home shard: report its presence: `Presence`.
+    QueryPresence {
+        /// The user.
+        user: i64,
+        /// Gets `Presence`.
+        done: Completion,
+    },
     /// Report the local members' user ids of `room`: `Members(list)`.
     RoomMembers {
         /// The room.

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::Shard;
 use super::msg::ShardMsg;
-use crate::app::ops::{Completion, Outcome};
+use crate::app::ops::{Completion, Outcome, UserPresence};
 use crate::core::ConnKey;
 use crate::core::directory::{ConnAddr, ShardId};
 use crate::core::presence::Presence;
@@ -270,6 +270,17 @@ impl Shard {
             }
             ShardMsg::RoomMembers { room, done } => {
                 done.complete(Outcome::Members(self.local_room_users(&room)))
+            }
+            ShardMsg::QueryPresence { user, done } => {
+                let p = self.presence.get(user, Self::wall_ms());
+                let context = p.context.map(|c| String::from_utf8_lossy(&c).into_owned());
+                let status = p.status.into_string();
+                done.complete(Outcome::Presence(UserPresence {
+                    user_id: user,
+                    status,
+                    context,
+                    since_ms: p.since_ms,
+                }));
             }
             other => self.handle_op(other),
         }
