@@ -1,7 +1,7 @@
 //! The backend HTTP API (`api_listen`, `Authorization: apikey <key>`) against real WebSocket
 //! clients: sends, acknowledged sends, requests, send_many, broadcast with exclusions, user
-//! queries, disconnects, errors, keep-alive, and 1,000 acknowledged sends waiting at once on
-//! the API's single thread.
+//! queries with presence, disconnects, errors, keep-alive, and 1,000 acknowledged sends waiting
+//! at once on the API's single thread.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::api::*;
 use common::*;
@@ -44,6 +44,28 @@ fn recv_with_pid(c: &mut Client, ty: &str) -> (String, Value) {
     let pid =
         msg["pid"].as_str().unwrap_or_else(|| panic!("no pid in a waited-for message: {msg}")).to_owned();
     (pid, msg)
+}
+
+/// A `GET /api/v1/users/{id}` answer: must be 200 with exactly `{"userId", "online",
+/// "connections", "presence"}` and a presence of exactly `{"status", "context", "since"}`
+/// (`since` RFC 3339); returns the body without `presence`, and the presence.
+fn split_presence(answer: &Answer) -> (Value, Value) {
+    assert_ok(answer);
+    let mut body = answer.body.clone();
+    let object = body.as_object_mut().unwrap_or_else(|| panic!("not an object: {}", answer.raw));
+    let presence = object.remove("presence").unwrap_or_else(|| panic!("no presence: {}", answer.raw));
+    let mut keys: Vec<&String> = presence.as_object().expect("presence must be an object").keys().collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["context", "since", "status"], "{}", answer.raw);
+    assert_rfc3339(
+        presence["since"].as_str().unwrap_or_else(|| panic!("since must be text: {}", answer.raw)),
+    );
+    (body, presence)
+}
+
+/// `since` of a presence as a time.
+fn since(presence: &Value) -> SystemTime {
+    humantime::parse_rfc3339(presence["since"].as_str().unwrap()).expect("since must be RFC 3339 UTC")
 }
 
 fn client_ack(c: &mut Client, pid: &str, status: &str, error: Option<Value>) {
@@ -282,9 +304,65 @@ fn user_query_reports_the_connections() {
     let _b = connect(ws, 11, &[]);
     let answer = get(api, "/api/v1/users/11");
     assert_ok(&answer);
-    assert_eq!(answer.body, json!({"userId": 11, "online": true, "connections": 2}));
+    let (rest, presence) = split_presence(&answer);
+    assert_eq!(rest, json!({"userId": 11, "online": true, "connections": 2}));
+    assert_eq!(presence["status"], "online", "{}", answer.raw);
     let answer = get(api, "/api/v1/users/12");
-    assert_eq!(answer.body, json!({"userId": 12, "online": false, "connections": 0}));
+    let (rest, presence) = split_presence(&answer);
+    assert_eq!(rest, json!({"userId": 12, "online": false, "connections": 0}));
+    assert_eq!(presence["status"], "offline", "{}", answer.raw);
+}
+
+#[test]
+fn user_query_reports_the_presence() {
+    let _g = shared();
+    let (_server, ws, api) = api_server(|_| {});
+
+    // A user who never connected: offline, no context.
+    let (rest, presence) = split_presence(&get(api, "/api/v1/users/22"));
+    assert_eq!(rest, json!({"userId": 22, "online": false, "connections": 0}));
+    assert_eq!((&presence["status"], &presence["context"]), (&json!("offline"), &Value::Null));
+
+    // Connected: online, no context, since about the connect.
+    let before = SystemTime::now();
+    let mut c = connect(ws, 21, &[]);
+    let (rest, presence) = split_presence(&get(api, "/api/v1/users/21"));
+    assert_eq!(rest, json!({"userId": 21, "online": true, "connections": 1}));
+    assert_eq!((&presence["status"], &presence["context"]), (&json!("online"), &Value::Null));
+    let online_since = since(&presence);
+    let slack = Duration::from_millis(5);
+    assert!(online_since + slack >= before && online_since <= SystemTime::now() + slack, "{presence}");
+
+    // A status with a context: the context comes back byte-for-byte. The update reaches the
+    // home shard asynchronously, so poll for it.
+    let context = r#"{"doc": 1, "tags": ["a", "b"],  "pos": {"x": 2.5}}"#;
+    let update = format!(
+        r#"{{"pid": "pu", "type": "presence_update", "payload": {{"status": "busy", "context": {context}}}}}"#
+    );
+    let before = SystemTime::now();
+    c.send_json(&update);
+    let ack = c.recv_json();
+    assert_eq!((&ack["type"], &ack["payload"]["status"]), (&json!("server_ack"), &json!("ok")), "{ack}");
+    let mut answer = get(api, "/api/v1/users/21");
+    wait_until(Duration::from_secs(5), "user 21's presence to become busy", || {
+        answer = get(api, "/api/v1/users/21");
+        answer.body["presence"]["status"] == "busy"
+    });
+    let (rest, presence) = split_presence(&answer);
+    assert_eq!(rest, json!({"userId": 21, "online": true, "connections": 1}));
+    assert!(answer.raw.contains(&format!(r#""context":{context}"#)), "not byte-for-byte: {}", answer.raw);
+    let busy_since = since(&presence);
+    assert!(busy_since + slack >= before && busy_since <= SystemTime::now() + slack, "{presence}");
+    assert!(busy_since >= online_since, "{presence}");
+
+    // Once the last connection is gone: offline again, the stored status dropped.
+    c.close();
+    wait_until(Duration::from_secs(5), "user 21 offline", || {
+        get(api, "/api/v1/users/21").body["online"] == false
+    });
+    let (rest, presence) = split_presence(&get(api, "/api/v1/users/21"));
+    assert_eq!(rest, json!({"userId": 21, "online": false, "connections": 0}));
+    assert_eq!((&presence["status"], &presence["context"]), (&json!("offline"), &Value::Null));
 }
 
 #[test]
@@ -368,7 +446,9 @@ fn keep_alive_pipelining_and_expect_continue() {
     assert_eq!(first.body, json!({"delivered": 1}), "{}", first.raw);
     assert_eq!(first.header("connection"), Some("keep-alive"));
     let second = read_answer(&mut s, &mut buf);
-    assert_eq!(second.body, json!({"userId": 4, "online": true, "connections": 1}), "{}", second.raw);
+    let (rest, presence) = split_presence(&second);
+    assert_eq!(rest, json!({"userId": 4, "online": true, "connections": 1}), "{}", second.raw);
+    assert_eq!(presence["status"], "online", "{}", second.raw);
     c.recv_of_type("ping");
     // curl's Expect: 100-continue for larger bodies.
     let head = format!(

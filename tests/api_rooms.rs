@@ -1,7 +1,8 @@
-//! The backend HTTP API's rooms (`POST /api/v1/rooms/{room}/publish`, `GET /api/v1/rooms/{room}`)
-//! against real WebSocket clients that `join` rooms on both shards: delivery to every member
-//! and to no one else with seed 003's `room_message` envelope, the delivered count, member
-//! lists that follow disconnects and leaves, percent-encoded names, and the 400/401/405 errors.
+//! The backend HTTP API's rooms (`POST /api/v1/rooms/{room}/publish`, `GET /api/v1/rooms/{room}`,
+//! `GET /api/v1/rooms/{room}/presence`) against real WebSocket clients that `join` rooms on both
+//! shards: delivery to every member and to no one else with seed 003's `room_message` envelope,
+//! the delivered count, member lists that follow disconnects and leaves, each member's presence,
+//! percent-encoded names, and the 400/401/405 errors.
 
 mod common;
 
@@ -68,6 +69,53 @@ fn await_members(api: SocketAddr, room: &str, want: &[i64]) {
         last = members(api, room, room);
         last == want
     });
+}
+
+/// `GET /api/v1/rooms/{room}/presence`: checks the answer's shape (members sorted by user id,
+/// each once, each exactly `{userId, status, context, since}` with an RFC 3339 `since`),
+/// returns the answer and its members.
+fn room_presence(api: SocketAddr, path_room: &str, room: &str) -> (Answer, Vec<Value>) {
+    let answer = get(api, &format!("/api/v1/rooms/{path_room}/presence"));
+    assert_ok(&answer);
+    let b = &answer.body;
+    let mut keys: Vec<&String> = b.as_object().expect("an object").keys().collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["members", "room"], "{}", answer.raw);
+    assert_eq!(b["room"], room, "{}", answer.raw);
+    let list = b["members"].as_array().unwrap_or_else(|| panic!("members must be a list: {}", answer.raw));
+    for m in list {
+        let mut keys: Vec<&String> = m.as_object().expect("a member must be an object").keys().collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["context", "since", "status", "userId"], "{}", answer.raw);
+        assert!(m["status"].is_string(), "{}", answer.raw);
+        assert_rfc3339(m["since"].as_str().unwrap_or_else(|| panic!("since must be text: {}", answer.raw)));
+    }
+    let ids: Vec<i64> = list.iter().map(|m| m["userId"].as_i64().expect("a user id")).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "members must be sorted and unique: {}", answer.raw);
+    let list = list.clone();
+    (answer, list)
+}
+
+/// (userId, status) of each member in a room presence list.
+fn statuses(members: &[Value]) -> Vec<(i64, String)> {
+    members
+        .iter()
+        .map(|m| (m["userId"].as_i64().unwrap(), m["status"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Polls the room's presence until its (userId, status) pairs are `want` (presence updates and
+/// disconnects reach the shards asynchronously); returns the last answer and members.
+fn await_room_presence(api: SocketAddr, room: &str, want: &[(i64, &str)]) -> (Answer, Vec<Value>) {
+    let want: Vec<(i64, String)> = want.iter().map(|&(u, s)| (u, s.to_owned())).collect();
+    let mut last = None;
+    wait_until(SETTLE, &format!("the presence of {room} to become {want:?}"), || {
+        let (answer, members) = room_presence(api, room, room);
+        let done = statuses(&members) == want;
+        last = Some((answer, members));
+        done
+    });
+    last.expect("polled at least once")
 }
 
 fn now_ms() -> u64 {
@@ -275,6 +323,67 @@ fn percent_encoded_room_names() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Presence
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn room_presence_lists_each_members_status_across_shards() {
+    let (_server, ws, api) = api_server(quiet);
+    let (_, empty) = room_presence(api, "lobby", "lobby");
+    assert!(empty.is_empty(), "an unknown room has no members");
+    let unknown = get(api, "/api/v1/rooms/%23never-joined/presence");
+    assert_ok(&unknown);
+    assert_eq!(unknown.body, json!({"room": "#never-joined", "members": []}));
+
+    let mut a = connect_on_shard(ws, 30, &[], 0);
+    let mut b0 = connect_on_shard(ws, 7, &[], 1);
+    let mut b1 = connect_on_shard(ws, 7, &[], 0); // same user twice: listed once
+    let mut other = connect(ws, 99, &[]);
+    for (i, m) in [&mut a, &mut b0, &mut b1].into_iter().enumerate() {
+        join(m, "lobby", &format!("j{i}"));
+    }
+    join(&mut other, "not-lobby", "jo");
+    let (answer, list) = room_presence(api, "lobby", "lobby");
+    assert_eq!(statuses(&list), [(7, "online".to_owned()), (30, "online".to_owned())], "{}", answer.raw);
+    assert!(list.iter().all(|m| m["context"].is_null()), "no context set yet: {}", answer.raw);
+
+    // A status with a context, set on user 30's shard-0 connection; the update reaches the
+    // home shard asynchronously.
+    let before = now_ms();
+    let update =
+        r#"{"pid": "pu", "type": "presence_update", "payload": {"status": "busy", "context": {"doc": 1}}}"#;
+    a.send_json(update);
+    let ack = a.recv_json();
+    assert_eq!((&ack["type"], &ack["payload"]["status"]), (&json!("server_ack"), &json!("ok")), "{ack}");
+    let (answer, list) = await_room_presence(api, "lobby", &[(7, "online"), (30, "busy")]);
+    assert_eq!(list[0]["context"], Value::Null, "{}", answer.raw);
+    assert_eq!(list[1]["context"], json!({"doc": 1}), "{}", answer.raw);
+    assert!(answer.raw.contains(r#""context":{"doc": 1}"#), "context not byte-for-byte: {}", answer.raw);
+    let since = humantime::parse_rfc3339(list[1]["since"].as_str().unwrap()).unwrap();
+    let since = since.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(since + 5 >= before && since <= now_ms() + 5, "since {since} not within [{before}, now]");
+    let (_, list) = room_presence(api, "not-lobby", "not-lobby");
+    assert_eq!(statuses(&list), [(99, "online".to_owned())]);
+
+    // A user stays while any of its member connections is in...
+    let gauges = metrics_shard_connections(ws);
+    b0.close();
+    wait_until(SETTLE, "user 7's shard-1 connection to be gone", || {
+        metrics_shard_connections(ws)[1] < gauges[1]
+    });
+    let (answer, list) = room_presence(api, "lobby", "lobby");
+    let want = [(7, "online".to_owned()), (30, "busy".to_owned())];
+    assert_eq!(statuses(&list), want, "user 7 is still in through its other connection: {}", answer.raw);
+    // ...and a member who disconnects disappears (asynchronously).
+    a.close();
+    await_room_presence(api, "lobby", &[(7, "online")]);
+    b1.close();
+    await_room_presence(api, "lobby", &[]);
+    let (_, list) = room_presence(api, "not-lobby", "not-lobby");
+    assert_eq!(statuses(&list), [(99, "online".to_owned())]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------------------------
 
@@ -292,8 +401,12 @@ fn bad_names_bad_bodies_and_wrong_methods_are_refused() {
         let answer = get(api, &format!("/api/v1/rooms/{bad}"));
         assert_status(&answer, 400);
         assert!(answer.error().contains("room name"), "{bad}: {}", answer.raw);
+        let answer = get(api, &format!("/api/v1/rooms/{bad}/presence"));
+        assert_status(&answer, 400);
+        assert!(answer.error().contains("room name"), "{bad}: {}", answer.raw);
     }
     assert_ok(&get(api, &format!("/api/v1/rooms/{}", "r".repeat(128))));
+    assert_ok(&get(api, &format!("/api/v1/rooms/{}/presence", "r".repeat(128))));
 
     let publish_path = "/api/v1/rooms/lobby/publish";
     let answer = post(api, publish_path, &json!({"meta": {"m": 1}, "fromUserId": 1}));
@@ -320,6 +433,10 @@ fn bad_names_bad_bodies_and_wrong_methods_are_refused() {
     assert_status(&answer, 405);
     assert_eq!(answer.header("allow"), Some("GET"));
     assert_status(&get(api, "/api/v1/rooms/lobby/members"), 404);
+    let answer = post(api, "/api/v1/rooms/lobby/presence", &json!({"body": 1}));
+    assert_status(&answer, 405);
+    assert_eq!(answer.header("allow"), Some("GET"));
+    assert_status(&get(api, "/api/v1/rooms//presence"), 404);
 
     // None of these reached the member.
     expect_only_sentinel(api, &mut member, "after-errors");
@@ -338,8 +455,12 @@ fn the_api_key_is_required() {
         let answer = call(api, "GET", "/api/v1/rooms/lobby", key, None);
         assert_status(&answer, 401);
         assert_eq!(answer.header("www-authenticate"), Some("apikey"));
+        let answer = call(api, "GET", "/api/v1/rooms/lobby/presence", key, None);
+        assert_status(&answer, 401);
+        assert_eq!(answer.header("www-authenticate"), Some("apikey"));
         // Authentication comes first, even for a bad room name.
         assert_status(&call(api, "GET", "/api/v1/rooms/bad!", key, None), 401);
+        assert_status(&call(api, "GET", "/api/v1/rooms/bad!/presence", key, None), 401);
     }
     expect_only_sentinel(api, &mut member, "after-401");
     assert_eq!(members(api, "lobby", "lobby"), [1]);

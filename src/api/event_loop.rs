@@ -19,7 +19,7 @@ use super::head::{self, Parsed};
 use super::reply::{CONTINUE, Reply, wait_failed};
 use super::routes::{self, Call};
 use super::{LISTENER, MAX_BODY_BYTES, MAX_CONNECTIONS, RUN, STOP, WAKER};
-use crate::app::handle::Handle;
+use crate::app::handle::{Handle, Op};
 use crate::app::ops::{Completion, Outcome, WaitError};
 
 /// Time to receive a complete request (and the keep-alive idle bound).
@@ -322,7 +322,16 @@ impl ApiLoop {
             if waiting.seq != seq {
                 continue;
             }
-            if let Some(reply) = waiting.tally.absorb(outcome) {
+            // A second step (room presence) goes out under the same tag: the first step's
+            // outcomes are all in by then, so the call still counts every outcome it is owed.
+            let (handle, tx, waker) = (&self.handle, &self.tx, &self.waker);
+            let mut done = None;
+            let mut submit = |op: Op<'_>| {
+                let done =
+                    done.get_or_insert_with(|| Completion::new(tx.clone(), tag, Some(Arc::clone(waker))));
+                handle.submit(op, done)
+            };
+            if let Some(reply) = waiting.tally.absorb(outcome, &mut submit) {
                 self.finish_waiting(index, reply);
             }
         }

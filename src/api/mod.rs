@@ -5,7 +5,10 @@
 //! authenticated with `Authorization: apikey <api_key>` and turned into a [`crate::app::Handle`]
 //! operation whose outcomes come back through a channel and a [`mio::Waker`]. A call that waits
 //! for a client (`"ack": true`, `request`) is just a slab entry until its outcome arrives: no
-//! thread and no shard is held per waiting call, so thousands can wait at once.
+//! thread and no shard is held per waiting call, so thousands can wait at once. A call in two
+//! steps (room presence: the member list from every shard, then each member's presence from
+//! its home shard) starts its second step from the loop when the first step's last outcome
+//! arrives, so it waits the same way.
 //!
 //! # Routes
 //!
@@ -15,10 +18,11 @@
 //! | `POST /api/v1/send_many` `{"userIds", "message"}` | 200 | `{"delivered": total}` |
 //! | `POST /api/v1/broadcast` `{"message", "exclude"?}` | 200 | `{"delivered": total}` |
 //! | `POST /api/v1/request` `{"userId", "message", "timeoutMs"?}` | 200 | `{"response": <the client's whole message>}` |
-//! | `GET /api/v1/users/{id}` | 200 | `{"userId", "online", "connections"}` |
+//! | `GET /api/v1/users/{id}` | 200 | `{"userId", "online", "connections", "presence": {"status", "context", "since"}}` |
 //! | `DELETE /api/v1/users/{id}/connections` | 200 | `{"disconnected": n}` |
 //! | `POST /api/v1/rooms/{room}/publish` `{"body", "meta"?, "fromUserId"?}` | 200 | `{"delivered": n}` |
 //! | `GET /api/v1/rooms/{room}` | 200 | `{"room", "members": [user ids, sorted, unique], "count"}` |
+//! | `GET /api/v1/rooms/{room}/presence` | 200 | `{"room", "members": [{"userId", "status", "context", "since"}, …]}`, sorted by `userId`, each user once |
 //!
 //! `message` is `{"type": string, "payload"?: any JSON (forwarded byte-for-byte),
 //! "fromUserId"?: int}`. An acknowledged send and a request go to the user's newest
@@ -31,6 +35,16 @@
 //! (required, any JSON including `null`) and `meta` are forwarded byte-for-byte, and
 //! `delivered` counts those connections (0 for a room nobody is in). The member list of an
 //! unknown or empty room is `[]`; members leave asynchronously when they disconnect.
+//!
+//! A presence is what the user's home shard stores: `status` is `"offline"` when the user has
+//! no connection, `"online"` on connect, or the last status the user set with
+//! `presence_update`; `context` is the JSON the user set with it, forwarded byte-for-byte
+//! (`null` when none); `since` is when it was set (for an offline user, the time of the query),
+//! RFC 3339 UTC with milliseconds (`"2024-05-01T12:00:00.123Z"`). A `presence_update` reaches
+//! the home shard asynchronously, so the API may show the previous status for a moment after
+//! the client's ack. Room presence lists the room's members (as `GET /api/v1/rooms/{room}`
+//! does, `[]` for an unknown or empty room) and then asks each member's presence; a member who
+//! disconnected in between is listed `"offline"`.
 //!
 //! # Errors
 //!

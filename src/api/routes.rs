@@ -1,14 +1,14 @@
 //! Routing: a request (method, path, JSON body) becomes a [`Call`] on the application
 //! handle, and the call's outcomes become one [`Reply`].
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::reply::{Reply, wait_failed};
 use crate::app::handle::{Handle, Op};
-use crate::app::ops::{Completion, OutMessage, Outcome};
+use crate::app::ops::{Completion, OutMessage, Outcome, UserPresence};
 use crate::core::rooms::validate_name;
 
 /// Largest `timeoutMs` accepted (one hour).
@@ -33,6 +33,8 @@ pub(super) enum Route {
     RoomPublish(String),
     /// `GET /api/v1/rooms/{room}`, with the room name (percent-decoded, valid).
     Room(String),
+    /// `GET /api/v1/rooms/{room}/presence`, with the room name (percent-decoded, valid).
+    RoomPresence(String),
 }
 
 /// Finds the route of `method path`: 404 for an unknown path, 405 for a known path with
@@ -51,6 +53,7 @@ pub(super) fn route(method: &str, path: &str) -> Result<Route, Reply> {
         ["users", id, "connections"] if !id.is_empty() => (Route::Disconnect(user_id(id)?), "DELETE"),
         ["rooms", room] if !room.is_empty() => (Route::Room(room_name(room)?), "GET"),
         ["rooms", room, "publish"] if !room.is_empty() => (Route::RoomPublish(room_name(room)?), "POST"),
+        ["rooms", room, "presence"] if !room.is_empty() => (Route::RoomPresence(room_name(room)?), "GET"),
         _ => return Err(not_found(path)),
     };
     if method == allow { Ok(route) } else { Err(Reply::method_not_allowed(allow)) }
@@ -129,7 +132,7 @@ pub(super) enum Call {
         /// `timeoutMs`.
         timeout: Option<Duration>,
     },
-    /// Query a user's connections.
+    /// Query a user's connections and presence.
     Query {
         /// The user.
         user: i64,
@@ -152,6 +155,12 @@ pub(super) enum Call {
     },
     /// List a room's members.
     RoomMembers {
+        /// The room (valid).
+        room: String,
+    },
+    /// A room's members with their presence: the member list from every shard, then one
+    /// presence query per member.
+    RoomPresence {
         /// The room (valid).
         room: String,
     },
@@ -245,6 +254,7 @@ pub(super) fn call(route: Route, body: &[u8]) -> Result<Call, Reply> {
             Call::RoomPublish { room, body: input.body, meta: input.meta, from: input.from_user_id }
         }
         Route::Room(room) => Call::RoomMembers { room },
+        Route::RoomPresence(room) => Call::RoomPresence { room },
     })
 }
 
@@ -291,6 +301,10 @@ fn timeout(ms: Option<u64>) -> Result<Option<Duration>, Reply> {
     }
 }
 
+/// Starts one more operation of a call already waiting (with the call's completion); returns
+/// how many outcomes it adds.
+pub(super) type Submit<'s> = dyn FnMut(Op<'_>) -> usize + 's;
+
 /// What a started call still waits for, and how its outcomes add up.
 #[derive(Debug)]
 pub(super) struct Tally {
@@ -298,6 +312,12 @@ pub(super) struct Tally {
     left: usize,
     delivered: usize,
     members: Vec<i64>,
+    /// `Query`: the user's connection count, once in.
+    connections: Option<usize>,
+    /// `Query`, `RoomPresence`: presences received.
+    presences: Vec<UserPresence>,
+    /// `RoomPresence`: the member list is complete and the presence queries are out.
+    second_step: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,11 +329,17 @@ enum Kind {
     Query { user: i64 },
     Disconnect,
     Members { room: String },
+    RoomPresence { room: String },
 }
 
 impl Call {
     /// Starts the call; its outcomes arrive through `done`.
     pub(super) fn submit(&self, handle: &Handle, done: &Completion) -> Tally {
+        self.start(&mut |op| handle.submit(op, done))
+    }
+
+    /// Starts the call's operations with `submit`.
+    fn start(&self, submit: &mut Submit<'_>) -> Tally {
         let (op, kind) = match self {
             Call::Send { users, msg, many } => {
                 let kind = match (many, users.as_slice()) {
@@ -327,14 +353,20 @@ impl Call {
             Call::Request { user, msg, timeout } => {
                 (Op::Request { user: *user, msg, timeout: *timeout }, Kind::Request)
             }
-            Call::Query { user } => (Op::Query { user: *user }, Kind::Query { user: *user }),
+            Call::Query { user } => {
+                let left = submit(Op::Query { user: *user }) + submit(Op::Presence { user: *user });
+                return Tally::new(Kind::Query { user: *user }, left);
+            }
             Call::Disconnect { user } => (Op::Disconnect { user: *user }, Kind::Disconnect),
             Call::RoomPublish { room, body, meta, from } => {
                 (Op::RoomPublish { room, body, meta: meta.as_deref(), from: *from }, Kind::Sum)
             }
             Call::RoomMembers { room } => (Op::RoomMembers { room }, Kind::Members { room: room.clone() }),
+            Call::RoomPresence { room } => {
+                (Op::RoomMembers { room }, Kind::RoomPresence { room: room.clone() })
+            }
         };
-        let left = handle.submit(op, done);
+        let left = submit(op);
         Tally::new(kind, left)
     }
 
@@ -349,7 +381,15 @@ impl Call {
 
 impl Tally {
     fn new(kind: Kind, left: usize) -> Self {
-        Tally { kind, left, delivered: 0, members: Vec::new() }
+        Tally {
+            kind,
+            left,
+            delivered: 0,
+            members: Vec::new(),
+            connections: None,
+            presences: Vec::new(),
+            second_step: false,
+        }
     }
 
     /// The reply when every outcome is already in (a call with no parts: `send_many` to an
@@ -357,12 +397,15 @@ impl Tally {
     pub(super) fn finished(&self) -> Option<Reply> {
         (self.left == 0).then(|| match &self.kind {
             Kind::Members { room } => self.listed(room),
+            Kind::RoomPresence { room } => self.room_presence(room),
             _ => self.summed(),
         })
     }
 
-    /// Takes one outcome; the reply once the call is complete.
-    pub(super) fn absorb(&mut self, outcome: Outcome) -> Option<Reply> {
+    /// Takes one outcome; the reply once the call is complete. A call with a second step
+    /// starts it through `submit` once its first step is complete (a room presence call asks
+    /// each member's presence once every shard has listed its members).
+    pub(super) fn absorb(&mut self, outcome: Outcome, submit: &mut Submit<'_>) -> Option<Reply> {
         self.left = self.left.saturating_sub(1);
         let reply = match (&self.kind, outcome) {
             (_, Outcome::Failed(e)) => wait_failed(e),
@@ -390,10 +433,14 @@ impl Tally {
                 };
                 Reply::ok(format!("{{\"response\":{response}}}"))
             }
-            (Kind::Query { user }, Outcome::User(conns)) => Reply::ok(
-                serde_json::json!({ "userId": user, "online": !conns.is_empty(), "connections": conns.len() })
-                    .to_string(),
-            ),
+            (Kind::Query { user }, Outcome::User(conns)) if self.connections.is_none() => {
+                self.connections = Some(conns.len());
+                self.queried(*user)?
+            }
+            (Kind::Query { user }, Outcome::Presence(presence)) if self.presences.is_empty() => {
+                self.presences.push(presence);
+                self.queried(*user)?
+            }
             (Kind::Disconnect, Outcome::Delivered(n)) => {
                 Reply::ok(serde_json::json!({ "disconnected": n }).to_string())
             }
@@ -403,6 +450,29 @@ impl Tally {
                     return None;
                 }
                 self.listed(room)
+            }
+            (Kind::RoomPresence { room }, Outcome::Members(users)) if !self.second_step => {
+                self.members.extend(users);
+                if self.left > 0 {
+                    return None;
+                }
+                self.members.sort_unstable();
+                self.members.dedup();
+                self.second_step = true;
+                for &user in &self.members {
+                    self.left += submit(Op::Presence { user });
+                }
+                if self.left > 0 {
+                    return None;
+                }
+                self.room_presence(room)
+            }
+            (Kind::RoomPresence { room }, Outcome::Presence(presence)) if self.second_step => {
+                self.presences.push(presence);
+                if self.left > 0 {
+                    return None;
+                }
+                self.room_presence(room)
             }
             (kind, other) => {
                 log::error!("API: unexpected outcome {other:?} for a {kind:?} call");
@@ -425,9 +495,101 @@ impl Tally {
         Reply::ok(serde_json::json!({ "room": room, "members": members, "count": count }).to_string())
     }
 
+    /// `{"userId", "online", "connections", "presence"}` once both the connections and the
+    /// presence are in; `None` while one is missing.
+    fn queried(&self, user: i64) -> Option<Reply> {
+        if self.left > 0 {
+            return None;
+        }
+        let (Some(connections), [presence]) = (self.connections, self.presences.as_slice()) else {
+            log::error!("API: user {user} query complete without its connections or presence");
+            return Some(Reply::error(500, "unexpected outcome from the server"));
+        };
+        let out = UserOut {
+            user_id: user,
+            online: connections > 0,
+            connections,
+            presence: PresenceOut::of(presence),
+        };
+        Some(json_reply(&out))
+    }
+
+    /// `{"room", "members": [{"userId", "status", "context", "since"}, …]}`, by user id.
+    fn room_presence(&self, room: &str) -> Reply {
+        let mut members: Vec<MemberOut<'_>> = self
+            .presences
+            .iter()
+            .map(|p| MemberOut { user_id: p.user_id, presence: PresenceOut::of(p) })
+            .collect();
+        members.sort_unstable_by_key(|m| m.user_id);
+        members.dedup_by_key(|m| m.user_id);
+        let out = RoomPresenceOut { room, members };
+        json_reply(&out)
+    }
+
     /// Whether this call waits for a client's answer (its safety net answers 504, not 503).
     pub(super) fn waits_for_client(&self) -> bool {
         matches!(self.kind, Kind::Ack | Kind::Request)
+    }
+}
+
+/// 200 with `out` as its body.
+fn json_reply(out: &impl Serialize) -> Reply {
+    match serde_json::to_string(out) {
+        Ok(body) => Reply::ok(body),
+        Err(e) => {
+            log::error!("API: cannot encode a reply: {e}");
+            Reply::error(500, "cannot encode the reply")
+        }
+    }
+}
+
+/// `GET /api/v1/users/{id}`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UserOut<'a> {
+    user_id: i64,
+    online: bool,
+    connections: usize,
+    presence: PresenceOut<'a>,
+}
+
+/// `GET /api/v1/rooms/{room}/presence`.
+#[derive(Serialize)]
+struct RoomPresenceOut<'a> {
+    room: &'a str,
+    members: Vec<MemberOut<'a>>,
+}
+
+/// One member of [`RoomPresenceOut`].
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MemberOut<'a> {
+    user_id: i64,
+    #[serde(flatten)]
+    presence: PresenceOut<'a>,
+}
+
+/// A presence as the API shows it: the context forwarded as the JSON the user set (`null`
+/// when none), `since` as RFC 3339 with milliseconds.
+#[derive(Serialize)]
+struct PresenceOut<'a> {
+    status: &'a str,
+    context: Option<&'a RawValue>,
+    since: String,
+}
+
+impl<'a> PresenceOut<'a> {
+    fn of(p: &'a UserPresence) -> Self {
+        let context = p.context.as_deref().and_then(|raw| match serde_json::from_str::<&RawValue>(raw) {
+            Ok(raw) => Some(raw),
+            Err(e) => {
+                log::warn!("API: user {}'s presence context is not JSON ({e}); shown as null", p.user_id);
+                None
+            }
+        });
+        let since = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(p.since_ms));
+        PresenceOut { status: &p.status, context, since: since.to_string() }
     }
 }
 
@@ -435,6 +597,20 @@ impl Tally {
 mod tests {
     use super::*;
     use crate::app::ops::{AckReply, ClientReply, ConnInfo, WaitError};
+
+    fn presence(user: i64, status: &str, context: Option<&str>, since_ms: u64) -> UserPresence {
+        UserPresence { user_id: user, status: status.into(), context: context.map(Into::into), since_ms }
+    }
+
+    /// What a call submits: each operation's debug text; every operation owes `parts` outcomes.
+    fn started(call: &Call, parts: usize) -> (Tally, Vec<String>) {
+        let mut ops = Vec::new();
+        let tally = call.start(&mut |op| {
+            ops.push(format!("{op:?}"));
+            parts
+        });
+        (tally, ops)
+    }
 
     #[test]
     fn routes_and_methods() {
@@ -446,6 +622,12 @@ mod tests {
         assert_eq!(route("DELETE", "/api/v1/users/7/connections"), Ok(Route::Disconnect(7)));
         assert_eq!(route("POST", "/api/v1/rooms/lobby/publish"), Ok(Route::RoomPublish("lobby".into())));
         assert_eq!(route("GET", "/api/v1/rooms/lobby"), Ok(Route::Room("lobby".into())));
+        assert_eq!(route("GET", "/api/v1/rooms/lobby/presence"), Ok(Route::RoomPresence("lobby".into())));
+        assert_eq!(route("GET", "/api/v1/rooms/%23a/presence"), Ok(Route::RoomPresence("#a".into())));
+        assert_eq!(route("POST", "/api/v1/rooms/lobby/presence").unwrap_err().header, Some(("Allow", "GET")));
+        assert_eq!(route("GET", "/api/v1/rooms//presence").unwrap_err().status, 404);
+        let e = route("GET", "/api/v1/rooms/bad!/presence").unwrap_err();
+        assert!(e.status == 400 && e.message().contains("invalid room name"), "{}", e.message());
         assert_eq!(route("GET", "/api/v1/send").unwrap_err().status, 405);
         assert_eq!(route("GET", "/api/v1/send").unwrap_err().header, Some(("Allow", "POST")));
         assert_eq!(route("POST", "/api/v1/users/7").unwrap_err().status, 405);
@@ -559,6 +741,11 @@ mod tests {
         assert!(error(Route::Request, zero).message().contains("timeoutMs"));
     }
 
+    /// [`Tally::absorb`] for a call without a second step.
+    fn absorb(tally: &mut Tally, outcome: Outcome) -> Option<Reply> {
+        tally.absorb(outcome, &mut |op| panic!("unexpected second step {op:?}"))
+    }
+
     fn json(reply: Option<Reply>) -> serde_json::Value {
         serde_json::from_str(&reply.expect("a reply").body).expect("a JSON body")
     }
@@ -566,44 +753,158 @@ mod tests {
     #[test]
     fn outcomes_add_up() {
         let mut one = Tally::new(Kind::SendOne { user: 4 }, 1);
-        assert_eq!(one.absorb(Outcome::Delivered(0)).unwrap().status, 404);
+        assert_eq!(absorb(&mut one, Outcome::Delivered(0)).unwrap().status, 404);
         let mut sum = Tally::new(Kind::Sum, 2);
-        assert!(sum.absorb(Outcome::Delivered(2)).is_none());
-        assert_eq!(json(sum.absorb(Outcome::Delivered(3))), serde_json::json!({"delivered": 5}));
+        assert!(absorb(&mut sum, Outcome::Delivered(2)).is_none());
+        assert_eq!(json(absorb(&mut sum, Outcome::Delivered(3))), serde_json::json!({"delivered": 5}));
         assert_eq!(Tally::new(Kind::Sum, 0).finished().unwrap().status, 200);
         let mut ack = Tally::new(Kind::Ack, 1);
-        let reply = ack.absorb(Outcome::Ack(AckReply { status: Some("read".into()), error: None })).unwrap();
+        let reply =
+            absorb(&mut ack, Outcome::Ack(AckReply { status: Some("read".into()), error: None })).unwrap();
         assert_eq!(
             json(Some(reply)),
             serde_json::json!({"delivered": 1, "ack": {"status": "read", "error": null}})
         );
         let mut req = Tally::new(Kind::Request, 1);
         let raw = r#"{"pid":"s0.1.1", "type":"x"}"#.to_string();
-        let reply = req.absorb(Outcome::Reply(ClientReply { raw })).unwrap();
+        let reply = absorb(&mut req, Outcome::Reply(ClientReply { raw })).unwrap();
         assert_eq!(reply.body, r#"{"response":{"pid":"s0.1.1", "type":"x"}}"#);
-        let mut query = Tally::new(Kind::Query { user: 9 }, 1);
-        let reply = query.absorb(Outcome::User(vec![ConnInfo { shard: 0, seq: 1 }])).unwrap();
-        assert_eq!(json(Some(reply)), serde_json::json!({"userId": 9, "online": true, "connections": 1}));
+        let mut query = Tally::new(Kind::Query { user: 9 }, 2);
+        assert!(absorb(&mut query, Outcome::User(vec![ConnInfo { shard: 0, seq: 1 }])).is_none());
+        let reply = absorb(&mut query, Outcome::Presence(presence(9, "online", None, 0))).unwrap();
+        assert_eq!(
+            json(Some(reply)),
+            serde_json::json!({"userId": 9, "online": true, "connections": 1, "presence": {
+                "status": "online", "context": null, "since": "1970-01-01T00:00:00.000Z"}})
+        );
         let mut wait = Tally::new(Kind::Request, 1);
-        assert_eq!(wait.absorb(Outcome::Failed(WaitError::TimedOut)).unwrap().status, 504);
+        assert_eq!(absorb(&mut wait, Outcome::Failed(WaitError::TimedOut)).unwrap().status, 504);
     }
 
     #[test]
     fn room_members_merge_across_shards() {
         let mut members = Tally::new(Kind::Members { room: "lobby".into() }, 2);
-        assert!(members.absorb(Outcome::Members(vec![3, 9, 1])).is_none());
+        assert!(absorb(&mut members, Outcome::Members(vec![3, 9, 1])).is_none());
         assert_eq!(
-            json(members.absorb(Outcome::Members(vec![9, 2, 3]))),
+            json(absorb(&mut members, Outcome::Members(vec![9, 2, 3]))),
             serde_json::json!({"room": "lobby", "members": [1, 2, 3, 9], "count": 4})
         );
         let empty = Tally::new(Kind::Members { room: "#r".into() }, 0).finished();
         assert_eq!(json(empty), serde_json::json!({"room": "#r", "members": [], "count": 0}));
         let mut failed = Tally::new(Kind::Members { room: "r".into() }, 2);
-        assert_eq!(failed.absorb(Outcome::Failed(WaitError::ShuttingDown)).unwrap().status, 503);
+        assert_eq!(absorb(&mut failed, Outcome::Failed(WaitError::ShuttingDown)).unwrap().status, 503);
         let mut odd = Tally::new(Kind::Members { room: "r".into() }, 1);
-        assert_eq!(odd.absorb(Outcome::Delivered(1)).unwrap().status, 500);
+        assert_eq!(absorb(&mut odd, Outcome::Delivered(1)).unwrap().status, 500);
         let mut published = Tally::new(Kind::Sum, 2);
-        assert!(published.absorb(Outcome::Delivered(3)).is_none());
-        assert_eq!(json(published.absorb(Outcome::Delivered(0))), serde_json::json!({"delivered": 3}));
+        assert!(absorb(&mut published, Outcome::Delivered(3)).is_none());
+        assert_eq!(json(absorb(&mut published, Outcome::Delivered(0))), serde_json::json!({"delivered": 3}));
+    }
+
+    #[test]
+    fn user_queries_ask_connections_and_presence() {
+        let call = call(Route::User(5), b"").unwrap();
+        let (tally, ops) = started(&call, 1);
+        assert_eq!(ops, ["Query { user: 5 }", "Presence { user: 5 }"]);
+        assert_eq!((tally.left, tally.finished()), (2, None));
+
+        // The presence may come first; the context is forwarded as the user set it.
+        let mut busy = Tally::new(Kind::Query { user: 5 }, 2);
+        let set = presence(5, "busy", Some(r#"{"doc": [1, 2]}"#), 1_700_000_000_123);
+        assert!(absorb(&mut busy, Outcome::Presence(set)).is_none());
+        let conns = vec![ConnInfo { shard: 0, seq: 1 }, ConnInfo { shard: 1, seq: 2 }];
+        let reply = absorb(&mut busy, Outcome::User(conns)).unwrap();
+        assert_eq!(
+            reply.body,
+            concat!(
+                r#"{"userId":5,"online":true,"connections":2,"presence":"#,
+                r#"{"status":"busy","context":{"doc": [1, 2]},"since":"2023-11-14T22:13:20.123Z"}}"#
+            )
+        );
+
+        let mut offline = Tally::new(Kind::Query { user: 6 }, 2);
+        assert!(absorb(&mut offline, Outcome::User(Vec::new())).is_none());
+        let reply = absorb(&mut offline, Outcome::Presence(presence(6, "offline", None, 1_000))).unwrap();
+        assert_eq!(
+            json(Some(reply)),
+            serde_json::json!({"userId": 6, "online": false, "connections": 0, "presence": {
+                "status": "offline", "context": null, "since": "1970-01-01T00:00:01.000Z"}})
+        );
+
+        let mut failed = Tally::new(Kind::Query { user: 6 }, 2);
+        assert_eq!(absorb(&mut failed, Outcome::Failed(WaitError::ShuttingDown)).unwrap().status, 503);
+        let mut twice = Tally::new(Kind::Query { user: 6 }, 2);
+        assert!(absorb(&mut twice, Outcome::User(Vec::new())).is_none());
+        assert_eq!(absorb(&mut twice, Outcome::User(Vec::new())).unwrap().status, 500);
+    }
+
+    #[test]
+    fn room_presence_lists_members_then_asks_each_presence() {
+        let call = call(Route::RoomPresence("lobby".into()), b"").unwrap();
+        let (mut tally, ops) = started(&call, 2);
+        assert_eq!(ops, [r#"RoomMembers { room: "lobby" }"#]);
+        assert_eq!(tally.left, 2);
+
+        // Step one: every shard's members, merged; step two starts only once all are in.
+        let mut asked = Vec::new();
+        let mut submit = |op: Op<'_>| {
+            let Op::Presence { user } = op else { panic!("{op:?}") };
+            asked.push(user);
+            1
+        };
+        assert!(tally.absorb(Outcome::Members(vec![30, 7]), &mut submit).is_none());
+        assert!(tally.absorb(Outcome::Members(vec![12, 30]), &mut submit).is_none());
+        assert_eq!(asked, [7, 12, 30], "each member once, by user id");
+        assert_eq!(tally.left, 3);
+
+        // Step two: presences in any order; the list is by user id.
+        assert!(absorb(&mut tally, Outcome::Presence(presence(30, "online", None, 0))).is_none());
+        let busy = presence(7, "busy", Some(r#"{"doc":1}"#), 1_700_000_000_123);
+        assert!(absorb(&mut tally, Outcome::Presence(busy)).is_none());
+        let reply = absorb(&mut tally, Outcome::Presence(presence(12, "away", Some("\"x\""), 5)));
+        assert_eq!(
+            reply.unwrap().body,
+            concat!(
+                r#"{"room":"lobby","members":["#,
+                r#"{"userId":7,"status":"busy","context":{"doc":1},"since":"2023-11-14T22:13:20.123Z"},"#,
+                r#"{"userId":12,"status":"away","context":"x","since":"1970-01-01T00:00:00.005Z"},"#,
+                r#"{"userId":30,"status":"online","context":null,"since":"1970-01-01T00:00:00.000Z"}]}"#
+            )
+        );
+    }
+
+    #[test]
+    fn room_presence_of_an_empty_room_and_failures() {
+        let mut empty = Tally::new(Kind::RoomPresence { room: "#r".into() }, 2);
+        assert!(absorb(&mut empty, Outcome::Members(Vec::new())).is_none());
+        let reply = absorb(&mut empty, Outcome::Members(Vec::new()));
+        assert_eq!(json(reply), serde_json::json!({"room": "#r", "members": []}));
+        let none = Tally::new(Kind::RoomPresence { room: "r".into() }, 0).finished();
+        assert_eq!(json(none), serde_json::json!({"room": "r", "members": []}));
+
+        let mut asked = 0;
+        let mut count = |_: Op<'_>| {
+            asked += 1;
+            1
+        };
+        let mut failed = Tally::new(Kind::RoomPresence { room: "r".into() }, 1);
+        assert!(failed.absorb(Outcome::Members(vec![1, 2]), &mut count).is_none());
+        assert_eq!(absorb(&mut failed, Outcome::Failed(WaitError::ShuttingDown)).unwrap().status, 503);
+        assert_eq!(asked, 2);
+
+        // Outcomes of the wrong step are a server error, not a wrong answer.
+        let mut early = Tally::new(Kind::RoomPresence { room: "r".into() }, 2);
+        assert_eq!(
+            absorb(&mut early, Outcome::Presence(presence(1, "online", None, 0))).unwrap().status,
+            500
+        );
+        let mut late = Tally::new(Kind::RoomPresence { room: "r".into() }, 1);
+        assert!(late.absorb(Outcome::Members(vec![1]), &mut |_| 1).is_none());
+        assert_eq!(absorb(&mut late, Outcome::Members(vec![1])).unwrap().status, 500);
+
+        // A stored context that is not JSON is shown as null rather than breaking the reply.
+        let mut odd = Tally::new(Kind::RoomPresence { room: "r".into() }, 1);
+        assert!(odd.absorb(Outcome::Members(vec![4]), &mut |_| 1).is_none());
+        let reply = absorb(&mut odd, Outcome::Presence(presence(4, "busy", Some("{nope"), 0)));
+        assert_eq!(json(reply)["members"][0]["context"], serde_json::Value::Null);
     }
 }
