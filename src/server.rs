@@ -120,6 +120,9 @@ pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> 
 /// One `SO_REUSEPORT` socket per shard on the same address. With port 0 the first socket
 /// picks the port and the others join it.
 fn bind_all(addr: SocketAddr, shards: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    if addr.port() != 0 {
+        probe_exclusive(addr).map_err(|source| StartError::Bind { addr, source })?;
+    }
     let mut listeners = Vec::with_capacity(shards);
     let mut addr = addr;
     for _ in 0..shards {
@@ -130,6 +133,15 @@ fn bind_all(addr: SocketAddr, shards: usize) -> Result<Vec<std::net::TcpListener
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// `SO_REUSEPORT` would let a second customws (or anything of the same user) join the port
+/// silently and take half the connections. A plain bind first fails with `EADDRINUSE` when
+/// anyone listens there; the probe is closed before the shards bind.
+fn probe_exclusive(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
 }
 
 fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

@@ -300,3 +300,13 @@ fn binary_sigterm_closes_clients_with_1001_and_exits_zero() {
     assert!(status.success(), "exit status {status} after SIGTERM; stderr:\n{}", log_text());
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn a_second_server_on_the_same_port_is_refused() {
+    let first = start(|_| {});
+    let taken = first.local_addr();
+    let mut cfg = test_config();
+    cfg.listen = taken;
+    let err = customws::start(cfg).expect_err("SO_REUSEPORT must not let a second server share the port");
+    assert!(err.to_string().contains(&taken.to_string()), "{err}");
+}
