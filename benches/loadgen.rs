@@ -5,15 +5,32 @@
 //!
 //! scenarios:
 //!   density   --conns N [--concurrency 256] [--hold-secs 2]
+//!             [--expect-total T [--expect-wait-secs 60]]   (several processes, one server: below)
 //!   broadcast --receivers R --messages M [--size 100] [--with-pid 0] [--rounds 1]
 //!   p2p       --pairs P --inflight F --messages M [--size 100]
 //!   handshake --conns N --concurrency C
 //!   room      --members N --messages M [--size 100] [--rounds 1] [--with-pid 0] [--room bench-room]
 //!             (server: --room-presence-max-members 0 --max-room-members 1000000, rate limits off)
 //!   presence  --watchers W --updates U [--size 100] [--rounds 1] [--interval-ms 0 = back-to-back]
+//!   request   --conns P --inflight F --messages M [--size 100]
+//!             (generic_request → generic_response round trips; the server's built-in echo)
 //!   report    --file FILE.jsonl   (Markdown table of a benches/run.sh results file)
 //! common: --src-ips K (127.0.0.2 ..= 127.0.0.(K+1), default 8) --timeout-secs T (default 60)
 //!         --clk-tck 100 --path /ws --no-metrics 1
+//!         --user-offset K (density, handshake, request: user ids K, K+1, …; default 1)
+//!         --src-ip-offset O (source addresses start at 127.0.0.(2+O); default 0)
+//! ```
+//!
+//! Several generator processes can share one run, to pass the per-process open-file limit: give
+//! each its own `--user-offset` and a disjoint `--src-ip-offset`, and all of them
+//! `--expect-total T` (the sum of their `--conns`): each then waits until the server's /health
+//! reports T connections before it reads RSS and holds, and RSS per connection is the server's
+//! RSS growth divided by the growth of /health's count, i.e. over all processes. Two processes
+//! of 9,000 against one server (`benches/run.sh` runs this as `density-2x9000`):
+//!
+//! ```text
+//! loadgen density --conns 9000 --user-offset 1    --src-ip-offset 0 --expect-total 18000 … &
+//! loadgen density --conns 9000 --user-offset 9001 --src-ip-offset 8 --expect-total 18000 … &
 //! ```
 //!
 //! Prints one JSON object on stdout; progress goes to stderr. Server CPU comes from
@@ -51,6 +68,8 @@ macro_rules! progress {
 }
 
 // After the macro, so that the scenarios there can use `progress!`.
+#[path = "loadgen/request.rs"]
+mod request;
 #[path = "loadgen/rooms.rs"]
 mod rooms;
 
@@ -59,6 +78,8 @@ mod rooms;
 struct Incoming<'a> {
     #[serde(rename = "type", borrow)]
     ty: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pid: Option<Cow<'a, str>>,
     #[serde(rename = "fromUserId")]
     from: Option<i64>,
     #[serde(default)]
@@ -130,7 +151,12 @@ impl Common {
 
 /// Payload of about `size` bytes carrying a send timestamp and a sequence number.
 fn payload(size: usize, seq: u64) -> String {
-    let head = format!("{{\"t\":{},\"s\":{},\"pad\":\"", now_us(), seq);
+    payload_at(size, seq, now_us())
+}
+
+/// [`payload`] with the timestamp given: the same arguments give the same bytes.
+fn payload_at(size: usize, seq: u64, t: u64) -> String {
+    let head = format!("{{\"t\":{t},\"s\":{seq},\"pad\":\"");
     let pad = size.saturating_sub(head.len() + 2);
     let mut s = String::with_capacity(size + 2);
     s.push_str(&head);
@@ -147,6 +173,9 @@ struct Ctx {
     deadline: Instant,
     started: Instant,
     src_ips: usize,
+    src_ip_offset: usize,
+    /// The first user id of scenarios that take `--user-offset`.
+    user_offset: i64,
     path: String,
     metrics: bool,
     problems: Vec<String>,
@@ -154,7 +183,8 @@ struct Ctx {
 
 impl Ctx {
     fn engine(&self) -> Engine {
-        Engine::new(self.server.addr, &self.path, util::src_ips(self.src_ips)).expect("mio poll")
+        Engine::new(self.server.addr, &self.path, util::src_ips(self.src_ips, self.src_ip_offset))
+            .expect("mio poll")
     }
 
     fn metrics(&self) -> Option<BTreeMap<String, f64>> {
@@ -267,26 +297,59 @@ fn density(ctx: &mut Ctx) -> Result<Value, String> {
     let n: usize = ctx.args.num("conns", 1000)?;
     let conc: usize = ctx.args.num("concurrency", 256)?;
     let hold: f64 = ctx.args.num("hold-secs", 2.0)?;
+    // Several processes sharing the run: the connections of all of them.
+    let expect_total: Option<u64> = match ctx.args.str("expect-total") {
+        Some(_) => Some(ctx.args.num("expect-total", 0u64)?),
+        None => None,
+    };
+    let expect_wait: f64 = ctx.args.num("expect-wait-secs", 60.0)?;
+    if expect_total.is_some_and(|t| t < n as u64) {
+        return Err("--expect-total is less than --conns".into());
+    }
+    let first_user = ctx.user_offset;
     let mut eng = ctx.engine();
     let mut h = IdleH { common: Common::default() };
     let health_before = ctx.server.health_connections();
     let rss_before = ctx.server.rss();
     let m0 = ctx.metrics();
     let cpu0 = ctx.server.cpu();
-    progress!("density: opening {n} connections (rss before {rss_before:?})");
-    let est = establish(ctx, &mut eng, &mut h, n, conc, |i| (ctx.minter.token(i as i64 + 1, &[]), i as u32));
-    let cpu1 = ctx.server.cpu();
+    progress!(
+        "density: opening {n} connections as users {first_user}..={} (rss before {rss_before:?}, /health {health_before:?})",
+        first_user + n as i64 - 1
+    );
+    let est = establish(ctx, &mut eng, &mut h, n, conc, |i| {
+        (ctx.minter.token(first_user + i as i64, &[]), i as u32)
+    });
+    let mut cpu1 = ctx.server.cpu();
     progress!("density: {} upgraded, {} failed in {:.2}s", est.ok, est.failed, est.secs);
-    let (seen, reached, wait_s) =
-        wait_health(ctx, &mut eng, &mut h, Duration::from_secs(20), |c| c >= est.ok);
+    let (seen, reached, wait_s) = match expect_total {
+        None => wait_health(ctx, &mut eng, &mut h, Duration::from_secs(20), |c| c >= est.ok),
+        Some(total) => {
+            progress!("density: waiting for /health to report {total} connections (all processes)");
+            let r = wait_health(ctx, &mut eng, &mut h, Duration::from_secs_f64(expect_wait), |c| c >= total);
+            // The handshakes of every process, up to the moment all of them are in.
+            cpu1 = ctx.server.cpu();
+            r
+        }
+    };
     if !reached {
-        ctx.problems.push(format!("/health reported {seen:?} connections, expected {}", est.ok));
+        ctx.problems.push(format!(
+            "/health reported {seen:?} connections, expected {}",
+            expect_total.unwrap_or(est.ok)
+        ));
     }
+    // The connections the RSS and CPU growth is divided by: this process's alone, or with
+    // --expect-total those all processes added to /health since this one started.
+    let counted = match (expect_total, seen) {
+        (None, _) => est.ok,
+        (Some(_), Some(s)) => s.saturating_sub(health_before.unwrap_or(0)),
+        (Some(_), None) => 0,
+    };
     // Let the allocator settle a little, then read RSS.
     pump(ctx, &mut eng, &mut h, Duration::from_millis(300));
     let rss_after = ctx.server.rss();
     let hwm = ctx.server.hwm();
-    progress!("density: rss after {rss_after:?}; holding {hold}s");
+    progress!("density: rss after {rss_after:?} ({counted} connections counted); holding {hold}s");
     pump(ctx, &mut eng, &mut h, Duration::from_secs_f64(hold));
     let open_after_hold = eng.open;
     let health_hold = ctx.server.health_connections();
@@ -295,26 +358,32 @@ fn density(ctx: &mut Ctx) -> Result<Value, String> {
     }
     let m1 = ctx.metrics();
     eng.close_all();
+    // With other processes, they close at about the same time (all hold as long after the total
+    // was reached); only this process's connections must be gone.
     let (after_close, closed, close_s) =
         wait_health(ctx, &mut eng, &mut h, Duration::from_secs(15), |c| c == 0);
-    if !closed {
+    let others_left = expect_total.map_or(0, |t| t - est.ok.min(t));
+    if !closed && after_close.is_none_or(|c| c > others_left) {
         ctx.problems.push(format!("/health still reports {after_close:?} connections after closing all"));
     }
     let rss_closed = ctx.server.rss();
     let per_conn = match (rss_before, rss_after) {
-        (Some(a), Some(b)) if est.ok > 0 => Some(r3((b as f64 - a as f64) / est.ok as f64)),
+        (Some(a), Some(b)) if counted > 0 => Some(r3((b as f64 - a as f64) / counted as f64)),
         _ => None,
     };
     let cpu_us = ctx.server.cpu_us(cpu0, cpu1);
     Ok(json!({
         "conns": n,
         "concurrency": conc,
+        "first_user_id": first_user,
+        "expect_total": expect_total,
+        "conns_counted": counted,
         "upgraded": est.ok,
         "failed": est.failed,
         "connect_secs": r3(est.secs),
         "handshakes_per_sec": r3(est.ok as f64 / est.secs.max(1e-9)),
         "handshake_latency": hist_json(&eng.handshake_hist),
-        "server_cpu_us_per_handshake": cpu_us.map(|c| r3(c / est.ok.max(1) as f64)),
+        "server_cpu_us_per_handshake": cpu_us.map(|c| r3(c / counted.max(1) as f64)),
         "health_connections_before": health_before,
         "health_connections_open": seen,
         "health_wait_secs": r3(wait_s),
@@ -802,7 +871,7 @@ impl Handler for HsH {
 fn handshake(ctx: &mut Ctx) -> Result<Value, String> {
     let n: usize = ctx.args.num("conns", 5000)?;
     let conc: usize = ctx.args.num("concurrency", 64)?;
-    let tokens: Vec<String> = (0..n).map(|i| ctx.minter.token(i as i64 + 1, &[])).collect();
+    let tokens: Vec<String> = (0..n).map(|i| ctx.minter.token(ctx.user_offset + i as i64, &[])).collect();
     let mut eng = ctx.engine();
     let mut h = HsH { common: Common::default() };
     let m0 = ctx.metrics();
@@ -851,7 +920,7 @@ fn run() -> Result<(), String> {
     let scenario = args
         .scenario
         .clone()
-        .ok_or("usage: loadgen density|broadcast|p2p|handshake|room|presence --url HOST:PORT --server-pid PID --secret S [options] | report FILE.jsonl")?;
+        .ok_or("usage: loadgen density|broadcast|p2p|handshake|room|presence|request --url HOST:PORT --server-pid PID --secret S [options] | report FILE.jsonl")?;
     if scenario == "report" {
         let file = args.str("file").ok_or("usage: loadgen report --file FILE.jsonl")?;
         return report::report(file);
@@ -862,6 +931,14 @@ fn run() -> Result<(), String> {
     let src_ips: usize = args.num("src-ips", 8)?;
     if src_ips > 250 {
         return Err("--src-ips at most 250".into());
+    }
+    let src_ip_offset: usize = args.num("src-ip-offset", 0)?;
+    if src_ip_offset + src_ips > 60_000 {
+        return Err("--src-ip-offset + --src-ips at most 60000".into());
+    }
+    let user_offset: i64 = args.num("user-offset", 1)?;
+    if user_offset < 1 {
+        return Err("--user-offset: user ids start at 1".into());
     }
     let secret = args.str("secret").unwrap_or("secret").to_string();
     let server = Server { pid: args.str("server-pid").map(str::to_string), clk_tck, addr };
@@ -881,6 +958,8 @@ fn run() -> Result<(), String> {
         deadline: started + Duration::from_secs_f64(timeout),
         started,
         src_ips,
+        src_ip_offset,
+        user_offset,
         problems: Vec::new(),
     };
     let result: Value = match scenario.as_str() {
@@ -890,6 +969,7 @@ fn run() -> Result<(), String> {
         "handshake" => handshake(&mut ctx),
         "room" => rooms::room(&mut ctx),
         "presence" => rooms::presence(&mut ctx),
+        "request" => request::request(&mut ctx),
         other => Err(format!("unknown scenario {other:?}")),
     }?;
     if ctx.timed_out() {
@@ -924,6 +1004,8 @@ fn run() -> Result<(), String> {
         "url": addr.to_string(),
         "server_pid": ctx.server.pid,
         "src_ips": ctx.src_ips,
+        "src_ip_offset": ctx.src_ip_offset,
+        "user_offset": ctx.user_offset,
         "clk_tck": clk_tck,
         "unix_time": unix,
         "elapsed_secs": r3(ctx.started.elapsed().as_secs_f64()),

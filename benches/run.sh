@@ -5,13 +5,35 @@
 #
 #   bash benches/run.sh            # full sizes (a few minutes)
 #   QUICK=1 bash benches/run.sh    # small sizes, smoke test
+#   bash benches/run.sh --write    # full sizes, then replace the generated section of
+#                                  # BENCHMARKS.md (between <!-- run.sh:begin --> and
+#                                  # <!-- run.sh:end -->) with the table; WRITE=1 does the same
 #
 # Environment: PORT (default 18082), SRC_IPS (8), TIMEOUT (per loadgen run, s; 120),
 # LOG_LEVEL (server log level; default warn so per-connection INFO lines are not measured),
-# SERVER_EXTRA (more server flags), ONLY (space-separated run names to run, e.g. "p2p-1 floor").
+# SERVER_EXTRA (more server flags), ONLY (space-separated run names to run, e.g. "p2p-1 floor"),
+# WRITE_PARTIAL=1 (allow --write with QUICK=1 or ONLY, which would replace the full table).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+
+WRITE=${WRITE:-0}
+for arg in "$@"; do
+    case "$arg" in
+    --write) WRITE=1 ;;
+    -h | --help)
+        sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "run.sh: unknown argument $arg (try --help)" >&2
+        exit 2
+        ;;
+    esac
+done
+BENCH_MD=${BENCH_MD:-BENCHMARKS.md}
+MARK_BEGIN='<!-- run.sh:begin -->'
+MARK_END='<!-- run.sh:end -->'
 
 PORT=${PORT:-18082}
 SRC_IPS=${SRC_IPS:-8}
@@ -23,10 +45,29 @@ SECRET=${SECRET:-bench-secret-$$-$RANDOM}
 DATE=$(date -u +%Y-%m-%dT%H-%M-%SZ)
 OUT=bench-results/$DATE.jsonl
 LOGDIR=bench-results/$DATE-logs
-mkdir -p "$LOGDIR"
 ulimit -n 20000 2>/dev/null || true
 
 log() { echo "[run.sh] $*" >&2; }
+
+# Checks that BENCHMARKS.md has each marker once, begin before end.
+check_markers() {
+    local b e
+    b=$(grep -nxF "$MARK_BEGIN" "$BENCH_MD" 2>/dev/null | cut -d: -f1)
+    e=$(grep -nxF "$MARK_END" "$BENCH_MD" 2>/dev/null | cut -d: -f1)
+    if [[ ! "$b" =~ ^[0-9]+$ || ! "$e" =~ ^[0-9]+$ || "$b" -ge "$e" ]]; then
+        log "$BENCH_MD needs exactly one line '$MARK_BEGIN' followed later by one line '$MARK_END'"
+        return 1
+    fi
+}
+
+if [[ "$WRITE" == 1 ]]; then
+    if [[ ("$QUICK" == 1 || -n "$ONLY") && "${WRITE_PARTIAL:-0}" != 1 ]]; then
+        log "--write with QUICK=1 or ONLY would replace the full table in $BENCH_MD; set WRITE_PARTIAL=1 to do it anyway"
+        exit 2
+    fi
+    check_markers || exit 2
+fi
+mkdir -p "$LOGDIR"
 
 # ---- build ------------------------------------------------------------------------------------
 log "building release (server, loadgen, floor)"
@@ -119,20 +160,34 @@ json_str() { # minimal JSON string escaping
     printf '"%s"' "$s"
 }
 
-failure_line() { # name, scenario, message, command
-    printf '{"scenario":%s,"run":%s,"ok":false,"problems":[%s],"command":%s,"server_extra":%s}\n' \
+failure_line() { # name, scenario, message, command [process]
+    printf '{"scenario":%s,"run":%s,"ok":false,"problems":[%s],"command":%s,"server_extra":%s,"loadavg":%s%s}\n' \
         "$(json_str "$2")" "$(json_str "$1")" "$(json_str "$3")" "$(json_str "$4")" \
-        "$(json_str "${RUN_EXTRA[*]+${RUN_EXTRA[*]}}")" >>"$OUT"
+        "$(json_str "${RUN_EXTRA[*]+${RUN_EXTRA[*]}}")" "$(json_str "$(loadavg)")" \
+        "${5:+,\"process\":$5}" >>"$OUT"
 }
 
 selected() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# append_result NAME JSONFILE LOAD [PROCESS]: the run's JSON line, tagged with the run name, the
+# run's extra server flags, the load average before it and (several processes) the process number.
+append_result() {
+    local tag
+    tag="\"run\":$(json_str "$1"),\"server_extra\":$(json_str "${RUN_EXTRA[*]+${RUN_EXTRA[*]}}"),\"loadavg\":$(json_str "$3"),"
+    [[ -n "${4:-}" ]] && tag+="\"process\":$4,"
+    sed "s/^{/{$(printf '%s' "$tag" | sed 's/[\/&]/\\&/g')/" "$2" >>"$OUT"
+}
 
 # run NAME SCENARIO [loadgen options...]
 run() {
     local name=$1
     shift
     selected "$name" || return 0
-    log "=== $name: loadgen $*"
+    local load
+    load=$(loadavg)
+    log "=== $name: loadgen $* (load average $load)"
     if ! start_server "$name"; then
         failure_line "$name" "$1" "server did not start" "$*"
         return
@@ -143,14 +198,53 @@ run() {
     local rc=$?
     tail -n 3 "$LOGDIR/$name.err" >&2
     if [[ -s "$LOGDIR/$name.json" ]]; then
-        # Tag the line with the run name and the run's extra server flags.
-        local tag
-        tag="\"run\":$(json_str "$name"),\"server_extra\":$(json_str "${RUN_EXTRA[*]+${RUN_EXTRA[*]}}"),"
-        sed "s/^{/{$(printf '%s' "$tag" | sed 's/[\/&]/\\&/g')/" "$LOGDIR/$name.json" >>"$OUT"
+        append_result "$name" "$LOGDIR/$name.json" "$load"
     else
         failure_line "$name" "$1" "loadgen exited with $rc: $(tail -n 1 "$LOGDIR/$name.err")" \
             "cargo bench --bench loadgen -- $*"
     fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "server died during $name; log tail:"
+        tail -n 20 "$LOGDIR/server-$name.log" >&2
+    fi
+    stop_server
+}
+
+# run_density_multi NAME NPROC CONNS [loadgen options...]: one server, NPROC density generator
+# processes of CONNS connections each at once (disjoint user ids and source addresses), each
+# waiting for /health to count all NPROC × CONNS before it measures: the way to pass the
+# per-process open-file limit.
+run_density_multi() {
+    local name=$1 nproc=$2 conns=$3
+    shift 3
+    selected "$name" || return 0
+    local load total=$((nproc * conns)) k
+    load=$(loadavg)
+    log "=== $name: $nproc loadgen processes × density --conns $conns (load average $load)"
+    if ! start_server "$name"; then
+        failure_line "$name" density "server did not start" "$nproc processes × density --conns $conns"
+        return
+    fi
+    local pids=() args=()
+    for ((k = 0; k < nproc; k++)); do
+        args[k]="density --conns $conns --user-offset $((1 + k * conns)) --src-ip-offset $((k * SRC_IPS)) --expect-total $total $*"
+        # shellcheck disable=SC2086
+        "$BIN/loadgen" ${args[k]} --url "127.0.0.1:$PORT" --server-pid "$SERVER_PID" --secret "$SECRET" \
+            --src-ips "$SRC_IPS" --timeout-secs "$TIMEOUT" \
+            >"$LOGDIR/$name-$((k + 1)).json" 2>"$LOGDIR/$name-$((k + 1)).err" &
+        pids[k]=$!
+    done
+    for ((k = 0; k < nproc; k++)); do
+        wait "${pids[k]}"
+        local rc=$? f="$LOGDIR/$name-$((k + 1))"
+        tail -n 2 "$f.err" >&2
+        if [[ -s "$f.json" ]]; then
+            append_result "$name" "$f.json" "$load" $((k + 1))
+        else
+            failure_line "$name" density "loadgen exited with $rc: $(tail -n 1 "$f.err")" \
+                "cargo bench --bench loadgen -- ${args[k]}" $((k + 1))
+        fi
+    done
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         log "server died during $name; log tail:"
         tail -n 20 "$LOGDIR/server-$name.log" >&2
@@ -173,10 +267,11 @@ ROOM_FLAGS="--room-presence-max-members 0 --max-room-members 1000000"
 # ---- meta -------------------------------------------------------------------------------------
 MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 GIT=$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo "+dirty")
-printf '{"scenario":"meta","date":%s,"nproc":%s,"cpu_model":%s,"kernel":%s,"git":%s,"server_command":%s,"quick":%s}\n' \
-    "$(json_str "$DATE")" "$(nproc)" "$(json_str "$MODEL")" "$(json_str "$(uname -r)")" \
-    "$(json_str "$GIT")" \
-    "$(json_str "target/release/customws ${SERVER_ARGS[*]//$SECRET/S}")" "$QUICK" >"$OUT"
+MEM=$(awk '/^MemTotal:/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
+printf '{"scenario":"meta","date":%s,"nproc":%s,"cpu_model":%s,"mem_total":%s,"kernel":%s,"nofile":%s,"loadavg":%s,"git":%s,"server_command":%s,"quick":%s,"only":%s}\n' \
+    "$(json_str "$DATE")" "$(nproc)" "$(json_str "$MODEL")" "$(json_str "$MEM")" "$(json_str "$(uname -r)")" \
+    "$(json_str "$(ulimit -n)")" "$(json_str "$(loadavg)")" "$(json_str "$GIT")" \
+    "$(json_str "target/release/customws ${SERVER_ARGS[*]//$SECRET/S}")" "$QUICK" "$(json_str "$ONLY")" >"$OUT"
 
 # ---- scenarios --------------------------------------------------------------------------------
 if [[ "$QUICK" == 1 ]]; then
@@ -188,6 +283,9 @@ if [[ "$QUICK" == 1 ]]; then
     run handshake handshake --conns 1000 --concurrency 64
     run_with "$ROOM_FLAGS" room-small room --members 500 --messages 50 --size 100
     run presence-small presence --watchers 100 --updates 50
+    run request-1 request --conns 8 --inflight 1 --messages 500
+    run request-16 request --conns 8 --inflight 16 --messages 2000
+    run_density_multi density-2x1000 2 1000
 else
     run density density --conns 15000
     # Bursts repeated (--rounds) so that the server CPU spans many 10 ms clock ticks.
@@ -203,16 +301,50 @@ else
     run presence-1000 presence --watchers 1000 --updates 200 --size 100 --rounds 10
     # The same paced (one update every 5 ms): about one write per event, little batching.
     run presence-1000-paced presence --watchers 1000 --updates 200 --size 100 --interval-ms 5 --rounds 2
+    # generic_request → generic_response round trips (the server's built-in echo), 64 connections.
+    run request-1 request --conns 64 --inflight 1 --messages 8000
+    run request-16 request --conns 64 --inflight 16 --messages 20000
+    # Two generator processes sharing one server, as one would run them to pass the per-process
+    # file limit (2 × 15,000 on a host with more files per process; here the server has 20,000
+    # too, so 2 × 9,000 = 18,000).
+    run_density_multi density-2x9000 2 9000
 fi
 
 if selected floor; then
-    log "=== floor"
+    FLOOR_LOAD=$(loadavg)
+    log "=== floor (load average $FLOOR_LOAD)"
     if [[ "$QUICK" == 1 ]]; then
-        "$BIN/floor" --secs 0.3 >>"$OUT" 2>"$LOGDIR/floor.err"
+        "$BIN/floor" --secs 0.3 >"$LOGDIR/floor.json" 2>"$LOGDIR/floor.err"
     else
-        "$BIN/floor" >>"$OUT" 2>"$LOGDIR/floor.err"
+        "$BIN/floor" >"$LOGDIR/floor.json" 2>"$LOGDIR/floor.err"
+    fi
+    rc=$?
+    if [[ -s "$LOGDIR/floor.json" ]]; then
+        append_result floor "$LOGDIR/floor.json" "$FLOOR_LOAD"
+    else
+        failure_line floor floor "floor exited with $rc: $(tail -n 1 "$LOGDIR/floor.err")" "cargo bench --bench floor"
     fi
 fi
 
+printf '{"scenario":"meta_end","loadavg":%s}\n' "$(json_str "$(loadavg)")" >>"$OUT"
+
 log "results: $OUT (logs in $LOGDIR)"
 "$BIN/loadgen" report --file "$OUT" | tee "bench-results/$DATE.md"
+
+# ---- BENCHMARKS.md ----------------------------------------------------------------------------
+if [[ "$WRITE" == 1 ]]; then
+    if [[ ! -s "bench-results/$DATE.md" ]]; then
+        log "no report; $BENCH_MD left as it is"
+        exit 1
+    fi
+    check_markers || exit 1
+    # Replace only the lines between the markers; the file keeps its inode and permissions.
+    TMP_MD=$(mktemp)
+    awk -v tf="bench-results/$DATE.md" -v b="$MARK_BEGIN" -v e="$MARK_END" '
+        $0 == b { print; print ""; while ((getline l < tf) > 0) print l; print ""; skip = 1; next }
+        $0 == e { skip = 0 }
+        !skip { print }
+    ' "$BENCH_MD" >"$TMP_MD" && cat "$TMP_MD" >"$BENCH_MD"
+    rm -f "$TMP_MD"
+    log "wrote the generated section of $BENCH_MD (bench-results/$DATE.md)"
+fi

@@ -148,6 +148,32 @@ fn row(v: &Value) -> (String, String, Vec<String>) {
                 format!("ack RTT {}", lat(v, "ack_rtt")),
             ],
         ),
+        "request" => (
+            sc,
+            format!(
+                "{} conns, inflight {}, {} requests/conn of {} B",
+                f(v, &["conns"], 0),
+                f(v, &["inflight"], 0),
+                f(v, &["messages_per_conn"], 0),
+                f(v, &["size"], 0)
+            ),
+            vec![
+                format!(
+                    "**{} µs server CPU/round trip** (schedstat {}; {})",
+                    f(v, &["server_cpu_us_per_round_trip"], 3),
+                    f(v, &["server_sched_us_per_round_trip"], 3),
+                    cpu_total(v)
+                ),
+                format!(
+                    "{} round trips/s; {} answered of {}, {} payload mismatches",
+                    f(v, &["round_trips_per_sec"], 0),
+                    f(v, &["answered"], 0),
+                    f(v, &["round_trips"], 0),
+                    f(v, &["payload_mismatches"], 0)
+                ),
+                format!("RTT {}", lat(v, "rtt")),
+            ],
+        ),
         "handshake" => (
             sc,
             format!("{} conns, concurrency {}", f(v, &["conns"], 0), f(v, &["concurrency"], 0)),
@@ -244,51 +270,175 @@ fn row(v: &Value) -> (String, String, Vec<String>) {
     }
 }
 
+/// `--server-pid N` → `--server-pid PID` and `--secret X` → `--secret S`: both change with
+/// every run, the rest of the command is as run.
+fn generic_command(cmd: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut it = cmd.split(' ');
+    while let Some(w) = it.next() {
+        out.push(w);
+        let placeholder = match w {
+            "--server-pid" => "PID",
+            "--secret" => "S",
+            _ => continue,
+        };
+        if it.next().is_some() {
+            out.push(placeholder);
+        }
+    }
+    out.join(" ")
+}
+
+/// The command cell of one results line.
+fn command(v: &Value) -> String {
+    let mut cmd = format!("`{}`", generic_command(v["command"].as_str().unwrap_or("?")));
+    if let Some(extra) = v["server_extra"].as_str().filter(|e| !e.is_empty()) {
+        cmd.push_str(&format!(" (server also `{extra}`)"));
+    }
+    cmd
+}
+
+fn problems(v: &Value) -> Vec<String> {
+    match v["problems"].as_array() {
+        Some(p) => p.iter().map(|x| x.as_str().unwrap_or("?").to_string()).collect(),
+        None => vec![],
+    }
+}
+
+/// First field of a `/proc/loadavg` reading ("2.41 2.30 2.50").
+fn load1(v: &Value) -> String {
+    v["loadavg"].as_str().and_then(|l| l.split_whitespace().next()).unwrap_or("n/a").to_string()
+}
+
+fn sum(vs: &[&Value], path: &[&str]) -> f64 {
+    vs.iter().filter_map(|v| num(v, path)).sum()
+}
+
+/// Several generator processes of one run (`density --expect-total`): one row.
+fn group_row(vs: &[&Value]) -> (String, String, Vec<String>) {
+    let v = vs[0];
+    let n = vs.len();
+    let list = |path: &[&str]| vs.iter().map(|v| f(v, path, 0)).collect::<Vec<_>>().join(", ");
+    if v["scenario"] != "density" {
+        let (sc, params, figs) = row(v);
+        return (format!("{sc} ({n} processes; first shown)"), params, figs);
+    }
+    let per_conn = vs.iter().map(|v| f(v, &["rss_bytes_per_conn"], 0)).collect::<Vec<_>>().join(" / ");
+    let connect = vs.iter().filter_map(|v| num(v, &["connect_secs"])).fold(0.0, f64::max);
+    (
+        format!("density, {n} processes"),
+        format!(
+            "{n} × {} conns (first user ids {}; src IP offsets {}, {} IPs each), `--expect-total {}`",
+            f(v, &["conns"], 0),
+            list(&["first_user_id"]),
+            list(&["src_ip_offset"]),
+            f(v, &["src_ips"], 0),
+            f(v, &["expect_total"], 0)
+        ),
+        vec![
+            format!(
+                "**{} bytes RSS/conn** over {} connections ({} → {}; after close {}; as seen by each process: {})",
+                f(v, &["rss_bytes_per_conn"], 0),
+                f(v, &["conns_counted"], 0),
+                kib(v, &["rss_before_bytes"]),
+                kib(v, &["rss_after_bytes"]),
+                kib(v, &["rss_after_close_bytes"]),
+                per_conn
+            ),
+            format!(
+                "{:.0} upgraded, /health {}, {:.0} open after hold",
+                sum(vs, &["upgraded"]),
+                f(v, &["health_connections_open"], 0),
+                sum(vs, &["open_after_hold"])
+            ),
+            format!(
+                "{:.0} handshakes/s together, server {} µs CPU/handshake",
+                sum(vs, &["upgraded"]) / connect.max(1e-9),
+                f(v, &["server_cpu_us_per_handshake"], 1)
+            ),
+        ],
+    )
+}
+
 /// Prints the Markdown report of a results file.
 pub(crate) fn report(path: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let lines: Vec<Value> =
         text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str(l).ok()).collect();
     let mut out = String::new();
+    let s = |v: &Value, k: &str| v[k].as_str().unwrap_or("?").to_string();
     if let Some(meta) = lines.iter().find(|v| v["scenario"] == "meta") {
+        let end = lines.iter().find(|v| v["scenario"] == "meta_end");
+        let mut scope = String::new();
+        if meta["quick"] == 1 {
+            scope.push_str(" (QUICK=1: small sizes)");
+        }
+        if let Some(only) = meta["only"].as_str().filter(|o| !o.is_empty()) {
+            scope.push_str(&format!(" (only: {only})"));
+        }
         out.push_str(&format!(
-            "### customws benchmarks — {}\n\nMachine: {} CPUs (`nproc`), {}, kernel {}; git {}.  \nServer: `{}`  \n\n",
-            meta["date"].as_str().unwrap_or("?"),
+            "## Latest `benches/run.sh` results — {}{scope}\n\n\
+             Written by `bash benches/run.sh --write` between the `run.sh:begin` / `run.sh:end` markers of \
+             BENCHMARKS.md; everything outside them is written by hand.  \n\
+             Machine: {} CPUs (`nproc`), {}, {} RAM, kernel {}, {} open files per process; \
+             load average (1/5/15 min) {} at the start, {} at the end.  \n\
+             Git: `{}`.  \nServer (restarted before each loadgen run): `{}`\n\n",
+            s(meta, "date"),
             meta["nproc"],
-            meta["cpu_model"].as_str().unwrap_or("?"),
-            meta["kernel"].as_str().unwrap_or("?"),
-            meta["git"].as_str().unwrap_or("?"),
-            meta["server_command"].as_str().unwrap_or("?"),
+            s(meta, "cpu_model"),
+            s(meta, "mem_total"),
+            s(meta, "kernel"),
+            s(meta, "nofile"),
+            s(meta, "loadavg"),
+            end.map_or("?".to_string(), |e| s(e, "loadavg")),
+            s(meta, "git"),
+            s(meta, "server_command"),
         ));
     }
-    out.push_str("| # | Scenario | Parameters | Figures | Problems |\n|---|---|---|---|---|\n");
-    let mut cmds = Vec::new();
-    for v in lines.iter().filter(|v| v["scenario"] != "meta") {
-        let (sc, params, figs) = row(v);
-        let mut cmd = format!("`{}`", v["command"].as_str().unwrap_or("?"));
-        if let Some(extra) = v["server_extra"].as_str().filter(|e| !e.is_empty()) {
-            cmd.push_str(&format!(" (server started with also `{extra}`)"));
+    out.push_str("| Run | Scenario | Parameters | Figures | Problems | Load¹ | Command |\n|---|---|---|---|---|---|---|\n");
+    // Consecutive lines of one run (several generator processes) make one row.
+    let body: Vec<&Value> =
+        lines.iter().filter(|v| !matches!(v["scenario"].as_str(), Some("meta" | "meta_end"))).collect();
+    let mut i = 0;
+    while i < body.len() {
+        let name = body[i]["run"].as_str();
+        let mut j = i + 1;
+        while j < body.len()
+            && name.is_some()
+            && body[j]["run"].as_str() == name
+            && body[j]["process"].is_number()
+        {
+            j += 1;
         }
-        cmds.push(cmd);
-        let problems = match v["problems"].as_array() {
-            Some(p) if !p.is_empty() => {
-                p.iter().map(|x| x.as_str().unwrap_or("?").to_string()).collect::<Vec<_>>().join("; ")
-            }
-            _ => "none".into(),
-        };
+        let group = &body[i..j];
+        let (sc, params, figs) = if group.len() > 1 { group_row(group) } else { row(group[0]) };
+        let probs: Vec<String> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(k, v)| {
+                let p = problems(v);
+                let prefix = if group.len() > 1 { format!("process {}: ", k + 1) } else { String::new() };
+                p.into_iter().map(move |x| format!("{prefix}{x}"))
+            })
+            .collect();
+        let probs = if probs.is_empty() { "none".to_string() } else { probs.join("; ") };
+        let cmds = group.iter().map(|v| command(v)).collect::<Vec<_>>().join(" &<br>");
         out.push_str(&format!(
-            "| [{}] | {} | {} | {} | {} |\n",
-            cmds.len(),
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            name.unwrap_or(""),
             sc,
             params,
             figs.join("<br>"),
-            problems.replace('|', "\\|")
+            probs.replace('|', "\\|"),
+            load1(group[0]),
+            cmds.replace('|', "\\|")
         ));
+        i = j;
     }
-    out.push_str("\nCommands (server restarted before each loadgen run):\n\n");
-    for (i, c) in cmds.iter().enumerate() {
-        out.push_str(&format!("{}. {}\n", i + 1, c));
-    }
+    out.push_str(
+        "\n¹ 1-minute load average just before the run (others may be compiling on the same 2 cores). \
+         `PID` is the server's pid and `S` the JWT secret, both new for each run; processes joined by `&` ran at once.\n",
+    );
     print!("{out}");
     Ok(())
 }

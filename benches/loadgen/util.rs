@@ -65,11 +65,13 @@ pub(crate) fn parse_url(u: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| format!("bad --url {u:?}"))
 }
 
-/// Source addresses 127.0.0.2 ..= 127.0.0.(k+1).
-pub(crate) fn src_ips(k: usize) -> Vec<Ipv4Addr> {
+/// Source addresses 127.0.0.(2+offset) ..= 127.0.0.(k+1+offset), counting on into the third
+/// octet past 255 (127.0.1.0, …): all of 127/8 is loopback. Processes sharing a run take
+/// disjoint ranges with `--src-ip-offset`.
+pub(crate) fn src_ips(k: usize, offset: usize) -> Vec<Ipv4Addr> {
     (0..k)
         .map(|i| {
-            let n = 2 + i as u32;
+            let n = 2 + (offset + i) as u32;
             Ipv4Addr::new(127, (n >> 16) as u8, (n >> 8) as u8, n as u8)
         })
         .collect()
