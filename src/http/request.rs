@@ -52,6 +52,9 @@ pub fn parse(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+            Parsed::Invalid(431, "request header too large")
+        }
         Ok(httparse::Status::Complete(len)) => Parsed::Complete(Box::new(extract(&req)), len),
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
             Parsed::Invalid(431, "request header too large")
@@ -185,6 +188,12 @@ mod tests {
         assert_eq!(parse(&UPGRADE.as_bytes()[..20]), Parsed::Partial);
         let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES));
         assert_eq!(parse(long.as_bytes()), Parsed::Invalid(431, "request header too large"));
+        let complete = format!("{long}\r\n\r\n");
+        assert_eq!(
+            parse(complete.as_bytes()),
+            Parsed::Invalid(431, "request header too large"),
+            "complete at once"
+        );
         let mut many = String::from("GET / HTTP/1.1\r\n");
         for i in 0..=MAX_HEADERS {
             many.push_str(&format!("X-{i}: 1\r\n"));

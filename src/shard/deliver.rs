@@ -245,7 +245,7 @@ impl Shard {
         let shards = self.shards();
         let mut users_by_shard: Vec<Vec<i64>> = vec![Vec::new(); shards];
         let mut mask = rooms.iter().fold(0u64, |mask, room| mask | self.rooms.shards_of(room));
-        for &watcher in self.presence.watchers_of(user) {
+        for watcher in self.presence.watchers_of(user) {
             let mut held = self.directory.shards_of(watcher);
             mask |= held;
             while held != 0 {

@@ -486,7 +486,19 @@ impl Shard {
     // ----- closing -----------------------------------------------------------------------
 
     /// Starts the close handshake with `code` (or, before the upgrade, just the linger).
+    /// What is already queued goes first (shutdown flushes it; a final notice such as the
+    /// token-expiry 401 reaches the client); the queue is bounded, so this is too.
     fn close(&mut self, key: ConnKey, code: u16, reason: &str) {
+        self.close_with(key, code, reason, false);
+    }
+
+    /// Closes a connection whose queue overflowed: frames not yet started are dropped, since
+    /// the client is not reading them anyway.
+    fn close_discarding(&mut self, key: ConnKey, code: u16, reason: &str) {
+        self.close_with(key, code, reason, true);
+    }
+
+    fn close_with(&mut self, key: ConnKey, code: u16, reason: &str, discard: bool) {
         let deadline = self.close_deadline();
         let Some(conn) = self.conn_mut(key) else {
             return;
@@ -494,7 +506,7 @@ impl Shard {
         if conn.phase != Phase::Open {
             return;
         }
-        let dropped = conn.out.discard_unsent();
+        let dropped = if discard { conn.out.discard_unsent() } else { 0 };
         conn.out.push(FrameEncoder::close(code, reason));
         conn.phase = Phase::Closing { peer_done: false };
         conn.deadline = deadline;
@@ -522,7 +534,7 @@ impl Shard {
             let (user, peer, queued) = (conn.user(), conn.peer, conn.out.len());
             ShardMetrics::inc(&self.metrics().slow_consumer_closes);
             log::warn!("slow consumer closed 1013: user={user:?} peer={peer} queued_frames={queued}");
-            self.close(key, close::TRY_AGAIN_LATER, "slow consumer");
+            self.close_discarding(key, close::TRY_AGAIN_LATER, "slow consumer");
         }
     }
 
