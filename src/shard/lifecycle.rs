@@ -1,0 +1,200 @@
+//! Ending connections and time: the close handshake and linger, dropping a connection and
+//! everything that points at it, the per-connection deadlines in the timer wheel, and
+//! graceful shutdown. See `LIFECYCLE.md`.
+
+use super::conn::Phase;
+use super::msg::ShardMsg;
+use super::{LINGER_MS, Shard, TimerKey};
+use crate::core::{ConnKey, Directory};
+use crate::metrics::ShardMetrics;
+use crate::ws::{FrameEncoder, close};
+
+impl Shard {
+    // ----- closing -----------------------------------------------------------------------
+
+    /// Starts the close handshake with `code` (or, before the upgrade, just the linger).
+    /// What is already queued goes first (shutdown flushes it; a final notice such as the
+    /// token-expiry 401 reaches the client); the queue is bounded, so this is too.
+    pub(super) fn close(&mut self, key: ConnKey, code: u16, reason: &str) {
+        self.close_with(key, code, reason, false);
+    }
+
+    /// Closes a connection whose queue overflowed: frames not yet started are dropped, since
+    /// the client is not reading them anyway.
+    pub(super) fn close_discarding(&mut self, key: ConnKey, code: u16, reason: &str) {
+        self.close_with(key, code, reason, true);
+    }
+
+    pub(super) fn close_with(&mut self, key: ConnKey, code: u16, reason: &str, discard: bool) {
+        let deadline = self.close_deadline();
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        if conn.phase != Phase::Open {
+            return;
+        }
+        let dropped = if discard { conn.out.discard_unsent() } else { 0 };
+        conn.out.push(FrameEncoder::close(code, reason));
+        conn.phase = Phase::Closing { peer_done: false };
+        conn.deadline = deadline;
+        let user = conn.user();
+        let peer = conn.peer;
+        ShardMetrics::add(&self.metrics().frames_dropped, dropped as u64);
+        log::debug!("closing user={user:?} peer={peer} code={code} reason={reason}");
+        self.mark_dirty(key);
+        self.schedule_before(key, deadline);
+    }
+
+    pub(super) fn close_deadline(&self) -> u64 {
+        let linger = self.now + LINGER_MS;
+        self.shutdown_deadline.map_or(linger, |d| d.min(linger))
+    }
+
+    pub(super) fn close_overflowed(&mut self) {
+        for key in std::mem::take(&mut self.sink.overflowed) {
+            let Some(conn) = self.conn_mut(key) else {
+                continue;
+            };
+            if conn.phase != Phase::Open {
+                continue;
+            }
+            let (user, peer, queued) = (conn.user(), conn.peer, conn.out.len());
+            ShardMetrics::inc(&self.metrics().slow_consumer_closes);
+            log::warn!("slow consumer closed 1013: user={user:?} peer={peer} queued_frames={queued}");
+            self.close_discarding(key, close::TRY_AGAIN_LATER, "slow consumer");
+        }
+    }
+
+    pub(super) fn mark_dirty(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(key.index as usize).filter(|c| c.generation == key.generation)
+        {
+            self.sink.mark_dirty(key, conn);
+        }
+    }
+
+    /// Removes the connection and everything that points at it.
+    pub(super) fn drop_conn(&mut self, key: ConnKey, reason: &str) {
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        let conn_peer = conn.peer;
+        let phase = conn.phase;
+        let mut conn = self.conns.remove(key.index as usize);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.fail_waits(&conn.waits);
+        let Some(session) = conn.session.take() else {
+            log::trace!("dropped peer={conn_peer} phase={phase:?}: {reason}");
+            return;
+        };
+        ShardMetrics::dec(&self.metrics().connections_current);
+        self.shared.release(session.client_ip, session.user);
+        let session = *session;
+        self.leave_all_rooms(key, session.user, session.rooms);
+        self.notify_disconnect(session.user, key, reason);
+        log::info!("disconnect user={} peer={} shard={} reason={reason}", session.user, conn_peer, self.id);
+        if self.directory.remove_local(session.user, key) {
+            self.forget_user_bucket(session.user);
+            self.announce_replica(session.user, false);
+        }
+        let home = Directory::home_of(session.user, self.shards());
+        self.send_to(home, ShardMsg::HomeClosed { user: session.user, seq: session.seq });
+    }
+
+    // ----- timers ------------------------------------------------------------------------
+
+    /// Makes sure the wheel holds an entry no later than `deadline` for `key`.
+    pub(super) fn schedule_before(&mut self, key: ConnKey, deadline: u64) {
+        let now = self.now;
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        if deadline < conn.timer_at || conn.timer_at < now {
+            conn.timer_at = deadline;
+            self.wheel.insert(deadline, TimerKey::Conn(key));
+        }
+    }
+
+    pub(super) fn expire_timers(&mut self) {
+        let mut due = Vec::new();
+        self.wheel.expire(self.now, &mut due);
+        for key in due {
+            let key = match key {
+                TimerKey::Conn(key) => key,
+                TimerKey::Wait(wait) => {
+                    self.expire_wait(wait);
+                    continue;
+                }
+            };
+            let now = self.now;
+            let Some(conn) = self.conn_mut(key) else {
+                continue;
+            };
+            if conn.timer_at > now {
+                continue; // superseded by an earlier or later entry
+            }
+            self.on_deadline(key);
+            let write_wait = self.limits.write_wait_ms;
+            let Some(conn) = self.conn_mut(key) else {
+                continue;
+            };
+            let next = conn.next_deadline(write_wait);
+            conn.timer_at = next;
+            self.wheel.insert(next, TimerKey::Conn(key));
+        }
+    }
+
+    pub(super) fn on_deadline(&mut self, key: ConnKey) {
+        let now = self.now;
+        let limits = self.limits;
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Http if now >= conn.deadline => self.drop_conn(key, "handshake timeout"),
+            Phase::Closing { .. } if now >= conn.deadline => self.drop_conn(key, "close timeout"),
+            Phase::Open if now >= conn.read_deadline => {
+                ShardMetrics::inc(&self.metrics().pong_timeouts);
+                self.drop_conn(key, "pong timeout");
+            }
+            Phase::Open if conn.write_blocked_at.saturating_add(limits.write_wait_ms) <= now => {
+                self.drop_conn(key, "write timeout");
+            }
+            Phase::Open if conn.session.as_ref().is_some_and(|s| s.expires_deadline <= now) => {
+                self.expire_session(key);
+            }
+            Phase::Open if conn.session.as_ref().is_some_and(|s| s.debounce.transient_until <= now) => {
+                self.expire_transient(key);
+            }
+            Phase::Open if now >= conn.next_ping => {
+                conn.next_ping = now + limits.ping_period_ms;
+                let ping = FrameEncoder::frame(crate::ws::OutKind::Ping, b"");
+                self.sink.push(&mut self.conns, key, ping);
+            }
+            _ => {}
+        }
+    }
+
+    // ----- shutdown ----------------------------------------------------------------------
+
+    pub(super) fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let timeout = self.shared.config.shutdown_timeout.as_millis() as u64;
+        self.shutdown_deadline = Some(self.now + timeout);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.fail_all_waits();
+        let keys: Vec<ConnKey> =
+            self.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
+        log::info!("shard {}: shutting down, closing {} connections", self.id, keys.len());
+        for key in keys {
+            match self.conn_mut(key).map(|c| c.phase) {
+                Some(Phase::Http) => self.drop_conn(key, "server shutting down"),
+                Some(Phase::Open) => self.close(key, close::GOING_AWAY, "server shutting down"),
+                _ => {}
+            }
+        }
+    }
+}
