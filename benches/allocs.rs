@@ -22,7 +22,7 @@ use customws::protocol::ClientMessage;
 use customws::protocol::envelope::{data_event, server_ack};
 use customws::protocol::router::{Route, SenderCaps, route};
 use customws::shard::conn::OutQueue;
-use customws::ws::frame::{FrameKind, parse_frame, unmask};
+use customws::ws::frame::{FrameKind, parse_frame};
 use serde_json::{Value, json};
 
 /// Times each measurement is repeated.
@@ -169,24 +169,7 @@ fn p2p_message(payload: &[u8]) -> Vec<u8> {
 
 /// A masked client text frame (FIN + text) carrying `body`.
 fn masked_text_frame(body: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![0x81];
-    match body.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= usize::from(u16::MAX) => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    let mut masked = body.to_vec();
-    unmask(&mut masked, mask);
-    out.extend_from_slice(&masked);
-    out
+    customws::ws::frame::masked_frame(0x81, body, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 /// A queue that has pushed and flushed once, as a connection's queue in a running shard.

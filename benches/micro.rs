@@ -23,7 +23,7 @@ use customws::protocol::ClientMessage;
 use customws::protocol::envelope::data_event;
 use customws::protocol::router::{Route, SenderCaps, route};
 use customws::shard::conn::OutQueue;
-use customws::ws::frame::{FrameKind, parse_frame, unmask};
+use customws::ws::frame::{FrameKind, parse_frame};
 
 /// The sender of every encoded message: a realistic (six-digit) user id.
 const FROM: i64 = 777_001;
@@ -56,16 +56,9 @@ fn p2p_message() -> Vec<u8> {
     out
 }
 
-/// A masked client text frame (FIN + text) carrying `body` (< 126 bytes).
+/// A masked client text frame (FIN + text) carrying `body`.
 fn masked_text_frame(body: &[u8]) -> Vec<u8> {
-    assert!(body.len() < 126);
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![0x81, 0x80 | body.len() as u8];
-    out.extend_from_slice(&mask);
-    let mut masked = body.to_vec();
-    unmask(&mut masked, mask);
-    out.extend_from_slice(&masked);
-    out
+    customws::ws::frame::masked_frame(0x81, body, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 fn envelope_decode(c: &mut Criterion) {

@@ -54,22 +54,7 @@ fn measured(name: &str, scenario: impl FnOnce()) {
 
 /// A masked client frame.
 fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![first_byte];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+    customws::ws::frame::masked_frame(first_byte, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 /// Writes `frame` until the peer stops accepting it or `stop` is set; returns the bytes sent.

@@ -298,6 +298,29 @@ fn header_bytes(kind: OutKind, len: usize) -> ([u8; MAX_HEADER], usize) {
     (out.into_inner(), written)
 }
 
+/// A client → server frame: `first_byte` (FIN, RSV, opcode), then `payload` masked with
+/// `mask`. The server never sends one; tests, benches and fuzzers build their input with it.
+pub fn masked_frame(first_byte: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(first_byte);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    unmask(&mut out[start..], mask);
+    out
+}
+
 /// The payload of an unmasked server frame as text (test helper; short and 16-bit lengths).
 #[cfg(test)]
 pub(crate) fn frame_text(frame: &Bytes) -> &str {
@@ -309,29 +332,9 @@ pub(crate) fn frame_text(frame: &Bytes) -> &str {
 mod tests {
     use super::*;
 
-    fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![first];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n < 65536 => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        let mut body = payload.to_vec();
-        unmask(&mut body, mask);
-        out.extend_from_slice(&body);
-        out
-    }
-
     #[test]
     fn parses_masked_text_in_place() {
-        let mut buf = client_frame(0x81, b"hello world, longer than eight", [1, 2, 3, 4]);
+        let mut buf = masked_frame(0x81, b"hello world, longer than eight", [1, 2, 3, 4]);
         let frame = parse_frame(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(frame.kind, FrameKind::Text);
         assert!(frame.fin);
@@ -341,7 +344,7 @@ mod tests {
 
     #[test]
     fn incomplete_needs_more() {
-        let buf = client_frame(0x81, &[b'x'; 300], [9, 8, 7, 6]);
+        let buf = masked_frame(0x81, &[b'x'; 300], [9, 8, 7, 6]);
         for cut in [0, 1, 2, 3, 5, 8, 100, buf.len() - 1] {
             let mut part = buf[..cut].to_vec();
             assert_eq!(parse_frame(&mut part, 1024), Ok(None), "cut at {cut}");
@@ -352,13 +355,13 @@ mod tests {
     fn rejects_hostile_frames() {
         let mut unmasked = vec![0x81, 0x02, b'h', b'i'];
         assert!(matches!(parse_frame(&mut unmasked, 1024), Err(FrameError::Protocol(_))));
-        let mut rsv = client_frame(0xC1, b"x", [1, 1, 1, 1]);
+        let mut rsv = masked_frame(0xC1, b"x", [1, 1, 1, 1]);
         assert!(matches!(parse_frame(&mut rsv, 1024), Err(FrameError::Protocol(_))));
-        let mut reserved_op = client_frame(0x83, b"x", [1, 1, 1, 1]);
+        let mut reserved_op = masked_frame(0x83, b"x", [1, 1, 1, 1]);
         assert!(matches!(parse_frame(&mut reserved_op, 1024), Err(FrameError::Protocol(_))));
-        let mut frag_ping = client_frame(0x09, b"x", [1, 1, 1, 1]);
+        let mut frag_ping = masked_frame(0x09, b"x", [1, 1, 1, 1]);
         assert!(matches!(parse_frame(&mut frag_ping, 1024), Err(FrameError::Protocol(_))));
-        let mut big_ping = client_frame(0x89, &[0; 126], [1, 1, 1, 1]);
+        let mut big_ping = masked_frame(0x89, &[0; 126], [1, 1, 1, 1]);
         assert!(matches!(parse_frame(&mut big_ping, 1024), Err(FrameError::Protocol(_))));
     }
 
