@@ -262,6 +262,22 @@ impl Application for BackendApp {
         }
         Handled::Yes
     }
+
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let s = self.stats();
+        vec![
+            ("customws_backend_forwarded", "Messages queued for the backend.", s.forwarded),
+            ("customws_backend_answered", "Backend calls answered 2xx with a usable body.", s.answered),
+            (
+                "customws_backend_status_errors",
+                "Backend calls answered with an error status.",
+                s.status_errors,
+            ),
+            ("customws_backend_timeouts", "Backend calls past backend_timeout (504).", s.timeouts),
+            ("customws_backend_failures", "Backend unreachable or unusable answers (502).", s.failures),
+            ("customws_backend_busy", "Messages refused because the backend queue was full (503).", s.busy),
+        ]
+    }
 }
 
 impl Forwarder {

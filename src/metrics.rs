@@ -147,8 +147,14 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(self: &Arc<Self>) -> String {
+        self.render_with(Vec::new())
+    }
+
+    /// The exposition plus extra counters `(name, help, value)` (the application's).
+    pub fn render_with(self: &Arc<Self>, extra: Vec<(&'static str, &'static str, u64)>) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(self)));
+        registry.register_collector(Box::new(ExtraCounters(extra)));
         let mut out = String::with_capacity(4096);
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -157,6 +163,24 @@ impl Metrics {
 }
 
 type Pick = fn(&ShardMetrics) -> &AtomicU64;
+
+/// Counters handed over at scrape time (the application's own).
+#[derive(Debug)]
+struct ExtraCounters(Vec<(&'static str, &'static str, u64)>);
+
+impl Collector for ExtraCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for &(name, help, value) in &self.0 {
+            ConstCounter::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
+    }
+}
 
 const COUNTERS: [(&str, &str, Pick); 11] = [
     ("ws_connections", "WebSocket connections opened.", |s| &s.connections_total),

@@ -186,7 +186,7 @@ impl ServerHandle {
 
     /// Prometheus text of the server's counters.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render()
+        self.shared.metrics.render_with(self.shared.app.counters())
     }
 
     fn join(&mut self) {

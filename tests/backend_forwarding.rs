@@ -283,6 +283,10 @@ fn backend_down_answers_502() {
     // Built-in traffic is unaffected.
     a.send_json(r#"{"type":"HEARTBEAT"}"#);
     a.recv_of_type("HEARTBEAT_ACK");
+    // Operators see the failures in /metrics.
+    let text = metrics(server.local_addr());
+    assert_eq!(metric_sum(&text, "customws_backend_failures_total"), Some(2.0), "{text}");
+    assert_eq!(metric_sum(&text, "customws_backend_forwarded_total"), Some(2.0), "{text}");
 }
 
 #[test]

@@ -154,6 +154,12 @@ pub trait Application: Send + Sync + 'static {
 
     /// A connection closed.
     fn on_disconnect(&self, _event: &Disconnect<'_>) {}
+
+    /// The application's own counters for `/metrics`: `(name, help, value)`; each is exposed
+    /// as a Prometheus counter `<name>_total`. Called on every scrape, from any thread.
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// The application used when none is given: JWT authentication, built-in behaviour only.

@@ -47,7 +47,7 @@ impl Shard {
                     Decision::Echo => self.upgrade_echo(key, request.ws_key.as_deref().unwrap_or("")),
                     Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
                     Decision::Metrics => {
-                        let text = self.shared.metrics.render();
+                        let text = self.shared.metrics.render_with(self.shared.app.counters());
                         self.respond(key, 200, "text/plain; version=0.0.4; charset=utf-8", text.as_bytes());
                     }
                     Decision::Refuse { status, message } => self.refuse(key, status, &message),
