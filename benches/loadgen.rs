@@ -53,6 +53,7 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use drive::{Wait, Waited, wait};
 use engine::{Ended, Engine, Handler, push_text};
 use util::{Args, Minter, Server, hist_json, new_hist, r3};
 
@@ -68,6 +69,8 @@ macro_rules! progress {
 }
 
 // After the macro, so that the scenarios there can use `progress!`.
+#[path = "loadgen/drive.rs"]
+mod drive;
 #[path = "loadgen/request.rs"]
 mod request;
 #[path = "loadgen/rooms.rs"]
@@ -498,7 +501,7 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
     let want_acks = if with_pid != 0 { m as u64 } else { 0 };
     let mut round_secs = Vec::new();
     let t0 = Instant::now();
-    'rounds: for round in 0..rounds {
+    for round in 0..rounds {
         let tr = Instant::now();
         let mut frames = Vec::with_capacity(m * (size + 64));
         for seq in 0..m {
@@ -513,31 +516,26 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
         eng.send_raw(sender_id, &frames);
         let want = per_round * (round as u64 + 1);
         let want_acks = want_acks * (round as u64 + 1);
-        let mut last_report = Instant::now();
         if round == 0 {
             progress!("broadcast: {rounds} round(s) of {m} messages, {per_round} deliveries each");
         }
-        let mut last_progress = (h.total, Instant::now());
-        while (h.total < want || h.acks < want_acks) && !ctx.timed_out() {
-            eng.poll_once(&mut h, Duration::from_millis(5));
-            if h.total != last_progress.0 {
-                last_progress = (h.total, Instant::now());
-            } else if last_progress.1.elapsed() > Duration::from_secs(5) || eng.open <= 1 {
-                ctx.problems.push(format!(
-                    "broadcast stalled in round {round}: {} open connections, no delivery for {:.1} s",
-                    eng.open,
-                    last_progress.1.elapsed().as_secs_f64()
-                ));
-                break 'rounds;
-            }
-            if last_report.elapsed() > Duration::from_secs(1) {
-                last_report = Instant::now();
-                progress!("broadcast: {} / {} deliveries", h.total, expected);
-                if !ctx.server.alive() {
-                    ctx.problems.push("server process died".into());
-                    break 'rounds;
-                }
-            }
+        let stalled = |secs: f64, open: usize| {
+            format!(
+                "broadcast stalled in round {round}: {open} open connections, no delivery for {secs:.1} s"
+            )
+        };
+        let w = Wait { min_open: 2, ..Wait::plain("broadcast", Duration::from_secs(5), &stalled) };
+        let waited = wait(
+            ctx,
+            &mut eng,
+            &mut h,
+            &w,
+            |h| h.total >= want && h.acks >= want_acks,
+            |h| h.total,
+            |h| format!("{} / {} deliveries", h.total, expected),
+        );
+        if waited == Waited::Stopped {
+            break;
         }
         round_secs.push(r3(h.last_at.map(|t| t.saturating_duration_since(tr).as_secs_f64()).unwrap_or(0.0)));
         if ctx.timed_out() {
@@ -777,26 +775,16 @@ fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
     }
     let want = senders.len() as u64 * m as u64;
     progress!("p2p: {} senders started, {want} messages to go", senders.len());
-    let mut last_report = Instant::now();
-    let mut last_progress = (0u64, Instant::now());
-    while (h.total_acked + h.errored < want || h.total_received + h.errored < want) && !ctx.timed_out() {
-        eng.poll_once(&mut h, Duration::from_millis(5));
-        if last_report.elapsed() > Duration::from_secs(1) {
-            last_report = Instant::now();
-            progress!("p2p: {} acked, {} received of {want}", h.total_acked, h.total_received);
-            if !ctx.server.alive() {
-                ctx.problems.push("server process died".into());
-                break;
-            }
-        }
-        let p = h.total_acked + h.total_received;
-        if p != last_progress.0 {
-            last_progress = (p, Instant::now());
-        } else if last_progress.1.elapsed() > Duration::from_secs(5) {
-            ctx.problems.push("no progress for 5 s (lost messages or acks?)".into());
-            break;
-        }
-    }
+    let stalled = |_: f64, _: usize| "no progress for 5 s (lost messages or acks?)".to_string();
+    wait(
+        ctx,
+        &mut eng,
+        &mut h,
+        &Wait::plain("p2p", Duration::from_secs(5), &stalled),
+        |h| h.total_acked + h.errored >= want && h.total_received + h.errored >= want,
+        |h| h.total_acked + h.total_received,
+        |h| format!("{} acked, {} received of {want}", h.total_acked, h.total_received),
+    );
     let wall = t0.elapsed().as_secs_f64();
     let cpu1 = ctx.server.cpu();
     let self1 = util::self_cpu_us(ctx.server.clk_tck);

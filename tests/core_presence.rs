@@ -32,27 +32,6 @@ fn assert_ok_ack(v: &Value, pid: &str) {
     assert_eq!(v["payload"]["status"], "ok", "{v}");
 }
 
-/// Subscribes `w` to `users` with `pid`; returns the initial presence events (the ack, in any
-/// position among them, is checked and removed).
-fn subscribe(w: &mut Client, users: &[i64], pid: &str) -> Vec<Value> {
-    w.send_value(&json!({"pid": pid, "type": "presence_subscribe", "payload": {"userIds": users}}));
-    let mut events = Vec::new();
-    let mut acked = false;
-    for _ in 0..=users.len() {
-        let v = w.recv_json();
-        if v["type"] == "server_ack" {
-            assert!(!acked, "two acks for {pid}: {v}");
-            assert_ok_ack(&v, pid);
-            acked = true;
-        } else {
-            assert_eq!(v["type"], "presence_event", "while subscribing: {v}");
-            events.push(v);
-        }
-    }
-    assert!(acked, "no server_ack for {pid}");
-    events
-}
-
 /// Sends a presence_update with `pid` and waits for its "ok" ack.
 fn update(c: &mut Client, pid: &str, payload: Value) {
     c.send_value(&json!({"pid": pid, "type": "presence_update", "payload": payload}));

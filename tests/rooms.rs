@@ -128,24 +128,6 @@ fn update(c: &mut Client, pid: &str, payload: Value, status: &str) {
     assert_ack(&c.recv_json(), pid, status);
 }
 
-/// Subscribes `w` to `users`; consumes the ack and the initial events (returned).
-fn subscribe(w: &mut Client, users: &[i64], pid: &str) -> Vec<Value> {
-    w.send_value(&json!({"pid": pid, "type": "presence_subscribe", "payload": {"userIds": users}}));
-    let mut events = Vec::new();
-    let mut acked = false;
-    for _ in 0..=users.len() {
-        let v = w.recv_json();
-        if v["type"] == "server_ack" {
-            assert_ack(&v, pid, "ok");
-            acked = true;
-        } else {
-            events.push(v);
-        }
-    }
-    assert!(acked, "no ack for {pid}");
-    events
-}
-
 fn members(server: &ServerHandle, room: &str) -> Vec<i64> {
     server.handle().room_members(room).wait_timeout(WAIT).expect("room_members")
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use super::drive::{Wait, wait};
 use super::engine::{Ended, Handler, push_text};
 use super::util::{self, hist_json, new_hist, r3};
 use super::{Common, Ctx, Incoming, establish, now_us, parse_error, payload_at, pump, wait_health};
@@ -186,26 +187,16 @@ pub(crate) fn request(ctx: &mut Ctx) -> Result<Value, String> {
     }
     let want = clients.len() as u64 * m as u64;
     progress!("request: {} connections started, {want} round trips to go", clients.len());
-    let mut last_report = Instant::now();
-    let mut last_progress = (0u64, Instant::now());
-    while h.total_answered + h.errored < want && !ctx.timed_out() {
-        eng.poll_once(&mut h, Duration::from_millis(5));
-        if last_report.elapsed() > Duration::from_secs(1) {
-            last_report = Instant::now();
-            progress!("request: {} answered, {} errors of {want}", h.total_answered, h.errored);
-            if !ctx.server.alive() {
-                ctx.problems.push("server process died".into());
-                break;
-            }
-        }
-        let p = h.total_answered + h.errored;
-        if p != last_progress.0 {
-            last_progress = (p, Instant::now());
-        } else if last_progress.1.elapsed() > Duration::from_secs(5) {
-            ctx.problems.push("no progress for 5 s (lost requests or responses?)".into());
-            break;
-        }
-    }
+    let stalled = |_: f64, _: usize| "no progress for 5 s (lost requests or responses?)".to_string();
+    wait(
+        ctx,
+        &mut eng,
+        &mut h,
+        &Wait::plain("request", Duration::from_secs(5), &stalled),
+        |h| h.total_answered + h.errored >= want,
+        |h| h.total_answered + h.errored,
+        |h| format!("{} answered, {} errors of {want}", h.total_answered, h.errored),
+    );
     let wall = t0.elapsed().as_secs_f64();
     let cpu1 = ctx.server.cpu();
     let self1 = util::self_cpu_us(ctx.server.clk_tck);

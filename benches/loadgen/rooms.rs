@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::drive::{Wait, Waited, wait};
 use super::engine::{Ended, Engine, Handler, push_text};
 use super::util::{self, hist_json, new_hist, r3};
 use super::{
@@ -91,45 +92,6 @@ impl Fanout {
         }
         (if min == u32::MAX { 0 } else { min }, max, short)
     }
-}
-
-/// Runs the engine until `done()` or no progress of `progress()` for `stall` (or the deadline).
-/// Returns None when done, else a description of the stall.
-fn drive<H: Handler>(
-    ctx: &Ctx,
-    eng: &mut Engine,
-    h: &mut H,
-    what: &str,
-    stall: Duration,
-    done: impl Fn(&H) -> bool,
-    progress: impl Fn(&H) -> (u64, String),
-) -> Option<String> {
-    let mut last = (progress(h).0, Instant::now());
-    let mut last_report = Instant::now();
-    while !done(h) {
-        if ctx.timed_out() {
-            return Some(format!("{what}: overall timeout, {}", progress(h).1));
-        }
-        eng.poll_once(h, Duration::from_millis(5));
-        let (p, text) = progress(h);
-        if p != last.0 {
-            last = (p, Instant::now());
-        } else if last.1.elapsed() > stall {
-            return Some(format!(
-                "{what} stalled: no progress for {:.1} s, {text}, {} connections open",
-                last.1.elapsed().as_secs_f64(),
-                eng.open
-            ));
-        }
-        if last_report.elapsed() > Duration::from_secs(1) {
-            last_report = Instant::now();
-            progress!("{what}: {text}");
-            if !ctx.server.alive() {
-                return Some(format!("{what}: server process died"));
-            }
-        }
-    }
-    None
 }
 
 /// `customws_shard_connections{shard="i"}` of a /metrics reading.
@@ -284,17 +246,15 @@ pub(crate) fn room(ctx: &mut Ctx) -> Result<Value, String> {
         ctx.problems.push(format!("only {} of {n} connections upgraded", est.ok));
     }
     let want_joins = est.ok;
-    if let Some(p) = drive(
+    wait(
         ctx,
         &mut eng,
         &mut h,
-        "room joins",
-        Duration::from_secs(10),
+        &Wait::labelled("room joins", Duration::from_secs(10)),
         |h| h.join_acks + h.join_refused >= want_joins,
-        |h| (h.join_acks + h.join_refused, format!("{} joined, {} refused", h.join_acks, h.join_refused)),
-    ) {
-        ctx.problems.push(p);
-    }
+        |h| h.join_acks + h.join_refused,
+        |h| format!("{} joined, {} refused", h.join_acks, h.join_refused),
+    );
     let cpu_setup1 = ctx.server.cpu();
     let join_secs = est.secs.max(0.0);
     let setup_secs = ctx.started.elapsed().as_secs_f64();
@@ -349,18 +309,17 @@ pub(crate) fn room(ctx: &mut Ctx) -> Result<Value, String> {
         eng.send_raw(publisher_id, &frames);
         let want = per_round * (round as u64 + 1);
         let want_acks = if with_pid != 0 { (m * (round + 1)) as u64 } else { 0 };
-        let stalled = drive(
+        let waited = wait(
             ctx,
             &mut eng,
             &mut h,
-            &format!("room round {round}"),
-            Duration::from_secs(5),
+            &Wait::labelled(&format!("room round {round}"), Duration::from_secs(5)),
             |h| h.fan.total >= want && h.publish_acks >= want_acks,
-            |h| (h.fan.total + h.publish_acks, format!("{} / {} deliveries", h.fan.total, expected)),
+            |h| h.fan.total + h.publish_acks,
+            |h| format!("{} / {} deliveries", h.fan.total, expected),
         );
         round_secs.push(r3(h.fan.last_at.map_or(0.0, |t| t.saturating_duration_since(tr).as_secs_f64())));
-        if let Some(p) = stalled {
-            ctx.problems.push(p);
+        if waited != Waited::Done {
             break;
         }
     }
@@ -596,25 +555,15 @@ pub(crate) fn presence(ctx: &mut Ctx) -> Result<Value, String> {
         ctx.problems.push(format!("only {} of {w} watcher connections upgraded", est.ok));
     }
     let want = est.ok;
-    if let Some(p) = drive(
+    wait(
         ctx,
         &mut eng,
         &mut h,
-        "presence subscribes",
-        Duration::from_secs(10),
+        &Wait::labelled("presence subscribes", Duration::from_secs(10)),
         |h| h.sub_acks + h.sub_refused >= want && h.initial_count >= h.sub_acks,
-        |h| {
-            (
-                h.sub_acks + h.sub_refused + h.initial_count,
-                format!(
-                    "{} acked, {} refused, {} current statuses",
-                    h.sub_acks, h.sub_refused, h.initial_count
-                ),
-            )
-        },
-    ) {
-        ctx.problems.push(p);
-    }
+        |h| h.sub_acks + h.sub_refused + h.initial_count,
+        |h| format!("{} acked, {} refused, {} current statuses", h.sub_acks, h.sub_refused, h.initial_count),
+    );
     let cpu_setup1 = ctx.server.cpu();
     if h.sub_refused > 0 {
         ctx.problems.push(format!("{} presence_subscribe refused", h.sub_refused));
@@ -688,23 +637,17 @@ pub(crate) fn presence(ctx: &mut Ctx) -> Result<Value, String> {
         }
         let want = per_round * (round as u64 + 1);
         let want_acks = (u * (round + 1)) as u64;
-        let stalled = drive(
+        let waited = wait(
             ctx,
             &mut eng,
             &mut h,
-            &format!("presence round {round}"),
-            Duration::from_secs(5),
+            &Wait::labelled(&format!("presence round {round}"), Duration::from_secs(5)),
             |h| h.fan.total >= want && h.update_acks_total >= want_acks,
-            |h| {
-                (
-                    h.fan.total + h.update_acks_total,
-                    format!("{} / {} events, {} acks", h.fan.total, expected, h.update_acks_total),
-                )
-            },
+            |h| h.fan.total + h.update_acks_total,
+            |h| format!("{} / {} events, {} acks", h.fan.total, expected, h.update_acks_total),
         );
         round_secs.push(r3(h.fan.last_at.map_or(0.0, |t| t.saturating_duration_since(tr).as_secs_f64())));
-        if let Some(p) = stalled {
-            ctx.problems.push(p);
+        if waited != Waited::Done {
             break;
         }
     }

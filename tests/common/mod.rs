@@ -769,3 +769,29 @@ pub fn assert_raw_payload(raw: &str, expected: &str) {
         "payload value longer than what was sent:\n  sent:     {expected}\n  envelope: {raw}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Presence
+// ---------------------------------------------------------------------------------------------
+
+/// Subscribes `w` to `users` with `pid`; returns the initial presence events (the ack, in any
+/// position among them, is checked and removed).
+pub fn subscribe(w: &mut Client, users: &[i64], pid: &str) -> Vec<Value> {
+    w.send_value(&json!({"pid": pid, "type": "presence_subscribe", "payload": {"userIds": users}}));
+    let mut events = Vec::new();
+    let mut acked = false;
+    for _ in 0..=users.len() {
+        let v = w.recv_json();
+        if v["type"] == "server_ack" {
+            assert!(!acked, "two acks for {pid}: {v}");
+            assert_eq!(v["payload"]["acknowledgedPid"], pid, "{v}");
+            assert_eq!(v["payload"]["status"], "ok", "{v}");
+            acked = true;
+        } else {
+            assert_eq!(v["type"], "presence_event", "while subscribing: {v}");
+            events.push(v);
+        }
+    }
+    assert!(acked, "no server_ack for {pid}");
+    events
+}
