@@ -115,16 +115,13 @@ impl Shard {
     /// Seed 004: a bad `?userId=` still gets its WebSocket, then close 1002.
     fn upgrade_then_close(&mut self, key: ConnKey, ws_key: &str, reason: &str) {
         ShardMetrics::inc(&self.metrics().handshake_failures);
-        let deadline = self.close_deadline();
         let Some(conn) = self.conn_mut(key) else { return };
         log::info!("handshake without a valid userId peer={}: {reason}", conn.peer);
         conn.inbuf = Vec::new();
         conn.out.push(Bytes::from(switching_protocols(ws_key, None)));
-        conn.out.push(crate::ws::FrameEncoder::close(crate::ws::close::PROTOCOL_ERROR, reason));
-        conn.phase = Phase::Closing { peer_done: false };
-        conn.deadline = deadline;
-        self.mark_dirty(key);
-        self.schedule_before(key, deadline);
+        conn.phase = Phase::Open;
+        // The ordinary close keeps what is queued: the 101 goes out before the 1002.
+        self.close(key, crate::ws::close::PROTOCOL_ERROR, reason);
     }
 
     /// The client's address for admission limits (see [`client_ip`]).
