@@ -25,6 +25,10 @@ use customws::shard::conn::OutQueue;
 use customws::ws::frame::{FrameKind, parse_frame};
 use serde_json::{Value, json};
 
+#[path = "support/messages.rs"]
+mod messages;
+use messages::{masked_text_frame, p2p_message, payload};
+
 /// Times each measurement is repeated.
 const ROUNDS: usize = 1_000;
 /// Recipients of one broadcast.
@@ -148,28 +152,6 @@ impl Stat {
             "reallocs_total": self.reallocs(),
         })
     }
-}
-
-/// A JSON object payload of exactly `len` bytes: `{"d":"xxx…"}`.
-fn payload(len: usize) -> Vec<u8> {
-    assert!(len >= 8, "payload too short for the wrapper");
-    let mut out = b"{\"d\":\"".to_vec();
-    out.resize(len - 2, b'x');
-    out.extend_from_slice(b"\"}");
-    out
-}
-
-/// A P2P `data_request` with a pid, carrying `payload`.
-fn p2p_message(payload: &[u8]) -> Vec<u8> {
-    let mut out = br#"{"pid":"c-000042","type":"data_request","targetUserId":12345,"payload":"#.to_vec();
-    out.extend_from_slice(payload);
-    out.push(b'}');
-    out
-}
-
-/// A masked client text frame (FIN + text) carrying `body`.
-fn masked_text_frame(body: &[u8]) -> Vec<u8> {
-    customws::ws::frame::masked_frame(0x81, body, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 /// A queue that has pushed and flushed once, as a connection's queue in a running shard.

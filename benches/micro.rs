@@ -25,6 +25,10 @@ use customws::protocol::router::{Route, SenderCaps, route};
 use customws::shard::conn::OutQueue;
 use customws::ws::frame::{FrameKind, parse_frame};
 
+#[path = "support/messages.rs"]
+mod messages;
+use messages::{masked_text_frame, p2p_message, payload};
+
 /// The sender of every encoded message: a realistic (six-digit) user id.
 const FROM: i64 = 777_001;
 /// Recipients of one broadcast in the fan-out benchmark.
@@ -39,30 +43,8 @@ const SLOTS: usize = 4_096;
 /// The largest payload `parse_frame` accepts in the benchmark.
 const MAX_PAYLOAD: usize = 64 * 1024;
 
-/// A JSON object payload of exactly `len` bytes: `{"d":"xxx…"}`.
-fn payload(len: usize) -> Vec<u8> {
-    assert!(len >= 8, "payload too short for the wrapper");
-    let mut out = b"{\"d\":\"".to_vec();
-    out.resize(len - 2, b'x');
-    out.extend_from_slice(b"\"}");
-    out
-}
-
-/// A typical P2P `data_request` carrying a 100-byte payload.
-fn p2p_message() -> Vec<u8> {
-    let mut out = br#"{"pid":"c-000042","type":"data_request","targetUserId":12345,"payload":"#.to_vec();
-    out.extend_from_slice(&payload(100));
-    out.push(b'}');
-    out
-}
-
-/// A masked client text frame (FIN + text) carrying `body`.
-fn masked_text_frame(body: &[u8]) -> Vec<u8> {
-    customws::ws::frame::masked_frame(0x81, body, [0x37, 0xfa, 0x21, 0x3d])
-}
-
 fn envelope_decode(c: &mut Criterion) {
-    let raw = p2p_message();
+    let raw = p2p_message(&payload(100));
     // The message decodes and routes as P2P, or the benchmark measures the wrong path.
     let msg = ClientMessage::parse(&raw).expect("valid envelope");
     assert!(matches!(route(&msg, SenderCaps::default()), Route::P2p { target: 12345, .. }));
