@@ -115,9 +115,10 @@ impl Shard {
     }
 
     pub(super) fn expire_timers(&mut self) {
-        let mut due = Vec::new();
+        // The buffer is kept between ticks: a busy wheel expires entries every 10 ms.
+        let mut due = std::mem::take(&mut self.due);
         self.wheel.expire(self.now, &mut due);
-        for key in due {
+        for key in due.drain(..) {
             let key = match key {
                 TimerKey::Conn(key) => key,
                 TimerKey::Wait(wait) => {
@@ -141,6 +142,7 @@ impl Shard {
             conn.timer_at = next;
             self.wheel.insert(next, TimerKey::Conn(key));
         }
+        self.due = due;
     }
 
     pub(super) fn on_deadline(&mut self, key: ConnKey) {

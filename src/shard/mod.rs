@@ -190,6 +190,8 @@ pub struct Shard {
     conns: Slab<Conn>,
     next_generation: u32,
     wheel: TimerWheel<TimerKey>,
+    /// Expired timer keys, reused between ticks.
+    due: Vec<TimerKey>,
     pending: PendingTable<Completion>,
     directory: Directory,
     presence: PresenceTable,
@@ -237,6 +239,7 @@ impl Shard {
             conns: Slab::new(),
             next_generation: 0,
             wheel: TimerWheel::new(crate::core::timer::DEFAULT_TICK_MS, crate::core::timer::DEFAULT_SLOTS, 0),
+            due: Vec::new(),
             pending: PendingTable::new(id),
             directory: Directory::default(),
             presence: PresenceTable::default(),
