@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Autobahn WebSocket conformance (PyPI kosoku) against the echo endpoint, compared with the
 # committed expectations: sections 1-11 OK / NON-STRICT / INFORMATIONAL, 12-13 (compression)
-# UNIMPLEMENTED. Fails on any regression. Needs network access to PyPI once (pip install).
+# UNIMPLEMENTED. Fails on any regression. kosoku comes from the virtual environment that
+# .ci/setup creates under target/venv (system Pythons refuse `pip install`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-if ! command -v kosoku >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check kosoku
-fi
+bash .ci/setup >&2
+kosoku=target/venv/bin/kosoku
 cargo build --release --quiet --bin customws
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -25,7 +25,7 @@ done
 
 # kosoku exits non-zero when any case is not OK (12-13 are UNIMPLEMENTED by design);
 # the comparison below is the verdict.
-kosoku -m fuzzingclient -p 2 -o "$out" "ws://127.0.0.1:$port/echo" >"$out/kosoku.log" 2>&1 || true
+"$kosoku" -m fuzzingclient -p 2 -o "$out" "ws://127.0.0.1:$port/echo" >"$out/kosoku.log" 2>&1 || true
 if [ ! -s "$out/index.json" ]; then
   echo "autobahn: kosoku produced no report; its log:" >&2
   tail -20 "$out/kosoku.log" >&2
