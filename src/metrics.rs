@@ -1,5 +1,6 @@
 //! Counters kept per shard (written by that shard only, relaxed atomics on their own cache
-//! lines) and summed at scrape time into Prometheus text by `prometheus-client`.
+//! lines) and summed at scrape time into OpenMetrics text by `prometheus-client`, or into the
+//! Prometheus text format 0.0.4 for scrapers that do not ask for OpenMetrics.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -16,34 +17,47 @@ pub const SIZE_BUCKETS: [f64; 7] = [64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.
 /// Upper bounds of the `ws_latency_seconds` buckets.
 pub const LATENCY_BUCKETS: [f64; 7] = [0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1];
 
-/// A fixed-bucket histogram with a single writer; `sum` is kept in the observed unit × 1e6
-/// (bytes × 1e6 or microseconds) so it stays an integer.
+/// A fixed-bucket histogram with a single writer. Each bucket counts the observations that
+/// fall in it (not cumulative), `overflow` those above every bound, so the count is their sum
+/// and the `+Inf` bucket always equals it. `sum` is kept as an integer in the observed unit ×
+/// `scale` (bytes × 1, or nanoseconds for seconds × 1e9).
 #[derive(Debug)]
 pub struct Histogram<const N: usize> {
     bounds: &'static [f64; N],
     buckets: [AtomicU64; N],
-    sum_micro: AtomicU64,
-    count: AtomicU64,
+    overflow: AtomicU64,
+    scale: f64,
+    sum_scaled: AtomicU64,
 }
 
 impl<const N: usize> Histogram<N> {
-    /// An empty histogram over `bounds`.
-    pub fn new(bounds: &'static [f64; N]) -> Self {
+    /// An empty histogram over `bounds`, whose sum is kept in units of `1 / scale`.
+    pub fn new(bounds: &'static [f64; N], scale: f64) -> Self {
         Histogram {
             bounds,
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_micro: AtomicU64::new(0),
-            count: AtomicU64::new(0),
+            overflow: AtomicU64::new(0),
+            scale,
+            sum_scaled: AtomicU64::new(0),
         }
     }
 
     /// Records `n` observations of `value`.
     pub fn observe_n(&self, value: f64, n: u64) {
-        if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
-            ShardMetrics::add(&self.buckets[i], n);
-        }
-        ShardMetrics::add(&self.sum_micro, (value * 1e6) as u64 * n);
-        ShardMetrics::add(&self.count, n);
+        let bucket =
+            self.bounds.iter().position(|&b| value <= b).map_or(&self.overflow, |i| &self.buckets[i]);
+        ShardMetrics::add(bucket, n);
+        // `as` saturates: a negative or NaN value adds nothing.
+        let scaled = (value * self.scale).round() as u64;
+        ShardMetrics::add(&self.sum_scaled, scaled.saturating_mul(n));
+    }
+
+    /// Observations per bucket (the last entry is the `+Inf` overflow) and their sum, in the
+    /// observed unit.
+    fn snapshot(&self) -> ([u64; N], u64, f64) {
+        let buckets = std::array::from_fn(|i| self.buckets[i].load(Relaxed));
+        let sum = self.sum_scaled.load(Relaxed) as f64 / self.scale;
+        (buckets, self.overflow.load(Relaxed), sum)
     }
 }
 
@@ -99,8 +113,8 @@ impl Default for ShardMetrics {
             rate_limited: AtomicU64::new(0),
             policy_closes: AtomicU64::new(0),
             admission_refusals: AtomicU64::new(0),
-            sizes: Histogram::new(&SIZE_BUCKETS),
-            latency: Histogram::new(&LATENCY_BUCKETS),
+            sizes: Histogram::new(&SIZE_BUCKETS, 1.0),
+            latency: Histogram::new(&LATENCY_BUCKETS, 1e9),
         }
     }
 }
@@ -111,9 +125,9 @@ impl ShardMetrics {
         counter.store(counter.load(Relaxed) + 1, Relaxed);
     }
 
-    /// Adds `n` to a counter.
+    /// Adds `n` to a counter (wrapping, as Prometheus counters may reset).
     pub fn add(counter: &AtomicU64, n: u64) {
-        counter.store(counter.load(Relaxed) + n, Relaxed);
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
     /// Subtracts one from a gauge.
@@ -145,12 +159,13 @@ impl Metrics {
         self.shards.iter().map(|s| pick(s).load(Relaxed)).sum()
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn render(self: &Arc<Self>) -> String {
         self.render_with(Vec::new())
     }
 
-    /// The exposition plus extra counters `(name, help, value)` (the application's).
+    /// The OpenMetrics exposition plus extra counters `(name, help, value)` (the
+    /// application's); see [`Metrics::render_as`] for the text format 0.0.4.
     pub fn render_with(self: &Arc<Self>, extra: Vec<(&'static str, &'static str, u64)>) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(self)));
@@ -250,22 +265,106 @@ impl Metrics {
         pick: fn(&ShardMetrics) -> &Histogram<7>,
     ) -> Result<(), std::fmt::Error> {
         let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-        let first = pick(&self.shards[0]);
-        let mut cumulative = 0;
-        let mut buckets: Vec<(f64, u64)> = first
-            .bounds
-            .iter()
-            .enumerate()
-            .map(|(i, &bound)| {
-                cumulative += self.shards.iter().map(|s| pick(s).buckets[i].load(Relaxed)).sum::<u64>();
-                (bound, cumulative)
-            })
-            .collect();
-        let count: u64 = self.shards.iter().map(|s| pick(s).count.load(Relaxed)).sum();
-        buckets.push((f64::INFINITY, count));
-        let sum = self.shards.iter().map(|s| pick(s).sum_micro.load(Relaxed)).sum::<u64>() as f64 / 1e6;
+        let bounds = pick(&self.shards[0]).bounds;
+        let (mut per_bucket, mut overflow, mut sum) = ([0u64; 7], 0u64, 0.0);
+        for shard in &self.shards {
+            let (buckets, over, s) = pick(shard).snapshot();
+            for (total, n) in per_bucket.iter_mut().zip(buckets) {
+                *total += n;
+            }
+            overflow += over;
+            sum += s;
+        }
+        // The encoder takes per-bucket counts and accumulates them itself.
+        let mut buckets: Vec<(f64, u64)> = bounds.iter().copied().zip(per_bucket).collect();
+        buckets.push((f64::INFINITY, overflow));
+        let count = per_bucket.iter().sum::<u64>() + overflow;
         metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
+}
+
+/// The exposition formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text, as `prometheus-client` encodes it.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain`), for scrapers that do not ask for
+    /// OpenMetrics.
+    Text,
+}
+
+impl Format {
+    /// OpenMetrics when the `Accept` header asks for it (as Prometheus does), else the text
+    /// format 0.0.4 — the rule of Prometheus' own client libraries.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let wants_openmetrics = accept.is_some_and(|accept| {
+            accept.split(',').any(|range| {
+                let mut params = range.split(';').map(str::trim);
+                let media = params.next().unwrap_or("");
+                let refused =
+                    params.any(|p| p.strip_prefix("q=").and_then(|q| q.parse::<f64>().ok()) == Some(0.0));
+                media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            })
+        });
+        if wants_openmetrics { Format::OpenMetrics } else { Format::Text }
+    }
+
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+impl Metrics {
+    /// The exposition plus the application's counters, in `format`.
+    pub fn render_as(
+        self: &Arc<Self>,
+        extra: Vec<(&'static str, &'static str, u64)>,
+        format: Format,
+    ) -> String {
+        let openmetrics = self.render_with(extra);
+        match format {
+            Format::OpenMetrics => openmetrics,
+            Format::Text => openmetrics_to_text(&openmetrics),
+        }
+    }
+}
+
+/// The text format 0.0.4 of an OpenMetrics exposition encoded by `prometheus-client` (which
+/// encodes only OpenMetrics). For what is exposed here — counters, gauges and histograms,
+/// without units, exemplars or `_created` — the two formats differ only in that a counter's
+/// `# HELP`/`# TYPE` lines name the family (`x`) in OpenMetrics but the sample (`x_total`) in
+/// 0.0.4, and that OpenMetrics ends with `# EOF`. The samples are the same.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then_some((prefix, name, tail))
+        });
+        match meta {
+            Some((prefix, name, tail)) => {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -293,5 +392,55 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_once_and_keep_the_overflow() {
+        let metrics = Metrics::new(2);
+        for (shard, size) in [(0, 10), (1, 100), (0, 100), (1, 5000), (0, 2 << 20), (1, 3 << 20)] {
+            metrics.shards[shard].observe_size(size);
+        }
+        metrics.shards[0].latency.observe_n(0.0002, 3);
+        metrics.shards[1].latency.observe_n(2.5, 1);
+        let text = metrics.render();
+        for needle in [
+            "ws_message_size_bytes_bucket{le=\"64.0\"} 1\n",
+            "ws_message_size_bytes_bucket{le=\"256.0\"} 3\n",
+            "ws_message_size_bytes_bucket{le=\"16384.0\"} 4\n",
+            "ws_message_size_bytes_bucket{le=\"1048576.0\"} 4\n",
+            "ws_message_size_bytes_bucket{le=\"+Inf\"} 6\n",
+            "ws_message_size_bytes_count 6\n",
+            "ws_message_size_bytes_sum 5248090.0\n",
+            "ws_latency_seconds_bucket{le=\"0.00025\"} 3\n",
+            "ws_latency_seconds_bucket{le=\"0.1\"} 3\n",
+            "ws_latency_seconds_bucket{le=\"+Inf\"} 4\n",
+            "ws_latency_seconds_count 4\n",
+            "ws_latency_seconds_sum 2.5006\n",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn text_format_names_counters_by_their_sample() {
+        let metrics = Metrics::new(1);
+        let text = metrics.render_as(vec![("app_things", "Things.", 2)], Format::Text);
+        assert!(text.contains("# HELP ws_connections_total WebSocket connections opened.\n"), "{text}");
+        assert!(text.contains("# TYPE ws_connections_total counter\nws_connections_total 0\n"), "{text}");
+        assert!(text.contains("# TYPE app_things_total counter\napp_things_total 2\n"), "{text}");
+        assert!(text.contains("# TYPE ws_connections_current gauge\n"), "{text}");
+        assert!(text.contains("# TYPE ws_latency_seconds histogram\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn negotiation_follows_accept() {
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(Some("text/plain;version=0.0.4")), Format::Text);
+        let prometheus =
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("Application/OpenMetrics-Text; q=0")), Format::Text);
     }
 }

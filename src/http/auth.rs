@@ -135,8 +135,35 @@ impl Authenticator {
     /// Verifies `token` and extracts the identity.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            .map_err(|e| AuthError::Invalid(jwt_problem(&e).into()))?;
         identity_from_claims(data.claims)
+    }
+}
+
+/// What is wrong with a token, in the project's words (the 401 body and the log): never the
+/// JWT library's internal parse errors.
+fn jwt_problem(error: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match error.kind() {
+        K::ExpiredSignature => "expired",
+        K::ImmatureSignature => "not yet valid",
+        K::InvalidSignature => "bad signature",
+        K::InvalidAlgorithm | K::InvalidAlgorithmName | K::UnsupportedAlgorithm | K::MissingAlgorithm => {
+            "wrong algorithm"
+        }
+        K::InvalidIssuer => "wrong issuer",
+        K::InvalidAudience => "wrong audience",
+        K::InvalidSubject => "wrong subject",
+        K::MissingRequiredClaim(claim) => match claim.as_str() {
+            "exp" => "missing exp claim",
+            "nbf" => "missing nbf claim",
+            "iss" => "missing issuer",
+            "aud" => "missing audience",
+            _ => "missing a required claim",
+        },
+        K::InvalidClaimFormat(_) => "malformed claim",
+        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => "malformed",
+        _ => "cannot be verified",
     }
 }
 

@@ -70,10 +70,10 @@ impl Gate {
     /// Decides what a request gets.
     pub fn decide(&self, req: &Request) -> Decision {
         if self.echo_path.as_deref() == Some(req.path.as_str()) {
-            return if req.is_upgrade() {
-                Decision::Echo
-            } else {
-                refuse(400, "expected a WebSocket upgrade request".into())
+            return match (req.is_upgrade(), req.upgrade_problem()) {
+                (true, None) => Decision::Echo,
+                (true, Some(problem)) => refuse(400, problem.into()),
+                (false, _) => refuse(400, "expected a WebSocket upgrade request".into()),
             };
         }
         // Seed 004 clients connect to `ws://host:port?userId=…`, path `/`.
@@ -90,6 +90,9 @@ impl Gate {
     fn upgrade(&self, req: &Request) -> Decision {
         if !req.is_upgrade() {
             return refuse(400, "expected a WebSocket upgrade request".into());
+        }
+        if let Some(problem) = req.upgrade_problem() {
+            return refuse(400, problem.into());
         }
         if req.ws_version.as_deref() != Some("13") {
             return refuse(426, "unsupported Sec-WebSocket-Version; use 13".into());

@@ -30,10 +30,14 @@ pub struct Request {
     pub ws_protocol: Option<String>,
     /// `Authorization`.
     pub authorization: Option<String>,
-    /// `Cookie`.
+    /// `Cookie` (several header lines are joined with `; `).
     pub cookie: Option<String>,
     /// `X-Forwarded-For` (all values joined with commas).
     pub forwarded_for: Option<String>,
+    /// `Accept` (for `/metrics` content negotiation; all values joined with commas).
+    pub accept: Option<String>,
+    /// The request line said `HTTP/1.0` (an upgrade needs HTTP/1.1).
+    pub http_1_0: bool,
 }
 
 /// Outcome of parsing the bytes received so far.
@@ -75,6 +79,7 @@ fn extract(req: &httparse::Request<'_, '_>) -> Request {
         method: req.method.unwrap_or("").to_string(),
         path: path.to_string(),
         query,
+        http_1_0: req.version == Some(0),
         ..Request::default()
     };
     for header in req.headers.iter() {
@@ -100,7 +105,17 @@ fn extract(req: &httparse::Request<'_, '_>) -> Request {
         } else if name.eq_ignore_ascii_case("authorization") {
             out.authorization = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("cookie") {
-            out.cookie = Some(value.to_string());
+            let joined = match out.cookie.take() {
+                Some(before) => format!("{before}; {value}"),
+                None => value.to_string(),
+            };
+            out.cookie = Some(joined);
+        } else if name.eq_ignore_ascii_case("accept") {
+            let joined = match out.accept.take() {
+                Some(before) => format!("{before}, {value}"),
+                None => value.to_string(),
+            };
+            out.accept = Some(joined);
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             let joined = match out.forwarded_for.take() {
                 Some(before) => format!("{before}, {value}"),
@@ -120,6 +135,22 @@ impl Request {
     /// True when this is a well-formed WebSocket upgrade request (RFC 6455 §4.2.1).
     pub fn is_upgrade(&self) -> bool {
         self.method == "GET" && self.upgrade_websocket && self.connection_upgrade && self.ws_key.is_some()
+    }
+
+    /// Why an upgrade request (see [`Request::is_upgrade`]) is still unacceptable (answered
+    /// 400): RFC 6455 §4.2.1 wants HTTP/1.1 and a `Sec-WebSocket-Key` that is the base64 of
+    /// 16 bytes.
+    pub fn upgrade_problem(&self) -> Option<&'static str> {
+        use base64::Engine as _;
+        if self.http_1_0 {
+            return Some("a WebSocket upgrade needs HTTP/1.1");
+        }
+        let key = self.ws_key.as_deref().unwrap_or("");
+        let decoded = base64::engine::general_purpose::STANDARD.decode(key);
+        if !decoded.is_ok_and(|bytes| bytes.len() == 16) {
+            return Some("Sec-WebSocket-Key must be the base64 of 16 bytes");
+        }
+        None
     }
 
     /// Value of query parameter `name`, percent-decoded.
@@ -201,6 +232,32 @@ mod tests {
         many.push_str("\r\n");
         assert_eq!(parse(many.as_bytes()), Parsed::Invalid(431, "too many request headers"));
         assert!(matches!(parse(b"\x00\x01 garbage\r\n\r\n"), Parsed::Invalid(400, _)));
+    }
+
+    #[test]
+    fn upgrade_problems() {
+        let Parsed::Complete(req, _) = parse(UPGRADE.as_bytes()) else { panic!() };
+        assert_eq!(req.upgrade_problem(), None);
+        for key in
+            ["", "abc", "dGhlIHNhbXBsZSBub25jZQ", "dGhlIHNhbXBsZSBub25jZXg=", "!GhlIHNhbXBsZSBub25jZQ=="]
+        {
+            let head = UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", key);
+            let Parsed::Complete(req, _) = parse(head.as_bytes()) else { panic!("{head}") };
+            assert!(req.upgrade_problem().is_some(), "key {key:?}");
+        }
+        let Parsed::Complete(req, _) = parse(UPGRADE.replace("HTTP/1.1", "HTTP/1.0").as_bytes()) else {
+            panic!()
+        };
+        assert_eq!(req.upgrade_problem(), Some("a WebSocket upgrade needs HTTP/1.1"));
+    }
+
+    #[test]
+    fn cookie_lines_are_all_read() {
+        let head = "GET /ws HTTP/1.1\r\nCookie: a=1\r\nCookie: auth_token=tok; b=2\r\nCookie: c=3\r\n\r\n";
+        let Parsed::Complete(req, _) = parse(head.as_bytes()) else { panic!() };
+        assert_eq!(req.cookie("auth_token"), Some("tok"));
+        assert_eq!(req.cookie("a"), Some("1"));
+        assert_eq!(req.cookie("c"), Some("3"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::http::auth::{AuthError, Identity};
 use crate::http::request::Request;
 use crate::http::request::{Parsed, parse};
 use crate::http::response::{json_error, response, switching_protocols};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{Format, ShardMetrics};
 
 impl Shard {
     /// More bytes of the request head arrived.
@@ -47,8 +47,9 @@ impl Shard {
                     Decision::Echo => self.upgrade_echo(key, request.ws_key.as_deref().unwrap_or("")),
                     Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
                     Decision::Metrics => {
-                        let text = self.shared.metrics.render_with(self.shared.app.counters());
-                        self.respond(key, 200, "text/plain; version=0.0.4; charset=utf-8", text.as_bytes());
+                        let format = Format::negotiate(request.accept.as_deref());
+                        let text = self.shared.metrics.render_as(self.shared.app.counters(), format);
+                        self.respond(key, 200, format.content_type(), text.as_bytes());
                     }
                     Decision::Refuse { status, message } => self.refuse(key, status, &message),
                 }

@@ -52,8 +52,28 @@ impl Shard {
         self.scratch = scratch;
     }
 
+    /// The peer is done sending; it may still be reading (`shutdown(SHUT_WR)`). Everything it
+    /// sent has been handled, so what we owe it (an HTTP response, the 101 and what followed
+    /// it, a close reply) is written before the socket goes: the connection is dropped once its
+    /// queue is flushed, or at the linger deadline.
     fn on_eof(&mut self, key: ConnKey) {
-        self.drop_conn(key, "peer closed the connection");
+        let deadline = self.close_deadline();
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
+        match conn.phase {
+            // An incomplete request head: nothing is owed.
+            Phase::Http => return self.drop_conn(key, "peer closed the connection"),
+            Phase::Open => conn.deadline = deadline,
+            Phase::Closing { .. } => {}
+        }
+        conn.phase = Phase::Closing { peer_done: true };
+        if conn.out.is_empty() {
+            return self.drop_conn(key, "peer closed the connection");
+        }
+        let deadline = conn.deadline;
+        self.mark_dirty(key);
+        self.schedule_before(key, deadline);
     }
 
     fn ingest(&mut self, key: ConnKey, scratch: &mut [u8], n: usize) {
@@ -132,7 +152,11 @@ impl Shard {
                 }
             }
             FrameKind::Close => self.on_close_frame(key, payload),
-            FrameKind::Binary if !self.conn_mut(key).is_some_and(|c| c.echo) => {
+            // A binary frame while a text message awaits its continuation is a protocol
+            // error (1002, from the reassembly), not an unsupported message.
+            FrameKind::Binary
+                if !self.conn_mut(key).is_some_and(|c| c.echo || c.reassembly.in_progress()) =>
+            {
                 self.close(key, close::UNSUPPORTED, "binary frames are not supported")
             }
             FrameKind::Text | FrameKind::Binary | FrameKind::Continuation => {

@@ -195,6 +195,11 @@ impl Reassembly {
         }
     }
 
+    /// True while a fragmented message awaits its continuation frames.
+    pub fn in_progress(&self) -> bool {
+        self.partial.is_some()
+    }
+
     /// Bytes held for an incomplete message.
     pub fn held(&self) -> usize {
         self.partial.as_ref().map_or(0, |(_, b)| b.capacity())
