@@ -50,6 +50,7 @@ impl Shard {
                         let text = self.shared.metrics.render_with(self.shared.app.counters());
                         self.respond(key, 200, "text/plain; version=0.0.4; charset=utf-8", text.as_bytes());
                     }
+                    Decision::Page(page) => self.respond(key, page.status, page.content_type, &page.body),
                     Decision::Refuse { status, message } => self.refuse(key, status, &message),
                 }
             }
