@@ -50,8 +50,12 @@ export interface ClientOptions {
   reconnect?: BackoffOptions | false;
   /** Default time to wait for an answer, ms (10 000). */
   timeoutMs?: number;
-  /** Send `auth_refresh` this long before the token's `exp`, ms (30 000; at most a fifth of its life). */
-  refreshBeforeMs?: number;
+  /**
+   * With a token provider, send `auth_refresh` with a fresh token this long before `exp`, ms
+   * (30 000; at most half the token's remaining life). `false` turns refreshing off: at `exp` the
+   * server closes 1008 and the client reconnects with a token from the provider.
+   */
+  refreshBeforeMs?: number | false;
   /** The server's `transient_ttl` for `typing`, ms (5 000): `typing()` sends at most once per half of it. */
   typingTtlMs?: number;
   /** Messages kept while not connected (256); beyond it calls fail at once. */
@@ -391,7 +395,9 @@ export class Client {
     clearTimeout(this.refreshTimer);
     this.failAll(code, reason || `connection closed (${code})`, false);
     if (this.stopped) return;
-    if (Date.now() - this.openedAt > 5000) this.attempt = 0;
+    // The backoff starts again only after a connection that held; one that drops at once keeps growing it.
+    if (this.openedAt && Date.now() - this.openedAt > 5000) this.attempt = 0;
+    this.openedAt = 0;
     const backoff = this.opts.reconnect;
     // A token that expired is fixed by asking the provider again; any other 1008 is a policy.
     const expiredWithProvider = code === 1008 && this.tokenExpired && typeof this.opts.token === "function";
@@ -425,10 +431,11 @@ export class Client {
   }
 
   private scheduleRefresh(token: string | undefined): void {
-    const exp = token && typeof this.opts.token === "function" ? tokenClaims(token).exp : undefined;
+    const before = this.opts.refreshBeforeMs ?? 30_000;
+    const exp = token && before !== false && typeof this.opts.token === "function" ? tokenClaims(token).exp : undefined;
     if (!exp) return;
     const left = exp * 1000 - Date.now();
-    const delay = Math.max(0, left - Math.min(this.opts.refreshBeforeMs ?? 30_000, left / 5));
+    const delay = Math.max(0, left - Math.min(before as number, left / 2));
     clearTimeout(this.refreshTimer);
     this.refreshTimer = setTimeout(() => void this.refresh(), delay);
   }
