@@ -539,6 +539,10 @@ export class Client {
       }
       return;
     }
+    if (!onPush && pid !== undefined && type === "generic_request") {
+      // A request nobody here answers: say so now rather than let the server wait for its timeout.
+      return this.answer({ pid, type: "generic_response", payload: null, error: { code: 501, message: "no handler for generic_request" } });
+    }
     if (!onPush && pid === undefined) return;
     let ack: { acknowledgedPid?: string; status: string; error?: string };
     try {

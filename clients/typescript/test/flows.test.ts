@@ -123,6 +123,12 @@ describe("seed 001 flows", () => {
     assert.deepEqual(ok.body.response.payload, { locale: "es-ES" });
     const bad = await api(server, "POST", "/request", { userId: 8, message: { type: "generic_request", payload: { action: "nope" } }, timeoutMs: 3000 });
     assert.deepEqual(bad.body.response.error, { code: 400, message: "unknown action" });
+    // A client with no handler answers at once instead of leaving the backend to its timeout.
+    await open(9);
+    const started = Date.now();
+    const none = await api(server, "POST", "/request", { userId: 9, message: { type: "generic_request", payload: {} }, timeoutMs: 3000 });
+    assert.deepEqual(none.body.response.error, { code: 501, message: "no handler for generic_request" });
+    assert.ok(Date.now() - started < 2500);
   });
 
   test("presence: current status on subscribe, updates, typing that expires, offline on disconnect", async () => {
