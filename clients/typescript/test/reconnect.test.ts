@@ -50,6 +50,22 @@ describe("reconnection against the real server", () => {
     }
   });
 
+  test("a graceful shutdown (1001) is followed by reconnect attempts", async () => {
+    const server = await startServer();
+    const c = client(server, 55);
+    try {
+      const closes = recorder<{ code: number; willReconnect: boolean }>((fn) => c.on("close", fn));
+      await c.connect();
+      await killServer(server, "SIGTERM");
+      const closed = await closes.next(() => true, 5000, "shutdown close");
+      assert.deepEqual([closed.code, closed.willReconnect], [1001, true]);
+      assert.equal(c.state, "reconnecting");
+    } finally {
+      c.close();
+      await killServer(server);
+    }
+  });
+
   test("connections_per_user = 1: the replaced connection (4000) does not reconnect", async () => {
     const server = await startServer(["--connections-per-user", "1"]);
     const first = client(server, 60);
