@@ -49,12 +49,21 @@ pub fn mint_token(secret: &str, user_id: i64, roles: &[&str], ttl: Duration) -> 
 }
 
 /// The text printed at start in dev mode: the generated `secret`, 24-hour tokens for user 1
-/// (role `broadcast`) and user 2 (no roles), the example-client command line for each, and two
-/// messages to paste.
+/// (role `broadcast`) and user 2 (no roles), the example-client command line for each, two
+/// messages to paste, and the demo page's link for each user (the token in the URL fragment,
+/// which the browser never sends to the server).
 pub fn banner(listen: SocketAddr, ws_path: &str, secret: &str) -> String {
     let user1 = mint_token(secret, 1, &["broadcast"], BANNER_TOKEN_TTL);
     let user2 = mint_token(secret, 2, &[], BANNER_TOKEN_TTL);
     let base = format!("ws://{}{}", connect_address(listen), ws_path);
+    let demo = format!("http://{}/demo", connect_address(listen));
+    let sdk = match crate::http::demo::bundle_path() {
+        Some(path) => format!("serves the SDK bundle {}", path.display()),
+        None => format!(
+            "needs the SDK bundle {}: not built, run `npm ci && npm run build` in clients/typescript",
+            crate::http::demo::BUNDLE
+        ),
+    };
     format!(
         "customws is running in DEV mode: never use these settings in production.\n\
          \n\
@@ -70,7 +79,11 @@ pub fn banner(listen: SocketAddr, ws_path: &str, secret: &str) -> String {
          Then paste into user 1's client (user 2 receives a data_event):\n  \
            {P2P_EXAMPLE}\n\
          and into user 2's client (it receives user 1's presence):\n  \
-           {PRESENCE_EXAMPLE}\n"
+           {PRESENCE_EXAMPLE}\n\
+         \n\
+         Or open the demo page as user 1 and as user 2, in two browser tabs (it {sdk}):\n  \
+           {demo}#token={user1}\n  \
+           {demo}#token={user2}\n"
     )
 }
 
@@ -151,7 +164,7 @@ mod tests {
         assert_eq!(tokens.len(), 2, "{text}");
         for (token, user) in tokens.iter().zip([1, 2]) {
             let shown = text.matches(token.as_str()).count();
-            assert_eq!(shown, 2, "token line and command for user {user}");
+            assert_eq!(shown, 3, "token line, command and demo link for user {user}");
             assert_eq!(decode(token, &secret).user_id, user);
         }
         assert_eq!(decode(&tokens[0], &secret).roles, ["broadcast"]);
@@ -159,6 +172,19 @@ mod tests {
         let command = "cargo run --example client -- 'ws://127.0.0.1:8082/ws?token=";
         assert!(text.contains(command), "{text}");
         assert!(text.contains(P2P_EXAMPLE) && text.contains(PRESENCE_EXAMPLE));
+    }
+
+    #[test]
+    fn banner_links_the_demo_page_with_the_token_in_the_fragment() {
+        let secret = random_secret();
+        let text = banner(SocketAddr::from(([0, 0, 0, 0], 8082)), "/ws", &secret);
+        let links: Vec<&str> =
+            text.lines().filter_map(|l| l.trim().strip_prefix("http://127.0.0.1:8082/demo#token=")).collect();
+        assert_eq!(links.len(), 2, "{text}");
+        for (token, user) in links.into_iter().zip([1, 2]) {
+            assert_eq!(decode(token, &secret).user_id, user);
+        }
+        assert!(text.contains("clients/typescript"), "{text}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (path, origin, authentication), and plain responses.
 
 pub mod auth;
+pub mod demo;
 pub mod request;
 pub mod response;
 
@@ -33,6 +34,8 @@ pub enum Decision {
     Health,
     /// `GET /metrics`.
     Metrics,
+    /// A dev-mode page (`GET /demo`, `GET /demo/customws.js`): answer it as it is.
+    Page(demo::Page),
     /// Refuse with a JSON error and close.
     Refuse {
         /// HTTP status.
@@ -50,6 +53,7 @@ pub struct Gate {
     auth: Option<Authenticator>,
     insecure_user_id: bool,
     echo_path: Option<String>,
+    dev: bool,
 }
 
 impl Gate {
@@ -64,6 +68,7 @@ impl Gate {
             auth,
             insecure_user_id: config.allow_insecure_user_id,
             echo_path: config.echo_path.clone(),
+            dev: config.dev,
         }
     }
 
@@ -83,6 +88,8 @@ impl Gate {
         match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/health") => Decision::Health,
             ("GET", "/metrics") => Decision::Metrics,
+            ("GET", path) if self.dev && path.starts_with("/demo") => demo::route(path, &self.ws_path)
+                .map_or_else(|| refuse(404, format!("no endpoint at {path}")), Decision::Page),
             _ => refuse(404, format!("no endpoint at {}", req.path)),
         }
     }
@@ -201,5 +208,16 @@ mod tests {
         assert!(matches!(g.decide(&get("/metrics")), Decision::Metrics));
         assert!(matches!(g.decide(&get("/nope")), Decision::Refuse { status: 404, .. }));
         assert!(matches!(g.decide(&get("/ws")), Decision::Refuse { status: 400, .. }));
+    }
+
+    #[test]
+    fn demo_page_only_in_dev_mode() {
+        let get = |path: &str| Request { method: "GET".into(), path: path.into(), ..Request::default() };
+        let config = Config { dev: true, ..Config::default() };
+        let dev = Gate::new(&config, None);
+        assert!(matches!(gate(&[]).decide(&get("/demo")), Decision::Refuse { status: 404, .. }));
+        assert!(matches!(dev.decide(&get("/demo")), Decision::Page(demo::Page { status: 200, .. })));
+        assert!(matches!(dev.decide(&get("/demo/customws.js")), Decision::Page(_)));
+        assert!(matches!(dev.decide(&get("/demo/x")), Decision::Refuse { status: 404, .. }));
     }
 }

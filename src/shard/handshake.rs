@@ -51,6 +51,7 @@ impl Shard {
                         let text = self.shared.metrics.render_as(self.shared.app.counters(), format);
                         self.respond(key, 200, format.content_type(), text.as_bytes());
                     }
+                    Decision::Page(page) => self.respond(key, page.status, page.content_type, &page.body),
                     Decision::Refuse { status, message } => self.refuse(key, status, &message),
                 }
             }
