@@ -2,6 +2,7 @@
 //! (path, origin, authentication), and plain responses.
 
 pub mod auth;
+pub mod keys;
 pub mod request;
 pub mod response;
 
@@ -113,6 +114,11 @@ impl Gate {
         };
         let subprotocol = (source == TokenSource::Subprotocol).then_some("bearer");
         Decision::Upgrade { jwt, subprotocol, insecure_user_id: false }
+    }
+
+    /// Re-reads the JWT key files (SIGHUP): `Ok(None)` when no authenticator is configured.
+    pub fn reload_keys(&self) -> Result<Option<usize>, auth::AuthConfigError> {
+        self.auth.as_ref().map(Authenticator::reload_keys).transpose()
     }
 
     /// Verifies a token with the configured key (for `auth_refresh`).
