@@ -39,7 +39,7 @@ impl Shard {
         conn.deadline = deadline;
         let (user, peer, client) = (conn.user(), conn.peer, conn.client_ip());
         ShardMetrics::add(&self.metrics().frames_dropped, dropped as u64);
-        log::debug!(user:? = user, client:% = client, peer:% = peer, code, reason; "closing");
+        log::debug!(user, client:% = client, peer:% = peer, code, reason; "closing");
         self.mark_dirty(key);
         self.schedule_before(key, deadline);
     }
@@ -60,7 +60,7 @@ impl Shard {
             let (user, peer, client, queued) = (conn.user(), conn.peer, conn.client_ip(), conn.out.len());
             ShardMetrics::inc(&self.metrics().slow_consumer_closes);
             log::warn!(
-                user:? = user, client:% = client, peer:% = peer, queued_frames = queued;
+                user, client:% = client, peer:% = peer, queued_frames = queued;
                 "slow consumer closed 1013"
             );
             self.close_discarding(key, close::TRY_AGAIN_LATER, "slow consumer");

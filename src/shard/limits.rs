@@ -108,7 +108,7 @@ impl Shard {
     pub(super) fn expire_session(&mut self, key: ConnKey) {
         if let Some(conn) = self.conn_mut(key) {
             let (user, client, peer) = (conn.user(), conn.client_ip(), conn.peer);
-            log::debug!(user:?, client:%, peer:%; "token expired");
+            log::debug!(user, client:%, peer:%; "token expired");
         }
         let notice = error_notification(None, 401, "token expired; send auth_refresh before exp");
         self.sink.push(&mut self.conns, key, notice);

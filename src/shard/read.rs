@@ -201,7 +201,7 @@ impl Shard {
         ShardMetrics::inc(&self.metrics().errors);
         if let Some(conn) = self.conn_mut(key) {
             let (user, client, peer) = (conn.user(), conn.client_ip(), conn.peer);
-            log::info!(user:?, client:%, peer:%; "protocol error: {error}");
+            log::info!(user, client:%, peer:%; "protocol error: {error}");
         }
         self.close(key, error.close_code(), &error.to_string());
     }
