@@ -68,7 +68,10 @@ fn secret_and_api_key_files_are_read_and_reloaded_on_sighup() {
         &[],
     );
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", bin.child.id())).unwrap();
-    assert!(!String::from_utf8_lossy(&cmdline).contains("first-secret"), "the secret is not on the command line");
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("first-secret"),
+        "the secret is not on the command line"
+    );
     let api = api_listen.parse().unwrap();
     let mut kept = bearer(bin.addr, &hs(None, "first-secret", 1)).expect("the file's secret admits");
     kept.roundtrip("before");
