@@ -116,7 +116,11 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
             .map_err(|source| StartError::Shard { shard: id, source })?;
         threads.push(thread);
     }
-    log::info!("listening on {local_addr} with {shards} shards, WebSocket path {}", shared.config.ws_path);
+    let plural = if shards == 1 { "" } else { "s" };
+    log::info!(
+        "listening on {local_addr} with {shards} shard{plural}, WebSocket path {}",
+        shared.config.ws_path
+    );
     Ok(ServerHandle { shared, local_addr, threads, api })
 }
 

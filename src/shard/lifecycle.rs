@@ -220,7 +220,7 @@ impl Shard {
             }
         }
         // Latest first: the loop pops the due ones off the end.
-        drain.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        drain.sort_unstable_by_key(|&(at, _)| std::cmp::Reverse(at));
         self.drain = drain;
         self.drain_random = Some(random);
     }
