@@ -95,7 +95,10 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("algorithms", &self.validation.algorithms).finish()
+        f.debug_struct("Authenticator")
+            .field("keys", &self.keys)
+            .field("leeway", &self.validation.leeway)
+            .finish()
     }
 }
 
