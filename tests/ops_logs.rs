@@ -132,8 +132,10 @@ fn a_refusal_flood_is_summarised() {
     let summaries: Vec<&Value> =
         lines.iter().filter(|l| l["msg"].as_str().unwrap_or("").contains("more 401 refusals")).collect();
     let suppressed: u64 = summaries.iter().map(|l| l["fields"]["suppressed"].as_u64().unwrap()).sum();
-    // One full line per shard and interval at most; the rest counted in summaries.
-    assert!((1..=4).contains(&full), "{full} full refusal lines for 50 refusals: {lines:#?}");
+    // One full line per shard and 10 s interval (2 shards; a slow machine may span a few
+    // intervals); the rest counted in summaries.
+    assert!((1..=10).contains(&full), "{full} full refusal lines for 50 refusals: {lines:#?}");
+    assert!(!summaries.is_empty(), "a summary line: {lines:#?}");
     assert_eq!(full as u64 + suppressed, 50, "every refusal is accounted for: {summaries:?}");
     assert!(
         summaries.iter().all(|l| l["msg"].as_str().unwrap().ends_with("in the last 10 s")),
