@@ -1431,4 +1431,27 @@ mod tests {
             "| `handshake_timeout` | `--handshake-timeout` / `CUSTOMWS_HANDSHAKE_TIMEOUT` | `5s` |"
         ));
     }
+
+    #[test]
+    fn log_filters_formats_and_secret_files() {
+        let config = load_ok(&["--jwt-secret", "s", "--log-level", "INFO,customws::shard=debug"]);
+        assert_eq!(config.log_level, "info,customws::shard=debug");
+        assert!(message(load(&["--jwt-secret", "s", "--log-level", "inf"], &[])).contains("log_level"));
+        assert!(message(load(&["--jwt-secret", "s", "--log-level", "x=loud"], &[])).contains("log_level"));
+        assert_eq!(load_ok(&["--jwt-secret", "s", "--log-format", "json"]).log_format, LogFormat::Json);
+        assert!(message(load(&["--jwt-secret", "s", "--log-format", "xml"], &[])).contains("text or json"));
+        // A secret file or a JWKS file stands in for jwt_secret; both secret forms at once do not.
+        let bare = |args: &[&str]| Config::load(strings(args), Vec::new());
+        bare(&["--jwt-secret-file", "/run/secret"]).unwrap();
+        bare(&["--jwt-keys-file", "/etc/jwks.json", "--jwt-algorithm", "RS256"]).unwrap();
+        assert!(matches!(bare(&[]), Err(ConfigError::Invalid { key: "jwt_secret", .. })));
+        let both = load(&["--jwt-secret", "s", "--jwt-secret-file", "/run/secret"], &[]);
+        assert!(matches!(both, Err(ConfigError::Invalid { key: "jwt_secret_file", .. })));
+        let both = load(&["--jwt-secret", "s", "--api-key", "k", "--api-key-file", "/run/k"], &[]);
+        assert!(matches!(both, Err(ConfigError::Invalid { key: "api_key_file", .. })));
+        assert_eq!(
+            load_ok(&["--jwt-secret", "s", "--drain-window", "5s"]).drain_window,
+            Duration::from_secs(5)
+        );
+    }
 }
