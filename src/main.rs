@@ -29,7 +29,12 @@ fn main() -> ExitCode {
     if config.dev && config.jwt_secret.is_none() && !has_key {
         config.jwt_secret = Some(customws::dev::random_secret());
     }
-    let (dev, ws_path, secret) = (config.dev, config.ws_path.clone(), config.jwt_secret.clone());
+    let file_secret = || {
+        let path = config.jwt_secret_file.as_deref()?;
+        customws::http::keys::read_secret_file("jwt_secret_file", path).ok()
+    };
+    let secret = config.jwt_secret.clone().or_else(file_secret);
+    let (dev, ws_path) = (config.dev, config.ws_path.clone());
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => {
