@@ -1,6 +1,6 @@
 //! A tiny interactive WebSocket client for trying customws by hand.
 //!
-//! Usage: `cargo run --example client -- 'ws://127.0.0.1:8082/ws?token=…'`
+//! Usage: `cargo run --release --example client -- 'ws://127.0.0.1:8082/ws?token=…'`
 //!
 //! Every text message received is printed on its own line, prefixed `< `. Each non-empty line
 //! typed on stdin is sent as a text frame. End of input (Ctrl-D) closes the connection with
@@ -30,7 +30,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let Some(url) = std::env::args().nth(1) else {
-        eprintln!("usage: cargo run --example client -- 'ws://HOST:PORT/PATH?token=…'");
+        eprintln!("usage: cargo run --release --example client -- 'ws://HOST:PORT/PATH?token=…'");
         return ExitCode::from(2);
     };
     let mut socket = match tungstenite::connect(url.as_str()) {

@@ -19,6 +19,16 @@ pub enum JwtAlgorithm {
     Es256,
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// `2026-01-01T00:00:00.000Z INFO  target] message key=value` (env_logger's format).
+    Text,
+    /// One JSON object per line: `ts`, `level`, `target`, `msg`, `fields`.
+    Json,
+}
+
 /// Who receives a `presence_update` that names no target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -69,6 +79,11 @@ pub struct Config {
     pub connections_per_user: usize,
     /// HS256 secret (`jwt_secret`).
     pub jwt_secret: Option<String>,
+    /// File holding the HS256 secret, re-read on SIGHUP (`jwt_secret_file`).
+    pub jwt_secret_file: Option<PathBuf>,
+    /// JWKS document of verification keys chosen by the token's `kid`, re-read on SIGHUP
+    /// (`jwt_keys_file`).
+    pub jwt_keys_file: Option<PathBuf>,
     /// Path to a PEM public key for RS256/ES256 (`jwt_public_key`).
     pub jwt_public_key: Option<PathBuf>,
     /// Accepted JWT algorithm (`jwt_algorithm`: `HS256`, `RS256`, `ES256`).
@@ -86,12 +101,19 @@ pub struct Config {
     pub allow_insecure_user_id: bool,
     /// Bound on graceful shutdown (`shutdown_timeout`).
     pub shutdown_timeout: Duration,
-    /// Log level: error, warn, info, debug, trace (`log_level`).
+    /// Log filter: a level, or `env_logger` directives like `info,customws::shard=debug`
+    /// (`log_level`).
     pub log_level: String,
+    /// Log line format (`log_format`: `text` or `json`).
+    pub log_format: LogFormat,
     /// Address of the backend HTTP API listener (`api_listen`).
     pub api_listen: SocketAddr,
     /// API key for the backend HTTP API; the API is off without one (`api_key`).
     pub api_key: Option<String>,
+    /// File holding the API key, re-read on SIGHUP (`api_key_file`).
+    pub api_key_file: Option<PathBuf>,
+    /// On shutdown, connections are closed spread over this window (`drain_window`).
+    pub drain_window: Duration,
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
@@ -154,6 +176,8 @@ impl Default for Config {
             max_connections: 0,
             connections_per_user: 0,
             jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_keys_file: None,
             jwt_public_key: None,
             jwt_algorithm: JwtAlgorithm::Hs256,
             jwt_issuer: None,
@@ -163,8 +187,11 @@ impl Default for Config {
             allow_insecure_user_id: false,
             shutdown_timeout: Duration::from_secs(10),
             log_level: "info".to_string(),
+            log_format: LogFormat::Text,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
             api_key: None,
+            api_key_file: None,
+            drain_window: Duration::ZERO,
             echo_path: None,
             rate_limit: 100,
             rate_limit_burst: 200,
@@ -301,18 +328,36 @@ impl Config {
     }
 
     fn validate_auth(&self) -> Result<(), ConfigError> {
+        if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
+            return Err(invalid("jwt_secret_file", "set jwt_secret or jwt_secret_file, not both".into()));
+        }
+        if self.api_key.is_some() && self.api_key_file.is_some() {
+            return Err(invalid("api_key_file", "set api_key or api_key_file, not both".into()));
+        }
+        if self.drain_window >= self.shutdown_timeout && !self.drain_window.is_zero() {
+            let reason = format!(
+                "drain_window ({}) must be less than shutdown_timeout ({})",
+                show_duration(&self.drain_window),
+                show_duration(&self.shutdown_timeout)
+            );
+            return Err(invalid("drain_window", reason));
+        }
+        // A JWKS file carries its own keys and algorithms.
+        if self.jwt_keys_file.is_some() {
+            return Ok(());
+        }
         match self.jwt_algorithm {
             JwtAlgorithm::Hs256 => {
-                let exempt = self.dev || self.allow_insecure_user_id;
+                let exempt = self.dev || self.allow_insecure_user_id || self.jwt_secret_file.is_some();
                 if self.jwt_secret.is_none() && !exempt {
-                    let reason = "jwt_algorithm HS256 needs jwt_secret \
+                    let reason = "jwt_algorithm HS256 needs jwt_secret, jwt_secret_file or jwt_keys_file \
                                   (or dev mode, or allow_insecure_user_id)";
                     return Err(invalid("jwt_secret", reason.into()));
                 }
             }
             JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
                 if self.jwt_public_key.is_none() {
-                    let reason = "jwt_algorithm RS256 and ES256 need jwt_public_key";
+                    let reason = "jwt_algorithm RS256 and ES256 need jwt_public_key or jwt_keys_file";
                     return Err(invalid("jwt_public_key", reason.into()));
                 }
             }
@@ -498,7 +543,7 @@ keys! {
     pong_wait: Dur => "Close a connection that sends no pong for this long.",
     ping_period: Dur => "Interval between server pings; must be less than pong_wait.",
     max_message_size: Size => "Largest accepted client message after reassembly (at least 125).",
-    send_queue: Count => "Outgoing queue bound per connection in messages (seed SendChannelBuffer).",
+    send_queue: Count => "Outgoing queue bound per connection in messages (the Go customws package's SendChannelBuffer).",
     send_queue_bytes: Size => "Outgoing queue bound per connection in bytes.",
     ack_timeout: Dur => "Default wait for a client's client_ack.",
     request_timeout: Dur => "Default wait for a client's reply to a server request.",
@@ -508,6 +553,10 @@ keys! {
         "Per user: 0 unlimited, 1 replaces the older (close 4000), N keeps the newest N.",
     jwt_secret: OptText => "HS256 secret for client tokens (needed unless dev mode).",
     jwt_public_key: OptPath => "PEM public key file for RS256/ES256 tokens.",
+    jwt_secret_file: OptPath =>
+        "File holding the HS256 secret (instead of jwt_secret; systemd LoadCredential=); re-read on SIGHUP.",
+    jwt_keys_file: OptPath =>
+        "JWKS file of verification keys chosen by the token's kid (oct/RSA/EC, alg required); re-read on SIGHUP.",
     jwt_algorithm: Algorithm => "Accepted JWT algorithm: HS256, RS256 or ES256.",
     jwt_issuer: OptText => "Required iss claim, when set.",
     jwt_audience: OptText => "Required aud claim, when set.",
@@ -515,9 +564,14 @@ keys! {
     presence_scope: Scope => "Receivers of untargeted presence updates: watchers or all.",
     allow_insecure_user_id: Flag => "Dev only: accept ?userId=N without a token.",
     shutdown_timeout: Dur => "Bound on graceful shutdown.",
-    log_level: Level => "Log level: error, warn, info, debug, trace or off.",
+    log_level: Level =>
+        "Log filter: error, warn, info, debug, trace, off, or per module: info,customws::shard=debug (RUST_LOG adds to it).",
+    log_format: LogStyle => "Log line format: text, or json (one JSON object per line).",
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
+    api_key_file: OptPath => "File holding the API key (instead of api_key); re-read on SIGHUP.",
+    drain_window: Dur =>
+        "On shutdown, close connections spread over this window (jittered batches); 0 = all at once.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
     rate_limit: Count => "Client messages per second per connection, and per user on a shard; 0 = off.",
     rate_limit_burst: Count => "Messages a connection (or user) may send at once above the rate.",
@@ -528,7 +582,7 @@ keys! {
         "Proxy IPs whose X-Forwarded-For names the client (for per-IP limits); others are the client.",
     max_connections_per_user: Count => "WebSocket connections per user; over it the handshake gets 429. 0 = off.",
     jwt_leeway: Dur => "Clock skew allowed on exp/nbf, at the handshake and for expiry while connected.",
-    transient_statuses: List => "Presence statuses that expire by themselves (seed 001: typing).",
+    transient_statuses: List => "Presence statuses that expire by themselves (typing, as in the TypeScript client guide).",
     transient_ttl: Dur => "How long a transient status lasts unless repeated; then the last lasting one returns.",
     presence_coalesce: Dur => "Identical presence updates from a connection within this window are dropped.",
     max_rooms_per_connection: Count => "Rooms one connection may be in at once.",
@@ -576,8 +630,10 @@ struct OptPath;
 struct Algorithm;
 /// `watchers` or `all`.
 struct Scope;
-/// A log level name.
+/// A log filter: a level name or `env_logger` directives.
 struct Level;
+/// `text` or `json`.
+struct LogStyle;
 
 /// Splits `"250ms"` into `(250, "ms")`; the number must be present.
 fn split_number(text: &str) -> Option<(u64, &str)> {
@@ -840,18 +896,56 @@ impl Format for Scope {
 
 const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
 
+/// True when `text` is a list of `env_logger` directives: `level` or `module::path=level`,
+/// comma-separated. A bare word must be a level, so that a typo is not taken for a module.
+pub fn valid_log_filter(text: &str) -> bool {
+    let is_level = |level: &str| LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str());
+    let is_module = |module: &str| {
+        !module.is_empty() && module.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    text.split(',').map(str::trim).filter(|d| !d.is_empty()).all(|directive| {
+        match directive.split_once('=') {
+            Some((module, level)) => is_module(module.trim()) && is_level(level.trim()),
+            None => is_level(directive),
+        }
+    })
+}
+
 impl Format for Level {
     type Value = String;
-    const PLACEHOLDER: &'static str = "<level>";
-    const EXPECTED: &'static str = "one of error, warn, info, debug, trace, off";
+    const PLACEHOLDER: &'static str = "<filter>";
+    const EXPECTED: &'static str =
+        "a level (error, warn, info, debug, trace, off) or directives like info,customws::shard=debug";
 
     fn parse(text: &str) -> Option<String> {
-        let level = text.trim().to_ascii_lowercase();
-        LOG_LEVELS.contains(&level.as_str()).then_some(level)
+        let filter = text.trim().to_ascii_lowercase();
+        (!filter.is_empty() && valid_log_filter(&filter)).then_some(filter)
     }
 
     fn show(value: &String) -> String {
         value.clone()
+    }
+}
+
+impl Format for LogStyle {
+    type Value = LogFormat;
+    const PLACEHOLDER: &'static str = "<text|json>";
+    const EXPECTED: &'static str = "text or json";
+
+    fn parse(text: &str) -> Option<LogFormat> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    fn show(value: &LogFormat) -> String {
+        let name = match value {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        name.to_string()
     }
 }
 
@@ -1336,5 +1430,28 @@ mod tests {
         assert!(table.contains(
             "| `handshake_timeout` | `--handshake-timeout` / `CUSTOMWS_HANDSHAKE_TIMEOUT` | `5s` |"
         ));
+    }
+
+    #[test]
+    fn log_filters_formats_and_secret_files() {
+        let config = load_ok(&["--jwt-secret", "s", "--log-level", "INFO,customws::shard=debug"]);
+        assert_eq!(config.log_level, "info,customws::shard=debug");
+        assert!(message(load(&["--jwt-secret", "s", "--log-level", "inf"], &[])).contains("log_level"));
+        assert!(message(load(&["--jwt-secret", "s", "--log-level", "x=loud"], &[])).contains("log_level"));
+        assert_eq!(load_ok(&["--jwt-secret", "s", "--log-format", "json"]).log_format, LogFormat::Json);
+        assert!(message(load(&["--jwt-secret", "s", "--log-format", "xml"], &[])).contains("text or json"));
+        // A secret file or a JWKS file stands in for jwt_secret; both secret forms at once do not.
+        let bare = |args: &[&str]| Config::load(strings(args), Vec::new());
+        bare(&["--jwt-secret-file", "/run/secret"]).unwrap();
+        bare(&["--jwt-keys-file", "/etc/jwks.json", "--jwt-algorithm", "RS256"]).unwrap();
+        assert!(matches!(bare(&[]), Err(ConfigError::Invalid { key: "jwt_secret", .. })));
+        let both = load(&["--jwt-secret", "s", "--jwt-secret-file", "/run/secret"], &[]);
+        assert!(matches!(both, Err(ConfigError::Invalid { key: "jwt_secret_file", .. })));
+        let both = load(&["--jwt-secret", "s", "--api-key", "k", "--api-key-file", "/run/k"], &[]);
+        assert!(matches!(both, Err(ConfigError::Invalid { key: "api_key_file", .. })));
+        assert_eq!(
+            load_ok(&["--jwt-secret", "s", "--drain-window", "5s"]).drain_window,
+            Duration::from_secs(5)
+        );
     }
 }

@@ -72,9 +72,9 @@ pub fn banner(listen: SocketAddr, ws_path: &str, secret: &str) -> String {
            user 1 (roles: broadcast): {user1}\n  \
            user 2 (no roles):         {user2}\n\
          \n\
-         Connect user 1 and user 2 from two other terminals:\n  \
-           cargo run --example client -- '{base}?token={user1}'\n  \
-           cargo run --example client -- '{base}?token={user2}'\n\
+         Connect user 1 and user 2 from two other terminals (the release build, like the server):\n  \
+           cargo run --release --example client -- '{base}?token={user1}'\n  \
+           cargo run --release --example client -- '{base}?token={user2}'\n\
          \n\
          Then paste into user 1's client (user 2 receives a data_event):\n  \
            {P2P_EXAMPLE}\n\
@@ -169,7 +169,8 @@ mod tests {
         }
         assert_eq!(decode(&tokens[0], &secret).roles, ["broadcast"]);
         assert!(decode(&tokens[1], &secret).roles.is_empty());
-        let command = "cargo run --example client -- 'ws://127.0.0.1:8082/ws?token=";
+        // The release build the server came from: no second, debug build of the crate.
+        let command = "cargo run --release --example client -- 'ws://127.0.0.1:8082/ws?token=";
         assert!(text.contains(command), "{text}");
         assert!(text.contains(P2P_EXAMPLE) && text.contains(PRESENCE_EXAMPLE));
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod dev;
 pub mod http;
+pub mod logfmt;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

@@ -1,13 +1,15 @@
 //! The `customws` binary: the tier with its built-in router.
 //!
-//! `customws --listen 127.0.0.1:8082 --jwt-secret S` runs with no file; `customws --dev`
-//! generates a secret and prints ready-to-use tokens. SIGTERM/SIGINT shut down gracefully.
+//! `customws --listen 127.0.0.1:8082 --jwt-secret-file /path/to/secret` runs with no config
+//! file; `customws --dev` generates a secret and prints ready-to-use tokens. SIGTERM/SIGINT
+//! shut down gracefully; SIGHUP re-reads the key files.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use customws::config::{Config, ConfigError};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use customws::config::{Config, ConfigError, LogFormat};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 fn main() -> ExitCode {
@@ -22,12 +24,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.log_level);
-    if config.dev && config.jwt_secret.is_none() {
+    init_logging(&config);
+    let has_key = config.jwt_secret_file.is_some() || config.jwt_keys_file.is_some();
+    if config.dev && config.jwt_secret.is_none() && !has_key {
         config.jwt_secret = Some(customws::dev::random_secret());
     }
-    let (dev, ws_path, secret) = (config.dev, config.ws_path.clone(), config.jwt_secret.clone());
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let file_secret = || {
+        let path = config.jwt_secret_file.as_deref()?;
+        customws::http::keys::read_secret_file("jwt_secret_file", path).ok()
+    };
+    let secret = config.jwt_secret.clone().or_else(file_secret);
+    let (dev, ws_path) = (config.dev, config.ws_path.clone());
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("customws: cannot install signal handlers: {e}");
@@ -53,13 +61,18 @@ fn main() -> ExitCode {
     if dev {
         println!("{}", customws::dev::banner(server.local_addr(), &ws_path, secret.as_deref().unwrap_or("")));
     }
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            server.reload();
+            continue;
+        }
         log::info!("signal {signal} received: shutting down");
+        break;
     }
     server.shutdown();
-    // A second signal while draining means "now".
+    // A second SIGTERM/SIGINT while draining means "now"; SIGHUP is ignored.
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        if signals.forever().any(|signal| signal != SIGHUP) {
             std::process::exit(1);
         }
     });
@@ -68,10 +81,20 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn init_logging(level: &str) {
-    env_logger::Builder::new()
-        .parse_filters(level)
-        .format_timestamp_millis()
-        .target(env_logger::Target::Stderr)
-        .init();
+/// `log_level` directives, then `RUST_LOG`'s (which win for the modules they name); text or
+/// one JSON object per line.
+fn init_logging(config: &Config) {
+    let mut builder = env_logger::Builder::new();
+    builder.parse_filters(&config.log_level);
+    if let Ok(rust_log) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&rust_log);
+    }
+    builder.format_timestamp_millis().target(env_logger::Target::Stderr);
+    if config.log_format == LogFormat::Json {
+        builder.format(|buf, record| {
+            let line = customws::logfmt::json_line(std::time::SystemTime::now(), record);
+            writeln!(buf, "{line}")
+        });
+    }
+    builder.init();
 }

@@ -64,7 +64,10 @@ pub fn start(config: Config) -> Result<ServerHandle, StartError> {
 
 /// Starts a server with the application's callbacks: binds every shard's `SO_REUSEPORT`
 /// listener, then runs the shards.
-pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> {
+pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartError> {
+    if let Some(path) = &config.api_key_file {
+        config.api_key = Some(crate::http::keys::read_secret_file("api_key_file", path)?);
+    }
     let shards = config.effective_shards();
     if shards == 0 || shards > MAX_SHARDS {
         return Err(StartError::TooManyShards(shards));
@@ -113,7 +116,11 @@ pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> 
             .map_err(|source| StartError::Shard { shard: id, source })?;
         threads.push(thread);
     }
-    log::info!("listening on {local_addr} with {shards} shards, WebSocket path {}", shared.config.ws_path);
+    let plural = if shards == 1 { "" } else { "s" };
+    log::info!(
+        "listening on {local_addr} with {shards} shard{plural}, WebSocket path {}",
+        shared.config.ws_path
+    );
     Ok(ServerHandle { shared, local_addr, threads, api })
 }
 
@@ -167,6 +174,27 @@ impl ServerHandle {
             api.begin_shutdown();
         }
         self.handle().shutdown();
+    }
+
+    /// Re-reads what can change without a restart (the binary does this on SIGHUP):
+    /// `jwt_secret_file`, `jwt_public_key`, `jwt_keys_file` and `api_key_file`. New
+    /// handshakes (and API requests) use the new keys; open connections stay. A file that
+    /// cannot be used is logged and its old value kept.
+    pub fn reload(&self) {
+        match self.shared.gate.reload_keys() {
+            Ok(Some(count)) => log::info!(keys = count; "reloaded JWT keys"),
+            Ok(None) => log::info!("reload: no JWT verification configured, nothing to reload"),
+            Err(e) => log::error!("reload: JWT keys unchanged: {e}"),
+        }
+        if let (Some(path), Some(api)) = (&self.shared.config.api_key_file, &self.api) {
+            match crate::http::keys::read_secret_file("api_key_file", path) {
+                Ok(key) => {
+                    api.set_key(&key);
+                    log::info!("reloaded api_key_file");
+                }
+                Err(e) => log::error!("reload: API key unchanged: {e}"),
+            }
+        }
     }
 
     /// Waits for every shard to finish (after [`ServerHandle::shutdown`], or forever).

@@ -36,8 +36,8 @@ const WAIT_MARGIN: Duration = Duration::from_secs(2);
 /// What the loop needs from the configuration.
 #[derive(Debug)]
 pub(super) struct Settings {
-    /// The API key.
-    pub(super) key: Box<[u8]>,
+    /// The API key (replaced by [`super::ApiServer::set_key`] on SIGHUP).
+    pub(super) key: Arc<std::sync::RwLock<Box<[u8]>>>,
     /// Default ack wait.
     pub(super) ack_timeout: Duration,
     /// Default request wait.
@@ -273,7 +273,10 @@ impl ApiLoop {
 
     /// Authenticates and routes a complete request; starts its call or answers at once.
     fn dispatch(&mut self, index: usize, head: head::Head, body: &[u8], current: Current) {
-        if !head::authorized(head.authorization.as_deref(), &self.settings.key) {
+        let key = self.settings.key.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let authorized = head::authorized(head.authorization.as_deref(), &key);
+        drop(key);
+        if !authorized {
             self.respond(index, Reply::unauthorized(), Some(current));
             return;
         }

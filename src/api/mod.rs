@@ -112,6 +112,7 @@ pub struct ApiServer {
     waker: Arc<Waker>,
     control: Arc<AtomicU8>,
     thread: Option<JoinHandle<()>>,
+    key: Arc<std::sync::RwLock<Box<[u8]>>>,
 }
 
 /// Starts the API listener and its thread; `Ok(None)` when `api_key` is not configured (the
@@ -125,12 +126,13 @@ pub fn start(config: &Config, handle: Handle) -> io::Result<Option<ApiServer>> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let control = Arc::new(AtomicU8::new(RUN));
+    let key = Arc::new(std::sync::RwLock::new(Box::<[u8]>::from(key.as_bytes())));
     let api = event_loop::ApiLoop::new(
         poll,
         mio::net::TcpListener::from_std(listener),
         handle,
         event_loop::Settings {
-            key: key.as_bytes().into(),
+            key: Arc::clone(&key),
             ack_timeout: config.ack_timeout,
             request_timeout: config.request_timeout,
         },
@@ -139,7 +141,7 @@ pub fn start(config: &Config, handle: Handle) -> io::Result<Option<ApiServer>> {
     )?;
     let thread = std::thread::Builder::new().name("customws-api".into()).spawn(move || api.run())?;
     log::info!("backend HTTP API listening on {local_addr}");
-    Ok(Some(ApiServer { local_addr, waker, control, thread: Some(thread) }))
+    Ok(Some(ApiServer { local_addr, waker, control, thread: Some(thread), key }))
 }
 
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -155,6 +157,12 @@ impl ApiServer {
     /// The address the API listens on (the real port when 0 was configured).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Replaces the API key (SIGHUP re-reads `api_key_file`); the next request is checked
+    /// against the new one.
+    pub fn set_key(&self, key: &str) {
+        *self.key.write().unwrap_or_else(std::sync::PoisonError::into_inner) = key.as_bytes().into();
     }
 
     /// Begins shutdown: new requests are answered 503, calls already waiting still receive

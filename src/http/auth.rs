@@ -1,10 +1,11 @@
 //! Handshake authentication: where the token comes from and what it must say.
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde_json::Value;
 
+use super::keys::{KeyFileError, KeyStore};
 use super::request::Request;
-use crate::config::{Config, JwtAlgorithm};
+use crate::config::Config;
 
 /// Permissions carried by the token's `roles` claim.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +68,9 @@ pub enum AuthConfigError {
     /// The PEM file is not a key of the configured kind.
     #[error("jwt_public_key is not a valid PEM key for the algorithm: {0}")]
     BadKey(jsonwebtoken::errors::Error),
+    /// `jwt_secret_file`, `jwt_keys_file` or `api_key_file` is unusable.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
 }
 
 /// Where the token was found.
@@ -82,36 +86,27 @@ pub enum TokenSource {
     Subprotocol,
 }
 
-/// Verifies tokens with the configured, pinned algorithm and key.
+/// Verifies tokens with the configured, pinned algorithm and key (or the JWKS key the
+/// token's `kid` names; see [`KeyStore`]).
 pub struct Authenticator {
-    key: DecodingKey,
+    keys: KeyStore,
     validation: Validation,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("algorithms", &self.validation.algorithms).finish()
+        f.debug_struct("Authenticator")
+            .field("keys", &self.keys)
+            .field("leeway", &self.validation.leeway)
+            .finish()
     }
 }
 
 impl Authenticator {
     /// Builds the verifier from configuration.
     pub fn from_config(config: &Config) -> Result<Self, AuthConfigError> {
-        let (algorithm, key) = match config.jwt_algorithm {
-            JwtAlgorithm::Hs256 => {
-                let secret = config.jwt_secret.as_deref().ok_or(AuthConfigError::MissingSecret)?;
-                (Algorithm::HS256, DecodingKey::from_secret(secret.as_bytes()))
-            }
-            JwtAlgorithm::Rs256 => (
-                Algorithm::RS256,
-                DecodingKey::from_rsa_pem(&read_pem(config)?).map_err(AuthConfigError::BadKey)?,
-            ),
-            JwtAlgorithm::Es256 => (
-                Algorithm::ES256,
-                DecodingKey::from_ec_pem(&read_pem(config)?).map_err(AuthConfigError::BadKey)?,
-            ),
-        };
-        let mut validation = Validation::new(algorithm);
+        // Each key pins its own algorithm (see `keys`); this is the template of the claim checks.
+        let mut validation = Validation::new(Algorithm::HS256);
         validation.validate_nbf = true;
         validation.leeway = config.jwt_leeway.as_secs();
         // A configured issuer/audience must be present, not merely match when present.
@@ -129,12 +124,20 @@ impl Authenticator {
             }
             None => validation.validate_aud = false,
         }
-        Ok(Authenticator { key, validation })
+        let keys = KeyStore::new(config, validation.clone())?;
+        Ok(Authenticator { keys, validation })
+    }
+
+    /// Re-reads the key files (SIGHUP); on error the keys in force stay.
+    pub fn reload_keys(&self) -> Result<usize, AuthConfigError> {
+        self.keys.reload()
     }
 
     /// Verifies `token` and extracts the identity.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
+        let keys = self.keys.current();
+        let (key, validation) = keys.select(token)?;
+        let data = jsonwebtoken::decode::<Value>(token, key, validation)
             .map_err(|e| AuthError::Invalid(jwt_problem(&e).into()))?;
         identity_from_claims(data.claims)
     }
@@ -142,7 +145,7 @@ impl Authenticator {
 
 /// What is wrong with a token, in the project's words (the 401 body and the log): never the
 /// JWT library's internal parse errors.
-fn jwt_problem(error: &jsonwebtoken::errors::Error) -> &'static str {
+pub(super) fn jwt_problem(error: &jsonwebtoken::errors::Error) -> &'static str {
     use jsonwebtoken::errors::ErrorKind as K;
     match error.kind() {
         K::ExpiredSignature => "expired",
@@ -165,12 +168,6 @@ fn jwt_problem(error: &jsonwebtoken::errors::Error) -> &'static str {
         K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => "malformed",
         _ => "cannot be verified",
     }
-}
-
-fn read_pem(config: &Config) -> Result<Vec<u8>, AuthConfigError> {
-    let path = config.jwt_public_key.as_ref().ok_or(AuthConfigError::MissingPublicKey)?;
-    std::fs::read(path)
-        .map_err(|source| AuthConfigError::ReadKey { path: path.display().to_string(), source })
 }
 
 /// Extracts user id, roles and expiry from a verified claim set.

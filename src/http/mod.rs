@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod demo;
+pub mod keys;
 pub mod request;
 pub mod response;
 
@@ -123,6 +124,11 @@ impl Gate {
         };
         let subprotocol = (source == TokenSource::Subprotocol).then_some("bearer");
         Decision::Upgrade { jwt, subprotocol, insecure_user_id: false }
+    }
+
+    /// Re-reads the JWT key files (SIGHUP): `Ok(None)` when no authenticator is configured.
+    pub fn reload_keys(&self) -> Result<Option<usize>, auth::AuthConfigError> {
+        self.auth.as_ref().map(Authenticator::reload_keys).transpose()
     }
 
     /// Verifies a token with the configured key (for `auth_refresh`).

@@ -219,6 +219,12 @@ impl Conn {
         self.session.as_ref().map(|s| s.user)
     }
 
+    /// The client's address for logs: the one admitted (behind a trusted proxy, the
+    /// `X-Forwarded-For` client), else the TCP peer's.
+    pub fn client_ip(&self) -> std::net::IpAddr {
+        self.session.as_ref().map_or(self.peer.ip(), |s| s.client_ip)
+    }
+
     /// Queues a frame within the bounds; over them, hands it back.
     pub fn queue(&mut self, frame: Bytes, max_frames: usize, max_bytes: usize) -> Result<(), Refused> {
         if self.phase != Phase::Open {

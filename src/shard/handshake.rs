@@ -24,11 +24,12 @@ impl Shard {
         };
         match parse(&conn.inbuf) {
             Parsed::Partial => {}
-            Parsed::Invalid(status, message) => self.refuse(key, status, message),
+            Parsed::Invalid(status, message) => self.refuse(key, status, message, None),
             Parsed::Complete(request, len) => {
                 // Bytes after the head are the client's first frames, sent without waiting.
                 let rest = conn.inbuf.split_off(len);
                 conn.inbuf = rest;
+                let ip = self.client_ip(key, request.forwarded_for.as_deref());
                 match self.shared.gate.decide(&request) {
                     Decision::UpgradeThenClose { reason } => {
                         let ws_key = request.ws_key.as_deref().unwrap_or("");
@@ -38,10 +39,11 @@ impl Shard {
                         match self.call_authenticate(&request, jwt) {
                             Ok(admission) => {
                                 let ws_key = request.ws_key.as_deref().unwrap_or("");
-                                let ip = self.client_ip(key, request.forwarded_for.as_deref());
                                 self.upgrade(key, admission, subprotocol, ws_key, insecure_user_id, ip);
                             }
-                            Err(rejection) => self.refuse(key, rejection.status, &rejection.message),
+                            Err(rejection) => {
+                                self.refuse(key, rejection.status, &rejection.message, Some(ip))
+                            }
                         }
                     }
                     Decision::Echo => self.upgrade_echo(key, request.ws_key.as_deref().unwrap_or("")),
@@ -52,7 +54,7 @@ impl Shard {
                         self.respond(key, 200, format.content_type(), text.as_bytes());
                     }
                     Decision::Page(page) => self.respond(key, page.status, page.content_type, &page.body),
-                    Decision::Refuse { status, message } => self.refuse(key, status, &message),
+                    Decision::Refuse { status, message } => self.refuse(key, status, &message, Some(ip)),
                 }
             }
         }
@@ -69,13 +71,46 @@ impl Shard {
         .to_string()
     }
 
-    fn refuse(&mut self, key: ConnKey, status: u16, message: &str) {
+    /// Answers `status` and closes. The first refusal of a status in an interval is logged
+    /// (naming the client: behind a trusted proxy, its `X-Forwarded-For` address), the rest
+    /// are counted into one summary line (see [`crate::logfmt::RefusalLog`]).
+    fn refuse(&mut self, key: ConnKey, status: u16, message: &str, client: Option<std::net::IpAddr>) {
         ShardMetrics::inc(&self.metrics().handshake_failures);
+        let now = self.now;
+        let mut summaries = Vec::new();
+        let full = self.refusals.refused(status, now, &mut summaries);
+        self.log_summaries(&summaries);
         if let Some(conn) = self.conn_mut(key) {
-            log::info!("handshake refused status={status} peer={} reason={message}", conn.peer);
+            let (peer, client) = (conn.peer, client.unwrap_or(conn.peer.ip()));
+            if full {
+                log::info!(status, client:% = client, peer:% = peer, reason = message; "handshake refused");
+            } else {
+                log::debug!(status, client:% = client, peer:% = peer, reason = message; "handshake refused");
+            }
         }
         let body = json_error(status, message);
         self.send_last(key, Bytes::from(body));
+    }
+
+    /// Logs the refusal summaries whose interval ended (all of them when `all`, at exit).
+    pub(super) fn summarise_refusals(&mut self, all: bool) {
+        let mut summaries = Vec::new();
+        if all {
+            self.refusals.flush(&mut summaries);
+        } else if self.refusals.next_deadline().is_some_and(|at| at <= self.now) {
+            self.refusals.expire(self.now, &mut summaries);
+        }
+        self.log_summaries(&summaries);
+    }
+
+    fn log_summaries(&self, summaries: &[crate::logfmt::Summary]) {
+        let secs = crate::logfmt::REFUSAL_INTERVAL_MS / 1000;
+        for s in summaries {
+            log::info!(
+                status = s.status, suppressed = s.suppressed, shard = self.id;
+                "{} more {} refusals in the last {secs} s", s.suppressed, s.status
+            );
+        }
     }
 
     fn respond(&mut self, key: ConnKey, status: u16, content_type: &str, body: &[u8]) {
@@ -118,7 +153,7 @@ impl Shard {
     fn upgrade_then_close(&mut self, key: ConnKey, ws_key: &str, reason: &str) {
         ShardMetrics::inc(&self.metrics().handshake_failures);
         let Some(conn) = self.conn_mut(key) else { return };
-        log::info!("handshake without a valid userId peer={}: {reason}", conn.peer);
+        log::info!(peer:% = conn.peer, reason; "handshake without a valid userId");
         conn.inbuf = Vec::new();
         conn.out.push(Bytes::from(switching_protocols(ws_key, None)));
         conn.phase = Phase::Open;
@@ -161,7 +196,7 @@ impl Shard {
         let (rates, expires_deadline) = (self.rates, self.expiry_deadline(identity.expires_at));
         if let Err(refusal) = self.shared.admit(client_ip, identity.user_id) {
             ShardMetrics::inc(&self.metrics().admission_refusals);
-            self.refuse(key, refusal.status, refusal.message);
+            self.refuse(key, refusal.status, refusal.message, Some(client_ip));
             return;
         }
         let accept = Bytes::from(switching_protocols(ws_key, subprotocol));
@@ -198,7 +233,7 @@ impl Shard {
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.connections_total);
         ShardMetrics::inc(&metrics.connections_current);
-        log::info!("connect user={user} peer={peer} shard={}", self.id);
+        log::debug!(user, client:% = client_ip, peer:% = peer, shard = self.id; "connect");
         self.mark_dirty(key);
         self.schedule_before(
             key,

@@ -37,10 +37,9 @@ impl Shard {
         conn.out.push(FrameEncoder::close(code, reason));
         conn.phase = Phase::Closing { peer_done: false };
         conn.deadline = deadline;
-        let user = conn.user();
-        let peer = conn.peer;
+        let (user, peer, client) = (conn.user(), conn.peer, conn.client_ip());
         ShardMetrics::add(&self.metrics().frames_dropped, dropped as u64);
-        log::debug!("closing user={user:?} peer={peer} code={code} reason={reason}");
+        log::debug!(user, client:% = client, peer:% = peer, code, reason; "closing");
         self.mark_dirty(key);
         self.schedule_before(key, deadline);
     }
@@ -58,9 +57,12 @@ impl Shard {
             if conn.phase != Phase::Open {
                 continue;
             }
-            let (user, peer, queued) = (conn.user(), conn.peer, conn.out.len());
+            let (user, peer, client, queued) = (conn.user(), conn.peer, conn.client_ip(), conn.out.len());
             ShardMetrics::inc(&self.metrics().slow_consumer_closes);
-            log::warn!("slow consumer closed 1013: user={user:?} peer={peer} queued_frames={queued}");
+            log::warn!(
+                user, client:% = client, peer:% = peer, queued_frames = queued;
+                "slow consumer closed 1013"
+            );
             self.close_discarding(key, close::TRY_AGAIN_LATER, "slow consumer");
         }
     }
@@ -79,6 +81,13 @@ impl Shard {
         };
         let conn_peer = conn.peer;
         let phase = conn.phase;
+        // A connection the server closed while shutting down ended because of the shutdown,
+        // whatever the last step of its close handshake was.
+        let reason = if self.shutdown_deadline.is_some() && matches!(phase, Phase::Closing { .. }) {
+            "server shutdown"
+        } else {
+            reason
+        };
         let mut conn = self.conns.remove(key.index as usize);
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.fail_waits(&conn.waits);
@@ -91,7 +100,10 @@ impl Shard {
         let session = *session;
         self.leave_all_rooms(key, session.user, session.rooms);
         self.notify_disconnect(session.user, key, reason);
-        log::info!("disconnect user={} peer={} shard={} reason={reason}", session.user, conn_peer, self.id);
+        log::debug!(
+            user = session.user, client:% = session.client_ip, peer:% = conn_peer, shard = self.id, reason;
+            "disconnect"
+        );
         if self.directory.remove_local(session.user, key) {
             self.forget_user_bucket(session.user);
             self.announce_replica(session.user, false);
@@ -178,11 +190,17 @@ impl Shard {
 
     // ----- shutdown ----------------------------------------------------------------------
 
+    /// Stops accepting and closes every connection with 1001: all at once, or — with
+    /// `drain_window` — each at its own random moment within the window, so that the
+    /// clients' reconnects spread out too. The close reason carries a per-client, jittered
+    /// retry hint: `server restarting; retry after <n> ms`.
     pub(super) fn begin_shutdown(&mut self) {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        let timeout = self.shared.config.shutdown_timeout.as_millis() as u64;
+        let config = &self.shared.config;
+        let timeout = config.shutdown_timeout.as_millis() as u64;
+        let window = config.drain_window.as_millis() as u64;
         self.shutdown_deadline = Some(self.now + timeout);
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
@@ -190,13 +208,68 @@ impl Shard {
         self.fail_all_waits();
         let keys: Vec<ConnKey> =
             self.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
-        log::info!("shard {}: shutting down, closing {} connections", self.id, keys.len());
+        log::info!("shard {}: shutting down, closing {} connections over {window} ms", self.id, keys.len());
+        let mut random = Jitter::new();
+        let mut drain = Vec::with_capacity(keys.len());
         for key in keys {
             match self.conn_mut(key).map(|c| c.phase) {
-                Some(Phase::Http) => self.drop_conn(key, "server shutting down"),
-                Some(Phase::Open) => self.close(key, close::GOING_AWAY, "server shutting down"),
+                Some(Phase::Http) => self.drop_conn(key, "server shutdown"),
+                Some(Phase::Open) if window > 0 => drain.push((self.now + random.below(window), key)),
+                Some(Phase::Open) => self.close_for_shutdown(key, &mut random),
                 _ => {}
             }
         }
+        // Latest first: the loop pops the due ones off the end.
+        drain.sort_unstable_by_key(|&(at, _)| std::cmp::Reverse(at));
+        self.drain = drain;
+        self.drain_random = Some(random);
+    }
+
+    /// Closes the connections whose drain moment has come (one batch per loop iteration).
+    pub(super) fn drain_due(&mut self) {
+        let Some(mut random) = self.drain_random.take() else {
+            return;
+        };
+        while let Some(&(at, key)) = self.drain.last() {
+            if at > self.now {
+                break;
+            }
+            self.drain.pop();
+            self.close_for_shutdown(key, &mut random);
+        }
+        self.drain_random = Some(random);
+    }
+
+    /// When the next drained connection is due.
+    pub(super) fn next_drain(&self) -> Option<u64> {
+        self.drain.last().map(|&(at, _)| at)
+    }
+
+    fn close_for_shutdown(&mut self, key: ConnKey, random: &mut Jitter) {
+        // Reconnects spread over the window (at least a second) after the close.
+        let spread = (self.shared.config.drain_window.as_millis() as u64).max(1000);
+        let reason = format!("server restarting; retry after {} ms", random.below(spread));
+        self.close(key, close::GOING_AWAY, &reason);
+    }
+}
+
+/// A small random source for shutdown jitter (splitmix64, seeded from the OS).
+#[derive(Debug)]
+pub(super) struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Self {
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        Jitter(u64::from_le_bytes(seed))
+    }
+
+    /// Uniform enough in `0..bound` (`bound > 0`).
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % bound
     }
 }

@@ -54,11 +54,11 @@ impl Shard {
             return true;
         }
         let abusive = session.strikes.strike(now, STRIKE_WINDOW_MS, rates.close_after);
-        let (user, peer) = (session.user, self.conns[key.index as usize].peer);
+        let (user, client, peer) = (session.user, session.client_ip, self.conns[key.index as usize].peer);
         ShardMetrics::inc(&self.metrics().rate_limited);
         if abusive {
             ShardMetrics::inc(&self.metrics().policy_closes);
-            log::warn!("rate limit: closing user={user} peer={peer} after repeated refusals (1008)");
+            log::warn!(user, client:%, peer:%; "rate limit: closing after repeated refusals (1008)");
             self.close(key, close::POLICY, "rate limit exceeded");
         } else {
             let frame = error_notification(None, 429, "rate limit exceeded; message dropped");
@@ -107,7 +107,8 @@ impl Shard {
     /// The token expired without a refresh: tell the client, close 1008.
     pub(super) fn expire_session(&mut self, key: ConnKey) {
         if let Some(conn) = self.conn_mut(key) {
-            log::info!("token expired user={:?} peer={}", conn.user(), conn.peer);
+            let (user, client, peer) = (conn.user(), conn.client_ip(), conn.peer);
+            log::debug!(user, client:%, peer:%; "token expired");
         }
         let notice = error_notification(None, 401, "token expired; send auth_refresh before exp");
         self.sink.push(&mut self.conns, key, notice);

@@ -209,6 +209,12 @@ pub struct Shard {
     epoch: Instant,
     now: u64,
     shutdown_deadline: Option<u64>,
+    /// Shutdown with `drain_window`: (when, connection) still to close, latest first.
+    drain: Vec<(u64, ConnKey)>,
+    /// The drain's random source (set once shutdown begins).
+    drain_random: Option<lifecycle::Jitter>,
+    /// Refused handshakes, summarised per status and interval.
+    refusals: crate::logfmt::RefusalLog,
     /// For callbacks: a handle to the whole server.
     handle: crate::app::Handle,
     /// Frames a callback queued, reused between calls.
@@ -254,6 +260,9 @@ impl Shard {
             epoch: Instant::now(),
             now: 0,
             shutdown_deadline: None,
+            drain: Vec::new(),
+            drain_random: None,
+            refusals: Default::default(),
             handle: crate::app::Handle::new(Arc::clone(&shared)),
             app_out: Vec::new(),
             transient: crate::core::presence::TransientPolicy {
@@ -302,6 +311,7 @@ impl Shard {
                 break;
             }
         }
+        self.summarise_refusals(true);
         log::debug!("shard {} stopped", self.id);
     }
 
@@ -312,6 +322,8 @@ impl Shard {
             self.accept_all();
         }
         self.continue_reads();
+        self.drain_due();
+        self.summarise_refusals(false);
         self.expire_timers();
         self.close_overflowed();
         self.flush_dirty();
@@ -338,6 +350,9 @@ impl Shard {
         }
         if let Some(deadline) = self.shutdown_deadline {
             ms = Some(ms.unwrap_or(u64::MAX).min(deadline.saturating_sub(self.now)));
+        }
+        for at in [self.next_drain(), self.refusals.next_deadline()].into_iter().flatten() {
+            ms = Some(ms.unwrap_or(u64::MAX).min(at.saturating_sub(self.now)));
         }
         ms.map(Duration::from_millis)
     }

@@ -224,7 +224,8 @@ impl Shard {
     fn fail(&mut self, key: ConnKey, error: FrameError) {
         ShardMetrics::inc(&self.metrics().errors);
         if let Some(conn) = self.conn_mut(key) {
-            log::info!("protocol error user={:?} peer={}: {error}", conn.user(), conn.peer);
+            let (user, client, peer) = (conn.user(), conn.client_ip(), conn.peer);
+            log::info!(user, client:%, peer:%; "protocol error: {error}");
         }
         self.close(key, error.close_code(), &error.to_string());
     }
