@@ -82,7 +82,9 @@ impl Shard {
         self.now.saturating_add(exp_ms.saturating_sub(Self::wall_ms()))
     }
 
-    /// `auth_refresh` `{token}`: a valid token of the same user moves the expiry.
+    /// `auth_refresh` `{token}`: a valid token of the same user replaces the session's
+    /// identity data — roles, claims (what the application and the backend see) and expiry —
+    /// so a refresh can take permissions away as well as extend the session.
     pub(super) fn refresh_token(&mut self, key: ConnKey, user: i64, token: &str, pid: Option<&str>) {
         let answer = match self.shared.gate.verify(token) {
             Err(e) => error_notification(pid, 401, &format!("refresh refused: {e}")),
@@ -93,6 +95,8 @@ impl Shard {
                 let deadline = self.expiry_deadline(identity.expires_at);
                 if let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) {
                     session.expires_deadline = deadline;
+                    session.roles = identity.roles;
+                    session.claims = identity.claims;
                 }
                 self.schedule_before(key, deadline);
                 match pid {
