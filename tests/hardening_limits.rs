@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use customws::app::application::Workers;
@@ -53,4 +53,84 @@ fn a_message_larger_than_send_queue_bytes_reaches_an_idle_reader() {
     reader.roundtrip("reader-open");
     let text = metrics(addr);
     assert_eq!(metric_sum(&text, "customws_slow_consumer_closes_total"), Some(0.0));
+}
+
+/// Sends `n` `generic_request`s at once and reads their `n` answers: (accepted, refused 429).
+fn burst(c: &mut Client, n: usize, tag: &str) -> (usize, usize) {
+    for i in 0..n {
+        c.send_value(&json!({"pid": format!("{tag}-{i}"), "type": "generic_request"}));
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..n {
+        let v = c.recv_json();
+        match v["type"].as_str() {
+            Some("generic_response") => accepted += 1,
+            Some("error_notification") if v["error"]["code"] == 429 => refused += 1,
+            _ => panic!("{tag}: expected a generic_response or a 429, got {v}"),
+        }
+    }
+    (accepted, refused)
+}
+
+/// The most a user may have accepted in `elapsed`: the burst plus the rate over the time.
+fn budget(rate: usize, burst: usize, elapsed: Duration) -> usize {
+    burst + (rate as f64 * elapsed.as_secs_f64()).ceil() as usize
+}
+
+/// Regression: the per-user bucket was dropped with the user's last connection, so
+/// connect/send/disconnect loops got a fresh burst every time (~434,000 messages/s measured
+/// against a limit of 100/s). The bucket now outlives the connection until it has refilled.
+#[test]
+fn the_user_rate_holds_across_reconnects() {
+    let (rate, burst_size) = (5, 5);
+    let server = start(|c| {
+        c.rate_limit = rate;
+        c.rate_limit_burst = burst_size;
+        c.rate_limit_close_after = 0; // refusals only
+    });
+    let addr = server.local_addr();
+    let started = Instant::now();
+    let (mut accepted, mut refused) = (0, 0);
+    for round in 0..10 {
+        let mut c = connect(addr, 7, &[]);
+        let (a, r) = burst(&mut c, 10, &format!("round{round}"));
+        (accepted, refused) = (accepted + a, refused + r);
+        c.close();
+    }
+    let elapsed = started.elapsed();
+    let allowed = budget(rate, burst_size, elapsed);
+    assert!(accepted >= burst_size, "at least the burst passes ({accepted} accepted)");
+    assert!(
+        accepted <= allowed,
+        "{accepted} messages accepted ({refused} refused) in {elapsed:?} over 10 reconnects; \
+         the user's budget is {allowed}"
+    );
+}
+
+/// Regression: the per-user bucket was per shard, so a user with connections on k shards got
+/// k times the rate. Both connections now charge one bucket.
+#[test]
+fn the_user_rate_holds_across_shards() {
+    let (rate, burst_size) = (1, 4);
+    let server = start(|c| {
+        c.rate_limit = rate;
+        c.rate_limit_burst = burst_size;
+        c.rate_limit_close_after = 0;
+    });
+    let addr = server.local_addr();
+    let mut on0 = connect_on_shard(addr, 9, &[], 0);
+    let mut on1 = connect_on_shard(addr, 9, &[], 1);
+    let started = Instant::now();
+    let (a0, _) = burst(&mut on0, burst_size, "s0");
+    let (a1, r1) = burst(&mut on1, burst_size, "s1");
+    let elapsed = started.elapsed();
+    assert_eq!(a0, burst_size, "the first connection has the user's whole burst");
+    let allowed = budget(rate, burst_size, elapsed);
+    assert!(
+        a0 + a1 <= allowed,
+        "shard 1 accepted {a1} more ({r1} refused) in {elapsed:?}: the user's budget is {allowed}, not per shard"
+    );
+    // Another user is not affected.
+    let mut other = connect(addr, 10, &[]);
+    assert_eq!(burst(&mut other, burst_size, "other"), (burst_size, 0));
 }
