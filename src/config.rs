@@ -117,7 +117,7 @@ pub struct Config {
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
-    /// Client messages per second per connection and per user on a shard (`rate_limit`).
+    /// Client messages per second per connection and per user, across its connections and reconnects (`rate_limit`).
     pub rate_limit: usize,
     /// Burst above the rate (`rate_limit_burst`).
     pub rate_limit_burst: usize,
@@ -573,7 +573,7 @@ keys! {
     drain_window: Dur =>
         "On shutdown, close connections spread over this window (jittered batches); 0 = all at once.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
-    rate_limit: Count => "Client messages per second per connection, and per user on a shard; 0 = off.",
+    rate_limit: Count => "Client messages per second per connection, and per user across shards and reconnects; 0 = off.",
     rate_limit_burst: Count => "Messages a connection (or user) may send at once above the rate.",
     rate_limit_bytes: Size => "Client message bytes per second per connection; 0 = off (burst: one second's worth).",
     rate_limit_close_after: Count => "Refused messages within 10 s that close the connection with 1008; 0 = never.",

@@ -166,7 +166,13 @@ impl Metrics {
 
     /// The OpenMetrics exposition plus extra counters `(name, help, value)` (the
     /// application's); see [`Metrics::render_as`] for the text format 0.0.4.
-    pub fn render_with(self: &Arc<Self>, extra: Vec<(&'static str, &'static str, u64)>) -> String {
+    pub fn render_with(self: &Arc<Self>, mut extra: Vec<(&'static str, &'static str, u64)>) -> String {
+        let panics = crate::app::application::worker_panics_total();
+        extra.push((
+            "customws_worker_panics",
+            "Jobs on Workers pools that panicked (the thread lives on).",
+            panics,
+        ));
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(self)));
         registry.register_collector(Box::new(ExtraCounters(extra)));

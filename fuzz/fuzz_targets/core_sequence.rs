@@ -303,7 +303,7 @@ impl World {
     fn open(&mut self, user: i64, shard: u8, ip: u8) {
         let ip = IpAddr::from([10, 0, 0, ip % 4]);
         let expected = self.expected_admission(ip, user);
-        let admitted = self.occupancy.admit(ip, user, self.caps);
+        let admitted = self.occupancy.admit(ip, user, self.caps, self.rate, self.now).map(|_bucket| ());
         assert_eq!(admitted.clone().map_err(|r| r.status), expected, "admission of user {user} from {ip}");
         if admitted.is_err() {
             return;
@@ -398,7 +398,7 @@ impl World {
             self.leave_room(&conn, room);
         }
         self.fail_waits(&conn);
-        self.occupancy.release(conn.ip, conn.user);
+        self.occupancy.release(conn.ip, conn.user, self.rate, self.now);
         if last_here {
             self.announce(conn.user, conn.shard, false);
         }

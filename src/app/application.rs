@@ -8,6 +8,7 @@
 
 use std::any::Any;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use crossbeam_channel::{Sender, TrySendError};
@@ -168,10 +169,20 @@ pub struct BuiltIn;
 
 impl Application for BuiltIn {}
 
-/// A bounded pool of threads for blocking work started from callbacks.
+/// Jobs that panicked on any [`Workers`] pool of the process (`customws_worker_panics_total`).
+static WORKER_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Jobs that panicked on any [`Workers`] pool of the process since start.
+pub fn worker_panics_total() -> u64 {
+    WORKER_PANICS.load(Ordering::Relaxed)
+}
+
+/// A bounded pool of threads for blocking work started from callbacks. A job that panics is
+/// logged and counted (here and in `/metrics`); its thread goes on with the next job.
 #[derive(Debug, Clone)]
 pub struct Workers {
     tx: Sender<Box<dyn FnOnce() + Send>>,
+    panics: Arc<AtomicU64>,
 }
 
 /// The pool's queue is full: shed the work (answer 503/429) instead of queuing without bound.
@@ -183,18 +194,31 @@ impl Workers {
     /// `threads` workers sharing a queue of at most `queue` jobs.
     pub fn new(threads: usize, queue: usize) -> Self {
         let (tx, rx) = crossbeam_channel::bounded::<Box<dyn FnOnce() + Send>>(queue);
+        let panics = Arc::new(AtomicU64::new(0));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
+            let panics = Arc::clone(&panics);
             let spawned = std::thread::Builder::new().name(format!("customws-worker-{i}")).spawn(move || {
                 for job in rx {
-                    job();
+                    // A job's panic must not take the thread with it: a pool whose threads
+                    // all died would only ever answer "busy".
+                    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                        panics.fetch_add(1, Ordering::Relaxed);
+                        WORKER_PANICS.fetch_add(1, Ordering::Relaxed);
+                        log::error!("worker job panicked: {}", panic_message(payload.as_ref()));
+                    }
                 }
             });
             if let Err(e) = spawned {
                 log::error!("cannot start worker thread: {e}");
             }
         }
-        Workers { tx }
+        Workers { tx, panics }
+    }
+
+    /// Jobs of this pool that panicked.
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
     }
 
     /// Runs `job` on a worker, or refuses when the queue is full.
@@ -204,6 +228,15 @@ impl Workers {
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Busy),
         }
     }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a format), for the log.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string payload)")
 }
 
 /// Shared application object.

@@ -1,5 +1,7 @@
 //! Token buckets for client messages and bytes, with time passed in.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 /// A token bucket: `rate` tokens per second, at most `burst` saved up. Tokens are kept in
 /// thousandths so slow rates refill smoothly without floating point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,52 @@ impl TokenBucket {
         }
         self.milli_tokens -= need;
         true
+    }
+}
+
+/// A token bucket several threads charge without a lock: the generic cell rate algorithm,
+/// whose whole state is one number — the theoretical arrival time (TAT) of the next message —
+/// updated with compare-and-swap. Equivalent to a [`TokenBucket`] charged one token at a time:
+/// the bucket holds `burst - (TAT - now) / interval` tokens and is full once `TAT <= now`.
+/// Times are nanoseconds on a clock every caller shares (the process's start).
+#[derive(Debug)]
+pub struct SharedBucket {
+    tat_ns: AtomicU64,
+    interval_ns: u64,
+    tolerance_ns: u64,
+}
+
+impl SharedBucket {
+    /// A full bucket for `rate`; a disabled rate (0 per second) always allows.
+    pub fn new(rate: Rate) -> Self {
+        let interval_ns = 1_000_000_000u64.checked_div(rate.per_second).map_or(0, |ns| ns.max(1));
+        SharedBucket {
+            tat_ns: AtomicU64::new(0),
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(rate.burst),
+        }
+    }
+
+    /// Takes one token at `now_ns` if available.
+    pub fn take(&self, now_ns: u64) -> bool {
+        if self.interval_ns == 0 {
+            return true;
+        }
+        self.tat_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                let next = tat.max(now_ns).saturating_add(self.interval_ns);
+                (next - now_ns <= self.tolerance_ns).then_some(next)
+            })
+            .is_ok()
+    }
+
+    /// Milliseconds in which an empty bucket for `rate` fills up again: after that long
+    /// unused, any bucket is as good as a new one.
+    pub fn refill_ms(rate: Rate) -> u64 {
+        if rate.per_second == 0 {
+            return 0;
+        }
+        rate.burst.saturating_mul(1000).div_ceil(rate.per_second)
     }
 }
 
@@ -89,6 +137,36 @@ mod tests {
         assert!(big.take(bytes, 5000, 5000), "a message larger than the burst passes once refilled");
         let off = Rate { per_second: 0, burst: 0 };
         assert!(TokenBucket::full(off, 0).take(off, u64::MAX, 0));
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn shared_bucket_matches_the_token_bucket() {
+        let bucket = SharedBucket::new(RATE);
+        assert_eq!((0..8).filter(|_| bucket.take(0)).count(), 5, "the burst");
+        assert!(!bucket.take(50 * MS), "half a token after 50 ms");
+        assert!(bucket.take(100 * MS), "one token after 100 ms");
+        assert!(!bucket.take(100 * MS));
+        assert_eq!((0..20).filter(|_| bucket.take(10_000 * MS)).count(), 5, "never more than the burst");
+        assert_eq!(SharedBucket::refill_ms(RATE), 500);
+        let off = Rate { per_second: 0, burst: 0 };
+        assert!((0..1000).all(|_| SharedBucket::new(off).take(0)));
+        assert_eq!(SharedBucket::refill_ms(off), 0);
+    }
+
+    #[test]
+    fn shared_bucket_holds_across_threads() {
+        let rate = Rate { per_second: 1, burst: 1000 };
+        let bucket = std::sync::Arc::new(SharedBucket::new(rate));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let bucket = std::sync::Arc::clone(&bucket);
+                std::thread::spawn(move || (0..1000).filter(|_| bucket.take(0)).count())
+            })
+            .collect();
+        let taken: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(taken, 1000, "exactly the burst, however the threads interleave");
     }
 
     #[test]

@@ -185,8 +185,24 @@ pub fn identity_from_claims(claims: Value) -> Result<Identity, AuthError> {
             roles.admin |= role == "admin";
         }
     }
-    let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(u64::MAX);
+    let expires_at = match claims.get("exp") {
+        None => u64::MAX,
+        Some(exp) => {
+            unix_seconds(exp).ok_or_else(|| AuthError::Invalid("exp is not a NumericDate".into()))?
+        }
+    };
     Ok(Identity { user_id, roles, claims: claims.to_string().into_boxed_str(), expires_at })
+}
+
+/// A JWT NumericDate (RFC 7519 §2): any non-negative JSON number of seconds. A fraction counts
+/// (PyJWT and others issue them); it is cut to the whole second before it, so a token never
+/// lives longer than it says. Anything else (a string, a negative or huge number) is `None`.
+fn unix_seconds(value: &Value) -> Option<u64> {
+    if let Some(secs) = value.as_u64() {
+        return Some(secs);
+    }
+    let secs = value.as_f64().filter(|s| s.is_finite() && *s >= 0.0 && *s < u64::MAX as f64)?;
+    Some(secs.floor() as u64)
 }
 
 /// Finds the token, in SPEC order: header, query, cookie, subprotocol.
@@ -260,5 +276,43 @@ mod tests {
         assert_eq!(identity_from_claims(json!({"sub": "42"})).unwrap().user_id, 42);
         assert_eq!(identity_from_claims(json!({"sub": "alice"})), Err(AuthError::NoUserId));
         assert_eq!(identity_from_claims(json!({"user_id": "7"})), Err(AuthError::NoUserId));
+    }
+
+    #[test]
+    fn any_numeric_exp_counts() {
+        let exp = |v: Value| identity_from_claims(json!({"user_id": 1, "exp": v})).map(|id| id.expires_at);
+        assert_eq!(exp(json!(10)), Ok(10));
+        assert_eq!(exp(json!(10.9)), Ok(10), "a fraction is cut, never read as no expiry");
+        assert_eq!(exp(json!(1e3)), Ok(1000));
+        for bad in [json!("10"), json!(-1), json!(-0.5), json!(1e300), json!(null), json!([1])] {
+            assert!(matches!(exp(bad.clone()), Err(AuthError::Invalid(_))), "exp {bad} must be refused");
+        }
+        assert_eq!(identity_from_claims(json!({"user_id": 1})).unwrap().expires_at, u64::MAX);
+    }
+
+    fn authenticator() -> Authenticator {
+        let config = Config {
+            jwt_secret: Some("s".into()),
+            jwt_leeway: std::time::Duration::ZERO,
+            ..Config::default()
+        };
+        Authenticator::from_config(&config).unwrap()
+    }
+
+    fn sign(claims: &Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"s");
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
+    }
+
+    #[test]
+    fn fractional_exp_and_nbf_are_checked_at_verification() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let auth = authenticator();
+        let id = auth.verify(&sign(&json!({"user_id": 1, "exp": now + 100.5}))).unwrap();
+        assert_eq!(id.expires_at, (now + 100.5).floor() as u64);
+        assert!(auth.verify(&sign(&json!({"user_id": 1, "exp": now - 100.5}))).is_err(), "expired");
+        let future_nbf = json!({"user_id": 1, "exp": now + 100.0, "nbf": now + 50.5});
+        assert!(auth.verify(&sign(&future_nbf)).is_err(), "not yet valid");
+        assert!(auth.verify(&sign(&json!({"user_id": 1, "exp": "soon"}))).is_err(), "malformed exp");
     }
 }

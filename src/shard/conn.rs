@@ -102,6 +102,11 @@ impl OutQueue {
         self.bytes
     }
 
+    /// Bytes queued behind the front frame (the one being written).
+    pub fn waiting_bytes(&self) -> usize {
+        self.bytes - self.frames.front().map_or(0, |f| f.len() - self.offset)
+    }
+
     /// Appends a frame.
     pub fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
@@ -225,12 +230,16 @@ impl Conn {
         self.session.as_ref().map_or(self.peer.ip(), |s| s.client_ip)
     }
 
-    /// Queues a frame within the bounds; over them, hands it back.
+    /// Queues a frame within the bounds; over them, hands it back. The byte bound applies to
+    /// the frames waiting behind the one being written: one frame of any size (up to
+    /// `max_message_size`) may be in flight, so a message larger than the bound reaches a
+    /// reader that keeps up instead of closing it as a slow consumer.
     pub fn queue(&mut self, frame: Bytes, max_frames: usize, max_bytes: usize) -> Result<(), Refused> {
         if self.phase != Phase::Open {
             return Err(Refused::Closing);
         }
-        if self.out.len() >= max_frames || self.out.bytes() + frame.len() > max_bytes {
+        let over_bytes = !self.out.is_empty() && self.out.waiting_bytes() + frame.len() > max_bytes;
+        if self.out.len() >= max_frames || over_bytes {
             return Err(Refused::Overflow(frame));
         }
         self.out.push(frame);
@@ -299,6 +308,19 @@ mod tests {
         assert_eq!(q.flush(&mut w).unwrap(), Flushed::Empty);
         assert_eq!(w.taken, b"abcdefghi");
         assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn the_frame_being_written_does_not_count_against_the_byte_bound() {
+        let mut q = OutQueue::default();
+        assert_eq!(q.waiting_bytes(), 0);
+        q.push(Bytes::from(vec![1u8; 100]));
+        assert_eq!(q.waiting_bytes(), 0, "a lone frame is the one being written");
+        q.push(Bytes::from(vec![2u8; 10]));
+        assert_eq!((q.bytes(), q.waiting_bytes()), (110, 10));
+        let mut out = Trickle { taken: Vec::new(), cap: 40, calls: 0, budget: 1 };
+        assert_eq!(q.flush(&mut out).unwrap(), Flushed::Blocked);
+        assert_eq!((q.bytes(), q.waiting_bytes()), (70, 10));
     }
 
     #[test]

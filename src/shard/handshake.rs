@@ -194,11 +194,14 @@ impl Shard {
     ) {
         let Admission { identity, user_data } = admission;
         let (rates, expires_deadline) = (self.rates, self.expiry_deadline(identity.expires_at));
-        if let Err(refusal) = self.shared.admit(client_ip, identity.user_id) {
-            ShardMetrics::inc(&self.metrics().admission_refusals);
-            self.refuse(key, refusal.status, refusal.message, Some(client_ip));
-            return;
-        }
+        match self.shared.admit(client_ip, identity.user_id) {
+            Ok(bucket) => self.user_buckets.insert(identity.user_id, bucket),
+            Err(refusal) => {
+                ShardMetrics::inc(&self.metrics().admission_refusals);
+                self.refuse(key, refusal.status, refusal.message, Some(client_ip));
+                return;
+            }
+        };
         let accept = Bytes::from(switching_protocols(ws_key, subprotocol));
         let seq = self.shared.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let user = identity.user_id;

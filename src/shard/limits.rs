@@ -1,9 +1,9 @@
-//! Abuse limits on open connections: message and byte rates (per connection and per user on
-//! this shard), closing sustained abusers, token expiry and `auth_refresh`.
+//! Abuse limits on open connections: message and byte rates (per connection, and per user
+//! across every shard and reconnect), closing sustained abusers, token expiry and `auth_refresh`.
 
 use super::Shard;
 use crate::core::ConnKey;
-use crate::core::ratelimit::{Rate, TokenBucket};
+use crate::core::ratelimit::Rate;
 use crate::metrics::ShardMetrics;
 use crate::protocol::envelope::{error_notification, server_ack};
 use crate::ws::close;
@@ -37,6 +37,9 @@ impl Shard {
     /// on sustained abuse) when it must be dropped.
     pub(super) fn admit_message(&mut self, key: ConnKey, len: usize) -> bool {
         let (now, rates) = (self.now, self.rates);
+        // The users' buckets are shared across shards: charged on the process-wide clock.
+        let shared_now_ms =
+            self.epoch.saturating_duration_since(self.shared.started).as_millis() as u64 + now;
         let Shard { conns, user_buckets, .. } = self;
         let Some(session) = conns
             .get_mut(key.index as usize)
@@ -45,11 +48,11 @@ impl Shard {
         else {
             return true; // echo endpoint: conformance runs are not rate limited
         };
-        let user_bucket =
-            user_buckets.entry(session.user).or_insert_with(|| TokenBucket::full(rates.messages, now));
         let allowed = session.messages.take(rates.messages, 1, now)
             && session.bytes.take(rates.bytes, len as u64, now)
-            && user_bucket.take(rates.messages, 1, now);
+            && user_buckets
+                .get(&session.user)
+                .is_none_or(|b| b.take(shared_now_ms.saturating_mul(1_000_000)));
         if allowed {
             return true;
         }
@@ -67,7 +70,9 @@ impl Shard {
         false
     }
 
-    /// Forgets a user's shared bucket when its last local connection is gone.
+    /// Drops this shard's reference to a user's bucket when its last local connection is gone
+    /// (the admission table keeps it while the user has connections elsewhere, and for a
+    /// refill's time after the last one).
     pub(super) fn forget_user_bucket(&mut self, user: i64) {
         self.user_buckets.remove(&user);
     }
@@ -82,7 +87,9 @@ impl Shard {
         self.now.saturating_add(exp_ms.saturating_sub(Self::wall_ms()))
     }
 
-    /// `auth_refresh` `{token}`: a valid token of the same user moves the expiry.
+    /// `auth_refresh` `{token}`: a valid token of the same user replaces the session's
+    /// identity data — roles, claims (what the application and the backend see) and expiry —
+    /// so a refresh can take permissions away as well as extend the session.
     pub(super) fn refresh_token(&mut self, key: ConnKey, user: i64, token: &str, pid: Option<&str>) {
         let answer = match self.shared.gate.verify(token) {
             Err(e) => error_notification(pid, 401, &format!("refresh refused: {e}")),
@@ -93,6 +100,8 @@ impl Shard {
                 let deadline = self.expiry_deadline(identity.expires_at);
                 if let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) {
                     session.expires_deadline = deadline;
+                    session.roles = identity.roles;
+                    session.claims = identity.claims;
                 }
                 self.schedule_before(key, deadline);
                 match pid {

@@ -112,15 +112,28 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Counts a new connection against the admission limits.
-    pub fn admit(&self, ip: std::net::IpAddr, user: i64) -> Result<(), crate::core::occupancy::Refusal> {
+    /// Counts a new connection against the admission limits; on success, the user's message
+    /// bucket, shared by all of its connections on every shard and kept across reconnects.
+    pub fn admit(
+        &self,
+        ip: std::net::IpAddr,
+        user: i64,
+    ) -> Result<Arc<crate::core::ratelimit::SharedBucket>, crate::core::occupancy::Refusal> {
+        let (rate, now_ms) = (limits::Rates::from(&self.config).messages, self.clock_ms());
         let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        occupancy.admit(ip, user, self.caps)
+        occupancy.admit(ip, user, self.caps, rate, now_ms)
     }
 
     /// Forgets a connection counted by [`Shared::admit`].
     pub fn release(&self, ip: std::net::IpAddr, user: i64) {
-        self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release(ip, user);
+        let (rate, now_ms) = (limits::Rates::from(&self.config).messages, self.clock_ms());
+        let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        occupancy.release(ip, user, rate, now_ms);
+    }
+
+    /// Milliseconds since `started`: the clock the users' shared buckets are charged with.
+    fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 }
 
@@ -225,9 +238,13 @@ pub struct Shard {
     rates: limits::Rates,
     /// `room_presence` requests gathering member lists.
     rosters: Slab<rooms::Roster>,
-    /// Per-user message buckets, shared by a user's connections on this shard.
-    user_buckets:
-        std::collections::HashMap<i64, crate::core::ratelimit::TokenBucket, foldhash::fast::RandomState>,
+    /// Per-user message buckets of the users with connections here, from [`Shared::admit`]:
+    /// shared with the user's connections on every shard.
+    user_buckets: std::collections::HashMap<
+        i64,
+        Arc<crate::core::ratelimit::SharedBucket>,
+        foldhash::fast::RandomState,
+    >,
 }
 
 impl Shard {
