@@ -92,6 +92,11 @@ pub struct Config {
     pub api_listen: SocketAddr,
     /// API key for the backend HTTP API; the API is off without one (`api_key`).
     pub api_key: Option<String>,
+    /// Backend API connections open at once; more are refused 503 (`api_max_connections`).
+    pub api_max_connections: usize,
+    /// Address serving `/metrics`, `/health` and `/ready` instead of the public port; unset
+    /// serves them on the public port (`internal_listen`).
+    pub internal_listen: Option<SocketAddr>,
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
@@ -165,6 +170,8 @@ impl Default for Config {
             log_level: "info".to_string(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
             api_key: None,
+            api_max_connections: 1024,
+            internal_listen: None,
             echo_path: None,
             rate_limit: 100,
             rate_limit_burst: 200,
@@ -518,6 +525,9 @@ keys! {
     log_level: Level => "Log level: error, warn, info, debug, trace or off.",
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
+    api_max_connections: Count => "Backend API connections open at once; more are refused 503 and closed.",
+    internal_listen: OptAddr =>
+        "Serve /metrics, /health and /ready on this address instead of the public port; unset = public port.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
     rate_limit: Count => "Client messages per second per connection, and per user on a shard; 0 = off.",
     rate_limit_burst: Count => "Messages a connection (or user) may send at once above the rate.",
@@ -562,6 +572,8 @@ struct Count;
 struct Flag;
 /// A socket address; `:PORT` means all IPv4 interfaces.
 struct Addr;
+/// A socket address, or empty for none.
+struct OptAddr;
 /// Comma-separated, trimmed, empty items dropped.
 struct List;
 /// A URL path starting with `/`.
@@ -708,6 +720,23 @@ impl Format for Addr {
 
     fn show(value: &SocketAddr) -> String {
         value.to_string()
+    }
+}
+
+impl Format for OptAddr {
+    type Value = Option<SocketAddr>;
+    const PLACEHOLDER: &'static str = "<addr>";
+    const EXPECTED: &'static str = "a socket address like 127.0.0.1:9090, or empty for none";
+
+    fn parse(text: &str) -> Option<Option<SocketAddr>> {
+        if text.trim().is_empty() {
+            return Some(None);
+        }
+        Addr::parse(text).map(Some)
+    }
+
+    fn show(value: &Option<SocketAddr>) -> String {
+        value.map(|addr| addr.to_string()).unwrap_or_default()
     }
 }
 

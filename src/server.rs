@@ -102,7 +102,7 @@ pub fn start_with(config: Config, app: App) -> Result<ServerHandle, StartError> 
         config,
     });
     // Bound before the shards run, so a busy `api_listen` leaves nothing running.
-    let api = crate::api::start(&shared.config, crate::app::Handle::new(Arc::clone(&shared)))
+    let api = crate::api::start(Arc::clone(&shared))
         .map_err(|source| StartError::Bind { addr: shared.config.api_listen, source })?;
     let mut threads = Vec::with_capacity(shards);
     for (id, part) in parts.into_iter().enumerate() {

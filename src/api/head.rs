@@ -15,6 +15,10 @@ pub(super) struct Head {
     pub(super) content_length: usize,
     /// A `Transfer-Encoding` header was present.
     pub(super) transfer_encoding: bool,
+    /// `Transfer-Encoding: chunked` (and no other coding).
+    pub(super) chunked: bool,
+    /// A `Content-Length` header was present.
+    pub(super) has_length: bool,
     /// The client allows the connection to stay open after the response.
     pub(super) keep_alive: bool,
     /// `Expect: 100-continue`.
@@ -80,6 +84,8 @@ fn extract(req: &httparse::Request<'_, '_>) -> Result<Head, &'static str> {
                 (Some(n), _) => length = Some(n),
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // A second header line adds codings: only one line saying just `chunked` counts.
+            head.chunked = !head.transfer_encoding && value.is_ok_and(|v| v.eq_ignore_ascii_case("chunked"));
             head.transfer_encoding = true;
         } else if name.eq_ignore_ascii_case("connection") {
             let value = value.unwrap_or("");
@@ -94,6 +100,7 @@ fn extract(req: &httparse::Request<'_, '_>) -> Result<Head, &'static str> {
             head.authorization = value.ok().map(str::to_string);
         }
     }
+    head.has_length = length.is_some();
     head.content_length = length.unwrap_or(0);
     Ok(head)
 }
@@ -145,6 +152,12 @@ mod tests {
         assert!(!parsed("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(parsed("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
         assert!(parsed("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").transfer_encoding);
+        assert!(parsed("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").chunked);
+        assert!(!parsed("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").chunked);
+        let twice =
+            parsed("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(twice.transfer_encoding && !twice.chunked);
+        assert!(parsed("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").has_length);
     }
 
     #[test]

@@ -53,21 +53,23 @@
 //! | status | when |
 //! |---|---|
 //! | 400 | malformed HTTP, bad JSON, a missing or mistyped field (e.g. no `body` in a publish), a bad user id or room name in the path |
-//! | 401 | no `Authorization: apikey <key>` header, or the wrong key (answered with `WWW-Authenticate: apikey`) |
+//! | 401 | no `Authorization: apikey <key>` header, or the wrong key (answered with `WWW-Authenticate: apikey`, from the request head alone: no body is read and no `100 Continue` sent; the connection closes) |
 //! | 404 | unknown path; the user is offline (`send`, `"reason": "offline"`) |
 //! | 405 | known path, wrong method (with `Allow`) |
 //! | 408 | the request was not received within 30 s |
 //! | 410 | `"reason": "closed"`: the connection asked closed before the client answered |
-//! | 411 | a body without `Content-Length` (chunked bodies are not supported) |
-//! | 413 | a body over 1 MiB |
+//! | 413 | a body over 1 MiB (`Content-Length` or decoded `Transfer-Encoding: chunked`) |
 //! | 431 | a request head over 8 KiB or with too many headers |
-//! | 503 | `"reason": "shutting_down"`: the server is shutting down; too many API connections |
+//! | 501 | a transfer coding other than `chunked` |
+//! | 503 | `"reason": "shutting_down"`: the server is shutting down; more than `api_max_connections` API connections (closed at once, counted in `customws_api_refused_connections_total`) |
 //! | 504 | `"reason": "timeout"`: the client did not answer within `timeoutMs` (default `ack_timeout` / `request_timeout`) |
 //!
 //! HTTP/1.1 keep-alive is supported (HTTP/1.0 only with `Connection: keep-alive`); requests
 //! pipelined on one connection are answered in order. Error responses that leave the request
-//! stream in an unknown state (400 malformed, 408, 411, 413, 431) close the connection.
+//! stream in an unknown state (400 malformed, 401, 408, 413, 431, 501) close the connection.
+//! A body is framed by `Content-Length` or `Transfer-Encoding: chunked` (both at once: 400).
 
+mod chunked;
 mod conn;
 mod event_loop;
 mod head;
@@ -84,12 +86,10 @@ use mio::{Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::app::Handle;
-use crate::config::Config;
+use crate::shard::Shared;
 
 /// Largest request body accepted; a larger `Content-Length` is answered 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Most API connections open at once; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 16 * 1024;
 /// Listen backlog of the API socket.
 const BACKLOG: i32 = 1024;
 
@@ -116,7 +116,8 @@ pub struct ApiServer {
 
 /// Starts the API listener and its thread; `Ok(None)` when `api_key` is not configured (the
 /// API is off).
-pub fn start(config: &Config, handle: Handle) -> io::Result<Option<ApiServer>> {
+pub fn start(shared: Arc<Shared>) -> io::Result<Option<ApiServer>> {
+    let config = &shared.config;
     let Some(key) = config.api_key.as_deref() else {
         return Ok(None);
     };
@@ -128,11 +129,13 @@ pub fn start(config: &Config, handle: Handle) -> io::Result<Option<ApiServer>> {
     let api = event_loop::ApiLoop::new(
         poll,
         mio::net::TcpListener::from_std(listener),
-        handle,
+        Handle::new(Arc::clone(&shared)),
+        Arc::clone(&shared),
         event_loop::Settings {
             key: key.as_bytes().into(),
             ack_timeout: config.ack_timeout,
             request_timeout: config.request_timeout,
+            max_connections: config.api_max_connections.max(1),
         },
         Arc::clone(&waker),
         Arc::clone(&control),
