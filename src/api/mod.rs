@@ -73,6 +73,7 @@ mod chunked;
 mod conn;
 mod event_loop;
 mod head;
+pub mod internal;
 mod reply;
 mod routes;
 

@@ -33,6 +33,8 @@ pub enum Decision {
     Health,
     /// `GET /metrics`.
     Metrics,
+    /// `GET /ready`.
+    Ready,
     /// Refuse with a JSON error and close.
     Refuse {
         /// HTTP status.
@@ -50,6 +52,8 @@ pub struct Gate {
     auth: Option<Authenticator>,
     insecure_user_id: bool,
     echo_path: Option<String>,
+    /// `internal_listen` is set: `/health`, `/metrics` and `/ready` are served there, not here.
+    internal: bool,
 }
 
 impl Gate {
@@ -64,6 +68,7 @@ impl Gate {
             auth,
             insecure_user_id: config.allow_insecure_user_id,
             echo_path: config.echo_path.clone(),
+            internal: config.internal_listen.is_some(),
         }
     }
 
@@ -81,8 +86,9 @@ impl Gate {
             return self.upgrade(req);
         }
         match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/health") => Decision::Health,
-            ("GET", "/metrics") => Decision::Metrics,
+            ("GET", "/health") if !self.internal => Decision::Health,
+            ("GET", "/metrics") if !self.internal => Decision::Metrics,
+            ("GET", "/ready") if !self.internal => Decision::Ready,
             _ => refuse(404, format!("no endpoint at {}", req.path)),
         }
     }
@@ -196,6 +202,7 @@ mod tests {
         let get = |path: &str| Request { method: "GET".into(), path: path.into(), ..Request::default() };
         assert!(matches!(g.decide(&get("/health")), Decision::Health));
         assert!(matches!(g.decide(&get("/metrics")), Decision::Metrics));
+        assert!(matches!(g.decide(&get("/ready")), Decision::Ready));
         assert!(matches!(g.decide(&get("/nope")), Decision::Refuse { status: 404, .. }));
         assert!(matches!(g.decide(&get("/ws")), Decision::Refuse { status: 400, .. }));
     }

@@ -45,7 +45,14 @@ impl Shard {
                         }
                     }
                     Decision::Echo => self.upgrade_echo(key, request.ws_key.as_deref().unwrap_or("")),
-                    Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
+                    Decision::Health => {
+                        let health = self.shared.health_json();
+                        self.respond(key, 200, "application/json", health.as_bytes());
+                    }
+                    Decision::Ready => {
+                        let (status, body) = self.shared.readiness();
+                        self.respond(key, status, "application/json", body.as_bytes());
+                    }
                     Decision::Metrics => {
                         let text = self.shared.metrics.render_with(self.shared.app.counters());
                         self.respond(key, 200, "text/plain; version=0.0.4; charset=utf-8", text.as_bytes());
@@ -54,17 +61,6 @@ impl Shard {
                 }
             }
         }
-    }
-
-    fn health(&self) -> String {
-        let metrics = &self.shared.metrics;
-        serde_json::json!({
-            "status": "OK",
-            "timestamp": rfc3339(Self::wall_ms()),
-            "uptime": self.shared.started.elapsed().as_secs(),
-            "connections": metrics.sum(|s| &s.connections_current),
-        })
-        .to_string()
     }
 
     fn refuse(&mut self, key: ConnKey, status: u16, message: &str) {
@@ -191,7 +187,9 @@ impl Shard {
             strikes: Strikes::default(),
             expires_deadline,
             client_ip,
+            opened_ms: Self::wall_ms(),
         }));
+        conn.last_active_s = (now / 1000) as u32;
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.connections_total);
