@@ -49,8 +49,9 @@ pub(super) struct Waiting {
 pub(super) enum State {
     /// Receiving a request head and body.
     Reading,
-    /// A call is in flight; its outcomes arrive through the loop's channel.
-    Waiting(Waiting),
+    /// A call is in flight; its outcomes arrive through the loop's channel (boxed: a
+    /// connection between requests stays small).
+    Waiting(Box<Waiting>),
     /// Writing a response; then keep-alive (`Reading`) or `Lingering` when `close`.
     Responding {
         /// Close after the response.
@@ -59,6 +60,9 @@ pub(super) enum State {
     /// Response written and our side shut: discard input until the client closes too, so
     /// unread bytes do not turn the close into a reset that could destroy the response.
     Lingering,
+    /// `GET /api/v1/events`: a snapshot every second until the client closes; input is
+    /// discarded.
+    Streaming,
 }
 
 /// How a read burst ended.
@@ -154,6 +158,11 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Bytes queued and not yet written.
+    pub(super) fn unsent(&self) -> usize {
+        self.output.len() - self.written
     }
 
     /// Queues bytes to send.

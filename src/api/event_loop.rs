@@ -14,11 +14,12 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use super::admin;
 use super::chunked::{self, Chunked};
 use super::conn::{CHUNKED_CAP, Conn, Current, Fill, HEAD_CAP, State, Waiting};
 use super::head::{self, Parsed};
 use super::reply::{CONTINUE, Reply, wait_failed};
-use super::routes::{self, Call};
+use super::routes::{self, Call, Route};
 use super::{LISTENER, MAX_BODY_BYTES, RUN, STOP, WAKER};
 use crate::app::handle::{Handle, Op};
 use crate::app::ops::{Completion, Outcome, WaitError};
@@ -221,6 +222,18 @@ impl ApiLoop {
                     }
                 }
                 State::Waiting(_) => return,
+                State::Streaming => {
+                    loop {
+                        conn.input.clear();
+                        match conn.fill() {
+                            Ok(Fill::Full) => continue,
+                            Ok(Fill::Blocked) => return,
+                            Ok(Fill::Eof) | Err(_) => break,
+                        }
+                    }
+                    self.remove(index);
+                    return;
+                }
                 State::Reading => {
                     if !self.read_request(index) {
                         return;
@@ -338,7 +351,17 @@ impl ApiLoop {
             self.respond(index, wait_failed(WaitError::ShuttingDown), Some(current));
             return;
         }
-        let call = match routes::route(&head.method, &head.path).and_then(|route| routes::call(route, body)) {
+        let call = match routes::route(&head.method, &head.path) {
+            Ok(Route::Events) => {
+                self.start_stream(index, &current);
+                return;
+            }
+            Ok(Route::Connections) => admin::connections_call(&head.query),
+            Ok(Route::Rooms) => admin::rooms_call(&head.query),
+            Ok(route) => routes::call(route, body),
+            Err(reply) => Err(reply),
+        };
+        let call = match call {
             Ok(call) => call,
             Err(reply) => {
                 self.respond(index, reply, Some(current));
@@ -356,8 +379,41 @@ impl ApiLoop {
         }
         let deadline = current.started + self.give_up_after(&call);
         let Some(conn) = self.conns.get_mut(index) else { return };
-        conn.state = State::Waiting(Waiting { seq, tally, current });
+        conn.state = State::Waiting(Box::new(Waiting { seq, tally, current }));
         self.set_deadline(index, deadline);
+    }
+
+    /// Answers `GET /api/v1/events` with an event stream: a snapshot now, then one a second.
+    fn start_stream(&mut self, index: usize, current: &Current) {
+        let first = admin::snapshot(&self.shared);
+        let Some(conn) = self.conns.get_mut(index) else { return };
+        log::info!("API {} {} {}: 200 event stream", conn.peer, current.method, current.path);
+        conn.queue(admin::STREAM_HEAD);
+        conn.queue(&first);
+        conn.state = State::Streaming;
+        if let Err(e) = conn.flush() {
+            log::debug!("API {}: write failed: {e}", conn.peer);
+            self.remove(index);
+            return;
+        }
+        self.set_deadline(index, Instant::now() + admin::SNAPSHOT_PERIOD);
+    }
+
+    /// The next snapshot of a stream, unless its client has not taken the earlier ones
+    /// ([`admin::STREAM_BACKLOG`]): a slow reader skips snapshots instead of growing memory.
+    fn stream_tick(&mut self, index: usize, now: Instant) {
+        let backlog = self.conns.get(index).map_or(0, Conn::unsent);
+        if backlog < admin::STREAM_BACKLOG {
+            let event = admin::snapshot(&self.shared);
+            let Some(conn) = self.conns.get_mut(index) else { return };
+            conn.queue(&event);
+            if let Err(e) = conn.flush() {
+                log::debug!("API {}: write failed: {e}", conn.peer);
+                self.remove(index);
+                return;
+            }
+        }
+        self.set_deadline(index, now + admin::SNAPSHOT_PERIOD);
     }
 
     /// How long the API waits for a call's outcomes before answering without them.
@@ -471,6 +527,7 @@ impl ApiLoop {
                     self.finish_waiting(index, reply);
                 }
                 State::Responding { .. } | State::Lingering => self.remove(index),
+                State::Streaming => self.stream_tick(index, now),
             }
         }
     }

@@ -11,6 +11,8 @@ pub(super) struct Head {
     pub(super) method: String,
     /// Path without the query.
     pub(super) path: String,
+    /// The query (after `?`), empty when none.
+    pub(super) query: String,
     /// `Content-Length` (0 when absent).
     pub(super) content_length: usize,
     /// A `Transfer-Encoding` header was present.
@@ -61,11 +63,12 @@ pub(super) fn parse(buf: &[u8]) -> Parsed {
 
 fn extract(req: &httparse::Request<'_, '_>) -> Result<Head, &'static str> {
     let target = req.path.unwrap_or("/");
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let http11 = req.version == Some(1);
     let mut head = Head {
         method: req.method.unwrap_or("").to_string(),
         path: path.to_string(),
+        query: query.to_string(),
         keep_alive: http11,
         ..Head::default()
     };
@@ -136,7 +139,7 @@ mod tests {
         let Parsed::Complete(head, len) = parse(req) else { panic!("not complete") };
         assert_eq!(len, req.len() - 12);
         assert_eq!(head.method, "POST");
-        assert_eq!(head.path, "/api/v1/send");
+        assert_eq!((head.path.as_str(), head.query.as_str()), ("/api/v1/send", "x=1"));
         assert_eq!(head.content_length, 12);
         assert!(head.keep_alive && head.expect_continue && !head.transfer_encoding);
         assert_eq!(head.authorization.as_deref(), Some("apikey k"));

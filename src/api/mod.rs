@@ -69,6 +69,7 @@
 //! stream in an unknown state (400 malformed, 401, 408, 413, 431, 501) close the connection.
 //! A body is framed by `Content-Length` or `Transfer-Encoding: chunked` (both at once: 400).
 
+mod admin;
 mod chunked;
 mod conn;
 mod event_loop;
