@@ -23,6 +23,10 @@
 //! | `POST /api/v1/rooms/{room}/publish` `{"body", "meta"?, "fromUserId"?}` | 200 | `{"delivered": n}` |
 //! | `GET /api/v1/rooms/{room}` | 200 | `{"room", "members": [user ids, sorted, unique], "count"}` |
 //! | `GET /api/v1/rooms/{room}/presence` | 200 | `{"room", "members": [{"userId", "status", "context", "since"}, …]}`, sorted by `userId`, each user once |
+//! | `GET /api/v1/connections?cursor=&limit=&user=` | 200 | `{"connections": [{"userId", "shard", "ip", "connectedAt", "rooms", "queued", "messagesIn", "messagesOut", "lastActive"}, …], "nextCursor"}`: open connections in the order they opened, `limit` (1–1000, default 50) per page; pass `nextCursor` back as `cursor` (`null`: last page) |
+//! | `GET /api/v1/rooms?limit=` | 200 | `{"rooms": [{"room", "members"}, …], "total"}`, the `limit` (default 200) largest rooms |
+//! | `GET /api/v1/events` | 200 | `text/event-stream`: `data: {"ts", "connections", "users", "shards", "messagesIn", "messagesOut", "errors", "slowConsumerCloses", "rateLimited", "admissionRefusals", …}` every second (counters cumulative); a reader more than 64 KiB behind skips snapshots |
+//! | `GET /admin/clients` | 200 | the admin page (HTML, no key needed for the page itself; every call it makes needs the key) |
 //!
 //! `message` is `{"type": string, "payload"?: any JSON (forwarded byte-for-byte),
 //! "fromUserId"?: int}`. An acknowledged send and a request go to the user's newest
