@@ -92,7 +92,8 @@ pub struct Config {
     pub api_listen: SocketAddr,
     /// API key for the backend HTTP API; the API is off without one (`api_key`).
     pub api_key: Option<String>,
-    /// Backend API connections open at once; more are refused 503 (`api_max_connections`).
+    /// Backend API connections open at once; more are refused 503; 0 means unlimited
+    /// (`api_max_connections`).
     pub api_max_connections: usize,
     /// Address serving `/metrics`, `/health` and `/ready` instead of the public port; unset
     /// serves them on the public port (`internal_listen`).
@@ -525,7 +526,7 @@ keys! {
     log_level: Level => "Log level: error, warn, info, debug, trace or off.",
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
-    api_max_connections: Count => "Backend API connections open at once; more are refused 503 and closed.",
+    api_max_connections: Count => "Backend API connections open at once; more are refused 503 and closed. 0 = unlimited.",
     internal_listen: OptAddr =>
         "Serve /metrics, /health and /ready on this address instead of the public port; unset = public port.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",

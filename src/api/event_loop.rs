@@ -270,7 +270,9 @@ impl ApiLoop {
                 keep_alive: head.keep_alive,
                 started: Instant::now(),
             };
-            if let Some(reply) = routes::public(&head.method, &head.path) {
+            if let Some(mut reply) = routes::public(&head.method, &head.path) {
+                // No body is read for a public route: one sent anyway ends the connection.
+                reply.close |= head.transfer_encoding || head.content_length > 0;
                 conn.input.drain(..head_len);
                 self.respond(index, reply, Some(current));
                 return true;

@@ -141,7 +141,10 @@ pub fn start(shared: Arc<Shared>) -> io::Result<Option<ApiServer>> {
             key: key.as_bytes().into(),
             ack_timeout: config.ack_timeout,
             request_timeout: config.request_timeout,
-            max_connections: config.api_max_connections.max(1),
+            max_connections: match config.api_max_connections {
+                0 => usize::MAX,
+                n => n,
+            },
         },
         Arc::clone(&waker),
         Arc::clone(&control),
