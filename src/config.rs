@@ -114,6 +114,12 @@ pub struct Config {
     pub api_key_file: Option<PathBuf>,
     /// On shutdown, connections are closed spread over this window (`drain_window`).
     pub drain_window: Duration,
+    /// Backend API connections open at once; more are refused 503; 0 means unlimited
+    /// (`api_max_connections`).
+    pub api_max_connections: usize,
+    /// Address serving `/metrics`, `/health` and `/ready` instead of the public port; unset
+    /// serves them on the public port (`internal_listen`).
+    pub internal_listen: Option<SocketAddr>,
     /// Path of an unauthenticated echo endpoint for conformance runs; off when unset
     /// (`echo_path`).
     pub echo_path: Option<String>,
@@ -192,6 +198,8 @@ impl Default for Config {
             api_key: None,
             api_key_file: None,
             drain_window: Duration::ZERO,
+            api_max_connections: 1024,
+            internal_listen: None,
             echo_path: None,
             rate_limit: 100,
             rate_limit_burst: 200,
@@ -572,6 +580,9 @@ keys! {
     api_key_file: OptPath => "File holding the API key (instead of api_key); re-read on SIGHUP.",
     drain_window: Dur =>
         "On shutdown, close connections spread over this window (jittered batches); 0 = all at once.",
+    api_max_connections: Count => "Backend API connections open at once; more are refused 503 and closed. 0 = unlimited.",
+    internal_listen: OptAddr =>
+        "Serve /metrics, /health and /ready on this address instead of the public port; unset = public port.",
     echo_path: OptUrlPath => "Unauthenticated echo endpoint for conformance runs; off when unset.",
     rate_limit: Count => "Client messages per second per connection, and per user across shards and reconnects; 0 = off.",
     rate_limit_burst: Count => "Messages a connection (or user) may send at once above the rate.",
@@ -616,6 +627,8 @@ struct Count;
 struct Flag;
 /// A socket address; `:PORT` means all IPv4 interfaces.
 struct Addr;
+/// A socket address, or empty for none.
+struct OptAddr;
 /// Comma-separated, trimmed, empty items dropped.
 struct List;
 /// A URL path starting with `/`.
@@ -764,6 +777,23 @@ impl Format for Addr {
 
     fn show(value: &SocketAddr) -> String {
         value.to_string()
+    }
+}
+
+impl Format for OptAddr {
+    type Value = Option<SocketAddr>;
+    const PLACEHOLDER: &'static str = "<addr>";
+    const EXPECTED: &'static str = "a socket address like 127.0.0.1:9090, or empty for none";
+
+    fn parse(text: &str) -> Option<Option<SocketAddr>> {
+        if text.trim().is_empty() {
+            return Some(None);
+        }
+        Addr::parse(text).map(Some)
+    }
+
+    fn show(value: &Option<SocketAddr>) -> String {
+        value.map(|addr| addr.to_string()).unwrap_or_default()
     }
 }
 

@@ -146,12 +146,17 @@ impl ShardMetrics {
 pub struct Metrics {
     /// Index = shard id.
     pub shards: Vec<ShardMetrics>,
+    /// Backend API connections refused at `api_max_connections` (written by the API thread).
+    pub api_refused: AtomicU64,
 }
 
 impl Metrics {
     /// Counters for `n` shards.
     pub fn new(n: usize) -> Arc<Self> {
-        Arc::new(Metrics { shards: (0..n).map(|_| ShardMetrics::default()).collect() })
+        Arc::new(Metrics {
+            shards: (0..n).map(|_| ShardMetrics::default()).collect(),
+            api_refused: AtomicU64::new(0),
+        })
     }
 
     /// Sum of one counter over all shards.
@@ -237,6 +242,14 @@ impl Collector for Metrics {
             let metric = ConstGauge::new(self.sum(pick) as i64);
             metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
         }
+        let help = "Backend API connections refused because api_max_connections were open.";
+        let refused = ConstCounter::new(self.api_refused.load(Relaxed));
+        refused.encode(encoder.encode_descriptor(
+            "customws_api_refused_connections",
+            help,
+            None,
+            MetricType::Counter,
+        )?)?;
         self.encode_shards(&mut encoder)?;
         self.encode_sizes(&mut encoder)
     }

@@ -54,6 +54,7 @@ pub struct ServerHandle {
     local_addr: SocketAddr,
     threads: Vec<JoinHandle<()>>,
     api: Option<crate::api::ApiServer>,
+    internal: Option<crate::api::internal::InternalServer>,
 }
 
 /// Starts a server with the built-in behaviour only (JWT authentication, echo for
@@ -102,11 +103,19 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
             per_user: config.max_connections_per_user,
         },
         trusted_proxies: config.trusted_proxy_ips(),
+        draining: Default::default(),
         config,
     });
     // Bound before the shards run, so a busy `api_listen` leaves nothing running.
-    let api = crate::api::start(&shared.config, crate::app::Handle::new(Arc::clone(&shared)))
+    let api = crate::api::start(Arc::clone(&shared))
         .map_err(|source| StartError::Bind { addr: shared.config.api_listen, source })?;
+    let internal = match shared.config.internal_listen {
+        Some(addr) => Some(
+            crate::api::internal::start(Arc::clone(&shared), addr)
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let mut threads = Vec::with_capacity(shards);
     for (id, part) in parts.into_iter().enumerate() {
         let shard = Shard::new(id, Arc::clone(&shared), part);
@@ -121,7 +130,7 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
         "listening on {local_addr} with {shards} shard{plural}, WebSocket path {}",
         shared.config.ws_path
     );
-    Ok(ServerHandle { shared, local_addr, threads, api })
+    Ok(ServerHandle { shared, local_addr, threads, api, internal })
 }
 
 /// One `SO_REUSEPORT` socket per shard on the same address. With port 0 the first socket
@@ -170,6 +179,7 @@ impl ServerHandle {
     /// Begins graceful shutdown: stop accepting, close every connection with 1001, flush,
     /// exit within `shutdown_timeout`. Does not wait; see [`ServerHandle::wait`].
     pub fn shutdown(&self) {
+        self.shared.draining.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(api) = &self.api {
             api.begin_shutdown();
         }
@@ -207,6 +217,12 @@ impl ServerHandle {
         self.api.as_ref().map(crate::api::ApiServer::local_addr)
     }
 
+    /// The internal listener's address (`/metrics`, `/health`, `/ready`), when
+    /// `internal_listen` is configured.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().map(crate::api::internal::InternalServer::local_addr)
+    }
+
     /// A handle for server-initiated operations, usable from any thread.
     pub fn handle(&self) -> crate::app::Handle {
         crate::app::Handle::new(Arc::clone(&self.shared))
@@ -225,6 +241,9 @@ impl ServerHandle {
         }
         if let Some(mut api) = self.api.take() {
             api.shutdown();
+        }
+        if let Some(mut internal) = self.internal.take() {
+            internal.shutdown();
         }
     }
 }

@@ -113,7 +113,8 @@ fn check_request(request: &customws::http::request::Request) {
             | Decision::UpgradeThenClose { .. }
             | Decision::Echo
             | Decision::Health
-            | Decision::Metrics => {}
+            | Decision::Metrics
+            | Decision::Ready => {}
         }
     }
     let proxy = IpAddr::from([127, 0, 0, 1]);

@@ -7,12 +7,16 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use super::MAX_BODY_BYTES;
+use super::chunked::Scan;
 use super::routes::Tally;
 use crate::http::request::MAX_HEAD_BYTES;
 
-/// Most bytes buffered from a client: one full request, plus one read of slack. A client
-/// pipelining more than that waits until its earlier requests are answered.
-const INPUT_CAP: usize = MAX_HEAD_BYTES + MAX_BODY_BYTES + READ_CHUNK;
+/// Most bytes buffered from a client until its request head has been read and its API key
+/// checked: the head alone. Nothing of a body is read before the key is known to be right.
+pub(super) const HEAD_CAP: usize = MAX_HEAD_BYTES;
+/// Most bytes of a chunked body (sizes, extensions and trailers included) buffered for one
+/// request; its decoded data is bounded by [`MAX_BODY_BYTES`].
+pub(super) const CHUNKED_CAP: usize = 2 * MAX_BODY_BYTES;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -45,8 +49,9 @@ pub(super) struct Waiting {
 pub(super) enum State {
     /// Receiving a request head and body.
     Reading,
-    /// A call is in flight; its outcomes arrive through the loop's channel.
-    Waiting(Waiting),
+    /// A call is in flight; its outcomes arrive through the loop's channel (boxed: a
+    /// connection between requests stays small).
+    Waiting(Box<Waiting>),
     /// Writing a response; then keep-alive (`Reading`) or `Lingering` when `close`.
     Responding {
         /// Close after the response.
@@ -55,6 +60,9 @@ pub(super) enum State {
     /// Response written and our side shut: discard input until the client closes too, so
     /// unread bytes do not turn the close into a reset that could destroy the response.
     Lingering,
+    /// `GET /api/v1/events`: a snapshot every second until the client closes; input is
+    /// discarded.
+    Streaming,
 }
 
 /// How a read burst ended.
@@ -94,6 +102,11 @@ pub(super) struct Conn {
     pub(super) peer_closed: bool,
     /// `100 Continue` was sent for the request being read.
     pub(super) continue_sent: bool,
+    /// Most bytes [`Conn::fill`] buffers: [`HEAD_CAP`] until an authorized head allows its
+    /// body (one request; a client pipelining more waits until it is answered).
+    pub(super) limit: usize,
+    /// Progress through the current request's chunked body.
+    pub(super) chunks: Scan,
 }
 
 impl Conn {
@@ -111,20 +124,22 @@ impl Conn {
             armed: None,
             peer_closed: false,
             continue_sent: false,
+            limit: HEAD_CAP,
+            chunks: Scan::default(),
         }
     }
 
-    /// Reads what the socket has, up to the input cap.
+    /// Reads what the socket has, up to [`Conn::limit`].
     pub(super) fn fill(&mut self) -> io::Result<Fill> {
         if self.peer_closed {
             return Ok(Fill::Eof);
         }
         loop {
-            if self.input.len() >= INPUT_CAP {
+            if self.input.len() >= self.limit {
                 return Ok(Fill::Full);
             }
             let start = self.input.len();
-            let want = READ_CHUNK.min(INPUT_CAP - start);
+            let want = READ_CHUNK.min(self.limit - start);
             self.input.resize(start + want, 0);
             let result = self.stream.read(&mut self.input[start..]);
             let got = match &result {
@@ -143,6 +158,11 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Bytes queued and not yet written.
+    pub(super) fn unsent(&self) -> usize {
+        self.output.len() - self.written
     }
 
     /// Queues bytes to send.

@@ -14,13 +14,16 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::conn::{Conn, Current, Fill, State, Waiting};
+use super::admin;
+use super::chunked::{self, Chunked};
+use super::conn::{CHUNKED_CAP, Conn, Current, Fill, HEAD_CAP, State, Waiting};
 use super::head::{self, Parsed};
 use super::reply::{CONTINUE, Reply, wait_failed};
-use super::routes::{self, Call};
-use super::{LISTENER, MAX_BODY_BYTES, MAX_CONNECTIONS, RUN, STOP, WAKER};
+use super::routes::{self, Call, Route};
+use super::{LISTENER, MAX_BODY_BYTES, RUN, STOP, WAKER};
 use crate::app::handle::{Handle, Op};
 use crate::app::ops::{Completion, Outcome, WaitError};
+use crate::shard::Shared;
 
 /// Time to receive a complete request (and the keep-alive idle bound).
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +45,8 @@ pub(super) struct Settings {
     pub(super) ack_timeout: Duration,
     /// Default request wait.
     pub(super) request_timeout: Duration,
+    /// Most API connections open at once (`api_max_connections`).
+    pub(super) max_connections: usize,
 }
 
 /// The API event loop.
@@ -49,6 +54,7 @@ pub(super) struct ApiLoop {
     poll: Poll,
     listener: TcpListener,
     handle: Handle,
+    shared: Arc<Shared>,
     settings: Settings,
     waker: Arc<Waker>,
     control: Arc<AtomicU8>,
@@ -66,6 +72,7 @@ impl ApiLoop {
         poll: Poll,
         mut listener: TcpListener,
         handle: Handle,
+        shared: Arc<Shared>,
         settings: Settings,
         waker: Arc<Waker>,
         control: Arc<AtomicU8>,
@@ -76,6 +83,7 @@ impl ApiLoop {
             poll,
             listener,
             handle,
+            shared,
             settings,
             waker,
             control,
@@ -128,8 +136,13 @@ impl ApiLoop {
                     return;
                 }
             };
-            if self.conns.len() >= MAX_CONNECTIONS {
-                log::warn!("API {peer}: 503, more than {MAX_CONNECTIONS} API connections");
+            if self.conns.len() >= self.settings.max_connections {
+                // Answered without reading and closed at once, so the descriptor is free
+                // again before the next accept: WebSocket handshakes keep theirs.
+                let refused = self.shared.metrics.api_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if refused.is_power_of_two() {
+                    log::warn!("API {peer}: 503, api_max_connections reached ({refused} refused so far)");
+                }
                 let reply = Reply::fatal(503, "too many API connections");
                 let _ = io::Write::write(&mut stream, &reply.encode(false));
                 continue;
@@ -209,6 +222,18 @@ impl ApiLoop {
                     }
                 }
                 State::Waiting(_) => return,
+                State::Streaming => {
+                    loop {
+                        conn.input.clear();
+                        match conn.fill() {
+                            Ok(Fill::Full) => continue,
+                            Ok(Fill::Blocked) => return,
+                            Ok(Fill::Eof) | Err(_) => break,
+                        }
+                    }
+                    self.remove(index);
+                    return;
+                }
                 State::Reading => {
                     if !self.read_request(index) {
                         return;
@@ -219,72 +244,129 @@ impl ApiLoop {
     }
 
     /// Parses what a `Reading` connection has; true when it changed state.
+    ///
+    /// The API key is checked on the head: a request without it is answered 401 and the
+    /// connection closed before any of its body is read (and without `100 Continue`), so an
+    /// unauthenticated client never has more than its head ([`HEAD_CAP`]) buffered.
     fn read_request(&mut self, index: usize) -> bool {
-        let Some(conn) = self.conns.get_mut(index) else { return false };
-        let (head, head_len) = match head::parse(&conn.input) {
-            Parsed::Complete(head, len) => (head, len),
-            Parsed::Partial => {
-                if conn.peer_closed {
-                    self.remove(index);
+        loop {
+            let Some(conn) = self.conns.get_mut(index) else { return false };
+            let (head, head_len) = match head::parse(&conn.input) {
+                Parsed::Complete(head, len) => (head, len),
+                Parsed::Partial => {
+                    if conn.peer_closed {
+                        self.remove(index);
+                    }
+                    return false;
                 }
-                return false;
-            }
-            Parsed::Invalid(status, message) => {
-                self.respond(index, Reply::fatal(status, message), None);
+                Parsed::Invalid(status, message) => {
+                    self.respond(index, Reply::fatal(status, message), None);
+                    return true;
+                }
+            };
+            let current = Current {
+                method: head.method.clone(),
+                path: head.path.clone(),
+                keep_alive: head.keep_alive,
+                started: Instant::now(),
+            };
+            if let Some(mut reply) = routes::public(&head.method, &head.path) {
+                // No body is read for a public route: one sent anyway ends the connection.
+                reply.close |= head.transfer_encoding || head.content_length > 0;
+                conn.input.drain(..head_len);
+                self.respond(index, reply, Some(current));
                 return true;
             }
-        };
-        let current = Current {
-            method: head.method.clone(),
-            path: head.path.clone(),
-            keep_alive: head.keep_alive,
-            started: Instant::now(),
-        };
-        if head.transfer_encoding {
-            let reply =
-                Reply::fatal(411, "send the body with Content-Length (Transfer-Encoding is not supported)");
-            self.respond(index, reply, Some(current));
-            return true;
-        }
-        if head.content_length > MAX_BODY_BYTES {
-            let message = format!("request body over {MAX_BODY_BYTES} bytes");
-            self.respond(index, Reply::fatal(413, &message), Some(current));
-            return true;
-        }
-        let total = head_len + head.content_length;
-        if conn.input.len() < total {
-            if conn.peer_closed {
-                self.remove(index);
-            } else if head.expect_continue && !conn.continue_sent {
-                conn.continue_sent = true;
-                conn.queue(CONTINUE);
-                if let Err(e) = conn.flush() {
-                    log::debug!("API {}: write failed: {e}", conn.peer);
-                    self.remove(index);
-                }
+            let key = self.settings.key.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let authorized = head::authorized(head.authorization.as_deref(), &key);
+            drop(key);
+            if !authorized {
+                self.respond(index, Reply { close: true, ..Reply::unauthorized() }, Some(current));
+                return true;
             }
-            return false;
+            if let Some(reply) = framing_error(&head) {
+                self.respond(index, reply, Some(current));
+                return true;
+            }
+            let limit = if head.chunked { head_len + CHUNKED_CAP } else { head_len + head.content_length };
+            let raised = conn.limit != limit.max(HEAD_CAP);
+            conn.limit = limit.max(HEAD_CAP);
+            let complete = if head.chunked {
+                match chunked::scan(&conn.input[head_len..], &mut conn.chunks, MAX_BODY_BYTES) {
+                    Chunked::Complete(end) => Some((head_len + end, true)),
+                    Chunked::Invalid(status, message) => {
+                        self.respond(index, Reply::fatal(status, message), Some(current));
+                        return true;
+                    }
+                    Chunked::Partial if conn.input.len() >= conn.limit => {
+                        let reply = Reply::fatal(413, "chunked request body too large");
+                        self.respond(index, reply, Some(current));
+                        return true;
+                    }
+                    Chunked::Partial => None,
+                }
+            } else {
+                let total = head_len + head.content_length;
+                (conn.input.len() >= total).then_some((total, false))
+            };
+            let Some((total, chunked)) = complete else {
+                if conn.peer_closed {
+                    self.remove(index);
+                    return false;
+                }
+                if head.expect_continue && !conn.continue_sent {
+                    conn.continue_sent = true;
+                    conn.queue(CONTINUE);
+                    if let Err(e) = conn.flush() {
+                        log::debug!("API {}: write failed: {e}", conn.peer);
+                        self.remove(index);
+                        return false;
+                    }
+                }
+                if !raised {
+                    return false;
+                }
+                // The socket may hold more of the body than the head-only cap let in.
+                if let Err(e) = conn.fill() {
+                    log::debug!("API {}: read failed: {e}", conn.peer);
+                    self.remove(index);
+                    return false;
+                }
+                continue;
+            };
+            let body = if chunked {
+                chunked::decode(&conn.input[head_len..], total - head_len)
+            } else {
+                conn.input[head_len..total].to_vec()
+            };
+            conn.input.drain(..total);
+            conn.limit = HEAD_CAP;
+            conn.chunks = Default::default();
+            if conn.input.capacity() > 4 * HEAD_CAP {
+                conn.input.shrink_to(HEAD_CAP);
+            }
+            self.dispatch(index, head, &body, current);
+            return true;
         }
-        let body: Vec<u8> = conn.input[head_len..total].to_vec();
-        conn.input.drain(..total);
-        self.dispatch(index, head, &body, current);
-        true
     }
 
     /// Authenticates and routes a complete request; starts its call or answers at once.
     fn dispatch(&mut self, index: usize, head: head::Head, body: &[u8], current: Current) {
-        let key = self.settings.key.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let authorized = head::authorized(head.authorization.as_deref(), &key);
-        drop(key);
-        if !authorized {
-            self.respond(index, Reply::unauthorized(), Some(current));
-            return;
-        }
         if self.control.load(Ordering::Acquire) != RUN {
             self.respond(index, wait_failed(WaitError::ShuttingDown), Some(current));
             return;
         }
-        let call = match routes::route(&head.method, &head.path).and_then(|route| routes::call(route, body)) {
+        let call = match routes::route(&head.method, &head.path) {
+            Ok(Route::Events) => {
+                self.start_stream(index, &current);
+                return;
+            }
+            Ok(Route::Connections) => admin::connections_call(&head.query),
+            Ok(Route::Rooms) => admin::rooms_call(&head.query),
+            Ok(route) => routes::call(route, body),
+            Err(reply) => Err(reply),
+        };
+        let call = match call {
             Ok(call) => call,
             Err(reply) => {
                 self.respond(index, reply, Some(current));
@@ -302,8 +384,41 @@ impl ApiLoop {
         }
         let deadline = current.started + self.give_up_after(&call);
         let Some(conn) = self.conns.get_mut(index) else { return };
-        conn.state = State::Waiting(Waiting { seq, tally, current });
+        conn.state = State::Waiting(Box::new(Waiting { seq, tally, current }));
         self.set_deadline(index, deadline);
+    }
+
+    /// Answers `GET /api/v1/events` with an event stream: a snapshot now, then one a second.
+    fn start_stream(&mut self, index: usize, current: &Current) {
+        let first = admin::snapshot(&self.shared);
+        let Some(conn) = self.conns.get_mut(index) else { return };
+        log::info!("API {} {} {}: 200 event stream", conn.peer, current.method, current.path);
+        conn.queue(admin::STREAM_HEAD);
+        conn.queue(&first);
+        conn.state = State::Streaming;
+        if let Err(e) = conn.flush() {
+            log::debug!("API {}: write failed: {e}", conn.peer);
+            self.remove(index);
+            return;
+        }
+        self.set_deadline(index, Instant::now() + admin::SNAPSHOT_PERIOD);
+    }
+
+    /// The next snapshot of a stream, unless its client has not taken the earlier ones
+    /// ([`admin::STREAM_BACKLOG`]): a slow reader skips snapshots instead of growing memory.
+    fn stream_tick(&mut self, index: usize, now: Instant) {
+        let backlog = self.conns.get(index).map_or(0, Conn::unsent);
+        if backlog < admin::STREAM_BACKLOG {
+            let event = admin::snapshot(&self.shared);
+            let Some(conn) = self.conns.get_mut(index) else { return };
+            conn.queue(&event);
+            if let Err(e) = conn.flush() {
+                log::debug!("API {}: write failed: {e}", conn.peer);
+                self.remove(index);
+                return;
+            }
+        }
+        self.set_deadline(index, now + admin::SNAPSHOT_PERIOD);
     }
 
     /// How long the API waits for a call's outcomes before answering without them.
@@ -417,6 +532,7 @@ impl ApiLoop {
                     self.finish_waiting(index, reply);
                 }
                 State::Responding { .. } | State::Lingering => self.remove(index),
+                State::Streaming => self.stream_tick(index, now),
             }
         }
     }
@@ -445,4 +561,19 @@ impl ApiLoop {
         self.conns.clear();
         log::info!("backend HTTP API stopped");
     }
+}
+
+/// A body the API cannot frame: another transfer coding, both framings at once, or a
+/// `Content-Length` over the limit.
+fn framing_error(head: &head::Head) -> Option<Reply> {
+    if head.transfer_encoding && !head.chunked {
+        return Some(Reply::fatal(501, "only Transfer-Encoding: chunked is supported"));
+    }
+    if head.chunked && head.has_length {
+        return Some(Reply::fatal(400, "both Transfer-Encoding and Content-Length"));
+    }
+    if head.content_length > MAX_BODY_BYTES {
+        return Some(Reply::fatal(413, &format!("request body over {MAX_BODY_BYTES} bytes")));
+    }
+    None
 }

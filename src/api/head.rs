@@ -11,10 +11,16 @@ pub(super) struct Head {
     pub(super) method: String,
     /// Path without the query.
     pub(super) path: String,
+    /// The query (after `?`), empty when none.
+    pub(super) query: String,
     /// `Content-Length` (0 when absent).
     pub(super) content_length: usize,
     /// A `Transfer-Encoding` header was present.
     pub(super) transfer_encoding: bool,
+    /// `Transfer-Encoding: chunked` (and no other coding).
+    pub(super) chunked: bool,
+    /// A `Content-Length` header was present.
+    pub(super) has_length: bool,
     /// The client allows the connection to stay open after the response.
     pub(super) keep_alive: bool,
     /// `Expect: 100-continue`.
@@ -57,11 +63,12 @@ pub(super) fn parse(buf: &[u8]) -> Parsed {
 
 fn extract(req: &httparse::Request<'_, '_>) -> Result<Head, &'static str> {
     let target = req.path.unwrap_or("/");
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let http11 = req.version == Some(1);
     let mut head = Head {
         method: req.method.unwrap_or("").to_string(),
         path: path.to_string(),
+        query: query.to_string(),
         keep_alive: http11,
         ..Head::default()
     };
@@ -80,6 +87,8 @@ fn extract(req: &httparse::Request<'_, '_>) -> Result<Head, &'static str> {
                 (Some(n), _) => length = Some(n),
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // A second header line adds codings: only one line saying just `chunked` counts.
+            head.chunked = !head.transfer_encoding && value.is_ok_and(|v| v.eq_ignore_ascii_case("chunked"));
             head.transfer_encoding = true;
         } else if name.eq_ignore_ascii_case("connection") {
             let value = value.unwrap_or("");
@@ -94,6 +103,7 @@ fn extract(req: &httparse::Request<'_, '_>) -> Result<Head, &'static str> {
             head.authorization = value.ok().map(str::to_string);
         }
     }
+    head.has_length = length.is_some();
     head.content_length = length.unwrap_or(0);
     Ok(head)
 }
@@ -129,7 +139,7 @@ mod tests {
         let Parsed::Complete(head, len) = parse(req) else { panic!("not complete") };
         assert_eq!(len, req.len() - 12);
         assert_eq!(head.method, "POST");
-        assert_eq!(head.path, "/api/v1/send");
+        assert_eq!((head.path.as_str(), head.query.as_str()), ("/api/v1/send", "x=1"));
         assert_eq!(head.content_length, 12);
         assert!(head.keep_alive && head.expect_continue && !head.transfer_encoding);
         assert_eq!(head.authorization.as_deref(), Some("apikey k"));
@@ -145,6 +155,12 @@ mod tests {
         assert!(!parsed("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(parsed("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
         assert!(parsed("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").transfer_encoding);
+        assert!(parsed("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").chunked);
+        assert!(!parsed("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").chunked);
+        let twice =
+            parsed("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(twice.transfer_encoding && !twice.chunked);
+        assert!(parsed("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").has_length);
     }
 
     #[test]

@@ -23,6 +23,10 @@
 //! | `POST /api/v1/rooms/{room}/publish` `{"body", "meta"?, "fromUserId"?}` | 200 | `{"delivered": n}` |
 //! | `GET /api/v1/rooms/{room}` | 200 | `{"room", "members": [user ids, sorted, unique], "count"}` |
 //! | `GET /api/v1/rooms/{room}/presence` | 200 | `{"room", "members": [{"userId", "status", "context", "since"}, …]}`, sorted by `userId`, each user once |
+//! | `GET /api/v1/connections?cursor=&limit=&user=` | 200 | `{"connections": [{"userId", "shard", "ip", "connectedAt", "rooms", "queued", "messagesIn", "messagesOut", "lastActive"}, …], "nextCursor"}`: open connections in the order they opened, `limit` (1–1000, default 50) per page; pass `nextCursor` back as `cursor` (`null`: last page) |
+//! | `GET /api/v1/rooms?limit=` | 200 | `{"rooms": [{"room", "members"}, …], "total"}`, the `limit` (default 200) largest rooms |
+//! | `GET /api/v1/events` | 200 | `text/event-stream`: `data: {"ts", "connections", "users", "shards", "messagesIn", "messagesOut", "errors", "slowConsumerCloses", "rateLimited", "admissionRefusals", …}` every second (counters cumulative); a reader more than 64 KiB behind skips snapshots |
+//! | `GET /admin/clients` | 200 | the admin page (HTML, no key needed for the page itself; every call it makes needs the key) |
 //!
 //! `message` is `{"type": string, "payload"?: any JSON (forwarded byte-for-byte),
 //! "fromUserId"?: int}`. An acknowledged send and a request go to the user's newest
@@ -53,24 +57,28 @@
 //! | status | when |
 //! |---|---|
 //! | 400 | malformed HTTP, bad JSON, a missing or mistyped field (e.g. no `body` in a publish), a bad user id or room name in the path |
-//! | 401 | no `Authorization: apikey <key>` header, or the wrong key (answered with `WWW-Authenticate: apikey`) |
+//! | 401 | no `Authorization: apikey <key>` header, or the wrong key (answered with `WWW-Authenticate: apikey`, from the request head alone: no body is read and no `100 Continue` sent; the connection closes) |
 //! | 404 | unknown path; the user is offline (`send`, `"reason": "offline"`) |
 //! | 405 | known path, wrong method (with `Allow`) |
 //! | 408 | the request was not received within 30 s |
 //! | 410 | `"reason": "closed"`: the connection asked closed before the client answered |
-//! | 411 | a body without `Content-Length` (chunked bodies are not supported) |
-//! | 413 | a body over 1 MiB |
+//! | 413 | a body over 1 MiB (`Content-Length` or decoded `Transfer-Encoding: chunked`) |
 //! | 431 | a request head over 8 KiB or with too many headers |
-//! | 503 | `"reason": "shutting_down"`: the server is shutting down; too many API connections |
+//! | 501 | a transfer coding other than `chunked` |
+//! | 503 | `"reason": "shutting_down"`: the server is shutting down; more than `api_max_connections` API connections (closed at once, counted in `customws_api_refused_connections_total`) |
 //! | 504 | `"reason": "timeout"`: the client did not answer within `timeoutMs` (default `ack_timeout` / `request_timeout`) |
 //!
 //! HTTP/1.1 keep-alive is supported (HTTP/1.0 only with `Connection: keep-alive`); requests
 //! pipelined on one connection are answered in order. Error responses that leave the request
-//! stream in an unknown state (400 malformed, 408, 411, 413, 431) close the connection.
+//! stream in an unknown state (400 malformed, 401, 408, 413, 431, 501) close the connection.
+//! A body is framed by `Content-Length` or `Transfer-Encoding: chunked` (both at once: 400).
 
+mod admin;
+mod chunked;
 mod conn;
 mod event_loop;
 mod head;
+pub mod internal;
 mod reply;
 mod routes;
 
@@ -84,12 +92,10 @@ use mio::{Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::app::Handle;
-use crate::config::Config;
+use crate::shard::Shared;
 
 /// Largest request body accepted; a larger `Content-Length` is answered 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Most API connections open at once; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 16 * 1024;
 /// Listen backlog of the API socket.
 const BACKLOG: i32 = 1024;
 
@@ -117,7 +123,8 @@ pub struct ApiServer {
 
 /// Starts the API listener and its thread; `Ok(None)` when `api_key` is not configured (the
 /// API is off).
-pub fn start(config: &Config, handle: Handle) -> io::Result<Option<ApiServer>> {
+pub fn start(shared: Arc<Shared>) -> io::Result<Option<ApiServer>> {
+    let config = &shared.config;
     let Some(key) = config.api_key.as_deref() else {
         return Ok(None);
     };
@@ -130,11 +137,16 @@ pub fn start(config: &Config, handle: Handle) -> io::Result<Option<ApiServer>> {
     let api = event_loop::ApiLoop::new(
         poll,
         mio::net::TcpListener::from_std(listener),
-        handle,
+        Handle::new(Arc::clone(&shared)),
+        Arc::clone(&shared),
         event_loop::Settings {
             key: Arc::clone(&key),
             ack_timeout: config.ack_timeout,
             request_timeout: config.request_timeout,
+            max_connections: match config.api_max_connections {
+                0 => usize::MAX,
+                n => n,
+            },
         },
         Arc::clone(&waker),
         Arc::clone(&control),

@@ -18,24 +18,36 @@ pub(super) struct Reply {
     pub(super) close: bool,
     /// One extra header line, e.g. `Allow: POST` (405) or `WWW-Authenticate: apikey` (401).
     pub(super) header: Option<(&'static str, &'static str)>,
+    /// `Content-Type` of the body.
+    pub(super) content_type: &'static str,
+    /// More header lines, each ending in CRLF (the admin page's security headers).
+    pub(super) extra: &'static str,
 }
 
+/// The content type of every API answer but the admin page.
+const JSON: &str = "application/json";
+
 impl Reply {
+    /// 200 with an HTML page and `extra` header lines.
+    pub(super) fn html(body: String, extra: &'static str) -> Self {
+        Reply { content_type: "text/html; charset=utf-8", extra, ..Reply::ok(body) }
+    }
+
     /// 200 with a JSON body.
     pub(super) fn ok(body: String) -> Self {
-        Reply { status: 200, body, close: false, header: None }
+        Reply { status: 200, body, close: false, header: None, content_type: JSON, extra: "" }
     }
 
     /// `{"error": message}`.
     pub(super) fn error(status: u16, message: &str) -> Self {
         let body = serde_json::json!({ "error": message }).to_string();
-        Reply { status, body, close: false, header: None }
+        Reply { status, body, close: false, header: None, content_type: JSON, extra: "" }
     }
 
     /// `{"error": message, "reason": reason}`: a wait that ended without an answer.
     pub(super) fn wait_error(status: u16, reason: &str, message: &str) -> Self {
         let body = serde_json::json!({ "error": message, "reason": reason }).to_string();
-        Reply { status, body, close: false, header: None }
+        Reply { status, body, close: false, header: None, content_type: JSON, extra: "" }
     }
 
     /// An error after which the request stream cannot be trusted: the connection closes.
@@ -67,16 +79,18 @@ impl Reply {
 
     /// The bytes on the wire; `keep_alive` is what the client allowed.
     pub(super) fn encode(&self, keep_alive: bool) -> Vec<u8> {
-        let extra = self.header.map(|(name, value)| format!("{name}: {value}\r\n")).unwrap_or_default();
+        let mut extra = self.header.map(|(name, value)| format!("{name}: {value}\r\n")).unwrap_or_default();
+        extra.push_str(self.extra);
         if self.close || !keep_alive {
-            return response(self.status, "application/json", &extra, self.body.as_bytes());
+            return response(self.status, self.content_type, &extra, self.body.as_bytes());
         }
         let reason = StatusCode::from_u16(self.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
         let mut out = Vec::with_capacity(128 + self.body.len());
         let _ = write!(
             out,
-            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: keep-alive\r\n\r\n",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{extra}Connection: keep-alive\r\n\r\n",
             self.status,
+            self.content_type,
             self.body.len()
         );
         out.extend_from_slice(self.body.as_bytes());

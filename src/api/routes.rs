@@ -35,6 +35,17 @@ pub(super) enum Route {
     Room(String),
     /// `GET /api/v1/rooms/{room}/presence`, with the room name (percent-decoded, valid).
     RoomPresence(String),
+    /// `GET /api/v1/connections?cursor=&limit=&user=` (admin listing).
+    Connections,
+    /// `GET /api/v1/rooms?limit=` (admin listing).
+    Rooms,
+    /// `GET /api/v1/events` (admin event stream).
+    Events,
+}
+
+/// The answer to a request that needs no API key (the admin page's HTML shell), if it is one.
+pub(super) fn public(method: &str, path: &str) -> Option<Reply> {
+    super::admin::public(method, path)
 }
 
 /// Finds the route of `method path`: 404 for an unknown path, 405 for a known path with
@@ -49,6 +60,9 @@ pub(super) fn route(method: &str, path: &str) -> Result<Route, Reply> {
         ["send_many"] => (Route::SendMany, "POST"),
         ["broadcast"] => (Route::Broadcast, "POST"),
         ["request"] => (Route::Request, "POST"),
+        ["connections"] => (Route::Connections, "GET"),
+        ["rooms"] => (Route::Rooms, "GET"),
+        ["events"] => (Route::Events, "GET"),
         ["users", id] if !id.is_empty() => (Route::User(user_id(id)?), "GET"),
         ["users", id, "connections"] if !id.is_empty() => (Route::Disconnect(user_id(id)?), "DELETE"),
         ["rooms", room] if !room.is_empty() => (Route::Room(room_name(room)?), "GET"),
@@ -164,6 +178,20 @@ pub(super) enum Call {
         /// The room (valid).
         room: String,
     },
+    /// A page of the open connections (admin).
+    Connections {
+        /// Cursor: the last open order already listed.
+        after: u64,
+        /// Only this user's.
+        user: Option<i64>,
+        /// Page size.
+        limit: usize,
+    },
+    /// Rooms and their member counts (admin).
+    Rooms {
+        /// Most rooms listed.
+        limit: usize,
+    },
 }
 
 #[derive(Deserialize)]
@@ -255,6 +283,9 @@ pub(super) fn call(route: Route, body: &[u8]) -> Result<Call, Reply> {
         }
         Route::Room(room) => Call::RoomMembers { room },
         Route::RoomPresence(room) => Call::RoomPresence { room },
+        Route::Connections | Route::Rooms | Route::Events => {
+            return Err(Reply::error(500, "admin routes take their parameters from the query"));
+        }
     })
 }
 
@@ -318,6 +349,8 @@ pub(super) struct Tally {
     presences: Vec<UserPresence>,
     /// `RoomPresence`: the member list is complete and the presence queries are out.
     second_step: bool,
+    /// `Connections`: the shards' pages (boxed: most calls never list connections).
+    gather: Option<Box<super::admin::Gather>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +363,8 @@ enum Kind {
     Disconnect,
     Members { room: String },
     RoomPresence { room: String },
+    Connections { limit: usize },
+    Rooms,
 }
 
 impl Call {
@@ -365,6 +400,11 @@ impl Call {
             Call::RoomPresence { room } => {
                 (Op::RoomMembers { room }, Kind::RoomPresence { room: room.clone() })
             }
+            Call::Connections { after, user, limit } => (
+                Op::AdminConnections { after: *after, user: *user, limit: *limit },
+                Kind::Connections { limit: *limit },
+            ),
+            Call::Rooms { limit } => (Op::AdminRooms { limit: *limit }, Kind::Rooms),
         };
         let left = submit(op);
         Tally::new(kind, left)
@@ -389,6 +429,7 @@ impl Tally {
             connections: None,
             presences: Vec::new(),
             second_step: false,
+            gather: None,
         }
     }
 
@@ -474,6 +515,15 @@ impl Tally {
                 }
                 self.room_presence(room)
             }
+            (Kind::Connections { limit }, Outcome::Connections { page, more }) => {
+                let gather = self.gather.get_or_insert_with(Default::default);
+                gather.add(page, more);
+                if self.left > 0 {
+                    return None;
+                }
+                gather.reply(*limit)
+            }
+            (Kind::Rooms, Outcome::Rooms { rooms, total }) => super::admin::rooms_reply(&rooms, total),
             (kind, other) => {
                 log::error!("API: unexpected outcome {other:?} for a {kind:?} call");
                 Reply::error(500, "unexpected outcome from the server")

@@ -88,6 +88,21 @@ pub enum Op<'a> {
         /// The user.
         user: i64,
     },
+    /// Admin listing: open connections with an open order above `after` (of `user` when
+    /// given), at most `limit` per shard: one `Connections` per shard.
+    AdminConnections {
+        /// Cursor: the last open order already listed (0 from the start).
+        after: u64,
+        /// Only this user's connections.
+        user: Option<i64>,
+        /// Page size.
+        limit: usize,
+    },
+    /// Admin listing: rooms and their member counts, the `limit` largest: `Rooms`.
+    AdminRooms {
+        /// Most rooms listed.
+        limit: usize,
+    },
 }
 
 /// Issues server-initiated operations. Cheap to clone; usable from any thread.
@@ -179,6 +194,19 @@ impl Handle {
             }
             Op::Disconnect { user } => {
                 self.to_home(user, ShardMsg::DisconnectUser { user, done: Some(done.clone()) });
+                1
+            }
+            Op::AdminConnections { after, user, limit } => {
+                // One user's connections are all on the shards its directory names; asking
+                // every shard keeps this simple and is one message per shard either way.
+                for link in &self.shared.links {
+                    link.send_now(ShardMsg::AdminConnections { after, user, limit, done: done.clone() });
+                }
+                self.shared.links.len()
+            }
+            Op::AdminRooms { limit } => {
+                // Every shard keeps every room's count (replicas): one shard answers for all.
+                self.shared.links[0].send_now(ShardMsg::AdminRooms { limit, done: done.clone() });
                 1
             }
         }

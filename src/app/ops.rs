@@ -91,6 +91,40 @@ pub struct UserPresence {
     pub since_ms: u64,
 }
 
+/// One open connection as the admin listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnSummary {
+    /// The user.
+    pub user: i64,
+    /// Owning shard.
+    pub shard: usize,
+    /// Global open order: the listing's cursor.
+    pub seq: u64,
+    /// The client's address as counted for admission (through `trusted_proxies`).
+    pub ip: std::net::IpAddr,
+    /// When the WebSocket opened, Unix milliseconds.
+    pub connected_ms: u64,
+    /// Rooms the connection is in.
+    pub rooms: Vec<String>,
+    /// Frames queued for the client now.
+    pub queued: usize,
+    /// Messages received from the client (wraps at 2^32).
+    pub messages_in: u32,
+    /// Frames queued to the client (wraps at 2^32).
+    pub messages_out: u32,
+    /// When the client last sent a message (or connected), Unix milliseconds, 1 s precision.
+    pub last_active_ms: u64,
+}
+
+/// A room and its member count on all shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomCount {
+    /// The room.
+    pub room: String,
+    /// Member connections on all shards, as announced.
+    pub members: usize,
+}
+
 /// Why a wait ended without an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -124,6 +158,20 @@ pub enum Outcome {
     Members(Vec<i64>),
     /// A user's current presence (status `offline` when not connected).
     Presence(UserPresence),
+    /// One shard's page of open connections, by `seq`.
+    Connections {
+        /// The connections, lowest `seq` first.
+        page: Vec<ConnSummary>,
+        /// The shard has more past the page.
+        more: bool,
+    },
+    /// Rooms with their member counts, largest first.
+    Rooms {
+        /// Up to the asked limit.
+        rooms: Vec<RoomCount>,
+        /// Rooms with members in all.
+        total: usize,
+    },
     /// No answer.
     Failed(WaitError),
 }

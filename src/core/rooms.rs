@@ -111,6 +111,11 @@ impl RoomTable {
         })
     }
 
+    /// Every room with members anywhere, with its total on all shards, as announced.
+    pub fn totals(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.counts.iter().map(|(room, c)| (&**room, c.iter().map(|&n| n as usize).sum()))
+    }
+
     /// Number of rooms with members anywhere.
     pub fn rooms(&self) -> usize {
         self.counts.len()

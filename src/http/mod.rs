@@ -37,6 +37,8 @@ pub enum Decision {
     Metrics,
     /// A dev-mode page (`GET /demo`, `GET /demo/customws.js`): answer it as it is.
     Page(demo::Page),
+    /// `GET /ready`.
+    Ready,
     /// Refuse with a JSON error and close.
     Refuse {
         /// HTTP status.
@@ -55,6 +57,8 @@ pub struct Gate {
     insecure_user_id: bool,
     echo_path: Option<String>,
     dev: bool,
+    /// `internal_listen` is set: `/health`, `/metrics` and `/ready` are served there, not here.
+    internal: bool,
 }
 
 impl Gate {
@@ -70,6 +74,7 @@ impl Gate {
             insecure_user_id: config.allow_insecure_user_id,
             echo_path: config.echo_path.clone(),
             dev: config.dev,
+            internal: config.internal_listen.is_some(),
         }
     }
 
@@ -87,8 +92,9 @@ impl Gate {
             return self.upgrade(req);
         }
         match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/health") => Decision::Health,
-            ("GET", "/metrics") => Decision::Metrics,
+            ("GET", "/health") if !self.internal => Decision::Health,
+            ("GET", "/metrics") if !self.internal => Decision::Metrics,
+            ("GET", "/ready") if !self.internal => Decision::Ready,
             ("GET", path) if self.dev && path.starts_with("/demo") => demo::route(path, &self.ws_path)
                 .map_or_else(|| refuse(404, format!("no endpoint at {path}")), Decision::Page),
             _ => refuse(404, format!("no endpoint at {}", req.path)),
@@ -212,6 +218,7 @@ mod tests {
         let get = |path: &str| Request { method: "GET".into(), path: path.into(), ..Request::default() };
         assert!(matches!(g.decide(&get("/health")), Decision::Health));
         assert!(matches!(g.decide(&get("/metrics")), Decision::Metrics));
+        assert!(matches!(g.decide(&get("/ready")), Decision::Ready));
         assert!(matches!(g.decide(&get("/nope")), Decision::Refuse { status: 404, .. }));
         assert!(matches!(g.decide(&get("/ws")), Decision::Refuse { status: 400, .. }));
     }

@@ -56,6 +56,8 @@ pub struct Session {
     pub expires_deadline: u64,
     /// The client's address as counted for `max_connections_per_ip`.
     pub client_ip: std::net::IpAddr,
+    /// When the WebSocket opened, Unix milliseconds (admin listing).
+    pub opened_ms: u64,
 }
 
 /// Why a frame was not queued.
@@ -194,6 +196,12 @@ pub struct Conn {
     pub write_blocked_at: u64,
     /// Server-initiated waits sent on this connection (failed with `Closed` when it goes).
     pub waits: Vec<WaitKey>,
+    /// Client messages received (admin listing; wraps).
+    pub messages_in: u32,
+    /// Frames queued to the client (admin listing; wraps).
+    pub messages_out: u32,
+    /// When the client last sent a message or connected, in shard seconds (admin listing).
+    pub last_active_s: u32,
 }
 
 impl Conn {
@@ -216,6 +224,9 @@ impl Conn {
             next_ping: u64::MAX,
             write_blocked_at: u64::MAX,
             waits: Vec::new(),
+            messages_in: 0,
+            messages_out: 0,
+            last_active_s: (deadline / 1000) as u32,
         }
     }
 

@@ -47,7 +47,14 @@ impl Shard {
                         }
                     }
                     Decision::Echo => self.upgrade_echo(key, request.ws_key.as_deref().unwrap_or("")),
-                    Decision::Health => self.respond(key, 200, "application/json", self.health().as_bytes()),
+                    Decision::Health => {
+                        let health = self.shared.health_json();
+                        self.respond(key, 200, "application/json", health.as_bytes());
+                    }
+                    Decision::Ready => {
+                        let (status, body) = self.shared.readiness();
+                        self.respond(key, status, "application/json", body.as_bytes());
+                    }
                     Decision::Metrics => {
                         let format = Format::negotiate(request.accept.as_deref());
                         let text = self.shared.metrics.render_as(self.shared.app.counters(), format);
@@ -58,17 +65,6 @@ impl Shard {
                 }
             }
         }
-    }
-
-    fn health(&self) -> String {
-        let metrics = &self.shared.metrics;
-        serde_json::json!({
-            "status": "OK",
-            "timestamp": rfc3339(Self::wall_ms()),
-            "uptime": self.shared.started.elapsed().as_secs(),
-            "connections": metrics.sum(|s| &s.connections_current),
-        })
-        .to_string()
     }
 
     /// Answers `status` and closes. The first refusal of a status in an interval is logged
@@ -231,7 +227,9 @@ impl Shard {
             strikes: Strikes::default(),
             expires_deadline,
             client_ip,
+            opened_ms: Self::wall_ms(),
         }));
+        conn.last_active_s = (now / 1000) as u32;
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.connections_total);

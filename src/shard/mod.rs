@@ -3,6 +3,7 @@
 //! inbox from the other shards. The loop is a thin driver over the sans-IO pieces in `ws`,
 //! `http`, `protocol` and `core`. See `LIFECYCLE.md` for the connection state machine.
 
+mod admin;
 mod callbacks;
 pub mod conn;
 mod deliver;
@@ -109,6 +110,8 @@ pub struct Shared {
     pub caps: crate::core::occupancy::Caps,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Set first thing when a shutdown starts: `/ready` answers 503 from then on.
+    pub draining: AtomicBool,
 }
 
 impl Shared {

@@ -251,6 +251,25 @@ pub enum ShardMsg {
         /// Gets `Members`.
         done: Completion,
     },
+    /// Admin listing: this shard's open connections with `seq > after` (of `user` when
+    /// given), at most `limit`, lowest `seq` first: `Connections`.
+    AdminConnections {
+        /// Cursor: the last `seq` already listed (0 from the start).
+        after: u64,
+        /// Only this user's connections.
+        user: Option<i64>,
+        /// Page size.
+        limit: usize,
+        /// Gets `Connections`.
+        done: Completion,
+    },
+    /// Admin listing: every room's total member count, the `limit` largest: `Rooms`.
+    AdminRooms {
+        /// Most rooms listed.
+        limit: usize,
+        /// Gets `Rooms`.
+        done: Completion,
+    },
     /// Begin graceful shutdown.
     Shutdown,
 }

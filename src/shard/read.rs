@@ -235,6 +235,11 @@ impl Shard {
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.messages_in);
         metrics.observe_size(text.len());
+        let now_s = (self.now / 1000) as u32;
+        if let Some(conn) = self.conn_mut(key) {
+            conn.messages_in = conn.messages_in.wrapping_add(1);
+            conn.last_active_s = now_s;
+        }
         if std::str::from_utf8(text).is_err() {
             self.fail(key, FrameError::InvalidUtf8);
             return;

@@ -53,6 +53,7 @@ impl Sink {
         match outcome {
             Ok(()) => {
                 ShardMetrics::inc(&metrics.messages_out);
+                conn.messages_out = conn.messages_out.wrapping_add(1);
                 self.mark_dirty(key, conn);
             }
             Err(Refused::Closing) => ShardMetrics::inc(&metrics.frames_dropped),

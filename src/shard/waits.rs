@@ -50,7 +50,11 @@ impl Shard {
                     done.complete(Outcome::Delivered(count));
                 }
             }
-            other => self.handle(other),
+            other => {
+                if let Some(other) = self.handle_admin(other) {
+                    self.handle(other);
+                }
+            }
         }
     }
 
