@@ -56,6 +56,10 @@ pub struct Session {
     pub expires_deadline: u64,
     /// The client's address as counted for `max_connections_per_ip`.
     pub client_ip: std::net::IpAddr,
+    /// Members per second `room_presence` and `presence_subscribe` may still cost.
+    pub presence_budget: crate::core::ratelimit::TokenBucket,
+    /// A `room_presence` answer is being gathered (one at a time per connection).
+    pub roster_in_flight: bool,
 }
 
 /// Why a frame was not queued.

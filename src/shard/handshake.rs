@@ -167,6 +167,7 @@ impl Shard {
         let user = identity.user_id;
         let now = self.now;
         let limits = self.limits;
+        let presence_rate = self.presence_rate();
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
@@ -191,6 +192,8 @@ impl Shard {
             strikes: Strikes::default(),
             expires_deadline,
             client_ip,
+            presence_budget: TokenBucket::full(presence_rate, now),
+            roster_in_flight: false,
         }));
         let pending = std::mem::take(&mut conn.inbuf);
         let metrics = self.metrics();
