@@ -205,12 +205,137 @@ fn presence_subscribe_over_the_presence_budget_is_429() {
     let addr = server.local_addr();
     let mut w = connect(addr, 70, &[]);
     let ids: Vec<i64> = (1000..1100).collect();
+    let started = Instant::now();
     assert_eq!(subscribe(&mut w, &ids, "all-100").len(), 100);
-    // Repeats count once, and the budget is spent: one more user is refused.
-    w.send_value(
-        &json!({"pid": "one-more", "type": "presence_subscribe", "payload": {"userIds": [2000, 2000]}}),
-    );
+    // The budget is spent: 100 more users (repeats count once) need another second.
+    let more: Vec<i64> = (2000..2100).chain(2000..2100).collect();
+    w.send_value(&json!({"pid": "more", "type": "presence_subscribe", "payload": {"userIds": more}}));
     let v = w.recv_json();
-    assert_error(&v, 429, "one-more");
+    assert!(started.elapsed() < Duration::from_millis(500), "too slow to test a 100/s budget");
+    assert_error(&v, 429, "more");
     assert!(v["error"]["message"].as_str().unwrap().contains("budget"), "{v}");
+    w.expect_silence(Duration::from_millis(100));
+}
+
+/// `customws_inbox_bytes{shard="N"}`.
+fn inbox_bytes(text: &str, shard: usize) -> f64 {
+    let samples = metric_samples(text, "customws_inbox_bytes");
+    let label = format!("shard=\"{shard}\"");
+    samples.iter().find(|(l, _)| l.contains(&label)).map(|(_, v)| *v).expect("customws_inbox_bytes gauge")
+}
+
+/// A flood of P2P messages from a client on shard 0 to a user on shard 1, with a small
+/// `inbox_max_bytes`: what does not fit in shard 1's inbox is shed, each shed message is
+/// answered 503 with its pid and counted, the rest is delivered exactly once, the inbox depth
+/// stays near the bound — and the state-keeping messages sent to the same inbox meanwhile
+/// (connections opening and closing, homed on shard 1) are never shed.
+#[test]
+fn a_full_inbox_sheds_client_traffic_with_503_but_never_state() {
+    const BOUND: usize = 16 * 1024;
+    const FLOOD: usize = 3000;
+    let server = start(|c| {
+        c.inbox_max_bytes = BOUND;
+        c.send_queue = 1_000_000;
+        c.send_queue_bytes = 1 << 30;
+        c.room_presence_max_members = 0;
+    });
+    let addr = server.local_addr();
+    let mut watcher = connect_on_shard(addr, 2, &[], 0);
+    let churn: Vec<i64> = (0..6).map(|i| 101 + 2 * i).collect(); // odd: homed on shard 1
+    assert_eq!(subscribe(&mut watcher, &churn, "watch").len(), churn.len());
+    let mut sender = connect_on_shard(addr, 4, &[], 0);
+    let mut receiver = connect_on_shard(addr, 5, &[], 1);
+
+    let reader = std::thread::spawn(move || {
+        let mut got = 0usize;
+        receiver.ws.get_ref().set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        while let Ok(m) = receiver.ws.read() {
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_eq!(v["type"], "data_event", "{v}");
+                got += 1;
+            }
+        }
+        got
+    });
+    let flood = std::thread::spawn(move || {
+        let pad = "f".repeat(2000);
+        for i in 0..FLOOD {
+            let text = json!({"pid": format!("m{i}"), "type": "data_request", "targetUserId": 5,
+                              "payload": {"pad": pad}})
+            .to_string();
+            sender.ws.write(Message::text(text)).unwrap();
+        }
+        sender.ws.flush().unwrap();
+        let (mut delivered, mut shed) = (0usize, 0usize);
+        while delivered + shed < FLOOD {
+            let v = sender.recv_json();
+            if v["type"] == "server_ack" {
+                assert_eq!(v["payload"]["status"], "delivered", "{v}");
+                delivered += 1;
+            } else {
+                assert_eq!(v["type"], "error_notification", "{v}");
+                assert_eq!(v["error"]["code"], 503, "{v}");
+                assert!(v["error"]["originalPid"].as_str().is_some_and(|p| p.starts_with('m')), "{v}");
+                shed += 1;
+            }
+        }
+        (delivered, shed)
+    });
+    // Meanwhile: connections homed on shard 1 open and close, and the inbox is sampled.
+    let mut peak = 0f64;
+    let mut kept = Vec::new();
+    for (i, &user) in churn.iter().enumerate() {
+        let c = connect(addr, user, &[]);
+        peak = peak.max(inbox_bytes(&metrics(addr), 1));
+        if i % 2 == 0 {
+            c.close();
+        } else {
+            kept.push(c);
+        }
+    }
+    while !flood.is_finished() {
+        peak = peak.max(inbox_bytes(&metrics(addr), 1));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (delivered, shed) = flood.join().unwrap();
+    let received = reader.join().unwrap();
+    eprintln!("flood of {FLOOD}: {delivered} delivered, {shed} shed (503); peak inbox {peak} bytes");
+    assert!(shed > 0, "a {BOUND}-byte inbox absorbed a {FLOOD}-message flood: nothing was shed");
+    assert_eq!(received, delivered, "every acknowledged message arrives once, no shed one does");
+    let text = metrics(addr);
+    let shed_deliver = metric_samples(&text, "customws_inbox_shed_total")
+        .into_iter()
+        .find(|(l, _)| l.contains("kind=\"deliver\""))
+        .map(|(_, v)| v);
+    assert_eq!(shed_deliver, Some(shed as f64), "customws_inbox_shed_total{{kind=\"deliver\"}}");
+    assert!(peak <= (BOUND + 8 * 1024) as f64, "inbox depth {peak} beyond the {BOUND}-byte bound");
+    wait_until(Duration::from_secs(3), "the inboxes to drain", || {
+        let text = metrics(addr);
+        inbox_bytes(&text, 0) == 0.0 && inbox_bytes(&text, 1) == 0.0
+    });
+
+    // State was never shed: whoever closed is offline, whoever stayed is online, everywhere.
+    let handle = server.handle();
+    for (i, &user) in churn.iter().enumerate() {
+        let online = handle.is_online(user).wait_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(online, i % 2 == 1, "user {user}: home shard's view after the flood");
+    }
+    let mut last = std::collections::HashMap::new();
+    loop {
+        watcher.ws.get_ref().set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        match watcher.ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                last.insert(v["payload"]["userId"].as_i64().unwrap(), v["payload"]["status"].clone());
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    for (i, &user) in churn.iter().enumerate() {
+        let want = if i % 2 == 1 { "online" } else { "offline" };
+        assert_eq!(last.get(&user), Some(&json!(want)), "watcher's last event about {user}: {last:?}");
+    }
+    drop(kept);
 }
