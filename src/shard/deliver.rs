@@ -352,8 +352,11 @@ impl Shard {
             ShardMsg::Broadcast { frame, except } => self.broadcast_local(&frame, except),
             ShardMsg::PresenceSet { user, presence, fan_out, rooms, except } => {
                 if fan_out {
-                    // A client's update: its fan-out may be shed (its ack has gone already).
+                    // A client's update: its fan-out may be shed, counted but not reported: the
+                    // update itself is stored (and, from another shard, acknowledged already).
+                    let shed = self.shed;
                     self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
+                    self.shed = shed;
                 }
                 self.presence.update(user, presence);
             }
