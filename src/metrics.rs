@@ -226,6 +226,7 @@ impl Metrics {
 }
 
 type Pick = fn(&ShardMetrics) -> &AtomicU64;
+type PickDepth = fn(&InboxDepth) -> &AtomicU64;
 
 /// Counters handed over at scrape time (the application's own).
 #[derive(Debug)]
@@ -302,7 +303,7 @@ impl Metrics {
             MetricType::Counter,
         )?)?;
         let Some(inboxes) = self.inboxes.get() else { return Ok(()) };
-        let gauges: [(&str, &str, fn(&InboxDepth) -> &AtomicU64); 2] = [
+        let gauges: [(&str, &str, PickDepth); 2] = [
             ("customws_inbox_bytes", "Estimated bytes queued in each shard's inbox.", |d| &d.bytes),
             ("customws_inbox_messages", "Messages queued in each shard's inbox.", |d| &d.messages),
         ];

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::drive::{Wait, wait};
 use super::engine::{Ended, Handler, push_text};
 use super::util::{self, hist_json, new_hist, r3};
-use super::{Common, Ctx, Incoming, establish, now_us, parse_error, parse_payload, payload, pump};
+use super::{Common, Ctx, Incoming, establish, now_us, parse_payload, payload, pump};
 
 /// The bound the issue sets on the server's memory growth under this attack.
 const RSS_GROWTH_BOUND: u64 = 32 * 1024 * 1024;
@@ -91,7 +91,6 @@ impl Handler for HostileH {
                 }
                 "presence_event" => self.snapshot_events += 1,
                 "error_notification" => {
-                    let _ = parse_error(m.error);
                     let v: Value =
                         m.error.and_then(|r| serde_json::from_str(r.get()).ok()).unwrap_or_default();
                     *self.errors.entry(v["code"].as_i64().unwrap_or(0)).or_insert(0) += 1;
@@ -221,7 +220,7 @@ pub(crate) fn hostile(ctx: &mut Ctx) -> Result<Value, String> {
             for k in 0..hostiles {
                 let (Some(id), true) = (h.hostile_conn[k], h.hostile_joined[k]) else { continue };
                 requests += 1;
-                let text = if requests % 2 == 0 {
+                let text = if requests.is_multiple_of(2) {
                     json!({"type": "room_presence", "pid": format!("rp{requests}"), "payload": {"room": room}})
                 } else {
                     let first = (requests as usize * ids) % members.max(1);
@@ -264,7 +263,7 @@ pub(crate) fn hostile(ctx: &mut Ctx) -> Result<Value, String> {
     if growth.is_some_and(|g| g > RSS_GROWTH_BOUND) {
         ctx.problems.push(format!("server RSS grew {growth:?} bytes during the attack (bound 32 MiB)"));
     }
-    if h.lat_attack.len() == 0 || p99 >= P99_BOUND_US {
+    if h.lat_attack.is_empty() || p99 >= P99_BOUND_US {
         ctx.problems.push(format!("P2P pair p99 {p99} µs during the attack (bound 50 ms)"));
     }
     eng.close_all();
