@@ -246,14 +246,23 @@ fn a_full_inbox_sheds_client_traffic_with_503_but_never_state() {
     let mut sender = connect_on_shard(addr, 4, &[], 0);
     let mut receiver = connect_on_shard(addr, 5, &[], 1);
 
+    // The receiver reads until it has what was acknowledged (known once the flood is answered),
+    // then 300 ms more for anything that should not come; 20 s at most.
+    let expected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let target = std::sync::Arc::clone(&expected);
     let reader = std::thread::spawn(move || {
         let mut got = 0usize;
-        receiver.ws.get_ref().set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-        while let Ok(m) = receiver.ws.read() {
-            if let Message::Text(t) = m {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut quiet_until = None;
+        receiver.ws.get_ref().set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        while Instant::now() < deadline && quiet_until.is_none_or(|t| Instant::now() < t) {
+            if let Ok(Message::Text(t)) = receiver.ws.read() {
                 let v: Value = serde_json::from_str(t.as_str()).unwrap();
                 assert_eq!(v["type"], "data_event", "{v}");
                 got += 1;
+            }
+            if quiet_until.is_none() && got >= target.load(std::sync::atomic::Ordering::SeqCst) {
+                quiet_until = Some(Instant::now() + Duration::from_millis(300));
             }
         }
         got
@@ -299,6 +308,7 @@ fn a_full_inbox_sheds_client_traffic_with_503_but_never_state() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let (delivered, shed) = flood.join().unwrap();
+    expected.store(delivered, std::sync::atomic::Ordering::SeqCst);
     let received = reader.join().unwrap();
     eprintln!("flood of {FLOOD}: {delivered} delivered, {shed} shed (503); peak inbox {peak} bytes");
     assert!(shed > 0, "a {BOUND}-byte inbox absorbed a {FLOOD}-message flood: nothing was shed");
