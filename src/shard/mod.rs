@@ -88,7 +88,8 @@ impl Link {
     }
 
     /// Queues a message unless the inbox would then hold more than `max_bytes`; gives the
-    /// message back when it does not fit.
+    /// message back when it does not fit. (Check and add are not one atomic step: senders
+    /// racing on the same inbox may overshoot the bound by one message each.)
     pub fn try_send(&self, msg: ShardMsg, max_bytes: u64) -> Result<(), ShardMsg> {
         let cost = msg.cost() as u64;
         if self.depth.bytes.load(Ordering::Relaxed).saturating_add(cost) > max_bytes {
@@ -613,6 +614,54 @@ impl Shard {
     fn announce_replica(&mut self, user: i64, present: bool) {
         for shard in 0..self.shards() {
             self.send_to(shard, ShardMsg::Replica { user, shard: self.id, present });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn link() -> (Link, Receiver<Parcel>, Poll) {
+        let poll = Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), WAKER).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Link { tx, waker, sleeping: AtomicBool::new(false), depth: Arc::default() }, rx, poll)
+    }
+
+    fn deliver(len: usize) -> ShardMsg {
+        ShardMsg::Deliver { users: vec![1], frame: Bytes::from(vec![b'x'; len]) }
+    }
+
+    #[test]
+    fn the_depth_counts_bytes_in_and_out_and_try_send_refuses_over_the_bound() {
+        let (link, rx, _poll) = link();
+        let cost = deliver(1000).cost() as u64;
+        assert!(cost >= 1008, "a message costs at least what it carries: {cost}");
+        assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
+        assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
+        assert!(link.try_send(deliver(1000), 2 * cost).is_err(), "a third one is over the bound");
+        link.send(ShardMsg::Replica { user: 1, shard: 0, present: true }); // never refused
+        assert_eq!(link.depth.messages.load(Ordering::Relaxed), 3);
+        while let Ok(parcel) = rx.try_recv() {
+            link.received(&parcel);
+        }
+        assert_eq!((link.depth_bytes(), link.depth.messages.load(Ordering::Relaxed)), (0, 0));
+    }
+
+    #[test]
+    fn only_client_work_may_be_shed() {
+        assert_eq!(deliver(1).shed_kind(), Some(ShedKind::Deliver));
+        for state in [
+            ShardMsg::Replica { user: 1, shard: 0, present: false },
+            ShardMsg::HomeClosed { user: 1, seq: 1 },
+            ShardMsg::RoomCount { room: Arc::from("r"), shard: 0, count: 0 },
+            ShardMsg::Unwatch { watcher: 1, targets: vec![2] },
+            ShardMsg::RosterPart { roster: 0, users: vec![] },
+            ShardMsg::DeliverFrames { key: ConnKey { index: 0, generation: 0 }, frames: vec![] },
+        ] {
+            assert_eq!(state.shed_kind(), None, "{state:?} must never be shed");
         }
     }
 }
