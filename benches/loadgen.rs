@@ -14,6 +14,11 @@
 //!   presence  --watchers W --updates U [--size 100] [--rounds 1] [--interval-ms 0 = back-to-back]
 //!   request   --conns P --inflight F --messages M [--size 100]
 //!             (generic_request → generic_response round trips; the server's built-in echo)
+//!   hostile   --members 10000 [--hostiles 2] [--secs 10] [--quiet-secs 2] [--interval-ms 10]
+//!             [--reconnect-ms 500] [--ids 1024] [--pair-interval-ms 5]
+//!             (members of one room; hostile members repeat room_presence / presence_subscribe of
+//!             --ids users while reconnecting; a P2P pair's latency and the server's RSS growth;
+//!             server: rate limits on, --room-presence-max-members 0 --max-room-members 1000000)
 //!   report    --file FILE.jsonl   (Markdown table of a benches/run.sh results file)
 //! common: --src-ips K (127.0.0.2 ..= 127.0.0.(K+1), default 8) --timeout-secs T (default 60)
 //!         --clk-tck 100 --path /ws --no-metrics 1
@@ -71,6 +76,8 @@ macro_rules! progress {
 // After the macro, so that the scenarios there can use `progress!`.
 #[path = "loadgen/drive.rs"]
 mod drive;
+#[path = "loadgen/hostile.rs"]
+mod hostile;
 #[path = "loadgen/request.rs"]
 mod request;
 #[path = "loadgen/rooms.rs"]
@@ -958,6 +965,7 @@ fn run() -> Result<(), String> {
         "room" => rooms::room(&mut ctx),
         "presence" => rooms::presence(&mut ctx),
         "request" => request::request(&mut ctx),
+        "hostile" => hostile::hostile(&mut ctx),
         other => Err(format!("unknown scenario {other:?}")),
     }?;
     if ctx.timed_out() {

@@ -263,6 +263,8 @@ run_with() {
 # Rooms: rate limits are already off in SERVER_ARGS; no joined/left presence events (5,000 joins
 # would otherwise announce 12.5 M of them) and room size unbounded.
 ROOM_FLAGS="--room-presence-max-members 0 --max-room-members 1000000"
+# The hostile scenario: the default rate limits and send queues (a hostile client within its limits).
+HOSTILE_FLAGS="$ROOM_FLAGS --rate-limit 100 --rate-limit-bytes 1MiB --send-queue 256 --send-queue-bytes 1MiB"
 
 # ---- meta -------------------------------------------------------------------------------------
 MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -285,6 +287,7 @@ if [[ "$QUICK" == 1 ]]; then
     run presence-small presence --watchers 100 --updates 50
     run request-1 request --conns 8 --inflight 1 --messages 500
     run request-16 request --conns 8 --inflight 16 --messages 2000
+    run_with "$HOSTILE_FLAGS" hostile-small hostile --members 1000 --secs 3 --quiet-secs 1
     run_density_multi density-2x1000 2 1000
 else
     run density density --conns 15000
@@ -308,6 +311,10 @@ else
     # file limit (2 × 15,000 on a host with more files per process; here the server has 20,000
     # too, so 2 × 9,000 = 18,000).
     run_density_multi density-2x9000 2 9000
+    # Hardening issue #9: a 10,000-member room, two hostile members repeating room_presence and
+    # presence_subscribe of 1,024 users while reconnecting every 0.5 s, within their rate limit;
+    # an unrelated P2P pair's latency before and during, and the server's RSS growth.
+    run_with "$HOSTILE_FLAGS" hostile-10000 hostile --members 10000 --hostiles 2 --secs 10
 fi
 
 if selected floor; then

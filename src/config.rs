@@ -151,6 +151,13 @@ pub struct Config {
     pub max_room_members: usize,
     /// Rooms up to this size announce joins and leaves (`room_presence_max_members`).
     pub room_presence_max_members: usize,
+    /// Most members in one `room_presence` answer (`room_presence_page`).
+    pub room_presence_page: usize,
+    /// Members per second one connection's `room_presence` and `presence_subscribe` may cost
+    /// (`presence_budget`).
+    pub presence_budget: usize,
+    /// Bytes of client-originated messages a shard's inbox may hold (`inbox_max_bytes`).
+    pub inbox_max_bytes: usize,
     /// Backend to forward `generic_request` and unknown types to (`backend_url`).
     pub backend_url: Option<String>,
     /// Bound on one backend call (`backend_timeout`).
@@ -215,6 +222,9 @@ impl Default for Config {
             max_rooms_per_connection: 64,
             max_room_members: 100_000,
             room_presence_max_members: 1000,
+            room_presence_page: 100,
+            presence_budget: 5000,
+            inbox_max_bytes: 16 * 1024 * 1024,
             backend_url: None,
             backend_timeout: Duration::from_secs(5),
             backend_concurrency: 16,
@@ -600,6 +610,10 @@ keys! {
     max_room_members: Count => "Members one room may have (all shards; may overshoot by a few during racing joins).",
     room_presence_max_members: Count =>
         "Rooms up to this size get joined/left presence events; bigger rooms stay quiet (0 = never).",
+    room_presence_page: Count => "Most members in one room_presence answer; the rest are asked for with its cursor.",
+    presence_budget: Count =>
+        "Members per second a connection's room_presence pages and presence_subscribe ids may cost; 0 = off.",
+    inbox_max_bytes: Size => "Client-originated messages a shard's inbox may hold; beyond it they are shed (503).",
     backend_url: OptText => "POST generic_request and unknown message types to this URL; off when unset.",
     backend_timeout: Dur => "Bound on one backend call; past it the client gets error_notification 504.",
     backend_concurrency: Count => "Backend calls in flight at once (worker threads).",

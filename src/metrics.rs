@@ -95,6 +95,12 @@ pub struct ShardMetrics {
     pub sizes: Histogram<7>,
     /// Time from a loop iteration's wake-up to its deliveries being written, per message.
     pub latency: Histogram<7>,
+    /// Client-originated messages this shard did not send because the receiving shard's
+    /// inbox was over `inbox_max_bytes`, by [`ShedKind`].
+    pub inbox_shed: [AtomicU64; ShedKind::ALL.len()],
+    /// `room_presence` / `presence_subscribe` refused by the presence budget or because one
+    /// was in flight (429).
+    pub presence_refused: AtomicU64,
 }
 
 impl Default for ShardMetrics {
@@ -115,6 +121,8 @@ impl Default for ShardMetrics {
             admission_refusals: AtomicU64::new(0),
             sizes: Histogram::new(&SIZE_BUCKETS, 1.0),
             latency: Histogram::new(&LATENCY_BUCKETS, 1e9),
+            inbox_shed: std::array::from_fn(|_| AtomicU64::new(0)),
+            presence_refused: AtomicU64::new(0),
         }
     }
 }
@@ -141,6 +149,56 @@ impl ShardMetrics {
     }
 }
 
+/// What a shed message was, for `customws_inbox_shed_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedKind {
+    /// `data_request` to a user (P2P) or a targeted presence event.
+    Deliver,
+    /// `data_request` broadcast, or presence with `presence_scope = "all"`.
+    Broadcast,
+    /// A room publish, or a join/left event to a room.
+    Room,
+    /// A presence update to its home shard, or its fan-out to watchers and rooms.
+    Presence,
+    /// `presence_subscribe` / `presence_unsubscribe` to the watcher's home shard.
+    Watch,
+    /// `room_presence` gathering members and their presences.
+    Roster,
+}
+
+impl ShedKind {
+    /// Every kind, in label order.
+    pub const ALL: [ShedKind; 6] = [
+        ShedKind::Deliver,
+        ShedKind::Broadcast,
+        ShedKind::Room,
+        ShedKind::Presence,
+        ShedKind::Watch,
+        ShedKind::Roster,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ShedKind::Deliver => "deliver",
+            ShedKind::Broadcast => "broadcast",
+            ShedKind::Room => "room",
+            ShedKind::Presence => "presence",
+            ShedKind::Watch => "watch",
+            ShedKind::Roster => "roster",
+        }
+    }
+}
+
+/// What one shard's inbox holds now: written by every sender (add) and the shard (subtract).
+#[derive(Debug, Default)]
+pub struct InboxDepth {
+    /// Estimated bytes held by queued messages.
+    pub bytes: AtomicU64,
+    /// Queued messages.
+    pub messages: AtomicU64,
+}
+
 /// All shards' counters.
 #[derive(Debug)]
 pub struct Metrics {
@@ -148,6 +206,8 @@ pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
     /// Backend API connections refused at `api_max_connections` (written by the API thread).
     pub api_refused: AtomicU64,
+    /// Each shard's inbox depth (index = shard id), set once when the shards start.
+    pub inboxes: std::sync::OnceLock<Vec<Arc<InboxDepth>>>,
 }
 
 impl Metrics {
@@ -156,6 +216,7 @@ impl Metrics {
         Arc::new(Metrics {
             shards: (0..n).map(|_| ShardMetrics::default()).collect(),
             api_refused: AtomicU64::new(0),
+            inboxes: std::sync::OnceLock::new(),
         })
     }
 
@@ -189,6 +250,7 @@ impl Metrics {
 }
 
 type Pick = fn(&ShardMetrics) -> &AtomicU64;
+type PickDepth = fn(&InboxDepth) -> &AtomicU64;
 
 /// Counters handed over at scrape time (the application's own).
 #[derive(Debug)]
@@ -251,7 +313,40 @@ impl Collector for Metrics {
             MetricType::Counter,
         )?)?;
         self.encode_shards(&mut encoder)?;
+        self.encode_inboxes(&mut encoder)?;
         self.encode_sizes(&mut encoder)
+    }
+}
+
+impl Metrics {
+    /// Inbox sheds by kind, presence refusals, and each shard's inbox depth.
+    fn encode_inboxes(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let help = "Client-originated messages shed because the receiving shard's inbox was full.";
+        let mut family = encoder.encode_descriptor("customws_inbox_shed", help, None, MetricType::Counter)?;
+        for (i, kind) in ShedKind::ALL.iter().enumerate() {
+            let total: u64 = self.shards.iter().map(|s| s.inbox_shed[i].load(Relaxed)).sum();
+            ConstCounter::new(total).encode(family.encode_family(&[("kind", kind.label())])?)?;
+        }
+        let help = "room_presence / presence_subscribe refused 429 by the presence budget or one in flight.";
+        ConstCounter::new(self.sum(|s| &s.presence_refused)).encode(encoder.encode_descriptor(
+            "customws_presence_refused",
+            help,
+            None,
+            MetricType::Counter,
+        )?)?;
+        let Some(inboxes) = self.inboxes.get() else { return Ok(()) };
+        let gauges: [(&str, &str, PickDepth); 2] = [
+            ("customws_inbox_bytes", "Estimated bytes queued in each shard's inbox.", |d| &d.bytes),
+            ("customws_inbox_messages", "Messages queued in each shard's inbox.", |d| &d.messages),
+        ];
+        for (name, help, pick) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (i, depth) in inboxes.iter().enumerate() {
+                let gauge = ConstGauge::new(pick(depth).load(Relaxed) as i64);
+                gauge.encode(family.encode_family(&[("shard", i.to_string())])?)?;
+            }
+        }
+        Ok(())
     }
 }
 

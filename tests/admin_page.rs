@@ -149,7 +149,10 @@ fn the_event_stream_sends_a_snapshot_every_second() {
         .map(|e| serde_json::from_str(e).unwrap())
         .collect();
     assert!(events.len() >= 3, "{text}");
-    assert_eq!((events[0]["connections"].as_u64(), events[0]["users"].as_u64()), (Some(3), Some(3)));
+    // The users gauge is kept by each user's home shard, one channel hop after the 101: the
+    // first snapshot may predate it, a later one may not.
+    let last = events.last().unwrap();
+    assert_eq!((last["connections"].as_u64(), last["users"].as_u64()), (Some(3), Some(3)), "{text}");
     assert!(events[2]["ts"].as_u64() > events[0]["ts"].as_u64());
     assert!(
         took >= Duration::from_millis(1800) && took < Duration::from_secs(4),

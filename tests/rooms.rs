@@ -442,6 +442,25 @@ fn large_rooms_do_not_announce_joins_and_leaves() {
     b.expect_silence(Duration::from_millis(100));
 }
 
+/// A `room_presence` answer to `pid`: one message `{room, members, next}`; returns the members.
+fn room_presence_page(c: &mut Client, room: &str, pid: &str) -> Vec<Value> {
+    c.send_value(&json!({"type": "room_presence", "pid": pid, "payload": {"room": room}}));
+    let v = c.recv_json();
+    assert_eq!(v["type"], "room_presence", "expected the room_presence answer to {pid}, got {v}");
+    assert_eq!(v["pid"], pid, "{v}");
+    assert_eq!(v["payload"]["room"], room, "{v}");
+    assert_eq!(v["payload"]["next"], Value::Null, "one page holds the whole room: {v}");
+    v["payload"]["members"].as_array().unwrap_or_else(|| panic!("payload.members: {v}")).clone()
+}
+
+/// A `room_presence` member entry `{userId, status, context, timestamp}`.
+fn assert_member(m: &Value, user: i64, status: &str) {
+    assert_eq!(m["userId"], user, "{m}");
+    assert_eq!(m["status"], status, "{m}");
+    assert!(m.as_object().is_some_and(|o| o.contains_key("context")), "member.context: {m}");
+    assert_rfc3339(m["timestamp"].as_str().unwrap_or_else(|| panic!("member.timestamp: {m}")));
+}
+
 #[test]
 fn room_presence_lists_every_members_current_status() {
     let server = start(|c| c.room_presence_max_members = 0);
@@ -452,21 +471,16 @@ fn room_presence_lists_every_members_current_status() {
     update(&mut a, "busy", json!({"status": "busy", "context": {"call": true}}), "ok");
     join(&mut a, "roster", "ja");
     join(&mut b, "roster", "jb");
+    join(&mut c, "roster", "jc");
 
-    // c, about to join, asks who is there.
-    c.send_value(&json!({"type": "room_presence", "pid": "rp", "payload": {"room": "roster"}}));
-    assert_ack(&c.recv_json(), "rp", "ok");
-    let mut got: Vec<Value> = (0..2).map(|_| c.recv_json()).collect();
-    got.sort_by_key(|v| v["payload"]["userId"].as_i64());
-    let pa = assert_presence(&got[0], 1, "busy");
-    assert_eq!(pa["context"], json!({"call": true}));
-    assert_presence(&got[1], 2, "online");
+    // c asks who is there: one answer, members in user-id order, the asker included.
+    let members = room_presence_page(&mut c, "roster", "rp");
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert_member(&members[0], 1, "busy");
+    assert_eq!(members[0]["context"], json!({"call": true}));
+    assert_member(&members[1], 2, "online");
+    assert_member(&members[2], 3, "online");
     c.expect_silence(Duration::from_millis(150));
-
-    // An empty or unknown room: just the ack.
-    c.send_value(&json!({"type": "room_presence", "pid": "rp2", "payload": {"room": "nobody-here"}}));
-    assert_ack(&c.recv_json(), "rp2", "ok");
-    c.expect_silence(Duration::from_millis(100));
 }
 
 #[test]
@@ -478,10 +492,12 @@ fn room_presence_reports_a_user_once_even_with_connections_on_both_shards() {
     let mut c = connect(addr, 3, &[]);
     join(&mut a0, "twice", "j0");
     join(&mut a1, "twice", "j1");
-    assert_eq!(members(&server, "twice"), vec![1]);
-    c.send_value(&json!({"type": "room_presence", "pid": "rp", "payload": {"room": "twice"}}));
-    assert_ack(&c.recv_json(), "rp", "ok");
-    assert_presence(&c.recv_json(), 1, "online");
+    join(&mut c, "twice", "jc");
+    assert_eq!(members(&server, "twice"), vec![1, 3]);
+    let got = room_presence_page(&mut c, "twice", "rp");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_member(&got[0], 1, "online");
+    assert_member(&got[1], 3, "online");
     c.expect_silence(Duration::from_millis(200));
 }
 

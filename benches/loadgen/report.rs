@@ -266,6 +266,37 @@ fn row(v: &Value) -> (String, String, Vec<String>) {
                 ),
             ],
         ),
+        "hostile" => (
+            sc,
+            format!(
+                "{} members; {} hostile members, one request every {} ms each (room_presence / presence_subscribe of {} ids), reconnecting every {} ms; {} s",
+                f(v, &["members"], 0),
+                f(v, &["hostiles"], 0),
+                f(v, &["interval_ms"], 0),
+                f(v, &["subscribe_ids"], 0),
+                f(v, &["reconnect_ms"], 0),
+                f(v, &["attack_secs"], 0)
+            ),
+            vec![
+                format!(
+                    "**server RSS +{}** during the attack ({} → peak {}; after {})",
+                    kib(v, &["rss_growth_bytes"]),
+                    kib(v, &["rss_before_bytes"]),
+                    kib(v, &["rss_max_bytes"]),
+                    kib(v, &["rss_after_bytes"])
+                ),
+                format!("**P2P pair during the attack: {}**", lat(v, "pair_latency_attack")),
+                format!("P2P pair before: {}", lat(v, "pair_latency_quiet")),
+                format!(
+                    "{} requests, {} room_presence answers listing {} members, {} snapshot events, errors by code {}",
+                    f(v, &["hostile_requests"], 0),
+                    f(v, &["room_presence_answers"], 0),
+                    f(v, &["members_listed"], 0),
+                    f(v, &["snapshot_events"], 0),
+                    v["errors_by_code"]
+                ),
+            ],
+        ),
         _ => (sc, String::new(), vec![]),
     }
 }

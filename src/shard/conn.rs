@@ -58,6 +58,10 @@ pub struct Session {
     pub client_ip: std::net::IpAddr,
     /// When the WebSocket opened, Unix milliseconds (admin listing).
     pub opened_ms: u64,
+    /// Members per second `room_presence` and `presence_subscribe` may still cost.
+    pub presence_budget: crate::core::ratelimit::TokenBucket,
+    /// A `room_presence` answer is being gathered (one at a time per connection).
+    pub roster_in_flight: bool,
 }
 
 /// Why a frame was not queued.

@@ -37,6 +37,7 @@ impl Shard {
             Route::P2p { target, payload } => {
                 let delivered = self.deliver_to_users(&[target], data_event(user, payload));
                 match (pid, delivered) {
+                    (Some(pid), true) if self.shed => self.reply(key, shed_notice(pid)),
                     (Some(pid), true) => self.reply(key, server_ack(pid, "delivered")),
                     (Some(pid), false) => self.reply(
                         key,
@@ -78,6 +79,9 @@ impl Shard {
                 self.ack(key, pid, "ok");
             }
             Route::Subscribe(targets) => {
+                if !self.admit_subscribe(key, &targets, pid) {
+                    return;
+                }
                 let msg = ShardMsg::AdmitWatch {
                     watcher: user,
                     targets,
@@ -85,6 +89,9 @@ impl Shard {
                     pid: pid.map(Into::into),
                 };
                 self.send_to(Directory::home_of(user, self.shards()), msg);
+                if self.shed {
+                    self.ack(key, pid, "ok"); // 503
+                }
             }
             Route::Unsubscribe(targets) => {
                 let msg = ShardMsg::DropWatch {
@@ -94,12 +101,22 @@ impl Shard {
                     pid: pid.map(Into::into),
                 };
                 self.send_to(Directory::home_of(user, self.shards()), msg);
+                if self.shed {
+                    self.ack(key, pid, "ok"); // 503
+                }
             }
             Route::Ack(ack) => self.on_client_ack(key, &ack),
             Route::Join(room) => self.join_room(key, user, &room, pid),
             Route::Leave(room) => self.leave_room(key, user, &room, pid),
             Route::RoomPublish(publish) => self.publish_from_client(key, user, &publish, pid),
-            Route::RoomPresence(room) => self.room_roster(key, &room, pid),
+            Route::RoomPresence(room) => match msg.payload_as::<RosterCursor>() {
+                Ok(page) => self.room_roster(key, &room, page.cursor, pid),
+                Err(e) => {
+                    ShardMetrics::inc(&self.metrics().errors);
+                    let message = format!("invalid room_presence cursor (want a user id): {e}");
+                    self.reply(key, error_notification(pid, 400, &message));
+                }
+            },
             Route::AuthRefresh(token) => self.refresh_token(key, user, &token, pid),
             Route::Heartbeat => self.reply(key, heartbeat_ack(Self::wall_ms())),
             Route::Disconnect => self.close(key, close::NORMAL, "client requested disconnect"),
@@ -119,9 +136,35 @@ impl Shard {
         self.sink.push(&mut self.conns, key, frame);
     }
 
+    /// Acknowledges with `status`, or answers 503 when part of the work was shed.
     fn ack(&mut self, key: ConnKey, pid: Option<&str>, status: &str) {
         if let Some(pid) = pid {
-            self.reply(key, server_ack(pid, status));
+            let frame = if self.shed { shed_notice(pid) } else { server_ack(pid, status) };
+            self.reply(key, frame);
+        }
+    }
+
+    /// `presence_subscribe`: charges the distinct ids to the connection's presence budget
+    /// (429 when spent) and refuses 503 while our inbox, where the answers come back, is full.
+    fn admit_subscribe(&mut self, key: ConnKey, targets: &[i64], pid: Option<&str>) -> bool {
+        let mut distinct = targets.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let (now, rate, inbox_full) = (self.now, self.presence_rate(), self.own_inbox_full());
+        let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return false };
+        let refusal = if !session.presence_budget.take(rate, distinct.len() as u64, now) {
+            Some((429, format!("presence budget exceeded ({} users per second)", rate.per_second)))
+        } else if inbox_full {
+            Some((503, "server busy; retry later".to_string()))
+        } else {
+            None
+        };
+        match refusal {
+            Some((code, message)) => {
+                self.refuse_presence(key, pid, code, &message);
+                false
+            }
+            None => true,
         }
     }
 
@@ -301,10 +344,19 @@ impl Shard {
                 }
             }
             ShardMsg::DeliverConn { key, frame } => self.reply(key, frame),
+            ShardMsg::DeliverFrames { key, frames } => {
+                for frame in frames {
+                    self.reply(key, frame);
+                }
+            }
             ShardMsg::Broadcast { frame, except } => self.broadcast_local(&frame, except),
             ShardMsg::PresenceSet { user, presence, fan_out, rooms, except } => {
                 if fan_out {
-                    self.announce_presence(user, &presence, rooms, except);
+                    // A client's update: its fan-out may be shed, counted but not reported: the
+                    // update itself is stored (and, from another shard, acknowledged already).
+                    let shed = self.shed;
+                    self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
+                    self.shed = shed;
                 }
                 self.presence.update(user, presence);
             }
@@ -373,8 +425,9 @@ impl Shard {
         }
         let answer = match self.presence.admit_watch(watcher, &targets) {
             WatchAdmission::TooMany => error_notification(pid.as_deref(), 429, "watch list limit reached"),
-            WatchAdmission::Accepted(_) => {
-                self.for_each_home(targets, |targets| ShardMsg::Watch { watcher, targets, reply });
+            // Only the users not watched yet: re-subscribing sends no second snapshot.
+            WatchAdmission::Accepted(fresh) => {
+                self.for_each_home(fresh, |targets| ShardMsg::Watch { watcher, targets, reply });
                 match pid.as_deref() {
                     Some(pid) => server_ack(pid, "ok"),
                     None => return,
@@ -386,11 +439,13 @@ impl Shard {
 
     fn watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr) {
         let now = Self::wall_ms();
+        let mut frames = Vec::with_capacity(targets.len());
         for target in targets {
             self.presence.add_watcher(target, watcher);
-            let frame = encode_presence(target, &self.presence.get(target, now));
-            self.send_to(reply.shard, ShardMsg::DeliverConn { key: reply.key, frame });
+            frames.push(encode_presence(target, &self.presence.get(target, now)));
         }
+        // One message for the whole snapshot, never shed: the request was admitted.
+        self.send_to(reply.shard, ShardMsg::DeliverFrames { key: reply.key, frames });
     }
 
     /// Splits `users` by home shard and sends each group the message `make` builds.
@@ -404,6 +459,18 @@ impl Shard {
             self.send_to(shard, make(group));
         }
     }
+}
+
+/// `room_presence`'s optional `cursor`: the `next` of the previous page.
+#[derive(Debug, serde::Deserialize)]
+struct RosterCursor {
+    #[serde(default)]
+    cursor: Option<i64>,
+}
+
+/// The 503 a client gets when part of what it asked for was shed (an inbox was full).
+fn shed_notice(pid: &str) -> Bytes {
+    error_notification(Some(pid), 503, "server busy: message shed; retry later")
 }
 
 pub(super) fn encode_presence(user: i64, presence: &Presence) -> Bytes {

@@ -203,6 +203,7 @@ impl Shard {
         let user = identity.user_id;
         let now = self.now;
         let limits = self.limits;
+        let presence_rate = self.presence_rate();
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
@@ -228,6 +229,8 @@ impl Shard {
             expires_deadline,
             client_ip,
             opened_ms: Self::wall_ms(),
+            presence_budget: TokenBucket::full(presence_rate, now),
+            roster_in_flight: false,
         }));
         conn.last_active_s = (now / 1000) as u32;
         let pending = std::mem::take(&mut conn.inbuf);

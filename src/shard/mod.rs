@@ -32,7 +32,7 @@ use crate::core::directory::{ConnAddr, ShardId};
 use crate::core::pending::{PendingTable, WaitKey};
 use crate::core::{ConnKey, Directory, PresenceTable, TimerWheel};
 use crate::http::Gate;
-use crate::metrics::{Metrics, ShardMetrics};
+use crate::metrics::{InboxDepth, Metrics, ShardMetrics, ShedKind};
 use conn::{Conn, Flushed, Phase};
 use msg::ShardMsg;
 use sink::Sink;
@@ -60,18 +60,64 @@ pub enum TimerKey {
 }
 
 /// A shard's address book: how to reach it from any thread.
+///
+/// The inbox is an unbounded channel whose *depth* (estimated bytes, messages) is counted
+/// here: every send adds the message's [`ShardMsg::cost`], the shard subtracts it on receipt.
+/// [`Link::try_send`] refuses a message that would take the depth over a bound; [`Link::send`]
+/// never refuses (state-keeping messages, answers to admitted requests, the application's
+/// operations). No sender ever blocks, so shards sending to each other cannot deadlock.
 #[derive(Debug)]
 pub struct Link {
-    tx: Sender<ShardMsg>,
+    tx: Sender<Parcel>,
     waker: Waker,
     sleeping: AtomicBool,
+    depth: Arc<InboxDepth>,
+}
+
+/// A message in an inbox, with the cost it added to the depth.
+#[derive(Debug)]
+struct Parcel {
+    msg: ShardMsg,
+    cost: u64,
 }
 
 impl Link {
-    /// Queues a message; the shard is woken by [`Link::wake`].
+    /// Queues a message whatever the depth; the shard is woken by [`Link::wake`].
     pub fn send(&self, msg: ShardMsg) {
+        let cost = msg.cost() as u64;
+        self.enqueue(Parcel { msg, cost });
+    }
+
+    /// Queues a message unless the inbox would then hold more than `max_bytes`; gives the
+    /// message back when it does not fit. (Check and add are not one atomic step: senders
+    /// racing on the same inbox may overshoot the bound by one message each.)
+    pub fn try_send(&self, msg: ShardMsg, max_bytes: u64) -> Result<(), ShardMsg> {
+        let cost = msg.cost() as u64;
+        if self.depth.bytes.load(Ordering::Relaxed).saturating_add(cost) > max_bytes {
+            return Err(msg);
+        }
+        self.enqueue(Parcel { msg, cost });
+        Ok(())
+    }
+
+    fn enqueue(&self, parcel: Parcel) {
+        self.depth.bytes.fetch_add(parcel.cost, Ordering::Relaxed);
+        self.depth.messages.fetch_add(1, Ordering::Relaxed);
         // A closed inbox means the shard has exited during shutdown; nothing to deliver to.
-        let _ = self.tx.send(msg);
+        if let Err(e) = self.tx.send(parcel) {
+            self.received(&e.0);
+        }
+    }
+
+    /// The shard took `parcel` out of its inbox.
+    fn received(&self, parcel: &Parcel) {
+        self.depth.bytes.fetch_sub(parcel.cost, Ordering::Relaxed);
+        self.depth.messages.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Estimated bytes queued in the inbox now.
+    pub fn depth_bytes(&self) -> u64 {
+        self.depth.bytes.load(Ordering::Relaxed)
     }
 
     /// Wakes the shard if it is (about to be) blocked in `epoll_wait`.
@@ -179,7 +225,7 @@ impl Limits {
 pub struct ShardParts {
     poll: Poll,
     listener: TcpListener,
-    inbox: Receiver<ShardMsg>,
+    inbox: Receiver<Parcel>,
 }
 
 impl ShardParts {
@@ -191,7 +237,7 @@ impl ShardParts {
         let mut listener = TcpListener::from_std(listener);
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let (tx, inbox) = crossbeam_channel::unbounded();
-        let link = Link { tx, waker, sleeping: AtomicBool::new(false) };
+        let link = Link { tx, waker, sleeping: AtomicBool::new(false), depth: Arc::default() };
         Ok((ShardParts { poll, listener, inbox }, link))
     }
 }
@@ -202,7 +248,7 @@ pub struct Shard {
     shared: Arc<Shared>,
     poll: Poll,
     listener: Option<TcpListener>,
-    inbox: Receiver<ShardMsg>,
+    inbox: Receiver<Parcel>,
     conns: Slab<Conn>,
     next_generation: u32,
     wheel: TimerWheel<TimerKey>,
@@ -241,6 +287,11 @@ pub struct Shard {
     rates: limits::Rates,
     /// `room_presence` requests gathering member lists.
     rosters: Slab<rooms::Roster>,
+    /// True while handling what a client asked for: sends that may be shed are shed when the
+    /// receiving inbox is over `inbox_max_bytes`.
+    client_work: bool,
+    /// A send was shed since the current client message began (its sender gets 503).
+    shed: bool,
     /// Per-user message buckets of the users with connections here, from [`Shared::admit`]:
     /// shared with the user's connections on every shard.
     user_buckets: std::collections::HashMap<
@@ -257,6 +308,7 @@ impl Shard {
         let limits = Limits::from(config);
         let sink = Sink::new(config.send_queue, config.send_queue_bytes, Arc::clone(&shared.metrics), id);
         let peers = shared.links.len();
+        let _ = shared.metrics.inboxes.set(shared.links.iter().map(|l| Arc::clone(&l.depth)).collect());
         Shard {
             id,
             poll: parts.poll,
@@ -292,6 +344,8 @@ impl Shard {
             },
             rates: limits::Rates::from(&shared.config),
             rosters: Slab::new(),
+            client_work: false,
+            shed: false,
             user_buckets: Default::default(),
             shared,
         }
@@ -524,13 +578,50 @@ impl Shard {
     // ----- cross-shard -------------------------------------------------------------------
 
     /// Sends to a shard; a message to ourselves is handled at once.
+    ///
+    /// While handling client work (`client_work`), a message that may be shed
+    /// ([`ShardMsg::shed_kind`]) is dropped when the receiving inbox is over
+    /// `inbox_max_bytes`: counted in `customws_inbox_shed_total{kind}` and noted in `shed` so
+    /// that the client is told 503. Everything else always goes.
     fn send_to(&mut self, shard: ShardId, msg: ShardMsg) {
         if shard == self.id {
             self.handle(msg);
-        } else {
-            self.shared.links[shard].send(msg);
-            self.to_wake[shard] = true;
+            return;
         }
+        let link = &self.shared.links[shard];
+        match msg.shed_kind().filter(|_| self.client_work) {
+            Some(kind) => {
+                if link.try_send(msg, self.shared.config.inbox_max_bytes as u64).is_err() {
+                    self.count_shed(kind);
+                    return;
+                }
+            }
+            None => link.send(msg),
+        }
+        self.to_wake[shard] = true;
+    }
+
+    fn count_shed(&mut self, kind: ShedKind) {
+        self.shed = true;
+        let index = ShedKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        ShardMetrics::inc(&self.metrics().inbox_shed[index]);
+    }
+
+    /// Whether our own inbox is over its bound: a client request whose answers come back
+    /// through it is refused (503) rather than adding to it.
+    fn own_inbox_full(&self) -> bool {
+        self.shared.links[self.id].depth_bytes() > self.shared.config.inbox_max_bytes as u64
+    }
+
+    /// Runs `work` as client work (see [`Shard::send_to`]); restores the previous mode.
+    fn as_client_work<T>(&mut self, work: impl FnOnce(&mut Self) -> T) -> T {
+        let before = std::mem::replace(&mut self.client_work, true);
+        if !before {
+            self.shed = false;
+        }
+        let out = work(self);
+        self.client_work = before;
+        out
     }
 
     fn wake_peers(&mut self) {
@@ -545,7 +636,10 @@ impl Shard {
         // Bounded so that a flood from other shards cannot starve our own sockets.
         for _ in 0..65_536 {
             match self.inbox.try_recv() {
-                Ok(msg) => self.handle(msg),
+                Ok(parcel) => {
+                    self.shared.links[self.id].received(&parcel);
+                    self.handle(parcel.msg);
+                }
                 Err(_) => return,
             }
         }
@@ -555,6 +649,54 @@ impl Shard {
     fn announce_replica(&mut self, user: i64, present: bool) {
         for shard in 0..self.shards() {
             self.send_to(shard, ShardMsg::Replica { user, shard: self.id, present });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn link() -> (Link, Receiver<Parcel>, Poll) {
+        let poll = Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), WAKER).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Link { tx, waker, sleeping: AtomicBool::new(false), depth: Arc::default() }, rx, poll)
+    }
+
+    fn deliver(len: usize) -> ShardMsg {
+        ShardMsg::Deliver { users: vec![1], frame: Bytes::from(vec![b'x'; len]) }
+    }
+
+    #[test]
+    fn the_depth_counts_bytes_in_and_out_and_try_send_refuses_over_the_bound() {
+        let (link, rx, _poll) = link();
+        let cost = deliver(1000).cost() as u64;
+        assert!(cost >= 1008, "a message costs at least what it carries: {cost}");
+        assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
+        assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
+        assert!(link.try_send(deliver(1000), 2 * cost).is_err(), "a third one is over the bound");
+        link.send(ShardMsg::Replica { user: 1, shard: 0, present: true }); // never refused
+        assert_eq!(link.depth.messages.load(Ordering::Relaxed), 3);
+        while let Ok(parcel) = rx.try_recv() {
+            link.received(&parcel);
+        }
+        assert_eq!((link.depth_bytes(), link.depth.messages.load(Ordering::Relaxed)), (0, 0));
+    }
+
+    #[test]
+    fn only_client_work_may_be_shed() {
+        assert_eq!(deliver(1).shed_kind(), Some(ShedKind::Deliver));
+        for state in [
+            ShardMsg::Replica { user: 1, shard: 0, present: false },
+            ShardMsg::HomeClosed { user: 1, seq: 1 },
+            ShardMsg::RoomCount { room: Arc::from("r"), shard: 0, count: 0 },
+            ShardMsg::Unwatch { watcher: 1, targets: vec![2] },
+            ShardMsg::RosterPart { roster: 0, users: vec![] },
+            ShardMsg::DeliverFrames { key: ConnKey { index: 0, generation: 0 }, frames: vec![] },
+        ] {
+            assert_eq!(state.shed_kind(), None, "{state:?} must never be shed");
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::app::ops::{Completion, OutMessage};
 use crate::core::directory::{ConnAddr, ConnKey, ShardId};
 use crate::core::pending::WaitKind;
 use crate::core::presence::Presence;
+use crate::metrics::ShedKind;
 
 /// One message to a shard.
 #[derive(Debug)]
@@ -214,28 +215,49 @@ pub enum ShardMsg {
         /// Gets `Delivered(n)`.
         done: Option<Completion>,
     },
-    /// Report the local members' user ids of `room` to `reply_shard`'s roster `roster`.
+    /// Report the local members' user ids of `room` above `after` (the smallest `limit` of
+    /// them) to `reply_shard`'s roster `roster`.
     RoomRoster {
         /// The room.
         room: Arc<str>,
+        /// Only user ids greater than this (the page's cursor).
+        after: i64,
+        /// At most this many ids.
+        limit: u32,
         /// The asking shard.
         reply_shard: ShardId,
         /// The asking shard's gather entry.
         roster: u32,
     },
-    /// One shard's part of a roster: local members' user ids.
+    /// One shard's part of a roster: local members' user ids, sorted.
     RosterPart {
         /// The gather entry.
         roster: u32,
         /// User ids.
         users: Vec<i64>,
     },
-    /// To `user`'s home shard: send the user's current presence to `reply`.
-    PresenceQuery {
-        /// The user.
-        user: i64,
-        /// The connection asking.
-        reply: ConnAddr,
+    /// To the home shard of each of `users`: report their presences to `reply_shard`'s roster.
+    PresenceBatch {
+        /// Users homed on the receiving shard.
+        users: Vec<i64>,
+        /// The asking shard.
+        reply_shard: ShardId,
+        /// The asking shard's gather entry.
+        roster: u32,
+    },
+    /// One home shard's presences for a roster.
+    PresencePart {
+        /// The gather entry.
+        roster: u32,
+        /// Each user's presence.
+        entries: Vec<(i64, Presence)>,
+    },
+    /// Queue `frames` on one connection, in order (a subscription's current presences).
+    DeliverFrames {
+        /// The connection on the receiving shard.
+        key: ConnKey,
+        /// The encoded frames.
+        frames: Vec<Bytes>,
     },
     /// To `user`'s home shard: report its presence: `Presence`.
     QueryPresence {
@@ -272,4 +294,52 @@ pub enum ShardMsg {
     },
     /// Begin graceful shutdown.
     Shutdown,
+}
+
+/// Bytes a room name is reckoned at in [`ShardMsg::cost`] (the name is shared, not copied).
+const ROOM_REF: usize = 16;
+
+impl ShardMsg {
+    /// Estimated bytes this message holds while queued: its own size plus what it owns or
+    /// shares (frames, id lists). Charged to the receiving inbox's depth.
+    pub fn cost(&self) -> usize {
+        let ids = |list: &[i64]| list.len() * 8;
+        let presence = |p: &Presence| 32 + p.status.len() + p.context.as_ref().map_or(0, |c| c.len());
+        std::mem::size_of::<ShardMsg>()
+            + match self {
+                ShardMsg::Deliver { users, frame } => ids(users) + frame.len(),
+                ShardMsg::DeliverConn { frame, .. }
+                | ShardMsg::Broadcast { frame, .. }
+                | ShardMsg::SendUser { frame, .. } => frame.len(),
+                ShardMsg::DeliverFrames { frames, .. } => frames.iter().map(|f| 32 + f.len()).sum(),
+                ShardMsg::PresenceSet { presence: p, rooms, .. } => presence(p) + rooms.len() * ROOM_REF,
+                ShardMsg::PresenceFanout { frame, rooms, users, .. } => {
+                    frame.len() + rooms.len() * ROOM_REF + ids(users)
+                }
+                ShardMsg::AdmitWatch { targets, .. }
+                | ShardMsg::DropWatch { targets, .. }
+                | ShardMsg::Watch { targets, .. }
+                | ShardMsg::Unwatch { targets, .. } => ids(targets),
+                ShardMsg::BroadcastExcept { frame, exclude, .. } => frame.len() + ids(exclude),
+                ShardMsg::RoomDeliver { rooms, frame, .. } => frame.len() + rooms.len() * ROOM_REF,
+                ShardMsg::RosterPart { users, .. } | ShardMsg::PresenceBatch { users, .. } => ids(users),
+                ShardMsg::PresencePart { entries, .. } => entries.iter().map(|(_, p)| 8 + presence(p)).sum(),
+                _ => 0,
+            }
+    }
+
+    /// Whether this message starts work a client asked for, and may therefore be shed when
+    /// the receiving inbox is full (`None`: it keeps state consistent or answers an admitted
+    /// request, and is never shed).
+    pub fn shed_kind(&self) -> Option<ShedKind> {
+        match self {
+            ShardMsg::Deliver { .. } => Some(ShedKind::Deliver),
+            ShardMsg::Broadcast { .. } => Some(ShedKind::Broadcast),
+            ShardMsg::RoomDeliver { .. } => Some(ShedKind::Room),
+            ShardMsg::PresenceSet { .. } | ShardMsg::PresenceFanout { .. } => Some(ShedKind::Presence),
+            ShardMsg::AdmitWatch { .. } | ShardMsg::DropWatch { .. } => Some(ShedKind::Watch),
+            ShardMsg::RoomRoster { .. } => Some(ShedKind::Roster),
+            _ => None,
+        }
+    }
 }

@@ -261,7 +261,7 @@ impl Shard {
                     return;
                 }
                 let decision = route(&msg, caps);
-                self.execute(key, user, &msg, text, decision);
+                self.as_client_work(|s| s.execute(key, user, &msg, text, decision));
             }
             Err(e) => {
                 ShardMetrics::inc(&self.metrics().errors);

@@ -11,15 +11,37 @@ use crate::app::ops::{Completion, Outcome, UserPresence};
 use crate::core::ConnKey;
 use crate::core::directory::{ConnAddr, ShardId};
 use crate::core::presence::Presence;
+use crate::core::ratelimit::Rate;
 use crate::metrics::ShardMetrics;
-use crate::protocol::envelope::{RoomPublish, error_notification, presence_event, room_message, server_ack};
+use crate::protocol::envelope::{
+    Envelope, RoomPublish, error_notification, presence_event, room_message, server_ack,
+};
 
-/// A `room_presence` request gathering member lists from the shards.
+/// A `room_presence` answer bigger than this many bytes ends its page early (at least one
+/// member per page), whatever `room_presence_page` says: members' contexts may be large.
+const PAGE_BYTES: usize = 256 * 1024;
+
+/// A `room_presence` request gathering one page: first the member ids from every shard with
+/// members, then their presences from their home shards.
 #[derive(Debug)]
 pub(super) struct Roster {
     reply: ConnKey,
+    room: Arc<str>,
+    pid: Option<Box<str>>,
+    /// Most members in the page.
+    limit: usize,
+    /// Parts still expected in the current step.
     remaining: u32,
+    /// A part was shed: the answer is 503.
+    failed: bool,
+    /// Step 1: member ids gathered so far.
     users: Vec<i64>,
+    /// Step 2: presences gathered so far (empty during step 1).
+    entries: Vec<(i64, Presence)>,
+    /// Whether step 2 has begun.
+    presences: bool,
+    /// The cursor of the next page, when more members follow.
+    next: Option<i64>,
 }
 
 /// Result of a join or leave, for the client's answer.
@@ -132,7 +154,13 @@ impl Shard {
         let frame = room_message(Some(user), &room, Self::wall_ms(), body, meta);
         self.publish_to_rooms(Arc::from(vec![room]), frame, Some(self.addr(key)), None);
         if let Some(pid) = pid {
-            self.sink.push(&mut self.conns, key, server_ack(pid, "published"));
+            let answer = if self.shed {
+                // Some shards' members did not get it: their inboxes were full.
+                error_notification(Some(pid), 503, "server busy: not delivered to every member; retry later")
+            } else {
+                server_ack(pid, "published")
+            };
+            self.sink.push(&mut self.conns, key, answer);
         }
     }
 
@@ -195,56 +223,187 @@ impl Shard {
         self.publish_to_rooms(Arc::from(vec![Arc::clone(room)]), frame, except, None);
     }
 
-    /// `room_presence` `{room}`: gathers the member list from every shard with members, then
-    /// each member's home shard sends its presence to the asker (each user once).
-    pub(super) fn room_roster(&mut self, key: ConnKey, room: &str, pid: Option<&str>) {
+    /// `room_presence` `{room, cursor?}` from a member: one `room_presence` answer with the
+    /// presences of at most `room_presence_page` members whose user id is above `cursor`, in
+    /// user-id order, and `next` (the cursor of the following page, or null). Refused 403 to
+    /// non-members, 429 while the connection's previous one is in flight or when its presence
+    /// budget is spent, 503 when an inbox on the way is full.
+    pub(super) fn room_roster(&mut self, key: ConnKey, room: &str, cursor: Option<i64>, pid: Option<&str>) {
         let room = self.rooms.intern(room);
-        if let Some(pid) = pid {
-            self.sink.push(&mut self.conns, key, server_ack(pid, "ok"));
-        }
-        let mut rest = self.rooms.shards_of(&room);
-        if rest == 0 {
+        let limit = self.shared.config.room_presence_page.max(1);
+        let cost = limit.min(self.rooms.total(&room)).max(1) as u64;
+        let (now, rate, inbox_full) = (self.now, self.presence_rate(), self.own_inbox_full());
+        let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return };
+        let refusal = if !session.rooms.contains(&room) {
+            Some((403, format!("not a member of room {room}")))
+        } else if session.roster_in_flight {
+            Some((429, "a room_presence request is already in flight on this connection".into()))
+        } else if !session.presence_budget.take(rate, cost, now) {
+            Some((429, format!("presence budget exceeded ({} members per second)", rate.per_second)))
+        } else if inbox_full {
+            Some((503, "server busy; retry later".into()))
+        } else {
+            session.roster_in_flight = true;
+            None
+        };
+        if let Some((code, message)) = refusal {
+            self.refuse_presence(key, pid, code, &message);
             return;
         }
-        let roster = Roster { reply: key, remaining: rest.count_ones(), users: Vec::new() };
+        let mut rest = self.rooms.shards_of(&room) | 1 << self.id;
+        let roster = Roster {
+            reply: key,
+            room: Arc::clone(&room),
+            pid: pid.map(Into::into),
+            limit,
+            remaining: rest.count_ones(),
+            failed: false,
+            users: Vec::new(),
+            entries: Vec::new(),
+            presences: false,
+            next: None,
+        };
         let roster = self.rosters.insert(roster) as u32;
+        let (after, ask) = (cursor.unwrap_or(i64::MIN), (limit + 1) as u32);
         while rest != 0 {
             let shard = rest.trailing_zeros() as ShardId;
             rest &= rest - 1;
-            self.send_to(
-                shard,
-                ShardMsg::RoomRoster { room: Arc::clone(&room), reply_shard: self.id, roster },
-            );
+            let msg = ShardMsg::RoomRoster {
+                room: Arc::clone(&room),
+                after,
+                limit: ask,
+                reply_shard: self.id,
+                roster,
+            };
+            if !self.try_send_to(shard, msg) {
+                self.roster_part(roster, Vec::new(), true);
+            }
         }
     }
 
-    fn roster_part(&mut self, roster: u32, users: Vec<i64>) {
+    /// Answers a refused `room_presence` / `presence_subscribe`.
+    pub(super) fn refuse_presence(&mut self, key: ConnKey, pid: Option<&str>, code: u16, message: &str) {
+        let metrics = self.metrics();
+        ShardMetrics::inc(&metrics.errors);
+        if code == 429 {
+            ShardMetrics::inc(&metrics.presence_refused);
+        }
+        self.sink.push(&mut self.conns, key, error_notification(pid, code, message));
+    }
+
+    /// The per-connection presence budget (`presence_budget` members per second, one second's
+    /// worth saved up).
+    pub(super) fn presence_rate(&self) -> Rate {
+        let per_second = self.shared.config.presence_budget as u64;
+        Rate { per_second, burst: per_second }
+    }
+
+    /// Sends, as [`Shard::send_to`]; false when the message was shed.
+    pub(super) fn try_send_to(&mut self, shard: ShardId, msg: ShardMsg) -> bool {
+        let before = std::mem::replace(&mut self.shed, false);
+        self.send_to(shard, msg);
+        let sent = !self.shed;
+        self.shed |= before;
+        sent
+    }
+
+    /// Step 1: one shard's member ids (`failed` when the request to it was shed).
+    fn roster_part(&mut self, roster: u32, users: Vec<i64>, failed: bool) {
+        let shards = self.shards();
         let Some(entry) = self.rosters.get_mut(roster as usize) else { return };
         entry.users.extend(users);
+        entry.failed |= failed;
         entry.remaining -= 1;
         if entry.remaining > 0 {
             return;
         }
-        let Roster { reply, mut users, .. } = self.rosters.remove(roster as usize);
+        let mut users = std::mem::take(&mut entry.users);
         users.sort_unstable();
         users.dedup();
-        let reply = self.addr(reply);
-        for user in users {
-            self.send_to(self.home_shard(user), ShardMsg::PresenceQuery { user, reply });
+        if users.len() > entry.limit {
+            users.truncate(entry.limit);
+            entry.next = users.last().copied();
         }
+        let mut groups: Vec<Vec<i64>> = vec![Vec::new(); shards];
+        for user in users {
+            groups[crate::core::Directory::home_of(user, shards)].push(user);
+        }
+        entry.presences = true;
+        entry.remaining = groups.iter().filter(|g| !g.is_empty()).count() as u32;
+        if entry.failed || entry.remaining == 0 {
+            self.finish_roster(roster);
+            return;
+        }
+        for (shard, users) in groups.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+            // Never shed: bounded by the page size of a request already admitted.
+            self.send_to(shard, ShardMsg::PresenceBatch { users, reply_shard: self.id, roster });
+        }
+    }
+
+    /// Step 2: one home shard's presences.
+    fn presence_part(&mut self, roster: u32, entries: Vec<(i64, Presence)>) {
+        let Some(entry) = self.rosters.get_mut(roster as usize).filter(|e| e.presences) else { return };
+        entry.entries.extend(entries);
+        entry.remaining -= 1;
+        if entry.remaining == 0 {
+            self.finish_roster(roster);
+        }
+    }
+
+    /// Sends the page (or 503) and lets the connection ask again.
+    fn finish_roster(&mut self, roster: u32) {
+        let Roster { reply, room, pid, failed, mut entries, mut next, .. } =
+            self.rosters.remove(roster as usize);
+        let Some(session) = self.conn_mut(reply).and_then(|c| c.session.as_deref_mut()) else { return };
+        session.roster_in_flight = false;
+        if failed {
+            let message = "server busy: room_presence shed; retry later";
+            self.refuse_presence(reply, pid.as_deref(), 503, message);
+            return;
+        }
+        entries.sort_unstable_by_key(|(user, _)| *user);
+        let mut payload = Vec::with_capacity(64 + room.len() + entries.len() * 96);
+        payload.extend_from_slice(b"{\"room\":");
+        crate::protocol::envelope::write_str(&mut payload, &room);
+        payload.extend_from_slice(b",\"members\":[");
+        for (i, (user, presence)) in entries.iter().enumerate() {
+            if i > 0 {
+                if payload.len() > PAGE_BYTES {
+                    next = Some(entries[i - 1].0);
+                    break;
+                }
+                payload.push(b',');
+            }
+            write_member(&mut payload, *user, presence);
+        }
+        payload.extend_from_slice(b"],\"next\":");
+        match next {
+            Some(cursor) => payload.extend_from_slice(cursor.to_string().as_bytes()),
+            None => payload.extend_from_slice(b"null"),
+        }
+        payload.push(b'}');
+        let frame = Envelope::new("room_presence").pid(pid.as_deref()).raw_payload(Some(&payload)).frame();
+        self.sink.push(&mut self.conns, reply, frame);
     }
 
     /// Local members' users of `room`, each once.
     pub(super) fn local_room_users(&self, room: &str) -> Vec<i64> {
+        self.local_room_page(room, i64::MIN, usize::MAX)
+    }
+
+    /// Up to `limit` local members' user ids above `after`, sorted, each once.
+    fn local_room_page(&self, room: &str, after: i64, limit: usize) -> Vec<i64> {
         let mut users: Vec<i64> = self
             .rooms
             .local(room)
             .iter()
             .filter_map(|k| self.conns.get(k.index as usize).filter(|c| c.generation == k.generation))
             .filter_map(|c| c.user())
+            .filter(|&user| user > after)
             .collect();
         users.sort_unstable();
         users.dedup();
+        users.truncate(limit);
         users
     }
 
@@ -258,16 +417,17 @@ impl Shard {
                     done.complete(Outcome::Delivered(count));
                 }
             }
-            ShardMsg::RoomRoster { room, reply_shard, roster } => {
-                let users = self.local_room_users(&room);
+            ShardMsg::RoomRoster { room, after, limit, reply_shard, roster } => {
+                let users = self.local_room_page(&room, after, limit as usize);
                 self.send_to(reply_shard, ShardMsg::RosterPart { roster, users });
             }
-            ShardMsg::RosterPart { roster, users } => self.roster_part(roster, users),
-            ShardMsg::PresenceQuery { user, reply } => {
-                let presence: Presence = self.presence.get(user, Self::wall_ms());
-                let frame = super::deliver::encode_presence(user, &presence);
-                self.send_to(reply.shard, ShardMsg::DeliverConn { key: reply.key, frame });
+            ShardMsg::RosterPart { roster, users } => self.roster_part(roster, users, false),
+            ShardMsg::PresenceBatch { users, reply_shard, roster } => {
+                let now = Self::wall_ms();
+                let entries = users.into_iter().map(|user| (user, self.presence.get(user, now))).collect();
+                self.send_to(reply_shard, ShardMsg::PresencePart { roster, entries });
             }
+            ShardMsg::PresencePart { roster, entries } => self.presence_part(roster, entries),
             ShardMsg::RoomMembers { room, done } => {
                 done.complete(Outcome::Members(self.local_room_users(&room)))
             }
@@ -285,8 +445,17 @@ impl Shard {
             other => self.handle_op(other),
         }
     }
+}
 
-    fn home_shard(&self, user: i64) -> ShardId {
-        crate::core::Directory::home_of(user, self.shards())
-    }
+/// One member of a `room_presence` answer: `{"userId","status","context","timestamp"}`, as in
+/// `presence_event`.
+fn write_member(out: &mut Vec<u8>, user: i64, presence: &Presence) {
+    use std::io::Write;
+    let _ = write!(out, "{{\"userId\":{user},\"status\":");
+    crate::protocol::envelope::write_str(out, &presence.status);
+    out.extend_from_slice(b",\"context\":");
+    out.extend_from_slice(presence.context.as_deref().unwrap_or(b"null"));
+    out.extend_from_slice(b",\"timestamp\":");
+    crate::protocol::envelope::write_str(out, &super::handshake::rfc3339(presence.since_ms));
+    out.push(b'}');
 }
