@@ -11,6 +11,7 @@ import type {
   ClientMessage,
   PresenceEvent,
   RoomEnvelope,
+  RoomPresencePage,
   ServerAck,
   ServerMessage,
   State,
@@ -253,9 +254,12 @@ export class Client {
     return this.call("broadcast", { room, body, meta }, opts);
   }
 
-  /** Asks for the presence of each member of `room`; they arrive as `presence` events. */
-  roomPresence(room: string, opts?: CallOptions): Promise<ServerAck> {
-    return this.call("room_presence", { room }, opts);
+  /**
+   * One page of the presence of `room`'s members (members only; 403 otherwise). Pass the page's
+   * `next` as `cursor` for the following one; the server caps members per page and per second.
+   */
+  roomPresence<C = unknown>(room: string, cursor?: number, opts?: CallOptions): Promise<RoomPresencePage<C>> {
+    return this.call("room_presence", cursor === undefined ? { room } : { room, cursor }, opts, undefined, true);
   }
 
   /** The rooms restored after a reconnect. */

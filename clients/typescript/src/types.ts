@@ -47,6 +47,15 @@ export interface PresenceEvent<C = unknown> {
   timestamp: string;
 }
 
+/** `room_presence` answer: one page of a room's members, in user-id order. */
+export interface RoomPresencePage<C = unknown> {
+  room: string;
+  /** Each member's current presence (`userId`, `status`, `context`, `timestamp`). */
+  members: PresenceEvent<C>[];
+  /** Pass as `cursor` for the next page; `null` on the last one. */
+  next: number | null;
+}
+
 /** `room_message` payload (seed 003's envelope). */
 export interface RoomEnvelope<B = unknown, M = unknown> {
   from: number;

@@ -174,9 +174,9 @@ describe("seed 001 flows", () => {
     const env = await got.next();
     assert.deepEqual([env.from, env.room, env.body, env.meta], [30, "lobby", { text: "hello room" }, { lang: "es" }]);
     assert.equal(typeof env.ts, "number");
-    const roster = recorder<PresenceEvent>((fn) => a.on("presence", fn));
-    await a.roomPresence("lobby");
-    await roster.next((e) => e.userId === 31 && e.status === "online");
+    const page = await a.roomPresence("lobby");
+    assert.deepEqual([page.room, page.next, page.members.map((m) => [m.userId, m.status])], ["lobby", null, [[30, "online"], [31, "online"]]]);
+    await assert.rejects(b.roomPresence("elsewhere"), (e: CustomWsError) => e.code === 403);
     assert.equal((await b.leave("lobby")).status, "left");
     await assert.rejects(b.publish("lobby", { text: "not a member" }), (e: CustomWsError) => e.code === 403);
     await assert.rejects(b.join("bad room name!"), (e: CustomWsError) => e.code === 400);
