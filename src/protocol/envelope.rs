@@ -127,12 +127,22 @@ pub fn check_relayable(raw: &[u8], max_depth: usize) -> Result<(), Unrelayable> 
 
 /// Index just past the closing quote of the string whose contents start at `i`.
 fn string_end(raw: &[u8], mut i: usize) -> usize {
-    while let Some(&b) = raw.get(i) {
-        match b {
-            b'"' => return i + 1,
-            b'\\' => i += 2,
-            _ => i += 1,
+    // Keys and short values end within a few bytes; a long string is skipped by memchr (SIMD)
+    // to the next quote or backslash.
+    for _ in 0..16 {
+        match raw.get(i) {
+            Some(b'"') => return i + 1,
+            Some(b'\\') => i += 2,
+            Some(_) => i += 1,
+            None => return raw.len(),
         }
+    }
+    while let Some(at) = raw.get(i..).and_then(|rest| memchr::memchr2(b'"', b'\\', rest)) {
+        i += at;
+        if raw[i] == b'"' {
+            return i + 1;
+        }
+        i += 2; // the backslash and the character it escapes
     }
     raw.len()
 }
@@ -453,7 +463,8 @@ mod tests {
         assert_eq!(ok(r#"{"a":{"b":[{}]}}"#, 3), Err(Unrelayable::TooDeep));
         assert_eq!(ok(r#"["[[[[[[", "\"[[[[", "\\", {"k[{":"}}}}"}]"#, 2), Ok(()));
         assert_eq!(ok(r#"["\\"]"#, 1), Ok(()));
-        for fine in ["1.7976931348623157e308", "-1e-999999", "0", "-0.5E-3", "123456789012345678901234567890"] {
+        for fine in ["1.7976931348623157e308", "-1e-999999", "0", "-0.5E-3", "123456789012345678901234567890"]
+        {
             assert_eq!(ok(fine, 1), Ok(()), "{fine}");
         }
         let long = "9".repeat(308);
