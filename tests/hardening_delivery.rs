@@ -248,16 +248,21 @@ fn payloads_too_deep_or_out_of_range_are_refused_and_valid_ones_relayed_verbatim
 
     let deep = format!("{}{}", "[".repeat(30_000), "]".repeat(30_000));
     let refused = [
-        ("p2p-deep", format!(r#"{{"pid":"p2p-deep","type":"data_request","targetUserId":2,"payload":{deep}}}"#)),
-        ("p2p-inf", r#"{"pid":"p2p-inf","type":"data_request","targetUserId":2,"payload":{"n":1e999999}}"#.into()),
+        (
+            "p2p-deep",
+            format!(r#"{{"pid":"p2p-deep","type":"data_request","targetUserId":2,"payload":{deep}}}"#),
+        ),
+        (
+            "p2p-inf",
+            r#"{"pid":"p2p-inf","type":"data_request","targetUserId":2,"payload":{"n":1e999999}}"#.into(),
+        ),
         (
             "presence",
-            format!(r#"{{"pid":"presence","type":"presence_update","payload":{{"status":"x","context":{deep}}}}}"#),
+            format!(
+                r#"{{"pid":"presence","type":"presence_update","payload":{{"status":"x","context":{deep}}}}}"#
+            ),
         ),
-        (
-            "room",
-            r#"{"pid":"room","type":"broadcast","payload":{"room":"deep","body":[-1E+400]}}"#.into(),
-        ),
+        ("room", r#"{"pid":"room","type":"broadcast","payload":{"room":"deep","body":[-1E+400]}}"#.into()),
     ];
     for (pid, text) in &refused {
         a.send_json(text);

@@ -233,12 +233,7 @@ pub struct Debounce {
 
 impl Default for Debounce {
     fn default() -> Self {
-        Debounce {
-            last: 0,
-            last_at: None,
-            transient_until: u64::MAX,
-            transient_target: None,
-        }
+        Debounce { last: 0, last_at: None, transient_until: u64::MAX, transient_target: None }
     }
 }
 
@@ -381,7 +376,8 @@ mod lasting_tests {
         let mut table = PresenceTable::default();
         table.online(1, 0);
         // One connection sets do-not-disturb, another types: the typing ends in do-not-disturb.
-        let dnd = Presence { context: Some(b"{\"until\":\"5pm\"}".to_vec().into()), ..p("do-not-disturb", 1) };
+        let dnd =
+            Presence { context: Some(b"{\"until\":\"5pm\"}".to_vec().into()), ..p("do-not-disturb", 1) };
         table.update(1, dnd.clone());
         table.update_transient(1, p("typing", 2));
         assert_eq!(&*table.get(1, 3).status, "typing");
