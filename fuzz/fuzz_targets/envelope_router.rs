@@ -204,9 +204,8 @@ fn check_route(msg: &ClientMessage<'_>, decision: &Route<'_>, can_broadcast: boo
         Route::Reject { code, message } => {
             assert!(matches!(code, 400 | 403), "rejected with {code}: {message}");
             // Any type's payload too deep or with an out-of-range number is refused (400).
-            let unrelayable = msg
-                .payload
-                .is_some_and(|p| check_relayable(p.get().as_bytes(), MAX_DEPTH - 1).is_err());
+            let unrelayable =
+                msg.payload.is_some_and(|p| check_relayable(p.get().as_bytes(), MAX_DEPTH - 1).is_err());
             assert!(
                 BUILT_IN.contains(&kind) || (unrelayable && *code == 400),
                 "unknown type {kind} rejected instead of unhandled"
