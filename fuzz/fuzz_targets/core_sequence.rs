@@ -109,14 +109,13 @@ struct WaitModel {
     state: WaitState,
 }
 
-/// The lasting/transient presence model of one connection.
+/// The coalescing and transient-expiry model of one connection.
 #[derive(Debug)]
 struct DebounceModel {
     last: Option<(String, Option<u8>, Option<i64>)>,
     last_at: Option<u64>,
     transient_until: u64,
     transient_target: Option<i64>,
-    base: String,
 }
 
 #[derive(Debug)]
@@ -168,6 +167,8 @@ struct World {
     next_seq: u64,
     homed: BTreeMap<i64, Vec<(u64, u32)>>,
     status: BTreeMap<i64, String>,
+    /// While a transient status is a user's stored one: the lasting status it replaced.
+    lasting: BTreeMap<i64, String>,
     watchers: BTreeMap<i64, BTreeSet<i64>>,
     watching: BTreeMap<i64, BTreeSet<i64>>,
     room_counts: BTreeMap<(usize, u8), u32>,
@@ -235,6 +236,7 @@ impl World {
             next_seq: 0,
             homed: BTreeMap::new(),
             status: BTreeMap::new(),
+            lasting: BTreeMap::new(),
             watchers: BTreeMap::new(),
             watching: BTreeMap::new(),
             room_counts: BTreeMap::new(),
@@ -340,7 +342,6 @@ impl World {
                 last_at: None,
                 transient_until: u64::MAX,
                 transient_target: None,
-                base: "online".into(),
             },
             bucket,
             strikes: Strikes::default(),
@@ -378,6 +379,7 @@ impl World {
         if came_online {
             self.shards[home].presence.online(user, self.now);
             self.status.insert(user, "online".into());
+            self.lasting.remove(&user);
             self.assert_watchers(user);
         }
         // The evicted connections are closed (4000) by their shards.
@@ -423,6 +425,7 @@ impl World {
         }
         self.shards[home].presence.offline(user);
         self.status.remove(&user);
+        self.lasting.remove(&user);
         self.assert_watchers(user);
         let watched = self.shards[home].presence.take_watching(user);
         let expected: Vec<i64> = self.watching.remove(&user).unwrap_or_default().into_iter().collect();
@@ -591,20 +594,31 @@ impl World {
         if until != u64::MAX {
             self.schedule(shard, until, TimerFor::Transient(id));
         }
-        if got == Admit::Send {
+        // A targeted update is delivered to its target, never stored.
+        if got == Admit::Send && target.is_none() {
             self.store_presence(user, status, context_bytes.map(String::into_bytes));
         }
+        self.assert_watchers(user);
     }
 
     fn store_presence(&mut self, user: i64, status: &str, context: Option<Vec<u8>>) {
         let home = Directory::home_of(user, self.shards.len());
         let presence =
             Presence { status: status.into(), context: context.map(Into::into), since_ms: self.now };
-        self.shards[home].presence.update(user, presence);
-        self.status.insert(user, status.into());
+        if self.policy.is_transient(status) {
+            self.shards[home].presence.update_transient(user, presence);
+            if let Some(current) = self.status.get(&user).cloned() {
+                self.lasting.entry(user).or_insert(current);
+                self.status.insert(user, status.into());
+            }
+        } else {
+            self.shards[home].presence.update(user, presence);
+            self.status.insert(user, status.into());
+            self.lasting.remove(&user);
+        }
         self.assert_watchers(user);
         let stored = self.shards[home].presence.get(user, self.now);
-        assert_eq!(&*stored.status, status);
+        assert_eq!(&*stored.status, self.status.get(&user).map_or("offline", String::as_str));
     }
 
     /// The users a change of `user`'s presence notifies, and its stored status.
@@ -738,11 +752,23 @@ impl World {
         let Some(conn) = self.conns.iter_mut().find(|c| c.id == conn_id) else { return };
         let got = conn.debounce.expire(now);
         let expected = conn.model.expire(now);
-        assert_eq!(got.as_ref().map(|(s, t)| (s.to_string(), *t)), expected, "transient expiry at {now}");
-        // The shard stores the lasting status again, targeted or not.
-        if let Some((base, _)) = expected {
-            let user = conn.user;
-            self.store_presence(user, &base, None);
+        assert_eq!(got.map(|e| e.target), expected, "transient expiry at {now}");
+        let Some(target) = expected else { return };
+        // The home shard answers with the user's lasting status, whichever connection set it.
+        let user = conn.user;
+        let home = Directory::home_of(user, self.shards.len());
+        let home = &mut self.shards[home].presence;
+        let lasting = self.lasting.get(&user).or(self.status.get(&user)).map_or("offline", String::as_str);
+        assert_eq!(&*home.lasting(user, now).status, lasting, "lasting status of {user}");
+        if target.is_none() {
+            // Stored and announced again, unless a lasting status replaced the transient one.
+            let reverted = home.revert(user, now).map(|p| p.status.into_string());
+            let expected = self.lasting.remove(&user);
+            assert_eq!(reverted, expected, "revert of {user}'s transient status");
+            if let Some(status) = expected {
+                self.status.insert(user, status);
+            }
+            self.assert_watchers(user);
         }
     }
 
@@ -824,9 +850,6 @@ impl DebounceModel {
             self.transient_target = target;
             return Admit::Send;
         }
-        if target.is_none() {
-            self.base = status.to_string();
-        }
         // A lasting status to the transient status's audience ends it: no revert follows.
         if target == self.transient_target {
             self.transient_until = u64::MAX;
@@ -835,13 +858,14 @@ impl DebounceModel {
         Admit::Send
     }
 
-    fn expire(&mut self, now: u64) -> Option<(String, Option<i64>)> {
+    /// Whom the expired transient status was addressed to.
+    fn expire(&mut self, now: u64) -> Option<Option<i64>> {
         if now < self.transient_until {
             return None;
         }
         self.transient_until = u64::MAX;
         self.last_at = None;
-        Some((self.base.clone(), self.transient_target.take()))
+        Some(self.transient_target.take())
     }
 }
 

@@ -18,7 +18,8 @@ use customws::core::pending::{PendingTable, Wait, WaitKind};
 use customws::core::rooms::validate_name;
 use customws::protocol::ClientMessage;
 use customws::protocol::envelope::{
-    Envelope, data_event, error_notification, presence_event, room_message, server_ack,
+    Envelope, MAX_DEPTH, check_relayable, data_event, error_notification, presence_event, room_message,
+    server_ack,
 };
 use customws::protocol::router::{MAX_WATCH_LIST, Route, SenderCaps, route};
 use libfuzzer_sys::fuzz_target;
@@ -202,7 +203,13 @@ fn check_route(msg: &ClientMessage<'_>, decision: &Route<'_>, can_broadcast: boo
         Route::Unhandled => assert!(!BUILT_IN.contains(&kind), "built-in type {kind} went unhandled"),
         Route::Reject { code, message } => {
             assert!(matches!(code, 400 | 403), "rejected with {code}: {message}");
-            assert!(BUILT_IN.contains(&kind), "unknown type {kind} rejected instead of unhandled");
+            // Any type's payload too deep or with an out-of-range number is refused (400).
+            let unrelayable =
+                msg.payload.is_some_and(|p| check_relayable(p.get().as_bytes(), MAX_DEPTH - 1).is_err());
+            assert!(
+                BUILT_IN.contains(&kind) || (unrelayable && *code == 400),
+                "unknown type {kind} rejected instead of unhandled"
+            );
             let frame = error_notification(pid, *code, message);
             let out = envelope(frame_text(&frame));
             let error = out.error.expect("error_notification has an error");
@@ -273,6 +280,12 @@ fn frame_text(frame: &[u8]) -> &[u8] {
 }
 
 fn envelope(text: &[u8]) -> Out<'_> {
+    // Within serde_json's default recursion limit and f64 range: what receivers parse.
+    if let Err(e) = serde_json::from_slice::<serde_json::Value>(text)
+        && (e.to_string().contains("recursion limit") || e.to_string().contains("out of range"))
+    {
+        panic!("server envelope too deep or out of range ({e}): {:?}", String::from_utf8_lossy(text));
+    }
     serde_json::from_slice(text).unwrap_or_else(|e| {
         panic!("server envelope is not well-formed ({e}): {:?}", String::from_utf8_lossy(text))
     })

@@ -43,14 +43,42 @@ pub enum WatchAdmission {
 #[derive(Debug, Default)]
 pub struct PresenceTable {
     current: HashMap<i64, Presence, RandomState>,
+    /// While a transient status is current: the lasting one it replaced, which returns when
+    /// the transient one expires.
+    lasting: HashMap<i64, Presence, RandomState>,
     watchers: HashMap<i64, HashSet<i64, RandomState>, RandomState>,
     watching: HashMap<i64, HashSet<i64, RandomState>, RandomState>,
 }
 
 impl PresenceTable {
-    /// Stores a status.
+    /// Stores a lasting status (one that does not expire by itself).
     pub fn update(&mut self, user: i64, presence: Presence) {
+        self.lasting.remove(&user);
         self.current.insert(user, presence);
+    }
+
+    /// Stores a transient status (typing): the lasting one it replaces is kept for
+    /// [`PresenceTable::revert`]. Ignored for a user with no stored status (offline).
+    pub fn update_transient(&mut self, user: i64, presence: Presence) {
+        let Some(current) = self.current.get_mut(&user) else { return };
+        let previous = std::mem::replace(current, presence);
+        self.lasting.entry(user).or_insert(previous);
+    }
+
+    /// A transient status expired: if one is still current, the user's last lasting status
+    /// becomes current again (stamped `now_ms`) and is returned; `None` when a lasting status
+    /// was set since (nothing to announce) or the user is offline.
+    pub fn revert(&mut self, user: i64, now_ms: u64) -> Option<Presence> {
+        let mut lasting = self.lasting.remove(&user)?;
+        lasting.since_ms = now_ms;
+        self.current.insert(user, lasting.clone());
+        Some(lasting)
+    }
+
+    /// The user's last lasting status (offline when unknown), whatever transient status is
+    /// current.
+    pub fn lasting(&self, user: i64, now_ms: u64) -> Presence {
+        self.lasting.get(&user).cloned().unwrap_or_else(|| self.get(user, now_ms))
     }
 
     /// The user's first connection opened.
@@ -61,6 +89,7 @@ impl PresenceTable {
     /// The user's last connection closed: the stored status is dropped.
     pub fn offline(&mut self, user: i64) {
         self.current.remove(&user);
+        self.lasting.remove(&user);
     }
 
     /// Current presence of `user` (offline when unknown).
@@ -184,6 +213,13 @@ pub struct TransientPolicy {
     pub coalesce_ms: u64,
 }
 
+impl TransientPolicy {
+    /// Whether `status` expires by itself.
+    pub fn is_transient(&self, status: &str) -> bool {
+        self.statuses.iter().any(|s| s == status)
+    }
+}
+
 /// Per connection: the last update (for coalescing) and a transient status's expiry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Debounce {
@@ -193,19 +229,20 @@ pub struct Debounce {
     pub transient_until: u64,
     /// Who the transient status was addressed to (`None`: watchers and rooms).
     transient_target: Option<i64>,
-    base: Box<str>,
 }
 
 impl Default for Debounce {
     fn default() -> Self {
-        Debounce {
-            last: 0,
-            last_at: None,
-            transient_until: u64::MAX,
-            transient_target: None,
-            base: "online".into(),
-        }
+        Debounce { last: 0, last_at: None, transient_until: u64::MAX, transient_target: None }
     }
+}
+
+/// A transient status of this connection expired: its audience is told the user's lasting
+/// status again (the home shard knows it: another connection of the user may have set it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Who the transient status was addressed to (`None`: watchers and rooms).
+    pub target: Option<i64>,
 }
 
 /// What to do with a presence update.
@@ -228,7 +265,7 @@ impl Debounce {
         policy: &TransientPolicy,
     ) -> Admit {
         let mark = fingerprint(status, context, target);
-        let transient = policy.statuses.iter().any(|s| s == status);
+        let transient = policy.is_transient(status);
         if mark == self.last && self.last_at.is_some_and(|at| now.saturating_sub(at) < policy.coalesce_ms) {
             if transient {
                 self.transient_until = now + policy.ttl_ms; // still typing: keep it alive
@@ -242,9 +279,6 @@ impl Debounce {
             self.transient_target = target;
             return Admit::Send;
         }
-        if target.is_none() {
-            self.base = status.into();
-        }
         // A lasting status to the audience of a pending transient one ends it (an explicit
         // "stop typing"): no automatic revert follows.
         if target == self.transient_target {
@@ -254,15 +288,15 @@ impl Debounce {
         Admit::Send
     }
 
-    /// At `now`, if a transient status has expired: the status to fall back to, and the user
-    /// the transient status was addressed to (the revert goes to the same audience).
-    pub fn expire(&mut self, now: u64) -> Option<(Box<str>, Option<i64>)> {
+    /// At `now`, if a transient status has expired: who it was addressed to (the revert to
+    /// the user's lasting status goes to the same audience).
+    pub fn expire(&mut self, now: u64) -> Option<Expired> {
         if now < self.transient_until {
             return None;
         }
         self.transient_until = u64::MAX;
         self.last_at = None;
-        Some((self.base.clone(), self.transient_target.take()))
+        Some(Expired { target: self.transient_target.take() })
     }
 }
 
@@ -299,14 +333,14 @@ mod debounce_tests {
     }
 
     #[test]
-    fn typing_expires_back_to_the_last_lasting_status() {
+    fn typing_expires_once_after_its_last_repeat() {
         let (mut d, p) = (Debounce::default(), policy());
         d.admit("busy", None, None, 0, &p);
         d.admit("typing", None, None, 5000, &p);
         assert_eq!(d.expire(7999), None);
         d.admit("typing", None, None, 5500, &p); // coalesced, but extends the expiry
         assert_eq!(d.expire(8000), None);
-        assert_eq!(d.expire(8500), Some(("busy".into(), None)));
+        assert_eq!(d.expire(8500), Some(Expired { target: None }));
         assert_eq!(d.expire(9000), None, "expires once");
         assert_eq!(d.admit("typing", None, None, 9001, &p), Admit::Send, "a new burst is not coalesced");
     }
@@ -325,6 +359,54 @@ mod debounce_tests {
     fn targeted_typing_reverts_at_its_target() {
         let (mut d, p) = (Debounce::default(), policy());
         d.admit("typing", None, Some(7), 0, &p);
-        assert_eq!(d.expire(3000), Some(("online".into(), Some(7))));
+        assert_eq!(d.expire(3000), Some(Expired { target: Some(7) }));
+    }
+}
+
+#[cfg(test)]
+mod lasting_tests {
+    use super::*;
+
+    fn p(status: &str, since_ms: u64) -> Presence {
+        Presence { status: status.into(), context: None, since_ms }
+    }
+
+    #[test]
+    fn a_transient_status_reverts_to_the_users_lasting_one() {
+        let mut table = PresenceTable::default();
+        table.online(1, 0);
+        // One connection sets do-not-disturb, another types: the typing ends in do-not-disturb.
+        let dnd =
+            Presence { context: Some(b"{\"until\":\"5pm\"}".to_vec().into()), ..p("do-not-disturb", 1) };
+        table.update(1, dnd.clone());
+        table.update_transient(1, p("typing", 2));
+        assert_eq!(&*table.get(1, 3).status, "typing");
+        assert_eq!(table.lasting(1, 3), dnd);
+        table.update_transient(1, p("typing", 4)); // still the same lasting status underneath
+        assert_eq!(table.revert(1, 9), Some(Presence { since_ms: 9, ..dnd.clone() }));
+        assert_eq!(table.get(1, 10), Presence { since_ms: 9, ..dnd });
+        assert_eq!(table.revert(1, 11), None, "reverts once");
+    }
+
+    #[test]
+    fn a_lasting_status_set_meanwhile_wins_over_the_revert() {
+        let mut table = PresenceTable::default();
+        table.online(1, 0);
+        table.update_transient(1, p("typing", 1));
+        table.update(1, p("away", 2));
+        assert_eq!(table.revert(1, 3), None);
+        assert_eq!(&*table.get(1, 4).status, "away");
+    }
+
+    #[test]
+    fn offline_users_keep_nothing() {
+        let mut table = PresenceTable::default();
+        table.update_transient(2, p("typing", 1));
+        assert_eq!(table.get(2, 2), Presence::offline(2), "no transient status for an offline user");
+        table.online(2, 3);
+        table.update_transient(2, p("typing", 4));
+        table.offline(2);
+        assert_eq!(table.revert(2, 5), None);
+        assert_eq!(table.lasting(2, 6), Presence::offline(6));
     }
 }

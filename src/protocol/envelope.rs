@@ -57,6 +57,100 @@ impl<'a> ClientMessage<'a> {
     }
 }
 
+/// Deepest nesting of arrays and objects in a client message, its own object included: what
+/// serde_json parses with its default recursion limit. A relayed `payload` (and the `context`,
+/// `body` and `meta` inside it) sits exactly as deep in the server's envelope as in the
+/// client's, so every envelope built from an accepted message parses with that limit too.
+pub const MAX_DEPTH: usize = 127;
+
+/// Why a JSON value is not relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unrelayable {
+    /// Arrays and objects nested deeper than allowed.
+    TooDeep,
+    /// A number whose magnitude overflows an f64 (e.g. `1e999999`).
+    OutOfRange,
+}
+
+impl std::fmt::Display for Unrelayable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unrelayable::TooDeep => write!(f, "nested deeper than {MAX_DEPTH} levels"),
+            Unrelayable::OutOfRange => f.write_str("a number out of range"),
+        }
+    }
+}
+
+/// Checks well-formed JSON (as serde_json captured it into a `RawValue`) for arrays and
+/// objects nested more than `max_depth` deep and for numbers that overflow an f64, which
+/// receivers' parsers reject or crash on. One pass over the bytes, no allocation; the bytes
+/// themselves are relayed unchanged.
+pub fn check_relayable(raw: &[u8], max_depth: usize) -> Result<(), Unrelayable> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&byte) = raw.get(i) {
+        match byte {
+            b'"' => {
+                i = string_end(raw, i + 1);
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(Unrelayable::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let mut exponent = false;
+                while let Some(&b) = raw.get(i) {
+                    match b {
+                        b'0'..=b'9' | b'-' | b'+' | b'.' => {}
+                        b'e' | b'E' => exponent = true,
+                        _ => break,
+                    }
+                    i += 1;
+                }
+                // Without an exponent, fewer than 309 digits cannot reach f64::MAX (1.8e308).
+                if (exponent || i - start > 308) && number_overflows(&raw[start..i]) {
+                    return Err(Unrelayable::OutOfRange);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Index just past the closing quote of the string whose contents start at `i`.
+fn string_end(raw: &[u8], mut i: usize) -> usize {
+    // Keys and short values end within a few bytes; a long string is skipped by memchr (SIMD)
+    // to the next quote or backslash.
+    for _ in 0..16 {
+        match raw.get(i) {
+            Some(b'"') => return i + 1,
+            Some(b'\\') => i += 2,
+            Some(_) => i += 1,
+            None => return raw.len(),
+        }
+    }
+    while let Some(at) = raw.get(i..).and_then(|rest| memchr::memchr2(b'"', b'\\', rest)) {
+        i += at;
+        if raw[i] == b'"' {
+            return i + 1;
+        }
+        i += 2; // the backslash and the character it escapes
+    }
+    raw.len()
+}
+
+fn number_overflows(number: &[u8]) -> bool {
+    std::str::from_utf8(number).ok().and_then(|n| n.parse::<f64>().ok()).is_some_and(f64::is_infinite)
+}
+
 /// `presence_update` payload: `{status, context?, targetUserId?}` (also accepts seed 004's
 /// `metadata` in place of `context`).
 #[derive(Debug, Deserialize)]
@@ -340,6 +434,45 @@ mod tests {
             text(&frame),
             r#"{"type":"room_message","payload":{"from":3,"room":"r-1","ts":1700,"body":"hola","meta":null}}"#
         );
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn raw_capture_keeps_deep_nesting_and_huge_numbers() {
+        // serde_json's recursion limit does not apply to a RawValue's capture: the envelope
+        // decodes, so the check below is what keeps these from being relayed.
+        for payload in [nested(30_000), "1e999999".into(), "[-1E+400]".into()] {
+            let raw = format!(r#"{{"type":"data_request","targetUserId":2,"payload":{payload}}}"#);
+            let msg = ClientMessage::parse(raw.as_bytes()).expect("decodes");
+            assert_eq!(msg.payload_bytes(), Some(payload.as_bytes()));
+        }
+        assert!(serde_json::from_str::<serde_json::Value>(&nested(MAX_DEPTH)).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&nested(MAX_DEPTH + 1)).is_err());
+        assert!(serde_json::from_str::<serde_json::Value>("1e999999").is_err());
+    }
+
+    #[test]
+    fn relayable_checks_depth_outside_strings_and_number_range() {
+        let ok = |raw: &str, depth| check_relayable(raw.as_bytes(), depth);
+        assert_eq!(ok(&nested(5), 5), Ok(()));
+        assert_eq!(ok(&nested(6), 5), Err(Unrelayable::TooDeep));
+        assert_eq!(ok(r#"{"a":{"b":[1]}}"#, 3), Ok(()));
+        assert_eq!(ok(r#"{"a":{"b":[{}]}}"#, 3), Err(Unrelayable::TooDeep));
+        assert_eq!(ok(r#"["[[[[[[", "\"[[[[", "\\", {"k[{":"}}}}"}]"#, 2), Ok(()));
+        assert_eq!(ok(r#"["\\"]"#, 1), Ok(()));
+        for fine in ["1.7976931348623157e308", "-1e-999999", "0", "-0.5E-3", "123456789012345678901234567890"]
+        {
+            assert_eq!(ok(fine, 1), Ok(()), "{fine}");
+        }
+        let long = "9".repeat(308);
+        assert_eq!(ok(&long, 1), Ok(()));
+        for bad in ["1e999999", "[1, -2E+309]", r#"{"n":1.8e308}"#, &"9".repeat(400)] {
+            assert_eq!(ok(bad, 4), Err(Unrelayable::OutOfRange), "{bad}");
+        }
+        assert_eq!(ok(r#""1e999999""#, 1), Ok(()), "a string is not a number");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 use std::borrow::Cow;
 
 use super::envelope::{
-    AuthRefresh, ClientAck, ClientMessage, PresenceUpdate, PresenceWatch, RoomPublish, RoomRef,
+    AuthRefresh, ClientAck, ClientMessage, MAX_DEPTH, PresenceUpdate, PresenceWatch, RoomPublish, RoomRef,
+    check_relayable,
 };
 use crate::core::rooms::validate_name;
 
@@ -76,6 +77,13 @@ pub enum Route<'a> {
 
 /// Decides what `msg` asks for.
 pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
+    // The payload (and the context, body or meta inside it) may be relayed byte for byte:
+    // refused when a receiver's parser would choke on it.
+    if let Some(payload) = msg.payload
+        && let Err(e) = check_relayable(payload.get().as_bytes(), MAX_DEPTH - 1)
+    {
+        return reject_owned(400, format!("payload not accepted: {e}"));
+    }
     match &*msg.kind {
         "data_request" => data_request(msg, caps),
         "generic_request" => match msg.pid {
@@ -218,6 +226,23 @@ mod tests {
         assert!(
             decide(r#"{"type":"broadcast","payload":{"room":"r"}}"#, false).starts_with("Reject { code: 400")
         );
+    }
+
+    #[test]
+    fn unrelayable_payloads_are_refused_whatever_the_type() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        let deepest_ok = format!("{}{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        for kind in ["data_request", "generic_request", "presence_update", "broadcast", "custom"] {
+            for bad in [&deep, "{\"n\":1e999999}"] {
+                let raw = format!(r#"{{"pid":"p","type":"{kind}","targetUserId":2,"payload":{bad}}}"#);
+                assert!(decide(&raw, true).starts_with("Reject { code: 400"), "{kind} {bad}");
+            }
+        }
+        let raw = format!(r#"{{"type":"data_request","targetUserId":2,"payload":{deepest_ok}}}"#);
+        assert!(decide(&raw, false).starts_with("P2p"));
+        let nested_context = format!(r#"{{"status":"x","context":{deep}}}"#);
+        let raw = format!(r#"{{"type":"presence_update","payload":{nested_context}}}"#);
+        assert!(decide(&raw, false).starts_with("Reject { code: 400"));
     }
 
     #[test]

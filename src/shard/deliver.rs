@@ -202,7 +202,8 @@ impl Shard {
         }
     }
 
-    /// Every open connection of every shard, except `except`.
+    /// Every open connection of a user on every shard, except `except`. Echo-endpoint
+    /// connections (no user) are outside every audience.
     pub(super) fn broadcast(&mut self, frame: Bytes, except: Option<ConnAddr>) {
         let me = self.id;
         for shard in (0..self.shards()).filter(|&s| s != me) {
@@ -216,7 +217,7 @@ impl Shard {
         let Shard { conns, sink, .. } = self;
         for (index, conn) in conns.iter_mut() {
             let key = ConnKey { index: index as u32, generation: conn.generation };
-            if conn.phase == Phase::Open && Some(key) != skip {
+            if conn.phase == Phase::Open && conn.session.is_some() && Some(key) != skip {
                 sink.offer(key, conn, frame.clone());
             }
         }
@@ -241,14 +242,44 @@ impl Shard {
         admit
     }
 
-    /// A transient status (typing) expired: the connection's lasting status is announced again.
+    /// A transient status (typing) expired: its audience is told the user's lasting status
+    /// again, which the home shard holds (another connection may have set it meanwhile).
     pub(super) fn expire_transient(&mut self, key: ConnKey) {
         let now = self.now;
         let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return };
         let user = session.user;
-        if let Some((base, target)) = session.debounce.expire(now) {
-            let presence = Presence { status: base, context: None, since_ms: Self::wall_ms() };
-            self.presence_update(key, user, presence, target);
+        if let Some(expired) = session.debounce.expire(now) {
+            let target = expired.target;
+            let rooms = if target.is_none() { self.rooms_of(key) } else { Vec::new() };
+            let msg = ShardMsg::PresenceRevert { user, target, rooms, except: Some(self.addr(key)) };
+            self.send_to(Directory::home_of(user, self.shards()), msg);
+        }
+    }
+
+    /// Home shard: a connection's transient status expired. A targeted one is followed, at its
+    /// target, by the user's lasting status; an untargeted one is replaced by it, unless a
+    /// lasting status was set since (already announced).
+    fn revert_presence(
+        &mut self,
+        user: i64,
+        target: Option<i64>,
+        rooms: Vec<Arc<str>>,
+        except: Option<ConnAddr>,
+    ) {
+        if !self.directory.home_online(user) {
+            return;
+        }
+        let now = Self::wall_ms();
+        match target {
+            Some(target) => {
+                let presence = Presence { since_ms: now, ..self.presence.lasting(user, now) };
+                self.deliver_to_users(&[target], encode_presence(user, &presence));
+            }
+            None => {
+                if let Some(presence) = self.presence.revert(user, now) {
+                    self.announce_presence(user, &presence, rooms, except);
+                }
+            }
         }
     }
 
@@ -256,8 +287,10 @@ impl Shard {
         let home = Directory::home_of(user, self.shards());
         let fan_out = match (target, self.shared.config.presence_scope) {
             (Some(target), _) => {
+                // Delivered, not stored: the status is for this one user, not the user's
+                // public presence.
                 self.deliver_to_users(&[target], encode_presence(user, &presence));
-                false
+                return;
             }
             (None, PresenceScope::All) => {
                 self.broadcast(encode_presence(user, &presence), Some(self.addr(key)));
@@ -358,7 +391,14 @@ impl Shard {
                     self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
                     self.shed = shed;
                 }
-                self.presence.update(user, presence);
+                if self.transient.is_transient(&presence.status) {
+                    self.presence.update_transient(user, presence);
+                } else {
+                    self.presence.update(user, presence);
+                }
+            }
+            ShardMsg::PresenceRevert { user, target, rooms, except } => {
+                self.revert_presence(user, target, rooms, except)
             }
             ShardMsg::PresenceFanout { frame, rooms, users, except } => {
                 self.presence_fanout(&frame, &rooms, &users, except);

@@ -38,10 +38,30 @@ impl Shard {
         conn.phase = Phase::Closing { peer_done: false };
         conn.deadline = deadline;
         let (user, peer, client) = (conn.user(), conn.peer, conn.client_ip());
+        let listed = conn.session.as_deref().map(|s| (s.user, s.seq));
         ShardMetrics::add(&self.metrics().frames_dropped, dropped as u64);
         log::debug!(user, client:% = client, peer:% = peer, code, reason; "closing");
         self.mark_dirty(key);
         self.schedule_before(key, deadline);
+        // A closing connection is no delivery target: nothing more is queued on it.
+        if let Some((user, seq)) = listed {
+            self.unlist(key, user, seq);
+        }
+    }
+
+    /// Takes a connection out of the directory (and the replica when it was the user's last
+    /// here) and out of its home shard's list, once: when it starts closing, or when it is
+    /// dropped without a close.
+    fn unlist(&mut self, key: ConnKey, user: i64, seq: u64) {
+        if !self.directory.local(user).contains(&key) {
+            return; // already unlisted when its close began
+        }
+        if self.directory.remove_local(user, key) {
+            self.forget_user_bucket(user);
+            self.announce_replica(user, false);
+        }
+        let home = Directory::home_of(user, self.shards());
+        self.send_to(home, ShardMsg::HomeClosed { user, seq });
     }
 
     pub(super) fn close_deadline(&self) -> u64 {
@@ -104,12 +124,7 @@ impl Shard {
             user = session.user, client:% = session.client_ip, peer:% = conn_peer, shard = self.id, reason;
             "disconnect"
         );
-        if self.directory.remove_local(session.user, key) {
-            self.forget_user_bucket(session.user);
-            self.announce_replica(session.user, false);
-        }
-        let home = Directory::home_of(session.user, self.shards());
-        self.send_to(home, ShardMsg::HomeClosed { user: session.user, seq: session.seq });
+        self.unlist(key, session.user, session.seq);
     }
 
     // ----- timers ------------------------------------------------------------------------

@@ -77,11 +77,24 @@ pub enum ShardMsg {
         user: i64,
         /// The new presence.
         presence: Presence,
-        /// Notify watchers and `rooms` (false when the update was targeted at one user).
+        /// Notify watchers and `rooms` (false when the sender already broadcast it:
+        /// `presence_scope = "all"`).
         fan_out: bool,
         /// The sending connection's rooms, whose members are told too.
         rooms: Vec<Arc<str>>,
         /// The sending connection, which is not told.
+        except: Option<ConnAddr>,
+    },
+    /// To the user's home shard: a transient status of one connection expired; tell its
+    /// audience the user's lasting status.
+    PresenceRevert {
+        /// The user.
+        user: i64,
+        /// The transient status's target (`None`: watchers and `rooms`, and it was stored).
+        target: Option<i64>,
+        /// The connection's rooms, whose members are told too.
+        rooms: Vec<Arc<str>>,
+        /// The connection, which is not told.
         except: Option<ConnAddr>,
     },
     /// Queue `frame` on the local members of `rooms` and local connections of `users`, each
