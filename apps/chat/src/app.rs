@@ -82,7 +82,8 @@ impl Chat {
     pub(crate) fn push_status(&self, sender: i64, chat_id: &str, ids: &[i64], status: &str, now: i64) {
         let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
         let payload = json!({ "chatId": chat_id, "messageIds": ids, "status": status, "timestamp": now });
-        if let (Some(handle), Ok(msg)) = (self.handle(), OutMessage::json("MESSAGE_STATUS_UPDATE", &payload)) {
+        if let (Some(handle), Ok(msg)) = (self.handle(), OutMessage::json("MESSAGE_STATUS_UPDATE", &payload))
+        {
             drop(handle.send_to_user(sender, &msg));
         }
     }
@@ -147,7 +148,11 @@ impl From<DbError> for Refusal {
 }
 
 impl Application for ChatApp {
-    fn authenticate(&self, request: &Request, _jwt: Result<Identity, AuthError>) -> Result<Admission, Rejection> {
+    fn authenticate(
+        &self,
+        request: &Request,
+        _jwt: Result<Identity, AuthError>,
+    ) -> Result<Admission, Rejection> {
         self.chat.sessions.authenticate(request)
     }
 
@@ -171,7 +176,8 @@ impl Application for ChatApp {
         let user = event.user_id;
         if self.chat.presence.closed(user) {
             let chat = Arc::clone(&self.chat);
-            if self.chat.serial.submit_internal(user, move || presence::changed(&chat, user, false)).is_err() {
+            if self.chat.serial.submit_internal(user, move || presence::changed(&chat, user, false)).is_err()
+            {
                 log::error!("worker queue full: disconnect of user {user} not processed");
             }
         }
@@ -224,10 +230,10 @@ fn run(chat: &Arc<Chat>, req: Req) {
     let Some(handle) = chat.handle() else {
         return;
     };
-    if let Some(slow) = chat.slow.as_ref().filter(|s| s.kind == req.kind) {
-        if let Err(e) = chat.db.conn().and_then(|mut db| db.sleep(slow.delay)) {
-            log::error!("slow query hook: {e}");
-        }
+    if let Some(slow) = chat.slow.as_ref().filter(|s| s.kind == req.kind)
+        && let Err(e) = chat.db.conn().and_then(|mut db| db.sleep(slow.delay))
+    {
+        log::error!("slow query hook: {e}");
     }
     let result = match req.kind.as_str() {
         "GET_CHAT_LIST" => get_chat_list(chat, &req),
@@ -422,7 +428,8 @@ fn get_notifications(chat: &Arc<Chat>, req: &Req) -> Answer {
 }
 
 fn mark_notification_read(chat: &Arc<Chat>, req: &Req) -> Answer {
-    let id = id_field(&req.payload, "notificationId").ok_or_else(|| refuse(400, "notificationId required"))?;
+    let id =
+        id_field(&req.payload, "notificationId").ok_or_else(|| refuse(400, "notificationId required"))?;
     if !store::mark_notification_read(&mut chat.db.conn()?, req.user.id, id)? {
         return Err(refuse(404, "no such notification"));
     }

@@ -103,6 +103,7 @@ fn token_of(request: &Request) -> Option<String> {
 /// without OS randomness this fails).
 pub fn new_token() -> Result<String, DbError> {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| DbError(format!("no OS random source for session tokens: {e}")))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| DbError(format!("no OS random source for session tokens: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -236,11 +236,16 @@ fn open_sqlite(path: &str) -> Result<rusqlite::Connection, DbError> {
     // may lose the last transactions, never corrupt the file).
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.create_scalar_function("chat_sleep_ms", 1, rusqlite::functions::FunctionFlags::SQLITE_UTF8, |ctx| {
-        let ms: i64 = ctx.get(0)?;
-        std::thread::sleep(Duration::from_millis(ms.clamp(0, 60_000) as u64));
-        Ok(ms)
-    })?;
+    conn.create_scalar_function(
+        "chat_sleep_ms",
+        1,
+        rusqlite::functions::FunctionFlags::SQLITE_UTF8,
+        |ctx| {
+            let ms: i64 = ctx.get(0)?;
+            std::thread::sleep(Duration::from_millis(ms.clamp(0, 60_000) as u64));
+            Ok(ms)
+        },
+    )?;
     Ok(conn)
 }
 
@@ -263,7 +268,9 @@ impl std::fmt::Debug for DbConn<'_> {
 
 impl Drop for DbConn<'_> {
     fn drop(&mut self) {
-        if let (Some(Inner::Sqlite(conn)), Backend::Sqlite { idle, .. }) = (self.inner.take(), &self.db.backend) {
+        if let (Some(Inner::Sqlite(conn)), Backend::Sqlite { idle, .. }) =
+            (self.inner.take(), &self.db.backend)
+        {
             idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
         }
     }
@@ -375,7 +382,10 @@ impl DbConn<'_> {
             }
             Inner::Mysql(conn) => {
                 let rows: Vec<mysql::Row> = conn.exec(sql, to_mysql(&params))?;
-                Ok(rows.into_iter().map(|row| Row(row.unwrap().into_iter().map(from_mysql).collect())).collect())
+                Ok(rows
+                    .into_iter()
+                    .map(|row| Row(row.unwrap().into_iter().map(from_mysql).collect()))
+                    .collect())
             }
         }
     }

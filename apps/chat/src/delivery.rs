@@ -87,7 +87,10 @@ impl Deliveries {
             state.by_tag.insert(tag, Pending { msg, attempts });
             tag
         };
-        handle.submit(Op::Ack { user: to, msg: &out, timeout: None }, &Completion::new(self.tx.clone(), tag, None));
+        handle.submit(
+            Op::Ack { user: to, msg: &out, timeout: None },
+            &Completion::new(self.tx.clone(), tag, None),
+        );
     }
 
     fn take(&self, tag: u64) -> Option<Pending> {
@@ -139,7 +142,9 @@ fn settle(chat: &Arc<Chat>, pending: Pending, outcome: Outcome) {
                 Err(e) => log::error!("message {}: storing delivered: {e}", msg.id),
             }
         }
-        Outcome::Failed(WaitError::Closed) if attempts < RETRIES_ON_CLOSE && chat.presence.is_online(msg.to) => {
+        Outcome::Failed(WaitError::Closed)
+            if attempts < RETRIES_ON_CLOSE && chat.presence.is_online(msg.to) =>
+        {
             // The connection it went to closed first; the user has another one.
             if let Some(handle) = chat.handle() {
                 chat.deliveries.deliver(&handle, msg, attempts + 1);

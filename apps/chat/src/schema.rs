@@ -44,7 +44,9 @@ pub const VERSION: i64 = 1;
 fn render(kind: Kind, sql: &str) -> String {
     let (pk, string, engine) = match kind {
         Kind::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "TEXT", ""),
-        Kind::Mysql => ("BIGINT PRIMARY KEY AUTO_INCREMENT", "VARCHAR(255)", " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"),
+        Kind::Mysql => {
+            ("BIGINT PRIMARY KEY AUTO_INCREMENT", "VARCHAR(255)", " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
+        }
     };
     sql.replace("{pk}", pk).replace("{str}", string).replace("{text}", "TEXT").replace("{engine}", engine)
 }
@@ -60,7 +62,9 @@ pub fn migrate(db: &Db) -> Result<(), DbError> {
         conn.exec("INSERT INTO SchemaVersion (Version) VALUES (0)", Vec::new())?;
     }
     if current > VERSION {
-        return Err(DbError(format!("database schema version {current} is newer than this server's {VERSION}")));
+        return Err(DbError(format!(
+            "database schema version {current} is newer than this server's {VERSION}"
+        )));
     }
     for (version, statements) in MIGRATIONS {
         if *version <= current {

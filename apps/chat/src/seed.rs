@@ -51,7 +51,14 @@ pub fn demo(db: &Db) -> Result<Vec<Seeded>, DbError> {
             conn.insert(
                 "INSERT INTO Education (PersonId, Institution, Degree, Campus, GraduationDate, CountryId)
                  VALUES (?, ?, ?, ?, ?, ?)",
-                params![id, "Universidad Nacional", "Ingeniería Informática", "Central", "2015-07-01", country],
+                params![
+                    id,
+                    "Universidad Nacional",
+                    "Ingeniería Informática",
+                    "Central",
+                    "2015-07-01",
+                    country
+                ],
             )?;
             // One education item without a country: `country_name` is then omitted.
             conn.insert(
@@ -83,7 +90,9 @@ pub fn demo(db: &Db) -> Result<Vec<Seeded>, DbError> {
     } else {
         for (username, ..) in PEOPLE {
             let row = conn.query("SELECT Id FROM `User` WHERE UserName = ?", params![*username])?;
-            ids.push(row.first().map(|r| r.int(0)).ok_or_else(|| DbError(format!("user {username} missing")))?);
+            ids.push(
+                row.first().map(|r| r.int(0)).ok_or_else(|| DbError(format!("user {username} missing")))?,
+            );
         }
     }
     PEOPLE
@@ -116,7 +125,13 @@ pub fn pairs(db: &Db, prefix: &str, pairs: usize) -> Result<Vec<(Seeded, Seeded)
     Ok(out)
 }
 
-fn insert_user(conn: &mut DbConn<'_>, username: &str, first: &str, last: &str, headline: &str) -> Result<i64, DbError> {
+fn insert_user(
+    conn: &mut DbConn<'_>,
+    username: &str,
+    first: &str,
+    last: &str,
+    headline: &str,
+) -> Result<i64, DbError> {
     let email = format!("{username}@example.com");
     conn.insert(
         "INSERT INTO `User` (UserName, FirstName, LastName, Email, Phone, Picture, Headline, CreatedAt)

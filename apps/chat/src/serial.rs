@@ -31,7 +31,11 @@ impl Serial {
     /// `threads` workers, at most `queue` keys waiting for a worker, at most `per_key` jobs
     /// waiting behind each key's running job.
     pub fn new(threads: usize, queue: usize, per_key: usize) -> Arc<Self> {
-        Arc::new(Serial { workers: Workers::new(threads, queue), queues: Mutex::new(HashMap::new()), per_key })
+        Arc::new(Serial {
+            workers: Workers::new(threads, queue),
+            queues: Mutex::new(HashMap::new()),
+            per_key,
+        })
     }
 
     /// Queues a client's job: refused with `Busy` when that key already has `per_key` waiting
@@ -42,7 +46,11 @@ impl Serial {
 
     /// Queues the server's own follow-up work (an ack's outcome, a presence change): not
     /// bounded per key, since its amount is bounded by what clients were allowed to start.
-    pub fn submit_internal(self: &Arc<Self>, key: i64, job: impl FnOnce() + Send + 'static) -> Result<(), Busy> {
+    pub fn submit_internal(
+        self: &Arc<Self>,
+        key: i64,
+        job: impl FnOnce() + Send + 'static,
+    ) -> Result<(), Busy> {
         self.enqueue(key, Box::new(job), usize::MAX)
     }
 

@@ -1,7 +1,9 @@
 //! Every query the chat server runs, written once for both backends.
 
 use crate::db::{DbConn, DbError, Kind, Row};
-use crate::model::{ChatInfo, CurriculumVitae, EducationItem, NotificationInfo, ProfileData, WorkExperienceItem};
+use crate::model::{
+    ChatInfo, CurriculumVitae, EducationItem, NotificationInfo, ProfileData, WorkExperienceItem,
+};
 use crate::params;
 
 /// Message status ids (seed: `StatusID: 1 // "sent_to_server"`).
@@ -60,8 +62,11 @@ pub fn live_sessions(db: &mut DbConn<'_>, now: i64) -> Result<Vec<SessionRow>, D
 
 /// Stores a session.
 pub fn create_session(db: &mut DbConn<'_>, user: i64, token: &str, expires_at: i64) -> Result<(), DbError> {
-    db.insert("INSERT INTO Session (UserId, Tk, ExpiresAt) VALUES (?, ?, ?)", params![user, token, expires_at])
-        .map(drop)
+    db.insert(
+        "INSERT INTO Session (UserId, Tk, ExpiresAt) VALUES (?, ?, ?)",
+        params![user, token, expires_at],
+    )
+    .map(drop)
 }
 
 /// Deletes a session; true when it existed.
@@ -247,7 +252,9 @@ pub fn chat_list(db: &mut DbConn<'_>, user: i64) -> Result<Vec<ChatInfo>, DbErro
             unread_count: r.int(8),
         })
         .collect();
-    chats.sort_by(|a, b| b.last_message_ts.cmp(&a.last_message_ts).then(a.other_user_id.cmp(&b.other_user_id)));
+    chats.sort_by(|a, b| {
+        b.last_message_ts.cmp(&a.last_message_ts).then(a.other_user_id.cmp(&b.other_user_id))
+    });
     Ok(chats)
 }
 

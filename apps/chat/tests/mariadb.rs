@@ -6,11 +6,13 @@ mod common;
 use common::mariadb::MariaDb;
 use common::{Fixture, flows};
 
+type Flow = fn(&Fixture);
+
 #[test]
 fn main_flows_on_mariadb() {
     let server = MariaDb::start();
     assert!(server.startup.as_secs() < 30, "MariaDB start-up took {:?}", server.startup);
-    let runs: [(&str, fn(&Fixture)); 6] = [
+    let runs: [(&str, Flow); 6] = [
         ("send_online", flows::send_to_online),
         ("send_offline", flows::send_to_offline_then_connect),
         ("read_receipts", flows::read_receipts),

@@ -153,7 +153,8 @@ fn handshake_needs_a_live_session_token() {
     // Expired: the cache refuses it even before a reload drops it.
     let db = f.db();
     let mut conn = db.conn().unwrap();
-    conn.exec("UPDATE Session SET ExpiresAt = 1 WHERE UserId = ?", customws_chat::params![f.user("dave").id]).unwrap();
+    conn.exec("UPDATE Session SET ExpiresAt = 1 WHERE UserId = ?", customws_chat::params![f.user("dave").id])
+        .unwrap();
     drop(conn);
     f.server.chat().sessions.reload(&db).unwrap();
     assert_eq!(common::try_connect(addr, &f.user("dave").token).err(), Some(401));
@@ -161,7 +162,8 @@ fn handshake_needs_a_live_session_token() {
 
 #[test]
 fn sessions_created_after_start_are_accepted_after_a_reload() {
-    let f = Fixture::sqlite_with(|_, options| options.session_refresh = std::time::Duration::from_millis(100));
+    let f =
+        Fixture::sqlite_with(|_, options| options.session_refresh = std::time::Duration::from_millis(100));
     let db = f.db();
     let token = customws_chat::seed::demo(&db).unwrap().remove(0).token; // fresh sessions
     assert_ne!(token, f.user("alice").token);

@@ -74,7 +74,8 @@ pub fn read_receipts(f: &Fixture) {
     f.wait_status(m2, store::DELIVERED);
     let list = bob.call("GET_CHAT_LIST", Value::Null);
     assert_eq!(list["type"], "CHAT_LIST");
-    let entry = list["payload"]["chats"].as_array().unwrap().iter().find(|c| c["otherUserId"] == alice_id).cloned();
+    let entry =
+        list["payload"]["chats"].as_array().unwrap().iter().find(|c| c["otherUserId"] == alice_id).cloned();
     let entry = entry.expect("chat with alice listed");
     assert_eq!(entry["chatId"], chat.as_str());
     assert_eq!(entry["unreadCount"], 2);
@@ -92,7 +93,8 @@ pub fn read_receipts(f: &Fixture) {
     assert_eq!(f.status_of(m1), Some(store::READ));
     assert_eq!(f.status_of(m2), Some(store::READ));
     let list = bob.call("GET_CHAT_LIST", Value::Null);
-    let entry = list["payload"]["chats"].as_array().unwrap().iter().find(|c| c["otherUserId"] == alice_id).cloned();
+    let entry =
+        list["payload"]["chats"].as_array().unwrap().iter().find(|c| c["otherUserId"] == alice_id).cloned();
     assert_eq!(entry.unwrap()["unreadCount"], 0);
     // Reading someone else's chat is refused.
     let carol_chat = format!("chat_{}_{}", f.user("alice").id, f.user("carol").id);
@@ -156,7 +158,9 @@ pub fn presence_to_contacts(f: &Fixture) {
         v["type"] == "PRESENCE_EVENT" && v["payload"]["userId"] == bob_id
     });
     assert_eq!(offline["payload"]["event"], "user_offline", "a second connection announced online twice?");
-    super::wait_until(super::WAIT, "bob stored offline", || stored(f).is_some_and(|(on, seen)| !on && seen.is_some()));
+    super::wait_until(super::WAIT, "bob stored offline", || {
+        stored(f).is_some_and(|(on, seen)| !on && seen.is_some())
+    });
     carol.assert_none_before_marker_where("presence of bob", about_bob);
     dave.assert_none_before_marker_where("presence of bob", about_bob);
     // dave has no accepted contact: he hears about nobody.
