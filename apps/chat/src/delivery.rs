@@ -21,9 +21,10 @@ use crate::store::{self, Message, now_ms};
 /// How many times a delivery whose connection closed before acknowledging is retried at once
 /// while the recipient still has another connection.
 const RETRIES_ON_CLOSE: u32 = 3;
-/// Most undelivered messages sent to a connecting user in one go (the rest follow on the next
-/// connection, or with `GET_CHAT_LIST`'s unread counts telling the client they exist).
-pub const BACKLOG_LIMIT: i64 = 500;
+/// Most undelivered messages sent to a connecting user in one go: well under the tier's
+/// per-connection queue (`send_queue`, 256 frames), which a bigger burst would overflow
+/// (close 1013). The next batch goes when this one has been acknowledged.
+pub const BACKLOG_BATCH: i64 = 64;
 
 struct Pending {
     msg: Message,
@@ -34,6 +35,10 @@ struct Pending {
 struct State {
     by_tag: HashMap<u64, Pending>,
     in_flight: HashSet<i64>,
+    /// In-flight deliveries per recipient.
+    per_user: HashMap<i64, usize>,
+    /// Recipients whose last backlog batch was full: more may be waiting.
+    more_backlog: HashSet<i64>,
     next_tag: u64,
 }
 
@@ -82,6 +87,7 @@ impl Deliveries {
             if !state.in_flight.insert(msg.id) {
                 return;
             }
+            *state.per_user.entry(to).or_insert(0) += 1;
             state.next_tag += 1;
             let tag = state.next_tag;
             state.by_tag.insert(tag, Pending { msg, attempts });
@@ -97,8 +103,31 @@ impl Deliveries {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).by_tag.remove(&tag)
     }
 
-    fn finished(&self, id: i64) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).in_flight.remove(&id);
+    /// A delivery ended; true when it was the recipient's last in flight and a backlog batch
+    /// was cut short, so the next batch should go.
+    fn finished(&self, id: i64, to: i64) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_flight.remove(&id);
+        let left = match state.per_user.get_mut(&to) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                *n
+            }
+            _ => {
+                state.per_user.remove(&to);
+                0
+            }
+        };
+        left == 0 && state.more_backlog.remove(&to)
+    }
+
+    fn backlog_truncated(&self, user: i64, truncated: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if truncated {
+            state.more_backlog.insert(user);
+        } else {
+            state.more_backlog.remove(&user);
+        }
     }
 }
 
@@ -128,7 +157,8 @@ pub fn start_collector(chat: Weak<Chat>, rx: Receiver<(u64, Outcome)>) {
 /// Runs in the recipient's lane: records what the client's answer means.
 fn settle(chat: &Arc<Chat>, pending: Pending, outcome: Outcome) {
     let Pending { msg, attempts } = pending;
-    chat.deliveries.finished(msg.id);
+    let (to, acked) = (msg.to, matches!(&outcome, Outcome::Ack(reply) if reply.error.is_none()));
+    let next_batch = chat.deliveries.finished(msg.id, to);
     match outcome {
         Outcome::Ack(reply) if reply.error.is_none() => {
             let now = now_ms();
@@ -152,6 +182,9 @@ fn settle(chat: &Arc<Chat>, pending: Pending, outcome: Outcome) {
         }
         other => log::debug!("message {} to user {} stays sent: {other:?}", msg.id, msg.to),
     }
+    if next_batch && acked {
+        send_backlog(chat, to);
+    }
 }
 
 /// Runs in the user's lane on every new connection: sends what is still undelivered.
@@ -159,8 +192,9 @@ pub(crate) fn send_backlog(chat: &Arc<Chat>, user: i64) {
     let Some(handle) = chat.handle() else {
         return;
     };
-    match chat.db.conn().and_then(|mut db| store::undelivered(&mut db, user, BACKLOG_LIMIT)) {
+    match chat.db.conn().and_then(|mut db| store::undelivered(&mut db, user, BACKLOG_BATCH)) {
         Ok(messages) => {
+            chat.deliveries.backlog_truncated(user, messages.len() as i64 >= BACKLOG_BATCH);
             for msg in messages {
                 chat.deliveries.deliver(&handle, msg, 0);
             }

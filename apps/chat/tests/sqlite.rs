@@ -214,3 +214,45 @@ fn the_schema_is_created_once_and_reopened() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].int(0), customws_chat::schema::VERSION);
 }
+
+#[test]
+fn a_long_backlog_goes_out_in_acknowledged_batches() {
+    // Sent at once, a long backlog would overflow the tier's per-connection queue (close 1013)
+    // as soon as the client reads slower than the server writes.
+    let f = Fixture::sqlite();
+    let bob_id = f.user("bob").id;
+    let batch = customws_chat::delivery::BACKLOG_BATCH as usize;
+    let mut alice = f.connect("alice");
+    let total = 2 * batch + 10;
+    for i in 0..total {
+        let pid = alice.request("SEND_CHAT_MESSAGE", json!({ "toUserId": bob_id, "text": format!("m{i}") }));
+        assert_eq!(alice.expect_pid(&pid)["type"], "SERVER_ACK");
+    }
+    let mut bob = f.connect_without_acks("bob");
+    let mut pids = Vec::new();
+    for i in 0..batch {
+        let msg = bob.expect("NEW_CHAT_MESSAGE");
+        assert_eq!(msg["payload"]["text"], format!("m{i}"), "oldest first");
+        pids.push(msg["pid"].as_str().unwrap().to_string());
+    }
+    // Nothing more until this batch is acknowledged.
+    bob.assert_none_before_marker("NEW_CHAT_MESSAGE");
+    assert_eq!(f.server.chat().deliveries.in_flight(), batch);
+    for pid in &pids {
+        bob.ack(pid);
+    }
+    bob.auto_ack = true;
+    for i in batch..total {
+        let msg = bob.expect("NEW_CHAT_MESSAGE");
+        assert_eq!(msg["payload"]["text"], format!("m{i}"), "oldest first");
+    }
+    let db = f.db();
+    common::wait_until(common::WAIT, "all delivered", || {
+        let rows = db
+            .conn()
+            .unwrap()
+            .query("SELECT COUNT(*) FROM ChatMessage WHERE StatusId = 2", Vec::new())
+            .unwrap();
+        rows[0].int(0) == total as i64
+    });
+}
