@@ -5,7 +5,7 @@
 //! runs the queries on a worker and answers through the [`Handle`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use customws::app::application::{Admission, Conn, ConnId, Disconnect, Rejection};
 use customws::http::auth::{AuthError, Identity};
@@ -56,7 +56,7 @@ pub struct Chat {
     pub serial: Arc<Serial>,
     /// Deliveries awaiting a client ack.
     pub deliveries: Deliveries,
-    handle: OnceLock<Handle>,
+    handle: RwLock<Option<Handle>>,
     slow: Option<SlowQuery>,
     sent: AtomicU64,
     delivered: AtomicU64,
@@ -64,14 +64,23 @@ pub struct Chat {
 }
 
 impl Chat {
-    /// The tier's handle (set at start, and by the first connection).
+    /// The tier's handle (set at start, and by the first connection; `None` once stopped).
     pub fn handle(&self) -> Option<Handle> {
-        self.handle.get().cloned()
+        self.handle.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Gives the chat the server's handle.
-    pub fn set_handle(&self, handle: Handle) {
-        let _ = self.handle.set(handle);
+    /// Gives the chat the server's handle, unless it has one.
+    pub fn set_handle(&self, handle: &Handle) {
+        let mut slot = self.handle.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(handle.clone());
+        }
+    }
+
+    /// Forgets the handle when the server stops: the handle keeps the tier's state alive, and
+    /// that state keeps this application alive.
+    pub fn clear_handle(&self) {
+        *self.handle.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     pub(crate) fn count_delivered(&self) {
@@ -105,7 +114,7 @@ impl ChatApp {
             presence: Presence::default(),
             serial: Serial::new(threads, queue, 64),
             deliveries,
-            handle: OnceLock::new(),
+            handle: RwLock::new(None),
             slow,
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -157,7 +166,9 @@ impl Application for ChatApp {
     }
 
     fn on_connect(&self, conn: &mut Conn<'_>) {
-        self.chat.set_handle(conn.handle().clone());
+        if self.chat.handle.read().is_ok_and(|h| h.is_none()) {
+            self.chat.set_handle(conn.handle());
+        }
         let user = conn.user_id();
         let first = self.chat.presence.opened(user);
         let chat = Arc::clone(&self.chat);

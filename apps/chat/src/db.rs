@@ -418,3 +418,28 @@ impl DbConn<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(redact("mysql://chat:s3cret@db:3306/chat"), "mysql://chat:***@db:3306/chat");
+        assert_eq!(redact("sqlite://chat.db"), "sqlite://chat.db");
+    }
+
+    #[test]
+    fn unsupported_urls_are_refused_by_name() {
+        let err = Db::open("postgres://u:p@h/db", 1).unwrap_err();
+        assert!(err.0.contains("unsupported database URL") && err.0.contains("***"), "{err}");
+        assert!(Db::open("sqlite://", 1).is_err());
+    }
+
+    #[test]
+    fn rows_convert_between_types() {
+        let row = Row(vec![Val::Int(5), Val::Text("12".into()), Val::Null]);
+        assert_eq!((row.int(0), row.int(1), row.int(2)), (5, 12, 0));
+        assert_eq!((row.opt_int(2), row.opt_text(2), row.text(0)), (None, None, "5".to_string()));
+    }
+}

@@ -55,7 +55,8 @@ impl Default for ChatOptions {
 /// A running chat server.
 #[derive(Debug)]
 pub struct ChatServer {
-    server: customws::ServerHandle,
+    /// `Some` until [`ChatServer::wait`] takes it.
+    server: Option<customws::ServerHandle>,
     app: ChatApp,
 }
 
@@ -89,9 +90,9 @@ pub fn start(config: customws::Config, options: &ChatOptions) -> Result<ChatServ
     let sessions = app.chat().sessions.reload(&app.chat().db).map_err(StartError::Db)?;
     log::info!("{sessions} live sessions loaded from {}", db::redact(&options.database));
     let server = customws::start_with(config, Arc::new(app.clone())).map_err(StartError::Tier)?;
-    app.chat().set_handle(server.handle());
+    app.chat().set_handle(&server.handle());
     start_refresher(Arc::downgrade(app.chat()), options.session_refresh);
-    Ok(ChatServer { server, app })
+    Ok(ChatServer { server: Some(server), app })
 }
 
 /// Reloads the session cache every `period` on a worker, until the chat is gone.
@@ -120,9 +121,13 @@ fn start_refresher(chat: Weak<Chat>, period: Duration) {
 }
 
 impl ChatServer {
+    fn tier(&self) -> &customws::ServerHandle {
+        self.server.as_ref().expect("the server is present until wait() consumes the ChatServer")
+    }
+
     /// The WebSocket listener's address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
+        self.tier().local_addr()
     }
 
     /// The shared state (database, sessions, presence).
@@ -132,21 +137,33 @@ impl ChatServer {
 
     /// The tier's handle.
     pub fn handle(&self) -> customws::Handle {
-        self.server.handle()
+        self.tier().handle()
     }
 
     /// Prometheus text, including the chat's counters.
     pub fn metrics_text(&self) -> String {
-        self.server.metrics_text()
+        self.tier().metrics_text()
     }
 
     /// Begins graceful shutdown.
     pub fn shutdown(&self) {
-        self.server.shutdown();
+        self.tier().shutdown();
     }
 
     /// Waits for the tier to stop.
-    pub fn wait(self) {
-        self.server.wait();
+    pub fn wait(mut self) {
+        if let Some(server) = self.server.take() {
+            server.wait();
+        }
+    }
+}
+
+impl Drop for ChatServer {
+    /// Stops the tier (as dropping its handle does) and lets the application go: its workers,
+    /// delivery thread and session refresher end.
+    fn drop(&mut self) {
+        // The tier first (its drop joins the shards, so no callback sets the handle again).
+        drop(self.server.take());
+        self.app.chat().clear_handle();
     }
 }

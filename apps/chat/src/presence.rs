@@ -81,3 +81,21 @@ pub(crate) fn changed(chat: &Arc<Chat>, user: i64, online: bool) {
         drop(handle.send_to_users(&watchers, &msg));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_and_last_connection_are_reported_once() {
+        let p = Presence::default();
+        assert!(p.opened(1));
+        assert!(!p.opened(1));
+        assert!(p.is_online(1));
+        assert!(!p.closed(1));
+        assert!(p.is_online(1));
+        assert!(p.closed(1));
+        assert!(!p.is_online(1));
+        assert!(!p.closed(1), "a close without an open is not a last close");
+    }
+}

@@ -90,3 +90,63 @@ impl Serial {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn one_keys_jobs_run_in_order() {
+        let serial = Serial::new(4, 64, 1000);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        for i in 0..200 {
+            let seen = Arc::clone(&seen);
+            let done = done_tx.clone();
+            serial
+                .submit(7, move || {
+                    seen.lock().unwrap().push(i);
+                    if i == 199 {
+                        done.send(()).unwrap();
+                    }
+                })
+                .unwrap();
+        }
+        done_rx.recv_timeout(Duration::from_secs(5)).expect("all jobs ran");
+        assert_eq!(*seen.lock().unwrap(), (0..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_blocked_key_does_not_hold_another() {
+        let serial = Serial::new(2, 64, 8);
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+        let (ran_tx, ran_rx) = crossbeam_channel::bounded(1);
+        serial
+            .submit(1, move || {
+                let _ = release_rx.recv_timeout(Duration::from_secs(5));
+            })
+            .unwrap();
+        serial.submit(2, move || ran_tx.send(()).unwrap()).unwrap();
+        ran_rx.recv_timeout(Duration::from_secs(5)).expect("key 2 ran while key 1 was blocked");
+        drop(release_tx);
+    }
+
+    #[test]
+    fn a_keys_queue_is_bounded_and_a_panic_does_not_stall_it() {
+        let serial = Serial::new(1, 64, 2);
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+        serial
+            .submit(1, move || {
+                let _ = release_rx.recv_timeout(Duration::from_secs(5));
+            })
+            .unwrap();
+        serial.submit(1, || panic!("job failed")).unwrap();
+        let (ran_tx, ran_rx) = crossbeam_channel::bounded(1);
+        serial.submit(1, move || ran_tx.send(()).unwrap()).unwrap();
+        assert_eq!(serial.submit(1, || {}), Err(Busy), "third waiting job is refused");
+        assert!(serial.submit_internal(1, || {}).is_ok(), "the server's own follow-ups are not");
+        drop(release_tx);
+        ran_rx.recv_timeout(Duration::from_secs(5)).expect("the job after the panic ran");
+    }
+}
