@@ -42,6 +42,10 @@ pub const MAX_TEXT_CHARS: usize = 4000;
 pub const MAX_FIELD_CHARS: usize = 255;
 /// Most notifications one `GET_NOTIFICATIONS` returns.
 pub const MAX_NOTIFICATIONS: i64 = 200;
+/// A viewer's repeated views of one profile notify its owner once per this period (ms).
+pub const PROFILE_VIEW_PERIOD_MS: i64 = 3_600_000;
+/// Remembered `(viewer, viewed)` pairs; the memory is cleared when it grows past this.
+const MAX_REMEMBERED_VIEWS: usize = 100_000;
 
 /// The state shared by callbacks and jobs.
 #[derive(Debug)]
@@ -57,6 +61,8 @@ pub struct Chat {
     /// Deliveries awaiting a client ack.
     pub deliveries: Deliveries,
     handle: RwLock<Option<Handle>>,
+    /// `(viewer, viewed)` → when the viewed user was last notified.
+    views: std::sync::Mutex<std::collections::HashMap<(i64, i64), i64>>,
     slow: Option<SlowQuery>,
     sent: AtomicU64,
     delivered: AtomicU64,
@@ -81,6 +87,22 @@ impl Chat {
     /// that state keeps this application alive.
     pub fn clear_handle(&self) {
         *self.handle.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether a view of `viewed`'s profile by `viewer` at `now` should notify (once per
+    /// [`PROFILE_VIEW_PERIOD_MS`], so repeated views cannot flood anyone's notifications).
+    fn first_view(&self, viewer: i64, viewed: i64, now: i64) -> bool {
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if views.len() >= MAX_REMEMBERED_VIEWS {
+            views.clear();
+        }
+        match views.get(&(viewer, viewed)) {
+            Some(&at) if now - at < PROFILE_VIEW_PERIOD_MS => false,
+            _ => {
+                views.insert((viewer, viewed), now);
+                true
+            }
+        }
     }
 
     pub(crate) fn count_delivered(&self) {
@@ -115,6 +137,7 @@ impl ChatApp {
             serial: Serial::new(threads, queue, 64),
             deliveries,
             handle: RwLock::new(None),
+            views: Default::default(),
             slow,
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -386,7 +409,7 @@ fn user_profile(chat: &Arc<Chat>, handle: &Handle, req: &Req) -> Answer {
         profile.phone.clear();
         profile.last_seen = None;
     }
-    if target != me {
+    if target != me && chat.first_view(me, target, now_ms()) {
         let name = format!("{} {}", req.user.first_name, req.user.last_name);
         let note = store::insert_notification(
             &mut db,

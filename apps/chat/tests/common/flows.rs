@@ -200,6 +200,9 @@ pub fn profile_with_country(f: &Fixture) {
     assert_eq!(note["payload"]["type"], "profile_view");
     assert_eq!(note["payload"]["payload"]["viewerId"], f.user("alice").id);
     assert_eq!(note["payload"]["isRead"], false);
+    // Viewing again within the hour notifies nobody: views cannot flood notifications.
+    assert_eq!(alice.call("GET_USER_PROFILE", json!({ "userId": bob_id }))["type"], "USER_PROFILE_DATA");
+    bob.assert_none_before_marker("NEW_NOTIFICATION");
     let stranger = dave.call("GET_USER_PROFILE", json!({ "userId": bob_id }));
     assert_eq!(stranger["payload"]["email"], "", "contact details are for contacts");
     assert_eq!(stranger["payload"]["isOnline"], false, "presence is for contacts");
