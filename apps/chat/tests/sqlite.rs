@@ -256,3 +256,31 @@ fn a_long_backlog_goes_out_in_acknowledged_batches() {
         rows[0].int(0) == total as i64
     });
 }
+
+#[test]
+fn messages_read_up_to_a_message() {
+    let f = Fixture::sqlite();
+    let bob_id = f.user("bob").id;
+    let mut alice = f.connect("alice");
+    let mut bob = f.connect("bob");
+    let ids: Vec<(i64, String)> = (0..3).map(|i| flows::send(&mut alice, bob_id, &format!("n{i}"))).collect();
+    let chat = ids[0].1.clone();
+    let ack = bob.call("MESSAGES_READ", json!({ "chatId": chat, "upToMessageId": ids[1].0.to_string() }));
+    assert_eq!(ack["payload"]["count"], 2, "{ack}");
+    let read = |alice: &mut common::Client| {
+        alice.next_where(common::WAIT, "read update", |v| {
+            v["type"] == "MESSAGE_STATUS_UPDATE" && v["payload"]["status"] == "read"
+        })
+    };
+    assert_eq!(
+        read(&mut alice)["payload"]["messageIds"],
+        json!([ids[0].0.to_string(), ids[1].0.to_string()])
+    );
+    assert_eq!(f.status_of(ids[2].0).map(|s| s < store::READ), Some(true));
+    let ack = bob.call("MESSAGES_READ", json!({ "chatId": chat }));
+    assert_eq!(ack["payload"]["count"], 1, "{ack}");
+    assert_eq!(read(&mut alice)["payload"]["messageIds"], json!([ids[2].0.to_string()]));
+    // Nothing left: no update is pushed.
+    assert_eq!(bob.call("MESSAGES_READ", json!({ "chatId": chat }))["payload"]["count"], 0);
+    alice.assert_none_before_marker_where("read update", |v| v["payload"]["status"] == "read");
+}
