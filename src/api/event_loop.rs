@@ -184,7 +184,8 @@ impl ApiLoop {
         loop {
             let Some(conn) = self.conns.get_mut(index) else { return };
             match conn.state {
-                State::Lingering => {
+                // Nothing more is read from either: input is discarded until the peer's EOF.
+                State::Lingering | State::Streaming => {
                     loop {
                         conn.input.clear();
                         match conn.fill() {
@@ -222,18 +223,6 @@ impl ApiLoop {
                     }
                 }
                 State::Waiting(_) => return,
-                State::Streaming => {
-                    loop {
-                        conn.input.clear();
-                        match conn.fill() {
-                            Ok(Fill::Full) => continue,
-                            Ok(Fill::Blocked) => return,
-                            Ok(Fill::Eof) | Err(_) => break,
-                        }
-                    }
-                    self.remove(index);
-                    return;
-                }
                 State::Reading => {
                     if !self.read_request(index) {
                         return;
