@@ -219,7 +219,7 @@ fn p2p(size: usize) -> P2p {
     let mut receiver = warm_queue(&warm);
     let mut sender = warm_queue(&warm);
     drop(warm);
-    let caps = SenderCaps { can_broadcast: false };
+    let caps = SenderCaps { can_broadcast: false, ..Default::default() };
     let mut r = P2p {
         size,
         parse_route: Stat::default(),

@@ -57,7 +57,7 @@ fn envelope_decode(c: &mut Criterion) {
     group.bench_function("parse_and_route_p2p_100B", |b| {
         b.iter(|| {
             let msg = ClientMessage::parse(black_box(&raw)).ok()?;
-            match route(&msg, SenderCaps { can_broadcast: false }) {
+            match route(&msg, SenderCaps { can_broadcast: false, ..Default::default() }) {
                 Route::P2p { target, payload } => Some((target, payload.map(<[u8]>::len))),
                 _ => None,
             }

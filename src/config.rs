@@ -158,6 +158,10 @@ pub struct Config {
     pub presence_budget: usize,
     /// Bytes of client-originated messages a shard's inbox may hold (`inbox_max_bytes`).
     pub inbox_max_bytes: usize,
+    /// Built-in client operations turned off, answered 403 `operation disabled`
+    /// (`disabled_ops`): any of `data_request`, `broadcast`, `presence_subscribe`,
+    /// `presence_update`, `join`, `room_broadcast`, `room_presence`.
+    pub disabled_ops: Vec<String>,
     /// Backend to forward `generic_request` and unknown types to (`backend_url`).
     pub backend_url: Option<String>,
     /// Bound on one backend call (`backend_timeout`).
@@ -225,6 +229,7 @@ impl Default for Config {
             room_presence_page: 100,
             presence_budget: 5000,
             inbox_max_bytes: 16 * 1024 * 1024,
+            disabled_ops: Vec::new(),
             backend_url: None,
             backend_timeout: Duration::from_secs(5),
             backend_concurrency: 16,
@@ -341,6 +346,14 @@ impl Config {
         if self.max_message_size < 125 {
             let reason = format!("max_message_size ({}) must be at least 125 bytes", self.max_message_size);
             return Err(invalid("max_message_size", reason));
+        }
+        if let Err(unknown) = crate::protocol::router::OpSet::from_names(&self.disabled_ops) {
+            let known: Vec<&str> =
+                crate::protocol::router::BuiltinOp::ALL.iter().map(|op| op.name()).collect();
+            return Err(invalid(
+                "disabled_ops",
+                format!("disabled_ops: unknown operation {unknown:?}; known: {}", known.join(", ")),
+            ));
         }
         Ok(())
     }
@@ -614,6 +627,7 @@ keys! {
     presence_budget: Count =>
         "Members per second a connection's room_presence pages and presence_subscribe ids may cost; 0 = off.",
     inbox_max_bytes: Size => "Client-originated messages a shard's inbox may hold; beyond it they are shed (503).",
+    disabled_ops: List => "Built-in client operations turned off (403 operation disabled): data_request, broadcast, presence_subscribe, presence_update, join, room_broadcast, room_presence.",
     backend_url: OptText => "POST generic_request and unknown message types to this URL; off when unset.",
     backend_timeout: Dur => "Bound on one backend call; past it the client gets error_notification 504.",
     backend_concurrency: Count => "Backend calls in flight at once (worker threads).",

@@ -96,8 +96,8 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     check_message(&msg);
-    let denied = route(&msg, SenderCaps { can_broadcast: false });
-    let allowed = route(&msg, SenderCaps { can_broadcast: true });
+    let denied = route(&msg, SenderCaps { can_broadcast: false, ..Default::default() });
+    let allowed = route(&msg, SenderCaps { can_broadcast: true, ..Default::default() });
     match (&denied, &allowed) {
         (Route::Reject { code: 403, .. }, Route::Broadcast { .. }) => {}
         _ => assert_eq!(

@@ -19,6 +19,91 @@ pub const MAX_WATCH_LIST: usize = 1024;
 pub struct SenderCaps {
     /// Role `broadcast`, or `allow_client_broadcast` is on.
     pub can_broadcast: bool,
+    /// Built-in operations turned off by `disabled_ops`: refused 403 `operation disabled`.
+    pub disabled: OpSet,
+}
+
+/// A built-in client operation an application may turn off (`disabled_ops`) or, later, decide
+/// on (`authorize_ops`). The names are the configuration's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltinOp {
+    /// `data_request` to a user (P2P).
+    DataRequest,
+    /// `data_request` without a target (broadcast to everyone).
+    Broadcast,
+    /// `presence_subscribe`.
+    PresenceSubscribe,
+    /// `presence_update` (targeted or not), and seed 004's `PRESENCE_UPDATE`.
+    PresenceUpdate,
+    /// `join` of a room.
+    Join,
+    /// `broadcast` `{room, body}` to a room.
+    RoomBroadcast,
+    /// `room_presence`.
+    RoomPresence,
+}
+
+impl BuiltinOp {
+    /// Every operation, in the order of their configuration names.
+    pub const ALL: [BuiltinOp; 7] = [
+        BuiltinOp::DataRequest,
+        BuiltinOp::Broadcast,
+        BuiltinOp::PresenceSubscribe,
+        BuiltinOp::PresenceUpdate,
+        BuiltinOp::Join,
+        BuiltinOp::RoomBroadcast,
+        BuiltinOp::RoomPresence,
+    ];
+
+    /// The configuration name (`disabled_ops`, `authorize_ops`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BuiltinOp::DataRequest => "data_request",
+            BuiltinOp::Broadcast => "broadcast",
+            BuiltinOp::PresenceSubscribe => "presence_subscribe",
+            BuiltinOp::PresenceUpdate => "presence_update",
+            BuiltinOp::Join => "join",
+            BuiltinOp::RoomBroadcast => "room_broadcast",
+            BuiltinOp::RoomPresence => "room_presence",
+        }
+    }
+
+    /// The operation a client message asks for, if it is one of these.
+    pub fn of(msg: &ClientMessage<'_>) -> Option<BuiltinOp> {
+        Some(match &*msg.kind {
+            "data_request" if msg.target().is_some() => BuiltinOp::DataRequest,
+            "data_request" => BuiltinOp::Broadcast,
+            "presence_subscribe" => BuiltinOp::PresenceSubscribe,
+            "presence_update" | "PRESENCE_UPDATE" => BuiltinOp::PresenceUpdate,
+            "join" => BuiltinOp::Join,
+            "broadcast" => BuiltinOp::RoomBroadcast,
+            "room_presence" => BuiltinOp::RoomPresence,
+            _ => return None,
+        })
+    }
+}
+
+/// A set of [`BuiltinOp`]s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpSet(u8);
+
+impl OpSet {
+    /// Whether `op` is in the set.
+    pub fn contains(self, op: BuiltinOp) -> bool {
+        self.0 & (1 << op as u8) != 0
+    }
+
+    /// The set named by configuration names; the first unknown name is the error.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<OpSet, String> {
+        let mut set = OpSet::default();
+        for name in names {
+            let name = name.as_ref().trim();
+            let op =
+                BuiltinOp::ALL.into_iter().find(|op| op.name() == name).ok_or_else(|| name.to_string())?;
+            set.0 |= 1 << op as u8;
+        }
+        Ok(set)
+    }
 }
 
 /// The action a client message requests.
@@ -83,6 +168,9 @@ pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
         && let Err(e) = check_relayable(payload.get().as_bytes(), MAX_DEPTH - 1)
     {
         return reject_owned(400, format!("payload not accepted: {e}"));
+    }
+    if BuiltinOp::of(msg).is_some_and(|op| caps.disabled.contains(op)) {
+        return reject(403, "operation disabled");
     }
     match &*msg.kind {
         "data_request" => data_request(msg, caps),
@@ -160,13 +248,33 @@ mod tests {
 
     fn decide(raw: &str, can_broadcast: bool) -> String {
         let msg = ClientMessage::parse(raw.as_bytes()).unwrap();
-        format!("{:?}", route(&msg, SenderCaps { can_broadcast }))
+        format!("{:?}", route(&msg, SenderCaps { can_broadcast, ..Default::default() }))
     }
 
     #[test]
     fn data_request_with_target_is_p2p() {
         let r = decide(r#"{"type":"data_request","targetUserId":9,"payload":{"x":1}}"#, false);
         assert!(r.starts_with("P2p { target: 9"), "{r}");
+    }
+
+    #[test]
+    fn disabled_operations_are_refused_403_and_others_still_work() {
+        let names = ["data_request", "room_presence"];
+        let disabled = OpSet::from_names(&names).unwrap();
+        let caps = SenderCaps { can_broadcast: true, disabled };
+        let route_of =
+            |raw: &str| format!("{:?}", route(&ClientMessage::parse(raw.as_bytes()).unwrap(), caps));
+        let p2p = route_of(r#"{"type":"data_request","targetUserId":9,"payload":{}}"#);
+        assert!(p2p.starts_with("Reject { code: 403") && p2p.contains("operation disabled"), "{p2p}");
+        assert!(
+            route_of(r#"{"type":"room_presence","payload":{"room":"r"}}"#).contains("operation disabled")
+        );
+        assert!(route_of(r#"{"type":"data_request","payload":{}}"#).starts_with("Broadcast"));
+        assert!(route_of(r#"{"type":"join","payload":{"room":"r"}}"#).starts_with("Join"));
+        assert_eq!(OpSet::from_names(&["join", "nope"]), Err("nope".to_string()));
+        let all: Vec<&str> = BuiltinOp::ALL.iter().map(|op| op.name()).collect();
+        let every = OpSet::from_names(&all).unwrap();
+        assert!(BuiltinOp::ALL.iter().all(|op| every.contains(*op)));
     }
 
     #[test]

@@ -11,12 +11,14 @@ use crate::ws::close;
 /// Refusals are counted in windows of this length for `rate_limit_close_after`.
 const STRIKE_WINDOW_MS: u64 = 10_000;
 
-/// The configured rates, in bucket units.
+/// The configured rates, in bucket units, and the built-in operations turned off.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Rates {
     pub(super) messages: Rate,
     pub(super) bytes: Rate,
     pub(super) close_after: u32,
+    /// `disabled_ops` (validated with the configuration).
+    pub(super) disabled_ops: crate::protocol::router::OpSet,
 }
 
 impl Rates {
@@ -28,6 +30,8 @@ impl Rates {
             messages,
             bytes: Rate { per_second, burst: per_second },
             close_after: config.rate_limit_close_after.min(u32::MAX as usize) as u32,
+            disabled_ops: crate::protocol::router::OpSet::from_names(&config.disabled_ops)
+                .unwrap_or_default(),
         }
     }
 }

@@ -248,7 +248,10 @@ impl Shard {
             return;
         };
         let (user, roles) = (session.user, session.roles);
-        let caps = SenderCaps { can_broadcast: roles.broadcast || self.shared.config.allow_client_broadcast };
+        let caps = SenderCaps {
+            can_broadcast: roles.broadcast || self.shared.config.allow_client_broadcast,
+            disabled: self.rates.disabled_ops,
+        };
         let parsed = ClientMessage::parse(text);
         // Answers to the server's own waits are not charged: the server asked for them.
         let answers_wait = parsed.as_ref().is_ok_and(|msg| self.is_wait_answer(key, msg));

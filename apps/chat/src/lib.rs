@@ -82,7 +82,12 @@ impl std::error::Error for StartError {}
 
 /// Opens the database (creating or migrating the schema), loads the session cache, and starts
 /// the tier with the chat application.
-pub fn start(config: customws::Config, options: &ChatOptions) -> Result<ChatServer, StartError> {
+pub fn start(mut config: customws::Config, options: &ChatOptions) -> Result<ChatServer, StartError> {
+    // Contacts-only messaging, presence and typing are this application's rules, enforced by
+    // its own message types: the tier's built-in operations would bypass them (a `data_request`
+    // to any user, a `presence_subscribe` to anyone, open rooms), so they are all turned off.
+    config.disabled_ops =
+        customws::protocol::router::BuiltinOp::ALL.iter().map(|op| op.name().to_string()).collect();
     let db = Db::open(&options.database, options.workers + 2).map_err(StartError::Db)?;
     let app = ChatApp::new(db, options.workers, options.queue, options.slow_query.clone());
     // Before the listeners open, so no valid token is refused during start-up; this thread is

@@ -117,6 +117,24 @@ pub fn contacts_only(f: &Fixture) {
         let refused = client.call("TYPING_INDICATOR_ON", json!({ "toUserId": to }));
         assert_eq!(refused["payload"]["code"], 403, "{refused}");
     }
+    // The tier's built-in operations, which would bypass the contacts rule, are turned off.
+    let bypasses = [
+        ("data_request", json!({ "secret": "hi" })),
+        ("presence_subscribe", json!({ "userIds": [dave_id] })),
+        ("presence_update", json!({ "status": "typing", "targetUserId": dave_id })),
+        ("join", json!({ "room": "dm:1:4" })),
+        ("room_presence", json!({ "room": "dm:1:4" })),
+    ];
+    for (kind, payload) in bypasses {
+        alice.next_pid += 1;
+        let pid = format!("c{}", alice.next_pid);
+        alice.send(&json!({ "pid": pid, "type": kind, "targetUserId": dave_id, "payload": payload }));
+        let refused = alice.next_where(super::WAIT, kind, |v| v["error"]["originalPid"] == pid.as_str());
+        assert_eq!(refused["type"], "error_notification", "{kind}: {refused}");
+        assert_eq!(refused["error"]["code"], 403, "{kind}: {refused}");
+        assert_eq!(refused["error"]["message"], "operation disabled", "{kind}: {refused}");
+    }
+    dave.assert_none_before_marker("data_event");
     dave.assert_none_before_marker("NEW_CHAT_MESSAGE");
     dave.assert_none_before_marker("TYPING_INDICATOR_ON");
     carol.assert_none_before_marker("NEW_CHAT_MESSAGE");
