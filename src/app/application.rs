@@ -110,6 +110,35 @@ impl Conn<'_> {
     }
 }
 
+/// Answers to one connection from any thread, the counterparts of [`Conn::ack`],
+/// [`Conn::error`] and [`Conn::respond`] for a worker that holds a [`ConnId`] and a
+/// [`Handle`]. Fire-and-forget like [`Handle::send_frame_to_conn`]: a connection gone
+/// meanwhile drops the frame. In [`crate::prelude`].
+pub trait ConnReplies {
+    /// Sends `server_ack` `{acknowledgedPid, status}` to `conn`.
+    fn ack(&self, conn: ConnId, pid: &str, status: &str);
+    /// Sends `error_notification` `{originalPid?, code, message}` to `conn`.
+    fn error(&self, conn: ConnId, pid: Option<&str>, code: u16, message: &str);
+    /// Sends `{"pid": pid, "type": kind, "payload": payload}` to `conn`. `payload_json` must
+    /// be JSON text (use [`OutMessage::new`] / [`Handle::send_to_conn`] to have it checked).
+    fn respond(&self, conn: ConnId, pid: &str, kind: &str, payload_json: &str);
+}
+
+impl ConnReplies for Handle {
+    fn ack(&self, conn: ConnId, pid: &str, status: &str) {
+        self.send_frame_to_conn(conn, server_ack(pid, status));
+    }
+
+    fn error(&self, conn: ConnId, pid: Option<&str>, code: u16, message: &str) {
+        self.send_frame_to_conn(conn, error_notification(pid, code, message));
+    }
+
+    fn respond(&self, conn: ConnId, pid: &str, kind: &str, payload_json: &str) {
+        let frame = Envelope::new(kind).pid(Some(pid)).raw_payload(Some(payload_json.as_bytes())).frame();
+        self.send_frame_to_conn(conn, frame);
+    }
+}
+
 /// Whether `on_message` took care of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
@@ -119,7 +148,9 @@ pub enum Handled {
     No,
 }
 
-/// Why a connection ended, for `on_disconnect`.
+/// Why a connection ended, for `on_disconnect`: who, why, the application's data for the
+/// connection and the server handle (to tell other users, or to start work on a [`Workers`]
+/// pool with a clone of it).
 #[derive(Debug, Clone, Copy)]
 pub struct Disconnect<'a> {
     /// The user.
@@ -128,6 +159,22 @@ pub struct Disconnect<'a> {
     pub id: ConnId,
     /// Human-readable reason (`peer closed the connection`, `pong timeout`, …).
     pub reason: &'a str,
+    pub(crate) user_data: Option<&'a (dyn Any + Send + Sync)>,
+    pub(crate) handle: &'a Handle,
+}
+
+impl Disconnect<'_> {
+    /// The application's data for the connection (from [`Admission::user_data`]), if it is a
+    /// `T`. Dropped after `on_disconnect` returns: clone what a job needs.
+    pub fn user_data<T: Any>(&self) -> Option<&T> {
+        self.user_data.and_then(|data| data.downcast_ref::<T>())
+    }
+
+    /// The server handle, for operations on other users. The connection itself is gone:
+    /// operations on it find nothing.
+    pub fn handle(&self) -> &Handle {
+        self.handle
+    }
 }
 
 /// The application's callbacks. Every method has a default, so an application implements
@@ -177,15 +224,63 @@ pub fn worker_panics_total() -> u64 {
     WORKER_PANICS.load(Ordering::Relaxed)
 }
 
+/// A job of a pool whose threads keep a `S` each; `None` tells a thread to stop.
+type Job<S> = Option<Box<dyn FnOnce(&mut S) + Send>>;
+
 /// A bounded pool of threads for blocking work started from callbacks. A job that panics is
 /// logged and counted (here and in `/metrics`); its thread goes on with the next job.
-#[derive(Debug, Clone)]
-pub struct Workers {
-    tx: Sender<Box<dyn FnOnce() + Send>>,
-    panics: Arc<AtomicU64>,
+///
+/// Each thread may keep its own state `S` (a database connection, a client), made once on
+/// that thread by [`Workers::with_init`]; jobs given to [`Workers::spawn_with`] borrow it.
+/// [`Workers::new`] is the pool without state (`S = ()`), whose jobs take no argument.
+///
+/// Clones share the pool. [`Workers::shutdown`] stops it for every clone and joins the
+/// threads. Dropping the last clone without `shutdown` does not wait: the threads run what is
+/// queued and then exit on their own.
+///
+/// ```
+/// use customws::app::application::Workers;
+///
+/// // One "connection" per thread, made on that thread.
+/// let pool = Workers::with_init(2, 64, || String::from("db connection"));
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// pool.spawn_with(move |db: &mut String| tx.send(db.len()).unwrap()).unwrap();
+/// assert_eq!(rx.recv().unwrap(), 13);
+/// pool.shutdown(); // runs what is queued, then joins
+/// ```
+pub struct Workers<S = ()> {
+    tx: Sender<Job<S>>,
+    pool: Arc<Pool>,
+}
+
+/// What every clone of a [`Workers`] shares.
+#[derive(Debug)]
+struct Pool {
+    panics: AtomicU64,
+    /// Set by `shutdown`: `spawn` refuses from then on.
+    closed: std::sync::atomic::AtomicBool,
+    /// The threads, taken by the first `shutdown` to join them.
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl<S> Clone for Workers<S> {
+    fn clone(&self) -> Self {
+        Workers { tx: self.tx.clone(), pool: Arc::clone(&self.pool) }
+    }
+}
+
+impl<S> std::fmt::Debug for Workers<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("queued", &self.tx.len())
+            .field("panics", &self.pool.panics.load(Ordering::Relaxed))
+            .field("closed", &self.pool.closed.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 /// The pool's queue is full: shed the work (answer 503/429) instead of queuing without bound.
+/// Also the answer of a pool that was shut down or has no thread left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("worker queue full")]
 pub struct Busy;
@@ -193,39 +288,97 @@ pub struct Busy;
 impl Workers {
     /// `threads` workers sharing a queue of at most `queue` jobs.
     pub fn new(threads: usize, queue: usize) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded::<Box<dyn FnOnce() + Send>>(queue);
-        let panics = Arc::new(AtomicU64::new(0));
+        Workers::with_init(threads, queue, || ())
+    }
+
+    /// Runs `job` on a worker, or refuses when the queue is full.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) -> Result<(), Busy> {
+        self.spawn_with(move |_: &mut ()| job())
+    }
+}
+
+impl<S: 'static> Workers<S> {
+    /// `threads` workers sharing a queue of at most `queue` jobs; each thread first calls
+    /// `init` once to make its own `S`, on that thread (so `S` need not be `Send`). A thread
+    /// whose `init` panics logs it and exits; when none is left, `spawn_with` refuses.
+    pub fn with_init(threads: usize, queue: usize, init: impl Fn() -> S + Send + Sync + 'static) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<Job<S>>(queue);
+        let pool = Arc::new(Pool {
+            panics: AtomicU64::new(0),
+            closed: Default::default(),
+            threads: Default::default(),
+        });
+        let init = Arc::new(init);
+        let mut handles = Vec::with_capacity(threads.max(1));
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            let panics = Arc::clone(&panics);
+            let (rx, pool, init) = (rx.clone(), Arc::clone(&pool), Arc::clone(&init));
             let spawned = std::thread::Builder::new().name(format!("customws-worker-{i}")).spawn(move || {
-                for job in rx {
+                let mut state = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init())) {
+                    Ok(state) => state,
+                    Err(payload) => {
+                        log::error!("worker init panicked: {}", panic_message(payload.as_ref()));
+                        return;
+                    }
+                };
+                while let Ok(Some(job)) = rx.recv() {
                     // A job's panic must not take the thread with it: a pool whose threads
-                    // all died would only ever answer "busy".
-                    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
-                        panics.fetch_add(1, Ordering::Relaxed);
+                    // all died would only ever answer "busy". The state stays as the job
+                    // left it.
+                    let run = std::panic::AssertUnwindSafe(|| job(&mut state));
+                    if let Err(payload) = std::panic::catch_unwind(run) {
+                        pool.panics.fetch_add(1, Ordering::Relaxed);
                         WORKER_PANICS.fetch_add(1, Ordering::Relaxed);
                         log::error!("worker job panicked: {}", panic_message(payload.as_ref()));
                     }
                 }
             });
-            if let Err(e) = spawned {
-                log::error!("cannot start worker thread: {e}");
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => log::error!("cannot start worker thread: {e}"),
             }
         }
-        Workers { tx, panics }
+        *pool.threads.lock().unwrap_or_else(|e| e.into_inner()) = handles;
+        Workers { tx, pool }
+    }
+
+    /// Runs `job` on a worker with that thread's state, or refuses when the queue is full
+    /// or the pool was shut down.
+    pub fn spawn_with(&self, job: impl FnOnce(&mut S) + Send + 'static) -> Result<(), Busy> {
+        if self.pool.closed.load(Ordering::Acquire) {
+            return Err(Busy);
+        }
+        match self.tx.try_send(Some(Box::new(job))) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Busy),
+        }
     }
 
     /// Jobs of this pool that panicked.
     pub fn panics(&self) -> u64 {
-        self.panics.load(Ordering::Relaxed)
+        self.pool.panics.load(Ordering::Relaxed)
     }
 
-    /// Runs `job` on a worker, or refuses when the queue is full.
-    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) -> Result<(), Busy> {
-        match self.tx.try_send(Box::new(job)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Busy),
+    /// Stops the pool for every clone and waits for its threads: `spawn` refuses from now
+    /// on, the jobs already queued run, then each thread drops its state and exits. Blocks
+    /// while a job runs, so do not call it from a callback (a shard thread). Called from one
+    /// of the pool's own jobs, it does not wait for that thread. A second call returns at once.
+    pub fn shutdown(self) {
+        if self.pool.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let threads = std::mem::take(&mut *self.pool.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        // One stop per thread, behind the queued jobs. `send` waits for room when the queue
+        // is full; it fails only when no thread is left to receive.
+        for _ in &threads {
+            if self.tx.send(None).is_err() {
+                break;
+            }
+        }
+        let me = std::thread::current().id();
+        for thread in threads {
+            if thread.thread().id() != me && thread.join().is_err() {
+                log::error!("worker thread panicked");
+            }
         }
     }
 }
