@@ -56,6 +56,39 @@ fn workers_make_state_once_per_thread_and_shutdown_runs_the_queue_then_joins() {
 }
 
 #[test]
+fn every_job_accepted_while_shutdown_races_with_spawners_runs() {
+    let pool = Workers::new(2, 1024);
+    let (accepted, ran) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let spawners: Vec<_> = (0..4)
+        .map(|_| {
+            let (pool, accepted, ran) = (pool.clone(), Arc::clone(&accepted), Arc::clone(&ran));
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    let ran = Arc::clone(&ran);
+                    let job = move || {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    };
+                    match pool.spawn(job) {
+                        Ok(()) => {
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(Busy) => std::thread::yield_now(),
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until(Duration::from_secs(5), "some jobs accepted", || accepted.load(Ordering::SeqCst) > 100);
+    pool.shutdown();
+    let after_shutdown = ran.load(Ordering::SeqCst);
+    for spawner in spawners {
+        spawner.join().unwrap();
+    }
+    assert_eq!(after_shutdown, accepted.load(Ordering::SeqCst), "accepted jobs ran before shutdown returned");
+    assert_eq!(ran.load(Ordering::SeqCst), after_shutdown, "nothing ran after shutdown returned");
+}
+
+#[test]
 fn dropping_the_last_workers_does_not_wait_for_a_running_job() {
     let pool = Workers::new(1, 4);
     let (release_tx, release_rx) = mpsc::channel::<()>();

@@ -224,8 +224,8 @@ pub fn worker_panics_total() -> u64 {
     WORKER_PANICS.load(Ordering::Relaxed)
 }
 
-/// A job of a pool whose threads keep a `S` each; `None` tells a thread to stop.
-type Job<S> = Option<Box<dyn FnOnce(&mut S) + Send>>;
+/// A job of a pool whose threads keep a `S` each.
+type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
 /// A bounded pool of threads for blocking work started from callbacks. A job that panics is
 /// logged and counted (here and in `/metrics`); its thread goes on with the next job.
@@ -236,7 +236,7 @@ type Job<S> = Option<Box<dyn FnOnce(&mut S) + Send>>;
 ///
 /// Clones share the pool. [`Workers::shutdown`] stops it for every clone and joins the
 /// threads. Dropping the last clone without `shutdown` does not wait: the threads run what is
-/// queued and then exit on their own.
+/// queued and then exit on their own. Either way, a job `spawn` accepted runs.
 ///
 /// ```
 /// use customws::app::application::Workers;
@@ -249,32 +249,32 @@ type Job<S> = Option<Box<dyn FnOnce(&mut S) + Send>>;
 /// pool.shutdown(); // runs what is queued, then joins
 /// ```
 pub struct Workers<S = ()> {
-    tx: Sender<Job<S>>,
-    pool: Arc<Pool>,
+    pool: Arc<Pool<S>>,
 }
 
-/// What every clone of a [`Workers`] shares.
-#[derive(Debug)]
-struct Pool {
-    panics: AtomicU64,
-    /// Set by `shutdown`: `spawn` refuses from then on.
-    closed: std::sync::atomic::AtomicBool,
+/// What every clone of a [`Workers`] shares. The threads hold only the receiving side: when
+/// the sender goes (`shutdown`, or the last clone dropped) they drain the queue and exit.
+struct Pool<S> {
+    /// `None` once shut down. `spawn` queues under the read lock, `shutdown` takes it away
+    /// under the write lock: nothing is queued after the threads were told to finish.
+    tx: std::sync::RwLock<Option<Sender<Job<S>>>>,
+    panics: Arc<AtomicU64>,
     /// The threads, taken by the first `shutdown` to join them.
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl<S> Clone for Workers<S> {
     fn clone(&self) -> Self {
-        Workers { tx: self.tx.clone(), pool: Arc::clone(&self.pool) }
+        Workers { pool: Arc::clone(&self.pool) }
     }
 }
 
 impl<S> std::fmt::Debug for Workers<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tx = self.pool.tx.read().unwrap_or_else(|e| e.into_inner());
         f.debug_struct("Workers")
-            .field("queued", &self.tx.len())
+            .field("queued", &tx.as_ref().map(Sender::len))
             .field("panics", &self.pool.panics.load(Ordering::Relaxed))
-            .field("closed", &self.pool.closed.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -303,30 +303,27 @@ impl<S: 'static> Workers<S> {
     /// whose `init` panics logs it and exits; when none is left, `spawn_with` refuses.
     pub fn with_init(threads: usize, queue: usize, init: impl Fn() -> S + Send + Sync + 'static) -> Self {
         let (tx, rx) = crossbeam_channel::bounded::<Job<S>>(queue);
-        let pool = Arc::new(Pool {
-            panics: AtomicU64::new(0),
-            closed: Default::default(),
-            threads: Default::default(),
-        });
+        let panics = Arc::new(AtomicU64::new(0));
         let init = Arc::new(init);
         let mut handles = Vec::with_capacity(threads.max(1));
         for i in 0..threads.max(1) {
-            let (rx, pool, init) = (rx.clone(), Arc::clone(&pool), Arc::clone(&init));
+            let (rx, panics, init) = (rx.clone(), Arc::clone(&panics), Arc::clone(&init));
             let spawned = std::thread::Builder::new().name(format!("customws-worker-{i}")).spawn(move || {
-                let mut state = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init())) {
+                let mut state = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&*init)) {
                     Ok(state) => state,
                     Err(payload) => {
                         log::error!("worker init panicked: {}", panic_message(payload.as_ref()));
                         return;
                     }
                 };
-                while let Ok(Some(job)) = rx.recv() {
+                // Ends when the sender is gone and the queue is empty.
+                for job in rx {
                     // A job's panic must not take the thread with it: a pool whose threads
                     // all died would only ever answer "busy". The state stays as the job
                     // left it.
                     let run = std::panic::AssertUnwindSafe(|| job(&mut state));
                     if let Err(payload) = std::panic::catch_unwind(run) {
-                        pool.panics.fetch_add(1, Ordering::Relaxed);
+                        panics.fetch_add(1, Ordering::Relaxed);
                         WORKER_PANICS.fetch_add(1, Ordering::Relaxed);
                         log::error!("worker job panicked: {}", panic_message(payload.as_ref()));
                     }
@@ -337,19 +334,18 @@ impl<S: 'static> Workers<S> {
                 Err(e) => log::error!("cannot start worker thread: {e}"),
             }
         }
-        *pool.threads.lock().unwrap_or_else(|e| e.into_inner()) = handles;
-        Workers { tx, pool }
+        let pool =
+            Pool { tx: std::sync::RwLock::new(Some(tx)), panics, threads: std::sync::Mutex::new(handles) };
+        Workers { pool: Arc::new(pool) }
     }
 
     /// Runs `job` on a worker with that thread's state, or refuses when the queue is full
     /// or the pool was shut down.
     pub fn spawn_with(&self, job: impl FnOnce(&mut S) + Send + 'static) -> Result<(), Busy> {
-        if self.pool.closed.load(Ordering::Acquire) {
-            return Err(Busy);
-        }
-        match self.tx.try_send(Some(Box::new(job))) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Busy),
+        let tx = self.pool.tx.read().unwrap_or_else(|e| e.into_inner());
+        match tx.as_ref().map(|tx| tx.try_send(Box::new(job))) {
+            Some(Ok(())) => Ok(()),
+            None | Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) => Err(Busy),
         }
     }
 
@@ -360,20 +356,16 @@ impl<S: 'static> Workers<S> {
 
     /// Stops the pool for every clone and waits for its threads: `spawn` refuses from now
     /// on, the jobs already queued run, then each thread drops its state and exits. Blocks
-    /// while a job runs, so do not call it from a callback (a shard thread). Called from one
-    /// of the pool's own jobs, it does not wait for that thread. A second call returns at once.
+    /// while jobs run, so do not call it from a callback (a shard thread). Called from one of
+    /// the pool's own jobs, it does not wait for that thread. A second call returns at once.
     pub fn shutdown(self) {
-        if self.pool.closed.swap(true, Ordering::AcqRel) {
+        let tx = self.pool.tx.write().unwrap_or_else(|e| e.into_inner()).take();
+        if tx.is_none() {
             return;
         }
+        // Dropping the only sender: the threads finish the queue, then see the end.
+        drop(tx);
         let threads = std::mem::take(&mut *self.pool.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        // One stop per thread, behind the queued jobs. `send` waits for room when the queue
-        // is full; it fails only when no thread is left to receive.
-        for _ in &threads {
-            if self.tx.send(None).is_err() {
-                break;
-            }
-        }
         let me = std::thread::current().id();
         for thread in threads {
             if thread.thread().id() != me && thread.join().is_err() {
