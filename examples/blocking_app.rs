@@ -11,9 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use customws::app::application::{Conn, Workers};
-use customws::protocol::ClientMessage;
-use customws::{Application, Handled, OutMessage};
+use customws::prelude::*;
 
 /// Answers `lookup` messages from a slow source, on worker threads.
 pub(crate) struct Lookup {
@@ -40,7 +38,8 @@ impl Application for Lookup {
         if msg.kind != "lookup" {
             return Handled::No;
         }
-        let Some(pid) = msg.pid.as_deref().map(str::to_owned) else {
+        // Owned, so the job can keep it after the callback returns.
+        let Some(pid) = msg.pid_owned() else {
             conn.error(None, 400, "lookup needs a pid");
             return Handled::Yes;
         };
@@ -49,9 +48,7 @@ impl Application for Lookup {
         let job = move || {
             std::thread::sleep(delay); // the blocking call: a worker waits, not the shard
             let answer = format!(r#"{{"key":{key},"value":"found"}}"#);
-            if let Ok(reply) = OutMessage::new("lookup_result", &answer) {
-                handle.send_frame_to_conn(id, reply.frame(Some(&pid)));
-            }
+            handle.respond(id, &pid, "lookup_result", &answer);
         };
         if self.workers.spawn(job).is_err() {
             conn.error(msg.pid.as_deref(), 503, "lookup queue full, retry later");
@@ -60,23 +57,14 @@ impl Application for Lookup {
     }
 }
 
-fn main() {
-    let config = match customws::Config::from_process() {
+fn main() -> std::process::ExitCode {
+    let config = match Config::from_process() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{e}");
-            std::process::exit(2);
+            return std::process::ExitCode::from(2);
         }
     };
-    let app = Arc::new(Lookup::new(8, 1024, Duration::from_millis(200)));
-    match customws::start_with(config, app) {
-        Ok(server) => {
-            println!("listening on {}", server.local_addr());
-            server.wait();
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-    }
+    // Logging from the configuration, SIGTERM/SIGINT drain, SIGHUP reloads the keys.
+    run_until_signal(config, Arc::new(Lookup::new(8, 1024, Duration::from_millis(200))))
 }

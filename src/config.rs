@@ -1116,6 +1116,14 @@ fn parse_env<E: IntoIterator<Item = (String, String)>>(env: E) -> Result<Layer, 
     Ok(layer)
 }
 
+/// Without the `toml-config` feature a configuration file is refused with a clear message.
+#[cfg(not(feature = "toml-config"))]
+fn read_file(path: &Path) -> Result<Vec<Setting>, ConfigError> {
+    let message = "configuration files need customws's `toml-config` feature".to_string();
+    Err(ConfigError::ParseFile { path: path.to_path_buf(), message })
+}
+
+#[cfg(feature = "toml-config")]
 fn read_file(path: &Path) -> Result<Vec<Setting>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| ConfigError::ReadFile { path: path.to_path_buf(), error })?;
@@ -1127,6 +1135,7 @@ fn read_file(path: &Path) -> Result<Vec<Setting>, ConfigError> {
     settings.collect()
 }
 
+#[cfg(feature = "toml-config")]
 fn file_setting(path: &Path, name: String, value: &toml::Value) -> Result<Setting, ConfigError> {
     let origin = Source::File(path.to_path_buf());
     let Some(key) = lookup(&name) else {
@@ -1138,6 +1147,7 @@ fn file_setting(path: &Path, name: String, value: &toml::Value) -> Result<Settin
     }
 }
 
+#[cfg(feature = "toml-config")]
 /// A TOML value as the text a flag would carry; arrays only for list keys.
 fn toml_text(value: &toml::Value, shape: Shape) -> Option<String> {
     match value {
@@ -1149,6 +1159,7 @@ fn toml_text(value: &toml::Value, shape: Shape) -> Option<String> {
     }
 }
 
+#[cfg(feature = "toml-config")]
 fn toml_scalar(value: &toml::Value) -> Option<String> {
     match value {
         toml::Value::String(text) => Some(text.clone()),

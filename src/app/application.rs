@@ -110,6 +110,35 @@ impl Conn<'_> {
     }
 }
 
+/// Answers to one connection from any thread, the counterparts of [`Conn::ack`],
+/// [`Conn::error`] and [`Conn::respond`] for a worker that holds a [`ConnId`] and a
+/// [`Handle`]. Fire-and-forget like [`Handle::send_frame_to_conn`]: a connection gone
+/// meanwhile drops the frame. In [`crate::prelude`].
+pub trait ConnReplies {
+    /// Sends `server_ack` `{acknowledgedPid, status}` to `conn`.
+    fn ack(&self, conn: ConnId, pid: &str, status: &str);
+    /// Sends `error_notification` `{originalPid?, code, message}` to `conn`.
+    fn error(&self, conn: ConnId, pid: Option<&str>, code: u16, message: &str);
+    /// Sends `{"pid": pid, "type": kind, "payload": payload}` to `conn`. `payload_json` must
+    /// be JSON text (use [`OutMessage::new`] / [`Handle::send_to_conn`] to have it checked).
+    fn respond(&self, conn: ConnId, pid: &str, kind: &str, payload_json: &str);
+}
+
+impl ConnReplies for Handle {
+    fn ack(&self, conn: ConnId, pid: &str, status: &str) {
+        self.send_frame_to_conn(conn, server_ack(pid, status));
+    }
+
+    fn error(&self, conn: ConnId, pid: Option<&str>, code: u16, message: &str) {
+        self.send_frame_to_conn(conn, error_notification(pid, code, message));
+    }
+
+    fn respond(&self, conn: ConnId, pid: &str, kind: &str, payload_json: &str) {
+        let frame = Envelope::new(kind).pid(Some(pid)).raw_payload(Some(payload_json.as_bytes())).frame();
+        self.send_frame_to_conn(conn, frame);
+    }
+}
+
 /// Whether `on_message` took care of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
@@ -119,7 +148,9 @@ pub enum Handled {
     No,
 }
 
-/// Why a connection ended, for `on_disconnect`.
+/// Why a connection ended, for `on_disconnect`: who, why, the application's data for the
+/// connection and the server handle (to tell other users, or to start work on a [`Workers`]
+/// pool with a clone of it).
 #[derive(Debug, Clone, Copy)]
 pub struct Disconnect<'a> {
     /// The user.
@@ -128,6 +159,22 @@ pub struct Disconnect<'a> {
     pub id: ConnId,
     /// Human-readable reason (`peer closed the connection`, `pong timeout`, …).
     pub reason: &'a str,
+    pub(crate) user_data: Option<&'a (dyn Any + Send + Sync)>,
+    pub(crate) handle: &'a Handle,
+}
+
+impl Disconnect<'_> {
+    /// The application's data for the connection (from [`Admission::user_data`]), if it is a
+    /// `T`. Dropped after `on_disconnect` returns: clone what a job needs.
+    pub fn user_data<T: Any>(&self) -> Option<&T> {
+        self.user_data.and_then(|data| data.downcast_ref::<T>())
+    }
+
+    /// The server handle, for operations on other users. The connection itself is gone:
+    /// operations on it find nothing.
+    pub fn handle(&self) -> &Handle {
+        self.handle
+    }
 }
 
 /// The application's callbacks. Every method has a default, so an application implements
@@ -177,15 +224,63 @@ pub fn worker_panics_total() -> u64 {
     WORKER_PANICS.load(Ordering::Relaxed)
 }
 
+/// A job of a pool whose threads keep a `S` each.
+type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
+
 /// A bounded pool of threads for blocking work started from callbacks. A job that panics is
 /// logged and counted (here and in `/metrics`); its thread goes on with the next job.
-#[derive(Debug, Clone)]
-pub struct Workers {
-    tx: Sender<Box<dyn FnOnce() + Send>>,
+///
+/// Each thread may keep its own state `S` (a database connection, a client), made once on
+/// that thread by [`Workers::with_init`]; jobs given to [`Workers::spawn_with`] borrow it.
+/// [`Workers::new`] is the pool without state (`S = ()`), whose jobs take no argument.
+///
+/// Clones share the pool. [`Workers::shutdown`] stops it for every clone and joins the
+/// threads. Dropping the last clone without `shutdown` does not wait: the threads run what is
+/// queued and then exit on their own. Either way, a job `spawn` accepted runs.
+///
+/// ```
+/// use customws::app::application::Workers;
+///
+/// // One "connection" per thread, made on that thread.
+/// let pool = Workers::with_init(2, 64, || String::from("db connection"));
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// pool.spawn_with(move |db: &mut String| tx.send(db.len()).unwrap()).unwrap();
+/// assert_eq!(rx.recv().unwrap(), 13);
+/// pool.shutdown(); // runs what is queued, then joins
+/// ```
+pub struct Workers<S = ()> {
+    pool: Arc<Pool<S>>,
+}
+
+/// What every clone of a [`Workers`] shares. The threads hold only the receiving side: when
+/// the sender goes (`shutdown`, or the last clone dropped) they drain the queue and exit.
+struct Pool<S> {
+    /// `None` once shut down. `spawn` queues under the read lock, `shutdown` takes it away
+    /// under the write lock: nothing is queued after the threads were told to finish.
+    tx: std::sync::RwLock<Option<Sender<Job<S>>>>,
     panics: Arc<AtomicU64>,
+    /// The threads, taken by the first `shutdown` to join them.
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl<S> Clone for Workers<S> {
+    fn clone(&self) -> Self {
+        Workers { pool: Arc::clone(&self.pool) }
+    }
+}
+
+impl<S> std::fmt::Debug for Workers<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tx = self.pool.tx.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("Workers")
+            .field("queued", &tx.as_ref().map(Sender::len))
+            .field("panics", &self.pool.panics.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 /// The pool's queue is full: shed the work (answer 503/429) instead of queuing without bound.
+/// Also the answer of a pool that was shut down or has no thread left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("worker queue full")]
 pub struct Busy;
@@ -193,39 +288,89 @@ pub struct Busy;
 impl Workers {
     /// `threads` workers sharing a queue of at most `queue` jobs.
     pub fn new(threads: usize, queue: usize) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded::<Box<dyn FnOnce() + Send>>(queue);
+        Workers::with_init(threads, queue, || ())
+    }
+
+    /// Runs `job` on a worker, or refuses when the queue is full.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) -> Result<(), Busy> {
+        self.spawn_with(move |_: &mut ()| job())
+    }
+}
+
+impl<S: 'static> Workers<S> {
+    /// `threads` workers sharing a queue of at most `queue` jobs; each thread first calls
+    /// `init` once to make its own `S`, on that thread (so `S` need not be `Send`). A thread
+    /// whose `init` panics logs it and exits; when none is left, `spawn_with` refuses.
+    pub fn with_init(threads: usize, queue: usize, init: impl Fn() -> S + Send + Sync + 'static) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<Job<S>>(queue);
         let panics = Arc::new(AtomicU64::new(0));
+        let init = Arc::new(init);
+        let mut handles = Vec::with_capacity(threads.max(1));
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            let panics = Arc::clone(&panics);
+            let (rx, panics, init) = (rx.clone(), Arc::clone(&panics), Arc::clone(&init));
             let spawned = std::thread::Builder::new().name(format!("customws-worker-{i}")).spawn(move || {
+                let mut state = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&*init)) {
+                    Ok(state) => state,
+                    Err(payload) => {
+                        log::error!("worker init panicked: {}", panic_message(payload.as_ref()));
+                        return;
+                    }
+                };
+                // Ends when the sender is gone and the queue is empty.
                 for job in rx {
                     // A job's panic must not take the thread with it: a pool whose threads
-                    // all died would only ever answer "busy".
-                    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                    // all died would only ever answer "busy". The state stays as the job
+                    // left it.
+                    let run = std::panic::AssertUnwindSafe(|| job(&mut state));
+                    if let Err(payload) = std::panic::catch_unwind(run) {
                         panics.fetch_add(1, Ordering::Relaxed);
                         WORKER_PANICS.fetch_add(1, Ordering::Relaxed);
                         log::error!("worker job panicked: {}", panic_message(payload.as_ref()));
                     }
                 }
             });
-            if let Err(e) = spawned {
-                log::error!("cannot start worker thread: {e}");
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => log::error!("cannot start worker thread: {e}"),
             }
         }
-        Workers { tx, panics }
+        let pool =
+            Pool { tx: std::sync::RwLock::new(Some(tx)), panics, threads: std::sync::Mutex::new(handles) };
+        Workers { pool: Arc::new(pool) }
+    }
+
+    /// Runs `job` on a worker with that thread's state, or refuses when the queue is full
+    /// or the pool was shut down.
+    pub fn spawn_with(&self, job: impl FnOnce(&mut S) + Send + 'static) -> Result<(), Busy> {
+        let tx = self.pool.tx.read().unwrap_or_else(|e| e.into_inner());
+        match tx.as_ref().map(|tx| tx.try_send(Box::new(job))) {
+            Some(Ok(())) => Ok(()),
+            None | Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) => Err(Busy),
+        }
     }
 
     /// Jobs of this pool that panicked.
     pub fn panics(&self) -> u64 {
-        self.panics.load(Ordering::Relaxed)
+        self.pool.panics.load(Ordering::Relaxed)
     }
 
-    /// Runs `job` on a worker, or refuses when the queue is full.
-    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) -> Result<(), Busy> {
-        match self.tx.try_send(Box::new(job)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Busy),
+    /// Stops the pool for every clone and waits for its threads: `spawn` refuses from now
+    /// on, the jobs already queued run, then each thread drops its state and exits. Blocks
+    /// while jobs run, so do not call it from a callback (a shard thread). Called from one of
+    /// the pool's own jobs, it does not wait for that thread. A second call returns at once.
+    pub fn shutdown(self) {
+        let tx = self.pool.tx.write().unwrap_or_else(|e| e.into_inner()).take();
+        if tx.is_none() {
+            return;
+        }
+        // Dropping the only sender: the threads finish the queue, then see the end.
+        drop(tx);
+        let threads = std::mem::take(&mut *self.pool.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let me = std::thread::current().id();
+        for thread in threads {
+            if thread.thread().id() != me && thread.join().is_err() {
+                log::error!("worker thread panicked");
+            }
         }
     }
 }

@@ -38,6 +38,21 @@ impl<'a> ClientMessage<'a> {
         serde_json::from_slice(text)
     }
 
+    /// The pid as an owned string, to move into a job that answers later (`msg.pid` borrows
+    /// the message text, which lives only as long as the callback).
+    ///
+    /// ```
+    /// use customws::protocol::ClientMessage;
+    ///
+    /// let text = br#"{"pid":"q1","type":"lookup"}"#.to_vec();
+    /// let pid = ClientMessage::parse(&text).unwrap().pid_owned();
+    /// drop(text);
+    /// std::thread::spawn(move || assert_eq!(pid.as_deref(), Some("q1"))).join().unwrap();
+    /// ```
+    pub fn pid_owned(&self) -> Option<String> {
+        self.pid.as_deref().map(str::to_owned)
+    }
+
     /// The P2P target, if any.
     pub fn target(&self) -> Option<i64> {
         self.target_user_id.filter(|&id| id != 0)

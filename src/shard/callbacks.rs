@@ -51,8 +51,15 @@ impl Shard {
     }
 
     /// Tells the application a connection is gone.
-    pub(super) fn notify_disconnect(&self, user_id: i64, key: ConnKey, reason: &str) {
-        let event = Disconnect { user_id, id: ConnId(self.addr(key)), reason };
+    pub(super) fn notify_disconnect(
+        &self,
+        user_id: i64,
+        key: ConnKey,
+        reason: &str,
+        user_data: Option<&(dyn std::any::Any + Send + Sync)>,
+    ) {
+        let id = ConnId(self.addr(key));
+        let event = Disconnect { user_id, id, reason, user_data, handle: &self.handle };
         let app = &*self.shared.app;
         if catch_unwind(AssertUnwindSafe(|| app.on_disconnect(&event))).is_err() {
             log::error!("application on_disconnect panicked");

@@ -119,7 +119,7 @@ impl Shard {
         self.shared.release(session.client_ip, session.user);
         let session = *session;
         self.leave_all_rooms(key, session.user, session.rooms);
-        self.notify_disconnect(session.user, key, reason);
+        self.notify_disconnect(session.user, key, reason, session.user_data.as_deref());
         log::debug!(
             user = session.user, client:% = session.client_ip, peer:% = conn_peer, shard = self.id, reason;
             "disconnect"
