@@ -151,6 +151,7 @@ impl BrokerConfig {
 /// State shared by an engine's caller side and IO side: connection flag, byte backlog with its
 /// bound, counters, and the event channel. Emits [`Event::Up`]/[`Event::Down`] once per
 /// transition.
+#[cfg_attr(not(any(feature = "cluster-redis", feature = "cluster-nats")), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) struct Shared {
     up: AtomicBool,
@@ -163,6 +164,7 @@ pub(crate) struct Shared {
     state: std::sync::Mutex<bool>,
 }
 
+#[cfg_attr(not(any(feature = "cluster-redis", feature = "cluster-nats")), allow(dead_code))]
 impl Shared {
     pub(crate) fn new(limit: usize, events: Sender<Event>) -> Arc<Shared> {
         Arc::new(Shared {
@@ -233,11 +235,13 @@ impl Shared {
 }
 
 /// Reconnect delays: 100 ms doubling to 2 s, with up to 25 % jitter.
+#[cfg_attr(not(any(feature = "cluster-redis", feature = "cluster-nats")), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
 }
 
+#[cfg_attr(not(any(feature = "cluster-redis", feature = "cluster-nats")), allow(dead_code))]
 impl Backoff {
     pub(crate) fn new() -> Backoff {
         Backoff { next: Duration::from_millis(100) }

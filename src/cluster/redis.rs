@@ -173,21 +173,34 @@ impl Inner {
                 // Keeps the subscriber link's read from timing out, and tests it.
                 pipe.cmd("PUBLISH").arg(&self.config.probe).arg("");
             }
-            match pipe.query::<Vec<i64>>(con) {
-                Ok(counts) => {
-                    self.shared.count_published(batch.len() as u64);
-                    for (item, n) in batch.into_iter().zip(counts) {
+            // Written at once, replies read one by one: the first error or timeout abandons the
+            // connection (the pipeline API would wait out the timeout once per reply).
+            if let Err(error) = con.send_packed_command(&pipe.get_packed_pipeline()) {
+                self.fail(batch, &BrokerError::Down);
+                return Err(error);
+            }
+            let mut rest = batch.into_iter();
+            if rest.len() == 0 {
+                con.recv_response()?;
+            }
+            self.shared.count_published(rest.len() as u64);
+            while let Some(item) = rest.next() {
+                match con.recv_response() {
+                    Ok(reply) => {
                         self.shared.release(item.cost());
                         if let Some(token) = item.token {
-                            let n = u32::try_from(n).unwrap_or(0);
+                            let n = match reply {
+                                Value::Int(n) => u32::try_from(n).unwrap_or(0),
+                                _ => 0,
+                            };
                             self.shared.emit(Event::Receivers { token, n });
                         }
                     }
-                }
-                Err(error) => {
-                    let kind = if error.is_timeout() { BrokerError::Timeout } else { BrokerError::Down };
-                    self.fail(batch, &kind);
-                    return Err(error);
+                    Err(error) => {
+                        let kind = if error.is_timeout() { BrokerError::Timeout } else { BrokerError::Down };
+                        self.fail(std::iter::once(item).chain(rest).collect(), &kind);
+                        return Err(error);
+                    }
                 }
             }
             if self.stopped() {
