@@ -503,3 +503,27 @@ fn redis_stalled_sheds_with_a_count_and_recovers() {
     let n = send_to_user(&mut [&mut b], 0, "42", 1).unwrap();
     assert_eq!(n, 1, "publishes flow again after the stall");
 }
+
+#[test]
+fn redis_a_busy_publisher_keeps_its_quiet_subscriber_link_alive() {
+    // The node publishes without pause to subjects nobody listens on and receives nothing: the
+    // subscriber connection must still be probed (not declared dead after the read timeout).
+    let server = Server::start(Engine::Redis);
+    let mut b = Node::new(&server, "b", |_| {});
+    pump_until(&mut [&mut b], Duration::from_secs(5), "up", |n| n[0].saw_state(up));
+    b.states.clear();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_millis(1600) {
+        for _ in 0..50 {
+            if b.broker().publish("nobody.listens", Bytes::from_static(b"x"), None).is_ok() {
+                sent += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        while b.events.try_recv().map(|e| b.states.push(e)).is_ok() {}
+    }
+    assert!(sent > 1000, "{sent}");
+    assert!(!b.saw_state(down), "link declared down while busy: {:?}", b.states);
+    assert!(b.broker().is_up());
+}

@@ -191,7 +191,9 @@ async fn run(
                 }
             }
             Cmd::Connected => {
-                if client.flush().await.is_ok() {
+                // A disconnection may have followed the event; report only a live link.
+                let live = client.flush().await.is_ok();
+                if live && client.connection_state() == async_nats::connection::State::Connected {
                     shared.set_up(true, "");
                     shared.emit(Event::Resubscribed(subs.len()));
                 }

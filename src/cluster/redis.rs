@@ -6,7 +6,7 @@
 //!   round trip per message. `PUBLISH`'s reply is the number of receiving nodes. Every command has
 //!   the configured timeout; an error or timeout drops the connection (a timed-out reply could
 //!   otherwise be read as the next one, redis-rs #1252), fails the batch and reconnects with
-//!   backoff. While idle it publishes to the probe channel every third of the timeout.
+//!   backoff. It publishes to the probe channel at least every third of the timeout.
 //! - **Subscriber connection** (`cluster-redis-rx`): a blocking read with the configured
 //!   timeout. The probe (and every message) wakes it; silence for the whole timeout means the
 //!   link is dead and it reconnects. `SUBSCRIBE`/`UNSUBSCRIBE` go in batches of [`SUB_BATCH`];
@@ -156,6 +156,7 @@ impl Inner {
 
     fn publish_loop(&self, con: &mut Connection) -> redis::RedisResult<()> {
         let idle = self.config.timeout / 3;
+        let mut last_probe = Instant::now();
         loop {
             let batch: Vec<Item> = {
                 let mut queue = lock(&self.queue);
@@ -169,8 +170,10 @@ impl Inner {
             for item in &batch {
                 pipe.cmd("PUBLISH").arg(&item.subject).arg(&item.payload[..]);
             }
-            if batch.is_empty() {
-                // Keeps the subscriber link's read from timing out, and tests it.
+            // At least every third of the timeout, busy or idle: keeps the subscriber link's read
+            // from timing out, and tests it.
+            let probe = batch.is_empty() || last_probe.elapsed() >= idle;
+            if probe {
                 pipe.cmd("PUBLISH").arg(&self.config.probe).arg("");
             }
             // Written at once, replies read one by one: the first error or timeout abandons the
@@ -180,9 +183,6 @@ impl Inner {
                 return Err(error);
             }
             let mut rest = batch.into_iter();
-            if rest.len() == 0 {
-                con.recv_response()?;
-            }
             self.shared.count_published(rest.len() as u64);
             while let Some(item) = rest.next() {
                 match con.recv_response() {
@@ -202,6 +202,10 @@ impl Inner {
                         return Err(error);
                     }
                 }
+            }
+            if probe {
+                con.recv_response()?;
+                last_probe = Instant::now();
             }
             if self.stopped() {
                 return Ok(());
