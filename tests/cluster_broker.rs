@@ -295,21 +295,17 @@ fn user_publish_reaches_the_holder_and_counts_receivers(engine: Engine) {
     let server = Server::start(engine);
     let (mut a, mut b) = two_nodes(&server);
     a.set_user("42", 1);
-    // B learns from A's records that 42 is online; the subscription is in place before the record
-    // (subscribe is issued first on the same node).
-    pump_until(&mut [&mut a, &mut b], Duration::from_secs(5), "42 online on b", |n| {
-        n[1].changes.contains(&Change::Online("42".into()))
+    // Once the engine confirms A's subscription, a publish from B reaches it: the first one.
+    pump_until(&mut [&mut a, &mut b], Duration::from_secs(5), "subscription confirmed", |n| {
+        n[0].states.contains(&Event::Subscribed(vec!["t.u.42".into()]))
     });
     let nodes = &mut [&mut a, &mut b];
-    let mut token = 0;
-    let n = loop {
-        token += 1;
-        let n = send_to_user(nodes, 1, "42", token).unwrap();
-        if n > 0 || token > 50 {
-            break n;
-        }
-    };
+    let n = send_to_user(nodes, 1, "42", 1).unwrap();
     assert_eq!(n, 1, "one node holds 42");
+    // B learns from A's records that 42 is online.
+    pump_until(nodes, Duration::from_secs(5), "42 online on b", |n| {
+        n[1].changes.contains(&Change::Online("42".into()))
+    });
     assert_eq!(nodes[1].core.decide("42", Ok(n)), Delivery::Delivered);
     pump_until(nodes, Duration::from_secs(5), "delivery on a", |n| !n[0].deliveries.is_empty());
     assert_eq!(nodes[0].deliveries[0], ("t.u.42".to_string(), Bytes::from_static(b"frame for 42")));
@@ -498,7 +494,7 @@ fn redis_stalled_sheds_with_a_count_and_recovers() {
     assert!(b.broker().stats().backlog_bytes <= LIMIT);
     b.set_user("42", 1);
     pump_until(&mut [&mut b], Duration::from_secs(5), "own subscription", |n| {
-        n[0].states.iter().filter(|e| up(e)).count() >= 2
+        n[0].states.contains(&Event::Subscribed(vec!["t.u.42".into()]))
     });
     let n = send_to_user(&mut [&mut b], 0, "42", 1).unwrap();
     assert_eq!(n, 1, "publishes flow again after the stall");

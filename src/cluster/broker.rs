@@ -43,8 +43,12 @@ pub enum Event {
     },
     /// The connection is up (first connect or reconnect); subscriptions may still be pending.
     Up,
-    /// Every subscription is in place again (after [`Event::Up`]); carries how many.
+    /// Every subscription is in place again after a (re)connection (follows [`Event::Up`]);
+    /// carries how many. The node should now resynchronise its state.
     Resubscribed(usize),
+    /// These subjects, asked for with [`Broker::subscribe`] while up, are now in place on the
+    /// broker: messages published on them from now on reach this node.
+    Subscribed(Vec<String>),
     /// The broker became unreachable; publishes fail until [`Event::Up`].
     Down(String),
 }
@@ -92,7 +96,8 @@ pub trait Broker: Send + Sync {
     /// received it. On NATS, receiving nodes answer requests automatically.
     fn request(&self, subject: &str, payload: Bytes, token: u64) -> Result<(), BrokerError>;
 
-    /// Adds subscriptions (sent in batches); [`Event::Resubscribed`] follows once they are in place.
+    /// Adds subscriptions (sent in batches); [`Event::Subscribed`] follows once they are in
+    /// place (or [`Event::Resubscribed`], if the link was down meanwhile).
     fn subscribe(&self, subjects: Vec<String>);
 
     /// Removes subscriptions.

@@ -339,7 +339,7 @@ mod tests {
                         self.receivers.push((token, n));
                         continue;
                     }
-                    Event::Up => self.core.on_resubscribed(),
+                    Event::Resubscribed(_) => self.core.on_resubscribed(),
                     _ => continue,
                 };
                 self.run(effects);

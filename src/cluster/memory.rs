@@ -111,9 +111,9 @@ impl Broker for MemoryBroker {
         let mut state = self.hub.lock();
         let up = state.up;
         if let Some((shared, set)) = state.clients.get_mut(&self.id) {
-            set.extend(subjects);
+            set.extend(subjects.iter().cloned());
             if up {
-                shared.emit(Event::Resubscribed(set.len()));
+                shared.emit(Event::Subscribed(subjects));
             }
         }
     }

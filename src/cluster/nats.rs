@@ -169,17 +169,21 @@ async fn run(
                 });
             }
             Cmd::Subscribe(subjects) => {
-                let mut added = false;
+                let mut added = Vec::new();
                 for subject in subjects {
                     if subs.contains_key(&subject) {
                         continue;
                     }
                     let Ok(subscriber) = client.subscribe(subject.clone()).await else { continue };
-                    subs.insert(subject, tokio::spawn(forward(client.clone(), shared.clone(), subscriber)));
-                    added = true;
+                    subs.insert(
+                        subject.clone(),
+                        tokio::spawn(forward(client.clone(), shared.clone(), subscriber)),
+                    );
+                    added.push(subject);
                 }
-                if added && client.flush().await.is_ok() && shared.is_up() {
-                    shared.emit(Event::Resubscribed(subs.len()));
+                // The flush's PONG follows the SUBs: the server has them.
+                if !added.is_empty() && client.flush().await.is_ok() && shared.is_up() {
+                    shared.emit(Event::Subscribed(added));
                 }
             }
             Cmd::Unsubscribe(subjects) => {

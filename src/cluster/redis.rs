@@ -10,7 +10,8 @@
 //! - **Subscriber connection** (`cluster-redis-rx`): a blocking read with the configured
 //!   timeout. The probe (and every message) wakes it; silence for the whole timeout means the
 //!   link is dead and it reconnects. `SUBSCRIBE`/`UNSUBSCRIBE` go in batches of [`SUB_BATCH`];
-//!   confirmations are counted, and [`Event::Resubscribed`] follows the last one.
+//!   confirmations are counted: [`Event::Subscribed`] names the confirmed channels (at most a
+//!   batch at a time), and after a reconnection [`Event::Resubscribed`] follows the last one.
 //!
 //! The broker is up while both connections are; [`Event::Up`] and [`Event::Resubscribed`]
 //! follow a reconnection once every subscription is back.
@@ -242,6 +243,7 @@ impl Inner {
             send_batches(con, "SUBSCRIBE", &all)?
         };
         let mut resubscribing = true;
+        let mut confirmed: Vec<String> = Vec::new();
         while !self.stopped() {
             let (add, remove) = {
                 let mut subs = lock(&self.subs);
@@ -258,16 +260,20 @@ impl Inner {
                 }
                 continue;
             }
-            if is_confirmation(&value, b"subscribe") && pending > 0 {
-                pending -= 1;
+            let Some(channel) = confirmation(&value, b"subscribe") else { continue };
+            pending = pending.saturating_sub(1);
+            if resubscribing {
                 if pending == 0 {
-                    if resubscribing {
-                        resubscribing = false;
-                        self.set(None, Some(true), "");
-                    } else if self.shared.is_up() {
-                        self.shared.emit(Event::Resubscribed(lock(&self.subs).wanted.len()));
-                    }
+                    resubscribing = false;
+                    self.set(None, Some(true), "");
                 }
+                continue;
+            }
+            if channel != self.config.probe.as_bytes() {
+                confirmed.push(String::from_utf8_lossy(channel).into_owned());
+            }
+            if (pending == 0 || confirmed.len() >= SUB_BATCH) && !confirmed.is_empty() {
+                self.shared.emit(Event::Subscribed(std::mem::take(&mut confirmed)));
             }
         }
         Ok(())
@@ -283,13 +289,16 @@ fn send_batches(con: &mut Connection, command: &str, channels: &[String]) -> red
     Ok(channels.len())
 }
 
-/// Whether `value` is a `[kind, channel, count]` (un)subscribe confirmation.
-fn is_confirmation(value: &Value, kind: &[u8]) -> bool {
+/// The channel of a `[kind, channel, count]` (un)subscribe confirmation of `kind`.
+fn confirmation<'a>(value: &'a Value, kind: &[u8]) -> Option<&'a [u8]> {
     match value {
-        Value::Array(items) | Value::Push { data: items, .. } => {
-            matches!(items.first(), Some(Value::BulkString(k)) if k.eq_ignore_ascii_case(kind))
-        }
-        _ => false,
+        Value::Array(items) | Value::Push { data: items, .. } => match &items[..] {
+            [Value::BulkString(k), Value::BulkString(channel), ..] if k.eq_ignore_ascii_case(kind) => {
+                Some(channel)
+            }
+            _ => None,
+        },
+        _ => None,
     }
 }
 
