@@ -94,6 +94,9 @@ pub struct Core {
     rooms: HashMap<String, u32>,
     dirty_users: BTreeSet<String>,
     dirty_rooms: BTreeSet<String>,
+    /// Subjects to leave once the records saying "count 0" are out: a sender never sees no
+    /// receiver while this node's record still says it holds the user (a 503 instead of a 404).
+    unsubscribe_after_flush: BTreeSet<String>,
     snapshot_due: bool,
 }
 
@@ -112,6 +115,7 @@ impl Core {
             rooms: HashMap::new(),
             dirty_users: BTreeSet::new(),
             dirty_rooms: BTreeSet::new(),
+            unsubscribe_after_flush: BTreeSet::new(),
             snapshot_due: true,
         }
     }
@@ -159,11 +163,7 @@ impl Core {
         let mut effects = Effects::default();
         let old =
             if count == 0 { self.users.remove(user) } else { self.users.insert(user.to_string(), count) };
-        match (old.unwrap_or(0) > 0, count > 0) {
-            (false, true) => effects.actions.push(Action::Subscribe(vec![self.subjects.user(user)])),
-            (true, false) => effects.actions.push(Action::Unsubscribe(vec![self.subjects.user(user)])),
-            _ => {}
-        }
+        self.transition(self.subjects.user(user), old.unwrap_or(0), count, &mut effects);
         if old.unwrap_or(0) != count {
             self.dirty_users.insert(user.to_string());
         }
@@ -175,15 +175,27 @@ impl Core {
         let mut effects = Effects::default();
         let old =
             if count == 0 { self.rooms.remove(room) } else { self.rooms.insert(room.to_string(), count) };
-        match (old.unwrap_or(0) > 0, count > 0) {
-            (false, true) => effects.actions.push(Action::Subscribe(vec![self.subjects.room(room)])),
-            (true, false) => effects.actions.push(Action::Unsubscribe(vec![self.subjects.room(room)])),
-            _ => {}
-        }
+        self.transition(self.subjects.room(room), old.unwrap_or(0), count, &mut effects);
         if old.unwrap_or(0) != count {
             self.dirty_rooms.insert(room.to_string());
         }
         effects
+    }
+
+    /// Subscribes on 0 → n at once; unsubscribes on n → 0 after the next records flush (a
+    /// return before it just cancels the pending unsubscribe).
+    fn transition(&mut self, subject: String, old: u32, new: u32, effects: &mut Effects) {
+        match (old > 0, new > 0) {
+            (false, true) => {
+                if !self.unsubscribe_after_flush.remove(&subject) {
+                    effects.actions.push(Action::Subscribe(vec![subject]));
+                }
+            }
+            (true, false) => {
+                self.unsubscribe_after_flush.insert(subject);
+            }
+            _ => {}
+        }
     }
 
     /// A [`Header::Deliver`] message carrying `frame`, to publish on a user, room or `all` subject.
@@ -264,6 +276,10 @@ impl Core {
             self.snapshot_due = false;
             for header in wire::records_messages(&self.node, self.epoch, &mut self.seq, full, records) {
                 self.publish_dir(&header, &mut effects);
+            }
+            if !self.unsubscribe_after_flush.is_empty() {
+                let subjects = std::mem::take(&mut self.unsubscribe_after_flush).into_iter().collect();
+                effects.actions.push(Action::Unsubscribe(subjects));
             }
         }
         if self.next_beat.is_none_or(|at| now >= at) {
@@ -411,8 +427,17 @@ mod tests {
         let online = b.changes.iter().filter(|c| matches!(c, Change::Online(_))).count();
         assert_eq!(online, 300);
         b.changes.clear();
+        // Leaving: the record (count 0) goes out first, then the unsubscribe; a return before
+        // the flush cancels it.
         let effects = a.core.set_user("5", 0);
-        assert_eq!(effects.actions, [Action::Unsubscribe(vec!["t.u.5".into()])]);
+        assert!(effects.actions.is_empty());
+        assert!(a.core.set_user("6", 0).actions.is_empty());
+        assert!(a.core.set_user("6", 1).actions.is_empty(), "still subscribed: no new SUBSCRIBE");
+        let effects = a.core.tick(t0 + Duration::from_millis(40));
+        let publish = effects.actions.iter().position(|a| matches!(a, Action::Publish { .. }));
+        let unsubscribe =
+            effects.actions.iter().position(|a| *a == Action::Unsubscribe(vec!["t.u.5".into()]));
+        assert!(publish.unwrap() < unsubscribe.unwrap(), "{:?}", effects.actions);
         a.run(effects);
         pump_all(&mut [&mut a, &mut b], t0 + Duration::from_millis(50));
         assert_eq!(b.changes, [Change::Offline("5".into())]);
