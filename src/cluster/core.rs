@@ -185,16 +185,10 @@ impl Core {
     /// Subscribes on 0 → n at once; unsubscribes on n → 0 after the next records flush (a
     /// return before it just cancels the pending unsubscribe).
     fn transition(&mut self, subject: String, old: u32, new: u32, effects: &mut Effects) {
-        match (old > 0, new > 0) {
-            (false, true) => {
-                if !self.unsubscribe_after_flush.remove(&subject) {
-                    effects.actions.push(Action::Subscribe(vec![subject]));
-                }
-            }
-            (true, false) => {
-                self.unsubscribe_after_flush.insert(subject);
-            }
-            _ => {}
+        if old == 0 && new > 0 && !self.unsubscribe_after_flush.remove(&subject) {
+            effects.actions.push(Action::Subscribe(vec![subject]));
+        } else if old > 0 && new == 0 {
+            self.unsubscribe_after_flush.insert(subject);
         }
     }
 
