@@ -172,6 +172,24 @@ pub struct Config {
     pub backend_queue: usize,
     /// Development mode: generate a secret and print ready-to-use tokens (`dev`).
     pub dev: bool,
+    /// Broker of a multi-node cluster, `redis://host:port[/db]` or `nats://host:port`; unset
+    /// runs one node (`cluster`).
+    pub cluster: Option<String>,
+    /// This node's name in the cluster, `[A-Za-z0-9_-]{1,64}`; unset = `{hostname}-{pid}-{random}`
+    /// (`node_id`).
+    pub node_id: Option<String>,
+    /// Prefix of every broker channel, subject and key (`cluster_prefix`).
+    pub cluster_prefix: String,
+    /// Interval between this node's heartbeats on the broker (`cluster_heartbeat`).
+    pub cluster_heartbeat: Duration,
+    /// A node not heard for this long is dead: its users go offline (`cluster_node_ttl`).
+    pub cluster_node_ttl: Duration,
+    /// Bound on a cross-node operation's wait for the broker or other nodes (`cluster_timeout`).
+    pub cluster_timeout: Duration,
+    /// Bytes waiting for the broker before publishes are shed (`cluster_queue_bytes`).
+    pub cluster_queue_bytes: usize,
+    /// Cross-node operations in flight at once (`cluster_max_pending`).
+    pub cluster_max_pending: usize,
 }
 
 impl Default for Config {
@@ -235,6 +253,14 @@ impl Default for Config {
             backend_concurrency: 16,
             backend_queue: 1024,
             dev: false,
+            cluster: None,
+            node_id: None,
+            cluster_prefix: "customws".to_string(),
+            cluster_heartbeat: Duration::from_secs(1),
+            cluster_node_ttl: Duration::from_secs(3),
+            cluster_timeout: Duration::from_secs(2),
+            cluster_queue_bytes: 16 * 1024 * 1024,
+            cluster_max_pending: 65_536,
         }
     }
 }
@@ -289,7 +315,23 @@ impl Config {
         self.validate_timers()?;
         self.validate_bounds()?;
         self.validate_proxies()?;
+        self.validate_cluster()?;
         self.validate_auth()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        if self.cluster_heartbeat.is_zero() {
+            return Err(invalid("cluster_heartbeat", "cluster_heartbeat must be greater than 0".into()));
+        }
+        if self.cluster_node_ttl < self.cluster_heartbeat * 2 {
+            let reason = format!(
+                "cluster_node_ttl ({}) must be at least twice cluster_heartbeat ({})",
+                show_duration(&self.cluster_node_ttl),
+                show_duration(&self.cluster_heartbeat)
+            );
+            return Err(invalid("cluster_node_ttl", reason));
+        }
+        Ok(())
     }
 
     /// The `trusted_proxies` as addresses (validated by [`Config::validate`]; invalid entries
@@ -633,6 +675,16 @@ keys! {
     backend_concurrency: Count => "Backend calls in flight at once (worker threads).",
     backend_queue: Count => "Backend calls waiting for a worker; beyond it the client gets 503.",
     dev: Flag => "Development mode: generate a secret and print ready-to-use tokens.",
+    cluster: ClusterUrl =>
+        "Broker joining the nodes of a cluster: redis://host:port[/db] or nats://host:port; unset = one node.",
+    node_id: OptName => "This node's name in the cluster ([A-Za-z0-9_-], at most 64); unset = hostname-pid-random.",
+    cluster_prefix: Name => "Prefix of the cluster's broker channels, subjects and keys ([A-Za-z0-9_-]).",
+    cluster_heartbeat: Dur => "Interval between a node's heartbeats on the broker.",
+    cluster_node_ttl: Dur =>
+        "A node not heard for this long is dead and its users offline elsewhere (at least 2 heartbeats).",
+    cluster_timeout: Dur => "Bound on a cross-node operation's wait for the broker or other nodes.",
+    cluster_queue_bytes: Size => "Bytes waiting for the broker; beyond it cross-node messages are shed (503).",
+    cluster_max_pending: Count => "Cross-node operations (requests, gathers) in flight at once; beyond it 503.",
 }
 
 /// How one kind of value is parsed from text and shown as text (`parse(show(v)) == v`).
@@ -675,6 +727,68 @@ struct Scope;
 struct Level;
 /// `text` or `json`.
 struct LogStyle;
+/// `redis://…` or `nats://…`, or empty for none.
+struct ClusterUrl;
+/// `[A-Za-z0-9_-]{1,64}`.
+struct Name;
+/// `[A-Za-z0-9_-]{1,64}`, or empty for none.
+struct OptName;
+
+/// Whether `text` is a cluster name: node ids and prefixes become parts of broker subjects.
+pub fn valid_cluster_name(text: &str) -> bool {
+    (1..=64).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Format for ClusterUrl {
+    type Value = Option<String>;
+    const PLACEHOLDER: &'static str = "<url>";
+    const EXPECTED: &'static str = "redis://host:port[/db] or nats://host:port";
+
+    fn parse(text: &str) -> Option<Option<String>> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Some(None);
+        }
+        let rest = text.strip_prefix("redis://").or_else(|| text.strip_prefix("nats://"))?;
+        (!rest.is_empty()).then(|| Some(text.to_string()))
+    }
+
+    fn show(value: &Option<String>) -> String {
+        value.clone().unwrap_or_default()
+    }
+}
+
+impl Format for Name {
+    type Value = String;
+    const PLACEHOLDER: &'static str = "<name>";
+    const EXPECTED: &'static str = "1 to 64 of A-Z a-z 0-9 _ -";
+
+    fn parse(text: &str) -> Option<String> {
+        valid_cluster_name(text.trim()).then(|| text.trim().to_string())
+    }
+
+    fn show(value: &String) -> String {
+        value.clone()
+    }
+}
+
+impl Format for OptName {
+    type Value = Option<String>;
+    const PLACEHOLDER: &'static str = "<name>";
+    const EXPECTED: &'static str = "1 to 64 of A-Z a-z 0-9 _ -, or empty";
+
+    fn parse(text: &str) -> Option<Option<String>> {
+        match text.trim() {
+            "" => Some(None),
+            name => Name::parse(name).map(Some),
+        }
+    }
+
+    fn show(value: &Option<String>) -> String {
+        value.clone().unwrap_or_default()
+    }
+}
 
 /// Splits `"250ms"` into `(250, "ms")`; the number must be present.
 fn split_number(text: &str) -> Option<(u64, &str)> {
@@ -1522,5 +1636,31 @@ mod tests {
             load_ok(&["--jwt-secret", "s", "--drain-window", "5s"]).drain_window,
             Duration::from_secs(5)
         );
+    }
+
+    #[test]
+    fn cluster_keys_are_parsed_and_checked() {
+        let config = load_ok(&["--jwt-secret", "s"]);
+        assert_eq!((config.cluster.as_deref(), config.node_id.as_deref()), (None, None));
+        assert_eq!(config.cluster_prefix, "customws");
+        let config =
+            load_ok(&["--jwt-secret", "s", "--cluster", "redis://127.0.0.1:6379/2", "--node-id", "a-1"]);
+        assert_eq!(config.cluster.as_deref(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!(config.node_id.as_deref(), Some("a-1"));
+        let env = [("CUSTOMWS_CLUSTER", "nats://127.0.0.1:4222"), ("CUSTOMWS_CLUSTER_PREFIX", "x_y")];
+        let config = load(&["--jwt-secret", "s"], &env).unwrap();
+        assert_eq!(
+            (config.cluster.as_deref(), config.cluster_prefix.as_str()),
+            (Some("nats://127.0.0.1:4222"), "x_y")
+        );
+        assert!(message(load(&["--jwt-secret", "s", "--cluster", "http://x:1"], &[])).contains("redis://"));
+        assert!(message(load(&["--jwt-secret", "s", "--node-id", "a.b"], &[])).contains("node_id"));
+        assert!(
+            message(load(&["--jwt-secret", "s", "--cluster-prefix", ""], &[])).contains("cluster_prefix")
+        );
+        let short = ["--jwt-secret", "s", "--cluster-heartbeat", "1s", "--cluster-node-ttl", "1500ms"];
+        assert!(matches!(load(&short, &[]), Err(ConfigError::Invalid { key: "cluster_node_ttl", .. })));
+        let zero = ["--jwt-secret", "s", "--cluster-heartbeat", "0s"];
+        assert!(matches!(load(&zero, &[]), Err(ConfigError::Invalid { key: "cluster_heartbeat", .. })));
     }
 }

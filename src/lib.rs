@@ -80,6 +80,7 @@ pub mod api;
 pub mod app;
 #[cfg(feature = "backend")]
 pub mod backend;
+pub mod cluster;
 pub mod config;
 #[doc(hidden)]
 pub mod core;

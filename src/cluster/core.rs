@@ -1,0 +1,456 @@
+//! The sans-IO cluster node: what one node publishes and subscribes, and what it makes of what it
+//! receives. The caller (the link thread, once wired) feeds it local state changes, broker
+//! messages and the time, and carries out the returned [`Effects`]: broker actions, view
+//! [`Change`]s for the shards, and bodies to deliver to local connections.
+//!
+//! State replication: local users and rooms are coalesced in dirty sets and published as
+//! idempotent records on the directory subject at the next tick (never one message per
+//! connection), a heartbeat follows every `heartbeat`, and a snapshot is published when any node
+//! asks (on joining, after a gap, after this node's broker link came back).
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::broker::BrokerError;
+use super::subjects::Subjects;
+use super::view::{Change, Delivery, View, decide};
+use super::wire::{self, Header, Record};
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CoreConfig {
+    /// Subject prefix (`cluster_prefix`).
+    pub prefix: String,
+    /// This node's id (`node_id`).
+    pub node: String,
+    /// Random per process start.
+    pub epoch: u64,
+    /// Heartbeat period (`cluster_heartbeat`).
+    pub heartbeat: Duration,
+    /// Silence after which a node is dead (`cluster_node_ttl`).
+    pub node_ttl: Duration,
+}
+
+impl CoreConfig {
+    /// Settings for `node` under `prefix` with a fresh random epoch.
+    pub fn new(prefix: &str, node: &str, heartbeat: Duration, node_ttl: Duration) -> CoreConfig {
+        let mut epoch = [0u8; 8];
+        let _ = getrandom::fill(&mut epoch);
+        CoreConfig {
+            prefix: prefix.to_string(),
+            node: node.to_string(),
+            epoch: u64::from_le_bytes(epoch),
+            heartbeat,
+            node_ttl,
+        }
+    }
+}
+
+/// Something the caller must do on the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Action {
+    /// Publish `payload` on `subject`.
+    Publish {
+        /// Where.
+        subject: String,
+        /// What (wire-encoded).
+        payload: Bytes,
+    },
+    /// Subscribe to these subjects.
+    Subscribe(Vec<String>),
+    /// Unsubscribe from these subjects.
+    Unsubscribe(Vec<String>),
+}
+
+/// What one call produced.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Effects {
+    /// Broker actions, in order.
+    pub actions: Vec<Action>,
+    /// Changes of the view, for the shards.
+    pub changes: Vec<Change>,
+    /// Bodies (encoded WebSocket frames) that arrived for local connections, with their subject.
+    pub deliveries: Vec<(String, Bytes)>,
+    /// Payloads that did not decode (dropped, counted).
+    pub bad_messages: u64,
+}
+
+/// One node's cluster state machine.
+#[derive(Debug)]
+pub struct Core {
+    subjects: Subjects,
+    node: String,
+    epoch: u64,
+    heartbeat: Duration,
+    next_beat: Option<Instant>,
+    seq: u64,
+    view: View,
+    users: HashMap<String, u32>,
+    rooms: HashMap<String, u32>,
+    dirty_users: BTreeSet<String>,
+    dirty_rooms: BTreeSet<String>,
+    /// Subjects to leave once the records saying "count 0" are out: a sender never sees no
+    /// receiver while this node's record still says it holds the user (a 503 instead of a 404).
+    unsubscribe_after_flush: BTreeSet<String>,
+    snapshot_due: bool,
+}
+
+impl Core {
+    /// A node with no local users yet.
+    pub fn new(config: CoreConfig) -> Core {
+        Core {
+            subjects: Subjects::new(&config.prefix, &config.node),
+            node: config.node,
+            epoch: config.epoch,
+            heartbeat: config.heartbeat,
+            next_beat: None,
+            seq: 0,
+            view: View::new(config.node_ttl),
+            users: HashMap::new(),
+            rooms: HashMap::new(),
+            dirty_users: BTreeSet::new(),
+            dirty_rooms: BTreeSet::new(),
+            unsubscribe_after_flush: BTreeSet::new(),
+            snapshot_due: true,
+        }
+    }
+
+    /// The subjects of this node.
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// The view of the other nodes.
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// Start-up: subscribe the node's subjects (and those of users and rooms already held), ask
+    /// every node for its state, and publish ours at the next tick.
+    pub fn start(&mut self) -> Effects {
+        let mut subjects = vec![self.subjects.dir(), self.subjects.all(), self.subjects.me()];
+        subjects.extend(self.users.keys().map(|u| self.subjects.user(u)));
+        subjects.extend(self.rooms.keys().map(|r| self.subjects.room(r)));
+        let mut effects = Effects::default();
+        effects.actions.push(Action::Subscribe(subjects));
+        self.resync(&mut effects);
+        effects
+    }
+
+    /// The broker link came back and the engine resubscribed: our records may have been missed,
+    /// and we may have missed others'. Ask everyone and republish.
+    pub fn on_resubscribed(&mut self) -> Effects {
+        let mut effects = Effects::default();
+        self.resync(&mut effects);
+        effects
+    }
+
+    fn resync(&mut self, effects: &mut Effects) {
+        let header = Header::SyncReq { origin: self.node.clone(), epoch: self.epoch, target: String::new() };
+        self.publish_dir(&header, effects);
+        self.snapshot_due = true;
+        self.next_beat = None;
+    }
+
+    /// This node now holds `count` connections of `user` (0 = none): subscribes or unsubscribes
+    /// its subject on the 0↔1 transition; the record goes out at the next tick.
+    pub fn set_user(&mut self, user: &str, count: u32) -> Effects {
+        let mut effects = Effects::default();
+        let old =
+            if count == 0 { self.users.remove(user) } else { self.users.insert(user.to_string(), count) };
+        self.transition(self.subjects.user(user), old.unwrap_or(0), count, &mut effects);
+        if old.unwrap_or(0) != count {
+            self.dirty_users.insert(user.to_string());
+        }
+        effects
+    }
+
+    /// This node now holds `count` members of `room` (0 = none); as [`Core::set_user`].
+    pub fn set_room(&mut self, room: &str, count: u32) -> Effects {
+        let mut effects = Effects::default();
+        let old =
+            if count == 0 { self.rooms.remove(room) } else { self.rooms.insert(room.to_string(), count) };
+        self.transition(self.subjects.room(room), old.unwrap_or(0), count, &mut effects);
+        if old.unwrap_or(0) != count {
+            self.dirty_rooms.insert(room.to_string());
+        }
+        effects
+    }
+
+    /// Subscribes on 0 → n at once; unsubscribes on n → 0 after the next records flush (a
+    /// return before it just cancels the pending unsubscribe).
+    fn transition(&mut self, subject: String, old: u32, new: u32, effects: &mut Effects) {
+        if old == 0 && new > 0 && !self.unsubscribe_after_flush.remove(&subject) {
+            effects.actions.push(Action::Subscribe(vec![subject]));
+        } else if old > 0 && new == 0 {
+            self.unsubscribe_after_flush.insert(subject);
+        }
+    }
+
+    /// A [`Header::Deliver`] message carrying `frame`, to publish on a user, room or `all` subject.
+    pub fn deliver_payload(&self, frame: &[u8]) -> Bytes {
+        let header = Header::Deliver { origin: self.node.clone(), epoch: self.epoch };
+        wire::encode(&header, frame).unwrap_or_default()
+    }
+
+    /// delivered / 404 / 503 for a send to `user` whose publish was received by `receivers`
+    /// nodes (or failed).
+    pub fn decide(&self, user: &str, receivers: Result<u32, BrokerError>) -> Delivery {
+        decide(receivers, self.view.holders(user))
+    }
+
+    /// A message from the broker.
+    pub fn on_message(&mut self, now: Instant, subject: &str, payload: Bytes) -> Effects {
+        let mut effects = Effects::default();
+        let Ok(message) = wire::decode(payload) else {
+            effects.bad_messages += 1;
+            return effects;
+        };
+        let (origin, _) = message.header.origin();
+        if origin == self.node {
+            return effects;
+        }
+        let origin = origin.to_string();
+        let sync = match message.header {
+            Header::Heartbeat { epoch, seq, .. } => {
+                self.view.heartbeat(now, &origin, epoch, seq, &mut effects.changes)
+            }
+            Header::Records { epoch, seq, full, end, records, .. } => {
+                self.view.records(now, &origin, epoch, seq, full, end, records, &mut effects.changes)
+            }
+            Header::SyncReq { target, .. } => {
+                if target.is_empty() || target == self.node {
+                    self.snapshot_due = true;
+                }
+                false
+            }
+            Header::Deliver { .. } => {
+                effects.deliveries.push((subject.to_string(), message.body));
+                false
+            }
+        };
+        if sync {
+            let header = Header::SyncReq { origin: self.node.clone(), epoch: self.epoch, target: origin };
+            self.publish_dir(&header, &mut effects);
+        }
+        effects
+    }
+
+    /// Time passes: expire silent nodes, publish pending records (or a snapshot), heartbeat.
+    pub fn tick(&mut self, now: Instant) -> Effects {
+        let mut effects = Effects::default();
+        self.view.expire(now, &mut effects.changes);
+        let records = if self.snapshot_due {
+            self.dirty_users.clear();
+            self.dirty_rooms.clear();
+            let mut all: Vec<Record> =
+                self.users.iter().map(|(u, &count)| Record::User { user: u.clone(), count }).collect();
+            all.extend(self.rooms.iter().map(|(r, &count)| Record::Room { room: r.clone(), count }));
+            Some((true, all))
+        } else if !self.dirty_users.is_empty() || !self.dirty_rooms.is_empty() {
+            let users = std::mem::take(&mut self.dirty_users).into_iter().map(|user| {
+                let count = self.users.get(&user).copied().unwrap_or(0);
+                Record::User { user, count }
+            });
+            let mut changed: Vec<Record> = users.collect();
+            changed.extend(std::mem::take(&mut self.dirty_rooms).into_iter().map(|room| {
+                let count = self.rooms.get(&room).copied().unwrap_or(0);
+                Record::Room { room, count }
+            }));
+            Some((false, changed))
+        } else {
+            None
+        };
+        if let Some((full, records)) = records {
+            self.snapshot_due = false;
+            for header in wire::records_messages(&self.node, self.epoch, &mut self.seq, full, records) {
+                self.publish_dir(&header, &mut effects);
+            }
+            if !self.unsubscribe_after_flush.is_empty() {
+                let subjects = std::mem::take(&mut self.unsubscribe_after_flush).into_iter().collect();
+                effects.actions.push(Action::Unsubscribe(subjects));
+            }
+        }
+        if self.next_beat.is_none_or(|at| now >= at) {
+            self.next_beat = Some(now + self.heartbeat);
+            let header = Header::Heartbeat { origin: self.node.clone(), epoch: self.epoch, seq: self.seq };
+            self.publish_dir(&header, &mut effects);
+        }
+        effects
+    }
+
+    fn publish_dir(&self, header: &Header, effects: &mut Effects) {
+        if let Ok(payload) = wire::encode(header, &[]) {
+            effects.actions.push(Action::Publish { subject: self.subjects.dir(), payload });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::broker::{Broker, Event};
+    use crate::cluster::memory::{Hub, MemoryBroker};
+    use crossbeam_channel::Receiver;
+
+    struct Node {
+        core: Core,
+        broker: Option<MemoryBroker>,
+        events: Receiver<Event>,
+        changes: Vec<Change>,
+        deliveries: Vec<(String, Bytes)>,
+        receivers: Vec<(u64, u32)>,
+    }
+
+    impl Node {
+        fn new(hub: &Hub, name: &str) -> Node {
+            let (tx, events) = crossbeam_channel::unbounded();
+            let config = CoreConfig::new("t", name, Duration::from_millis(100), Duration::from_millis(300));
+            let mut node = Node {
+                core: Core::new(config),
+                broker: Some(hub.connect(tx)),
+                events,
+                changes: Vec::new(),
+                deliveries: Vec::new(),
+                receivers: Vec::new(),
+            };
+            let effects = node.core.start();
+            node.run(effects);
+            node
+        }
+
+        fn run(&mut self, effects: Effects) {
+            self.changes.extend(effects.changes);
+            self.deliveries.extend(effects.deliveries);
+            let Some(broker) = &self.broker else { return };
+            for action in effects.actions {
+                match action {
+                    Action::Publish { subject, payload } => {
+                        let _ = broker.publish(&subject, payload, None);
+                    }
+                    Action::Subscribe(s) => broker.subscribe(s),
+                    Action::Unsubscribe(s) => broker.unsubscribe(s),
+                }
+            }
+        }
+
+        fn pump(&mut self, now: Instant) {
+            let effects = self.core.tick(now);
+            self.run(effects);
+            while let Ok(event) = self.events.try_recv() {
+                let effects = match event {
+                    Event::Message { subject, payload } => self.core.on_message(now, &subject, payload),
+                    Event::Receivers { token, n } => {
+                        self.receivers.push((token, n));
+                        continue;
+                    }
+                    Event::Resubscribed(_) => self.core.on_resubscribed(),
+                    _ => continue,
+                };
+                self.run(effects);
+            }
+        }
+    }
+
+    fn pump_all(nodes: &mut [&mut Node], now: Instant) {
+        for _ in 0..3 {
+            for node in nodes.iter_mut() {
+                node.pump(now);
+            }
+        }
+    }
+
+    #[test]
+    fn nodes_see_each_others_users_and_a_silent_node_expires() {
+        let hub = Hub::new();
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut a = Node::new(&hub, "a");
+        let mut b = Node::new(&hub, "b");
+        let effects = a.core.set_user("42", 1);
+        a.run(effects);
+        let effects = a.core.set_room("lobby", 2);
+        a.run(effects);
+        pump_all(&mut [&mut a, &mut b], ms(0));
+        assert!(b.changes.contains(&Change::Online("42".into())), "{:?}", b.changes);
+        assert!(b.changes.contains(&Change::RoomCount { room: "lobby".into(), count: 2 }));
+        assert_eq!(b.core.view().holders("42"), 1);
+        // A user subject publish reaches a, and the receiver count says so; nobody holds 7.
+        let frame = b.core.deliver_payload(b"\x81\x02hi");
+        let broker = b.broker.as_ref().unwrap();
+        broker.publish(&b.core.subjects().user("42"), frame.clone(), Some(1)).unwrap();
+        broker.publish(&b.core.subjects().user("7"), frame, Some(2)).unwrap();
+        pump_all(&mut [&mut a, &mut b], ms(10));
+        assert_eq!(a.deliveries, [("t.u.42".to_string(), Bytes::from_static(b"\x81\x02hi"))]);
+        assert_eq!(b.receivers, [(1, 1), (2, 0)]);
+        assert_eq!(b.core.decide("42", Ok(1)), Delivery::Delivered);
+        assert_eq!(b.core.decide("7", Ok(0)), Delivery::NotFound);
+        // a is killed: its subscriptions vanish at once (0 receivers while the view still lists
+        // it → 503, not 404), and it goes offline on b after the TTL.
+        a.broker = None;
+        b.changes.clear();
+        let mut t = 20;
+        while !b.changes.contains(&Change::Offline("42".into())) {
+            assert_eq!(b.core.decide("42", Ok(0)), Delivery::Unavailable);
+            t += 10;
+            assert!(t < 500, "offline within the TTL");
+            b.pump(ms(t));
+        }
+        assert!(t > 300, "not before the TTL ({t} ms)");
+        assert!(b.changes.contains(&Change::RoomCount { room: "lobby".into(), count: 0 }));
+        assert_eq!(b.core.decide("42", Ok(0)), Delivery::NotFound);
+    }
+
+    #[test]
+    fn a_late_joiner_gets_a_snapshot_and_a_leaving_user_goes_offline() {
+        let hub = Hub::new();
+        let t0 = Instant::now();
+        let mut a = Node::new(&hub, "a");
+        for user in 0..300 {
+            let effects = a.core.set_user(&user.to_string(), 1);
+            a.run(effects);
+        }
+        pump_all(&mut [&mut a], t0);
+        let mut b = Node::new(&hub, "b");
+        pump_all(&mut [&mut a, &mut b], t0);
+        let online = b.changes.iter().filter(|c| matches!(c, Change::Online(_))).count();
+        assert_eq!(online, 300);
+        b.changes.clear();
+        // Leaving: the record (count 0) goes out first, then the unsubscribe; a return before
+        // the flush cancels it.
+        let effects = a.core.set_user("5", 0);
+        assert!(effects.actions.is_empty());
+        assert!(a.core.set_user("6", 0).actions.is_empty());
+        assert!(a.core.set_user("6", 1).actions.is_empty(), "still subscribed: no new SUBSCRIBE");
+        let effects = a.core.tick(t0 + Duration::from_millis(40));
+        let publish = effects.actions.iter().position(|a| matches!(a, Action::Publish { .. }));
+        let unsubscribe =
+            effects.actions.iter().position(|a| *a == Action::Unsubscribe(vec!["t.u.5".into()]));
+        assert!(publish.unwrap() < unsubscribe.unwrap(), "{:?}", effects.actions);
+        a.run(effects);
+        pump_all(&mut [&mut a, &mut b], t0 + Duration::from_millis(50));
+        assert_eq!(b.changes, [Change::Offline("5".into())]);
+        // The hub restarts: both resync, and the snapshots change nothing on b.
+        b.changes.clear();
+        hub.set_up(false);
+        hub.set_up(true);
+        pump_all(&mut [&mut a, &mut b], t0 + Duration::from_millis(100));
+        assert!(b.changes.is_empty(), "{:?}", b.changes);
+        assert_eq!(b.core.view().holders("6"), 1);
+    }
+
+    #[test]
+    fn garbage_and_own_messages_are_dropped() {
+        let mut core = Core::new(CoreConfig::new("t", "a", Duration::from_secs(1), Duration::from_secs(3)));
+        let effects = core.on_message(Instant::now(), "t.dir", Bytes::from_static(b"\x07junk"));
+        assert_eq!(effects.bad_messages, 1);
+        let own = core.deliver_payload(b"x");
+        let effects = core.on_message(Instant::now(), "t.all", own);
+        assert!(effects.deliveries.is_empty() && effects.actions.is_empty());
+    }
+}
