@@ -3,6 +3,7 @@
 //! with a real `wss://` client through the terminator: both nodes reached, P2P on one node,
 //! the client's address seen by the node through `X-Forwarded-For` (and a spoofed one
 //! ignored), the same-origin check passing through the terminator (the `Host` keeps its port),
+//! only `/ws` and `/health` forwarded (not `/metrics`),
 //! `--check` validating both terminator configurations, and everything stopped on SIGTERM.
 //!
 //! Needs haproxy, nginx, openssl, curl and python3 (`.ci/setup` installs them).
@@ -11,7 +12,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -281,6 +282,25 @@ fn wss_handshake(tls: &Arc<ClientConfig>, addr: SocketAddr, headers: &[(&str, &s
     }
 }
 
+/// The status code of `GET path` over TLS through the terminator.
+fn https_status(topology: &Topology, path: &str) -> u16 {
+    let addr = topology.addr("HTTPS");
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut tls = StreamOwned::new(ClientConnection::new(topology.tls.clone(), name).unwrap(), tcp);
+    write!(tls, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") {
+        tls.read_exact(&mut byte).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        head.push(byte[0]);
+        assert!(head.len() < 256, "GET {path}: no status line");
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("status line {line}"))
+}
+
 fn send(ws: &mut Wss, v: &Value) {
     ws.send(Message::text(v.to_string())).expect("send");
 }
@@ -349,6 +369,10 @@ fn through_the_terminator(terminator: &str, first_user: i64) {
         send(&mut c.1, &json!({"pid": "c-alive", "type": "generic_request", "payload": {}}));
         assert_eq!(recv_of_type(&mut c.1, "generic_response")["pid"], "c-alive");
     }
+
+    // Only /ws and /health go out through the terminator; /metrics stays internal.
+    assert_eq!(https_status(&topology, "/health"), 200);
+    assert_eq!(https_status(&topology, "/metrics"), 404);
 
     // A foreign origin is refused by the node, and the refusal comes back through the terminator.
     let https = topology.addr("HTTPS");
