@@ -4,7 +4,8 @@
 //! the client's address seen by the node through `X-Forwarded-For` (and a spoofed one
 //! ignored), the same-origin check passing through the terminator (the `Host` keeps its port),
 //! only `/ws` and `/health` forwarded (not `/metrics`),
-//! `--check` validating both terminator configurations, and everything stopped on SIGTERM.
+//! `--check` validating both terminator configurations, the image's `HEALTHCHECK` command run
+//! against a node, and everything stopped on SIGTERM or when one process dies.
 //!
 //! Needs haproxy, nginx, openssl, curl and python3 (`.ci/setup` installs them).
 
@@ -381,8 +382,77 @@ fn through_the_terminator(terminator: &str, first_user: i64) {
         wss_handshake(&topology.tls, https, &[("Authorization", &auth), ("Origin", "https://evil.example")]);
     assert!(matches!(&refused, Err(e) if e.starts_with("HTTP 403")), "foreign origin: {:?}", refused.err());
 
+    // The image's HEALTHCHECK command, run against a node here, and against a closed port.
+    if terminator == "haproxy" {
+        assert!(healthcheck(&topology.state["NODE1_WS"]).success(), "HEALTHCHECK against a live node");
+        let closed = topology.state["NODE1_API"].replace("127.0.0.1", "127.0.0.2");
+        assert!(!healthcheck(&closed).success(), "HEALTHCHECK against a closed port");
+    }
+
     drop((a, b, c));
     topology.stop();
+}
+
+/// Runs deploy/Dockerfile's `HEALTHCHECK` command (exec form) against `addr` instead of the
+/// container's 127.0.0.1:8082; at most 5 s.
+fn healthcheck(addr: &str) -> std::process::ExitStatus {
+    let dockerfile = fs::read_to_string(format!("{ROOT}/deploy/Dockerfile")).unwrap();
+    let json = dockerfile
+        .split("HEALTHCHECK ")
+        .nth(1)
+        .and_then(|rest| rest.split_once("CMD "))
+        .and_then(|(_, cmd)| cmd.lines().next())
+        .expect("deploy/Dockerfile: HEALTHCHECK ... CMD [...]");
+    let argv: Vec<String> = serde_json::from_str(json).expect("HEALTHCHECK CMD in exec form (a JSON array)");
+    let (host, port) = addr.split_once(':').unwrap();
+    let argv: Vec<String> = argv
+        .iter()
+        .map(|a| a.replace("/dev/tcp/127.0.0.1/8082", &format!("/dev/tcp/{host}/{port}")))
+        .collect();
+    assert!(
+        argv.iter().any(|a| a.contains(&format!("/dev/tcp/{host}/{port}"))),
+        "HEALTHCHECK asks 127.0.0.1:8082"
+    );
+    let mut child = Command::new(&argv[0]).args(&argv[1..]).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("HEALTHCHECK against {addr} still running after {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// When a process of the topology dies, local.sh stops the others and fails.
+#[test]
+fn local_sh_stops_the_rest_when_a_node_dies() {
+    let mut topology = Topology::start("haproxy");
+    let pids: Vec<String> = topology.state["PIDS"].split_whitespace().map(str::to_string).collect();
+    // PIDS lists Redis first when there is a cluster, then node1, node2, the terminator.
+    let node1 = &pids[usize::from(topology.cluster())];
+    let _ = Command::new("kill").args(["-KILL", node1]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = topology.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "local.sh still running 10 s after a node died");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "local.sh after a node died:\n{}", read_log(&topology.scratch));
+    assert!(
+        read_log(&topology.scratch).contains("local.sh: node1 exited"),
+        "{}",
+        read_log(&topology.scratch)
+    );
+    for pid in &pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process {pid} survived local.sh");
+    }
+    let _ = fs::remove_dir_all(&topology.scratch);
 }
 
 #[test]
