@@ -69,6 +69,15 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
     if let Some(path) = &config.api_key_file {
         config.api_key = Some(crate::http::keys::read_secret_file("api_key_file", path)?);
     }
+    if let Some(url) = &config.cluster {
+        // The broker layer (src/cluster) exists and is tested; routing through it is not
+        // wired into the shards yet. Say so rather than pretend to be one tier.
+        log::warn!(
+            "cluster = {} is configured, but this build does not route between nodes yet: \
+             running as a single node",
+            without_credentials(url)
+        );
+    }
     let shards = config.effective_shards();
     if shards == 0 || shards > MAX_SHARDS {
         return Err(StartError::TooManyShards(shards));
@@ -254,5 +263,15 @@ impl Drop for ServerHandle {
             self.shutdown();
             self.join();
         }
+    }
+}
+
+/// `scheme://user:password@host:port/db` without the `user:password@` part, for logs.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host))
+        }
+        None => url.to_string(),
     }
 }
