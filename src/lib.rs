@@ -16,6 +16,7 @@ pub mod http;
 pub mod logfmt;
 pub mod metrics;
 pub mod protocol;
+pub mod route;
 pub mod server;
 pub mod shard;
 pub mod ws;

@@ -13,12 +13,14 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::value::RawValue;
 
 use super::application::ConnId;
-use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};
 use crate::core::Directory;
 use crate::core::pending::WaitKind;
 use crate::protocol::envelope::room_message;
+use crate::route::msg::ShardMsg;
+use crate::route::{
+    AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError,
+};
 use crate::shard::Shared;
-use crate::shard::msg::ShardMsg;
 
 /// An operation for [`Handle::submit`].
 #[derive(Debug)]

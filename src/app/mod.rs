@@ -3,7 +3,11 @@
 
 pub mod application;
 pub mod handle;
-pub mod ops;
+pub mod ops {
+    //! The vocabulary of server-initiated operations (defined in [`crate::route`]).
+    pub use crate::route::completion::*;
+    pub use crate::route::out::OutMessage;
+}
 
 pub use handle::{Handle, Waiter};
 pub use ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};

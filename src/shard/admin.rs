@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use super::Shard;
 use super::Shared;
 use super::handshake::rfc3339;
-use super::msg::ShardMsg;
-use crate::app::ops::{Completion, ConnSummary, Outcome, RoomCount};
+use crate::route::msg::ShardMsg;
+use crate::route::{Completion, ConnSummary, Outcome, RoomCount};
 
 impl Shared {
     /// The `/health` body: status, time, uptime and open connections. Cheap: a few atomics.

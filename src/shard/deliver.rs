@@ -8,7 +8,6 @@ use bytes::Bytes;
 use super::Shard;
 use super::conn::Phase;
 use super::handshake::rfc3339;
-use super::msg::ShardMsg;
 use crate::app::application::Handled;
 use crate::config::PresenceScope;
 use crate::core::directory::{ConnAddr, ShardId};
@@ -20,6 +19,7 @@ use crate::protocol::envelope::{
     Envelope, data_event, error_notification, presence_event, server_ack, write_str,
 };
 use crate::protocol::router::Route;
+use crate::route::msg::ShardMsg;
 use crate::ws::close;
 
 impl Shard {

@@ -3,10 +3,10 @@
 //! graceful shutdown. See `LIFECYCLE.md`.
 
 use super::conn::Phase;
-use super::msg::ShardMsg;
 use super::{LINGER_MS, Shard, TimerKey};
 use crate::core::{ConnKey, Directory};
 use crate::metrics::ShardMetrics;
+use crate::route::msg::ShardMsg;
 use crate::ws::{FrameEncoder, close};
 
 impl Shard {

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Shard;
-use super::msg::ShardMsg;
-use crate::app::ops::{Completion, Outcome, UserPresence};
 use crate::core::ConnKey;
 use crate::core::directory::{ConnAddr, ShardId};
 use crate::core::presence::Presence;
@@ -16,6 +14,8 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::envelope::{
     Envelope, RoomPublish, error_notification, presence_event, room_message, server_ack,
 };
+use crate::route::msg::ShardMsg;
+use crate::route::{Completion, Outcome, UserPresence};
 
 /// A `room_presence` answer bigger than this many bytes ends its page early (at least one
 /// member per page), whatever `room_presence_page` says: members' contexts may be large.

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::conn::Phase;
-use super::msg::ShardMsg;
 use super::{Shard, TimerKey};
-use crate::app::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
 use crate::core::ConnKey;
 use crate::core::pending::{Wait, WaitKey, WaitKind};
 use crate::protocol::ClientMessage;
 use crate::protocol::envelope::ClientAck;
+use crate::route::msg::ShardMsg;
+use crate::route::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
 use crate::ws::close;
 
 impl Shard {

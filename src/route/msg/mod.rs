@@ -7,11 +7,10 @@ use bytes::Bytes;
 
 use std::sync::Arc;
 
-use crate::app::ops::{Completion, OutMessage};
+use super::{Completion, OutMessage, ShedKind};
 use crate::core::directory::{ConnAddr, ConnKey, ShardId};
 use crate::core::pending::WaitKind;
 use crate::core::presence::Presence;
-use crate::metrics::ShedKind;
 
 /// One message to a shard.
 #[derive(Debug)]
