@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::reply::{Reply, wait_failed};
-use crate::app::handle::{Handle, Op};
 use crate::core::rooms::validate_name;
 use crate::route::{Completion, OutMessage, Outcome, UserPresence};
+use crate::route::{Handle, Op};
 
 /// Largest `timeoutMs` accepted (one hour).
 const MAX_TIMEOUT_MS: u64 = 3_600_000;

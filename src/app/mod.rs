@@ -2,7 +2,10 @@
 //! thread.
 
 pub mod application;
-pub mod handle;
+pub mod handle {
+    //! The application's handle (defined in [`crate::route::handle`]).
+    pub use crate::route::handle::{Handle, Op, Waiter};
+}
 pub mod ops {
     //! The vocabulary of server-initiated operations (defined in [`crate::route`]).
     pub use crate::route::completion::*;

@@ -65,8 +65,8 @@ pub struct Shared {
     pub config: Config,
     /// Handshake rules.
     pub gate: Gate,
-    /// One link per shard, index = shard id.
-    pub links: Vec<Link>,
+    /// One link per shard, and what the application's handle reads.
+    pub fabric: Arc<crate::route::Fabric>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Process start, for `/health` uptime.
@@ -114,7 +114,7 @@ impl Shared {
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("shards", &self.links.len())
+            .field("shards", &self.fabric.links.len())
             .field("listen", &self.config.listen)
             .finish()
     }
@@ -202,7 +202,7 @@ pub struct Shard {
     /// Refused handshakes, summarised per status and interval.
     refusals: crate::logfmt::RefusalLog,
     /// For callbacks: a handle to the whole server.
-    handle: crate::app::Handle,
+    handle: crate::route::Handle,
     /// Frames a callback queued, reused between calls.
     app_out: Vec<bytes::Bytes>,
     /// Typing-like statuses: expiry and coalescing.
@@ -231,8 +231,9 @@ impl Shard {
         let config = &shared.config;
         let limits = Limits::from(config);
         let sink = Sink::new(config.send_queue, config.send_queue_bytes, Arc::clone(&shared.metrics), id);
-        let peers = shared.links.len();
-        let _ = shared.metrics.inboxes.set(shared.links.iter().map(|l| Arc::clone(l.depth())).collect());
+        let peers = shared.fabric.links.len();
+        let _ =
+            shared.metrics.inboxes.set(shared.fabric.links.iter().map(|l| Arc::clone(l.depth())).collect());
         Shard {
             id,
             poll: parts.poll,
@@ -259,7 +260,7 @@ impl Shard {
             drain: Vec::new(),
             drain_random: None,
             refusals: Default::default(),
-            handle: crate::app::Handle::new(Arc::clone(&shared)),
+            handle: crate::route::Handle::new(Arc::clone(&shared.fabric)),
             app_out: Vec::new(),
             transient: crate::core::presence::TransientPolicy {
                 statuses: shared.config.transient_statuses.clone(),
@@ -280,7 +281,7 @@ impl Shard {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
-            let link = &self.shared.links[self.id];
+            let link = &self.shared.fabric.links[self.id];
             link.set_sleeping(true);
             let timeout = if self.inbox.is_empty() { timeout } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout)
@@ -364,7 +365,7 @@ impl Shard {
     }
 
     fn shards(&self) -> usize {
-        self.shared.links.len()
+        self.shared.fabric.links.len()
     }
 
     fn wall_ms() -> u64 {
@@ -512,7 +513,7 @@ impl Shard {
             self.handle(msg);
             return;
         }
-        let link = &self.shared.links[shard];
+        let link = &self.shared.fabric.links[shard];
         match msg.shed_kind().filter(|_| self.client_work) {
             Some(kind) => {
                 if link.try_send(msg, self.shared.config.inbox_max_bytes as u64).is_err() {
@@ -534,7 +535,7 @@ impl Shard {
     /// Whether our own inbox is over its bound: a client request whose answers come back
     /// through it is refused (503) rather than adding to it.
     fn own_inbox_full(&self) -> bool {
-        self.shared.links[self.id].depth_bytes() > self.shared.config.inbox_max_bytes as u64
+        self.shared.fabric.links[self.id].depth_bytes() > self.shared.config.inbox_max_bytes as u64
     }
 
     /// Runs `work` as client work (see [`Shard::send_to`]); restores the previous mode.
@@ -551,7 +552,7 @@ impl Shard {
     fn wake_peers(&mut self) {
         for (shard, wake) in self.to_wake.iter_mut().enumerate() {
             if std::mem::take(wake) {
-                self.shared.links[shard].wake();
+                self.shared.fabric.links[shard].wake();
             }
         }
     }
@@ -561,7 +562,7 @@ impl Shard {
         for _ in 0..65_536 {
             match self.inbox.try_recv() {
                 Ok(parcel) => {
-                    let msg = self.shared.links[self.id].unpack(parcel);
+                    let msg = self.shared.fabric.links[self.id].unpack(parcel);
                     self.handle(msg);
                 }
                 Err(_) => return,
