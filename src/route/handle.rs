@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::value::RawValue;
 
 use super::Fabric;
-use super::msg::ShardMsg;
+use super::msg::{AdminMsg, DeliverMsg, OpMsg, PresenceMsg, RoomMsg, ShardMsg};
 use super::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};
 use crate::core::Directory;
 use crate::core::directory::ConnAddr;
@@ -127,7 +127,7 @@ impl Handle {
             Op::Send { users, msg } => {
                 let frame = msg.frame(None);
                 for &user in users {
-                    let send = ShardMsg::SendUser { user, frame: frame.clone(), done: Some(done.clone()) };
+                    let send = OpMsg::SendUser { user, frame: frame.clone(), done: Some(done.clone()) };
                     self.to_home(user, send);
                 }
                 users.len()
@@ -139,7 +139,7 @@ impl Handle {
                 let exclude: Arc<[i64]> = sorted.into();
                 for link in &self.fabric.links {
                     let exclude = Arc::clone(&exclude);
-                    link.send_now(ShardMsg::BroadcastExcept {
+                    link.send_now(OpMsg::BroadcastExcept {
                         frame: frame.clone(),
                         exclude,
                         done: Some(done.clone()),
@@ -167,7 +167,7 @@ impl Handle {
                 );
                 let rooms: Arc<[Arc<str>]> = Arc::from(vec![Arc::from(room)]);
                 for link in &self.fabric.links {
-                    let msg = ShardMsg::RoomDeliver {
+                    let msg = RoomMsg::RoomDeliver {
                         rooms: Arc::clone(&rooms),
                         frame: frame.clone(),
                         except: None,
@@ -180,33 +180,33 @@ impl Handle {
             Op::RoomMembers { room } => {
                 let room: Arc<str> = Arc::from(room);
                 for link in &self.fabric.links {
-                    link.send_now(ShardMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
+                    link.send_now(RoomMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
                 }
                 self.fabric.links.len()
             }
             Op::Presence { user } => {
-                self.to_home(user, ShardMsg::QueryPresence { user, done: done.clone() });
+                self.to_home(user, PresenceMsg::QueryPresence { user, done: done.clone() });
                 1
             }
             Op::Query { user } => {
-                self.to_home(user, ShardMsg::QueryUser { user, done: done.clone() });
+                self.to_home(user, OpMsg::QueryUser { user, done: done.clone() });
                 1
             }
             Op::Disconnect { user } => {
-                self.to_home(user, ShardMsg::DisconnectUser { user, done: Some(done.clone()) });
+                self.to_home(user, OpMsg::DisconnectUser { user, done: Some(done.clone()) });
                 1
             }
             Op::AdminConnections { after, user, limit } => {
                 // One user's connections are all on the shards its directory names; asking
                 // every shard keeps this simple and is one message per shard either way.
                 for link in &self.fabric.links {
-                    link.send_now(ShardMsg::AdminConnections { after, user, limit, done: done.clone() });
+                    link.send_now(AdminMsg::Connections { after, user, limit, done: done.clone() });
                 }
                 self.fabric.links.len()
             }
             Op::AdminRooms { limit } => {
                 // Every shard keeps every room's count (replicas): one shard answers for all.
-                self.fabric.links[0].send_now(ShardMsg::AdminRooms { limit, done: done.clone() });
+                self.fabric.links[0].send_now(AdminMsg::Rooms { limit, done: done.clone() });
                 1
             }
         }
@@ -222,11 +222,11 @@ impl Handle {
     ) -> usize {
         let msg = Arc::new(msg.clone());
         let timeout_ms = timeout.as_millis().min(u128::from(u64::MAX / 2)) as u64;
-        self.to_home(user, ShardMsg::Await { user, msg, kind, timeout_ms, done: done.clone() });
+        self.to_home(user, OpMsg::Await { user, msg, kind, timeout_ms, done: done.clone() });
         1
     }
 
-    fn to_home(&self, user: i64, msg: ShardMsg) {
+    fn to_home(&self, user: i64, msg: impl Into<ShardMsg>) {
         let home = Directory::home_of(user, self.fabric.links.len());
         self.fabric.links[home].send_now(msg);
     }
@@ -341,7 +341,7 @@ impl Handle {
     pub fn send_frame_to_conn(&self, conn: ConnId, frame: bytes::Bytes) {
         let addr = conn.0;
         if let Some(link) = self.fabric.links.get(addr.shard) {
-            link.send_now(ShardMsg::DeliverConn { key: addr.key, frame });
+            link.send_now(DeliverMsg::DeliverConn { key: addr.key, frame });
         }
     }
 

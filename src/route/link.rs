@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
 
-use crate::route::msg::ShardMsg;
+use super::msg::ShardMsg;
 
 /// A shard's address book: how to reach it from any thread.
 ///
@@ -39,7 +39,8 @@ impl Link {
     }
 
     /// Queues a message whatever the depth; the shard is woken by [`Link::wake`].
-    pub fn send(&self, msg: ShardMsg) {
+    pub fn send(&self, msg: impl Into<ShardMsg>) {
+        let msg = msg.into();
         let cost = msg.cost() as u64;
         self.enqueue(Parcel { msg, cost });
     }
@@ -100,7 +101,7 @@ impl Link {
     }
 
     /// Sends and wakes.
-    pub fn send_now(&self, msg: ShardMsg) {
+    pub fn send_now(&self, msg: impl Into<ShardMsg>) {
         self.send(msg);
         self.wake();
     }
@@ -163,6 +164,7 @@ mod tests {
     use mio::{Poll, Token};
 
     use crate::core::ConnKey;
+    use crate::route::msg::{DeliverMsg, DirMsg, PresenceMsg, RoomMsg};
 
     fn link() -> (Link, Receiver<Parcel>, Poll) {
         let poll = Poll::new().unwrap();
@@ -172,7 +174,7 @@ mod tests {
     }
 
     fn deliver(len: usize) -> ShardMsg {
-        ShardMsg::Deliver { users: vec![1], frame: Bytes::from(vec![b'x'; len]) }
+        DeliverMsg::Deliver { users: vec![1], frame: Bytes::from(vec![b'x'; len]) }.into()
     }
 
     #[test]
@@ -183,7 +185,7 @@ mod tests {
         assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
         assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
         assert!(link.try_send(deliver(1000), 2 * cost).is_err(), "a third one is over the bound");
-        link.send(ShardMsg::Replica { user: 1, shard: 0, present: true }); // never refused
+        link.send(DirMsg::Replica { user: 1, shard: 0, present: true }); // never refused
         assert_eq!(link.depth.messages.load(Ordering::Relaxed), 3);
         while let Ok(parcel) = rx.try_recv() {
             link.received(&parcel);
@@ -194,14 +196,15 @@ mod tests {
     #[test]
     fn only_client_work_may_be_shed() {
         assert_eq!(deliver(1).shed_kind(), Some(ShedKind::Deliver));
-        for state in [
-            ShardMsg::Replica { user: 1, shard: 0, present: false },
-            ShardMsg::HomeClosed { user: 1, seq: 1 },
-            ShardMsg::RoomCount { room: Arc::from("r"), shard: 0, count: 0 },
-            ShardMsg::Unwatch { watcher: 1, targets: vec![2] },
-            ShardMsg::RosterPart { roster: 0, users: vec![] },
-            ShardMsg::DeliverFrames { key: ConnKey { index: 0, generation: 0 }, frames: vec![] },
-        ] {
+        let states: [ShardMsg; 6] = [
+            DirMsg::Replica { user: 1, shard: 0, present: false }.into(),
+            DirMsg::HomeClosed { user: 1, seq: 1 }.into(),
+            RoomMsg::RoomCount { room: Arc::from("r"), shard: 0, count: 0 }.into(),
+            PresenceMsg::Unwatch { watcher: 1, targets: vec![2] }.into(),
+            RoomMsg::RosterPart { roster: 0, users: vec![] }.into(),
+            DeliverMsg::DeliverFrames { key: ConnKey { index: 0, generation: 0 }, frames: vec![] }.into(),
+        ];
+        for state in states {
             assert_eq!(state.shed_kind(), None, "{state:?} must never be shed");
         }
     }

@@ -14,7 +14,7 @@ use crate::http::request::Request;
 use crate::http::request::{Parsed, parse};
 use crate::http::response::{json_error, response, switching_protocols};
 use crate::metrics::{Format, ShardMetrics};
-use crate::route::msg::ShardMsg;
+use crate::route::msg::DirMsg;
 
 impl Shard {
     /// More bytes of the request head arrived.
@@ -248,7 +248,7 @@ impl Shard {
         }
         let home = Directory::home_of(user, self.shards());
         let addr = self.addr(key);
-        self.send_to(home, ShardMsg::HomeOpened { user, seq, addr });
+        self.send_to(home, DirMsg::HomeOpened { user, seq, addr });
         self.call_app(key, |app, conn| app.on_connect(conn));
         if !pending.is_empty() {
             self.resume_frames(key, pending);

@@ -33,7 +33,7 @@ use crate::http::Gate;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::route::Completion;
 use crate::route::link::{Link, Parcel, ShedKind};
-use crate::route::msg::ShardMsg;
+use crate::route::msg::{DirMsg, ShardMsg};
 use conn::{Conn, Flushed, Phase};
 use sink::Sink;
 
@@ -508,7 +508,8 @@ impl Shard {
     /// ([`ShardMsg::shed_kind`]) is dropped when the receiving inbox is over
     /// `inbox_max_bytes`: counted in `customws_inbox_shed_total{kind}` and noted in `shed` so
     /// that the client is told 503. Everything else always goes.
-    fn send_to(&mut self, shard: ShardId, msg: ShardMsg) {
+    fn send_to(&mut self, shard: ShardId, msg: impl Into<ShardMsg>) {
+        let msg = msg.into();
         if shard == self.id {
             self.handle(msg);
             return;
@@ -557,6 +558,21 @@ impl Shard {
         }
     }
 
+    /// Handles a message from another shard (or from ourselves): one arm per concern, each
+    /// handler matching its own messages in full (no catch-all arm anywhere, so a message
+    /// nobody handles does not compile).
+    fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Dir(msg) => self.on_dir(msg),
+            ShardMsg::Deliver(msg) => self.on_deliver(msg),
+            ShardMsg::Presence(msg) => self.on_presence(msg),
+            ShardMsg::Room(msg) => self.on_room(msg),
+            ShardMsg::Op(msg) => self.on_op(msg),
+            ShardMsg::Admin(msg) => self.on_admin(msg),
+            ShardMsg::Shutdown => self.begin_shutdown(),
+        }
+    }
+
     fn drain_inbox(&mut self) {
         // Bounded so that a flood from other shards cannot starve our own sockets.
         for _ in 0..65_536 {
@@ -573,7 +589,7 @@ impl Shard {
     /// Tells every shard (ourselves included) whether we hold `user`.
     fn announce_replica(&mut self, user: i64, present: bool) {
         for shard in 0..self.shards() {
-            self.send_to(shard, ShardMsg::Replica { user, shard: self.id, present });
+            self.send_to(shard, DirMsg::Replica { user, shard: self.id, present });
         }
     }
 }
