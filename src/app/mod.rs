@@ -1,5 +1,6 @@
-//! The application side: server-initiated operations and the handle that issues them from any
-//! thread.
+//! What applications implement and use: the [`application::Application`] callbacks, the
+//! connection they see, the worker pool; and, re-exported from [`crate::route`], the handle
+//! that issues server-initiated operations from any thread and their vocabulary.
 
 pub mod application;
 pub mod handle {
