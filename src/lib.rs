@@ -3,9 +3,10 @@
 //! Sharded `mio` event loops (one per core, each with its own `SO_REUSEPORT` listener) hold
 //! authenticated WebSocket connections and route messages between them: peer-to-peer through
 //! the server, broadcast, rooms, presence, server-initiated acks and requests. See
-//! `ARCHITECTURE.md` for the layers, bottom to top: `ws` (framing) → `protocol` (envelopes,
-//! router) → `http` (upgrade gate) → `core` (directory, presence, timers) → `shard` (event
-//! loop) → `server` (start/stop).
+//! `ARCHITECTURE.md` for the layers, bottom to top: `ws` (framing), `core` (directory,
+//! presence, timers) → `protocol` (envelopes, router), `http` (upgrade gate) → `route` (links,
+//! shard messages, the `Handle`) → `app` (what applications implement) → `shard` (event loop)
+//! → `api` → `server` (start/stop); `cluster` (the broker layer, not wired yet) beside them.
 //!
 //! # Getting started
 //!
@@ -92,6 +93,7 @@ pub mod logfmt;
 #[doc(hidden)]
 pub mod metrics;
 pub mod protocol;
+pub mod route;
 #[cfg(feature = "run")]
 pub mod run;
 pub mod server;

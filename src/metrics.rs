@@ -12,6 +12,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+pub use crate::route::link::{InboxDepth, ShedKind};
+
 /// Upper bounds of the `ws_message_size_bytes` buckets.
 pub const SIZE_BUCKETS: [f64; 7] = [64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 1048576.0];
 /// Upper bounds of the `ws_latency_seconds` buckets.
@@ -147,56 +149,6 @@ impl ShardMetrics {
     pub fn observe_size(&self, len: usize) {
         self.sizes.observe_n(len as f64, 1);
     }
-}
-
-/// What a shed message was, for `customws_inbox_shed_total{kind}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShedKind {
-    /// `data_request` to a user (P2P) or a targeted presence event.
-    Deliver,
-    /// `data_request` broadcast, or presence with `presence_scope = "all"`.
-    Broadcast,
-    /// A room publish, or a join/left event to a room.
-    Room,
-    /// A presence update to its home shard, or its fan-out to watchers and rooms.
-    Presence,
-    /// `presence_subscribe` / `presence_unsubscribe` to the watcher's home shard.
-    Watch,
-    /// `room_presence` gathering members and their presences.
-    Roster,
-}
-
-impl ShedKind {
-    /// Every kind, in label order.
-    pub const ALL: [ShedKind; 6] = [
-        ShedKind::Deliver,
-        ShedKind::Broadcast,
-        ShedKind::Room,
-        ShedKind::Presence,
-        ShedKind::Watch,
-        ShedKind::Roster,
-    ];
-
-    /// The `kind` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            ShedKind::Deliver => "deliver",
-            ShedKind::Broadcast => "broadcast",
-            ShedKind::Room => "room",
-            ShedKind::Presence => "presence",
-            ShedKind::Watch => "watch",
-            ShedKind::Roster => "roster",
-        }
-    }
-}
-
-/// What one shard's inbox holds now: written by every sender (add) and the shard (subtract).
-#[derive(Debug, Default)]
-pub struct InboxDepth {
-    /// Estimated bytes held by queued messages.
-    pub bytes: AtomicU64,
-    /// Queued messages.
-    pub messages: AtomicU64,
 }
 
 /// All shards' counters.

@@ -100,7 +100,11 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
     }
     let shared = Arc::new(Shared {
         gate: Gate::new(&config, auth),
-        links,
+        fabric: Arc::new(crate::route::Fabric {
+            links,
+            ack_timeout: config.ack_timeout,
+            request_timeout: config.request_timeout,
+        }),
         metrics: Metrics::new(shards),
         started: Instant::now(),
         next_seq: AtomicU64::new(1),
@@ -234,7 +238,7 @@ impl ServerHandle {
 
     /// A handle for server-initiated operations, usable from any thread.
     pub fn handle(&self) -> crate::app::Handle {
-        crate::app::Handle::new(Arc::clone(&self.shared))
+        crate::app::Handle::new(Arc::clone(&self.shared.fabric))
     }
 
     /// Prometheus text of the server's counters.

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::reply::Reply;
 use super::routes::Call;
-use crate::app::ops::{ConnSummary, RoomCount};
+use crate::route::{ConnSummary, RoomCount};
 use crate::shard::Shared;
 
 /// The page, embedded at build time.

@@ -21,8 +21,8 @@ use super::head::{self, Parsed};
 use super::reply::{CONTINUE, Reply, wait_failed};
 use super::routes::{self, Call, Route};
 use super::{LISTENER, MAX_BODY_BYTES, RUN, STOP, WAKER};
-use crate::app::handle::{Handle, Op};
-use crate::app::ops::{Completion, Outcome, WaitError};
+use crate::route::{Completion, Outcome, WaitError};
+use crate::route::{Handle, Op};
 use crate::shard::Shared;
 
 /// Time to receive a complete request (and the keep-alive idle bound).

@@ -137,7 +137,7 @@ pub fn start(shared: Arc<Shared>) -> io::Result<Option<ApiServer>> {
     let api = event_loop::ApiLoop::new(
         poll,
         mio::net::TcpListener::from_std(listener),
-        Handle::new(Arc::clone(&shared)),
+        Handle::new(Arc::clone(&shared.fabric)),
         Arc::clone(&shared),
         event_loop::Settings {
             key: Arc::clone(&key),

@@ -4,8 +4,8 @@ use std::io::Write;
 
 use http::StatusCode;
 
-use crate::app::ops::WaitError;
 use crate::http::response::response;
+use crate::route::WaitError;
 
 /// One response of the API.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::reply::{Reply, wait_failed};
-use crate::app::handle::{Handle, Op};
-use crate::app::ops::{Completion, OutMessage, Outcome, UserPresence};
 use crate::core::rooms::validate_name;
+use crate::route::{Completion, OutMessage, Outcome, UserPresence};
+use crate::route::{Handle, Op};
 
 /// Largest `timeoutMs` accepted (one hour).
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
@@ -646,7 +646,7 @@ impl<'a> PresenceOut<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::ops::{AckReply, ClientReply, ConnInfo, WaitError};
+    use crate::route::{AckReply, ClientReply, ConnInfo, WaitError};
 
     fn presence(user: i64, status: &str, context: Option<&str>, since_ms: u64) -> UserPresence {
         UserPresence { user_id: user, status: status.into(), context: context.map(Into::into), since_ms }

@@ -15,7 +15,6 @@ use crossbeam_channel::{Sender, TrySendError};
 
 use super::handle::Handle;
 use super::ops::OutMessage;
-use crate::core::directory::ConnAddr;
 use crate::http::auth::{AuthError, Identity};
 use crate::http::request::Request;
 use crate::protocol::ClientMessage;
@@ -42,9 +41,7 @@ pub struct Admission {
     pub user_data: Option<UserData>,
 }
 
-/// A connection anywhere in the server; `Copy` and `Send`, so a worker can answer it later.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnId(pub(crate) ConnAddr);
+pub use crate::route::handle::ConnId;
 
 /// A connection as a callback sees it. Frames queued through it are sent after the callback
 /// returns, in order, before anything else the shard writes to that connection.

@@ -1,9 +1,17 @@
-//! The application side: server-initiated operations and the handle that issues them from any
-//! thread.
+//! What applications implement and use: the [`application::Application`] callbacks, the
+//! connection they see, the worker pool; and, re-exported from [`crate::route`], the handle
+//! that issues server-initiated operations from any thread and their vocabulary.
 
 pub mod application;
-pub mod handle;
-pub mod ops;
+pub mod handle {
+    //! The application's handle (defined in [`crate::route::handle`]).
+    pub use crate::route::handle::{Handle, Op, Waiter};
+}
+pub mod ops {
+    //! The vocabulary of server-initiated operations (defined in [`crate::route`]).
+    pub use crate::route::completion::*;
+    pub use crate::route::out::OutMessage;
+}
 
 pub use handle::{Handle, Waiter};
 pub use ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use super::Shard;
 use super::Shared;
 use super::handshake::rfc3339;
-use super::msg::ShardMsg;
-use crate::app::ops::{Completion, ConnSummary, Outcome, RoomCount};
+use crate::route::msg::AdminMsg;
+use crate::route::{Completion, ConnSummary, Outcome, RoomCount};
 
 impl Shared {
     /// The `/health` body: status, time, uptime and open connections. Cheap: a few atomics.
@@ -34,18 +34,13 @@ impl Shared {
 }
 
 impl Shard {
-    /// Handles the admin messages; hands any other message back.
-    pub(super) fn handle_admin(&mut self, msg: ShardMsg) -> Option<ShardMsg> {
+    /// Handles the admin messages.
+    pub(super) fn on_admin(&mut self, msg: AdminMsg) {
         match msg {
-            ShardMsg::AdminConnections { after, user, limit, done } => {
-                self.list_connections(after, user, limit, done);
-                None
+            AdminMsg::Connections { after, user, limit, done } => {
+                self.list_connections(after, user, limit, done)
             }
-            ShardMsg::AdminRooms { limit, done } => {
-                self.list_rooms(limit, done);
-                None
-            }
-            other => Some(other),
+            AdminMsg::Rooms { limit, done } => self.list_rooms(limit, done),
         }
     }
 

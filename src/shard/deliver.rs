@@ -8,7 +8,6 @@ use bytes::Bytes;
 use super::Shard;
 use super::conn::Phase;
 use super::handshake::rfc3339;
-use super::msg::ShardMsg;
 use crate::app::application::Handled;
 use crate::config::PresenceScope;
 use crate::core::directory::{ConnAddr, ShardId};
@@ -20,6 +19,8 @@ use crate::protocol::envelope::{
     Envelope, data_event, error_notification, presence_event, server_ack, write_str,
 };
 use crate::protocol::router::Route;
+use crate::route::msg::{DeliverMsg, DirMsg, PresenceMsg, ShardMsg};
+use crate::route::{Outcome, UserPresence};
 use crate::ws::close;
 
 impl Shard {
@@ -82,7 +83,7 @@ impl Shard {
                 if !self.admit_subscribe(key, &targets, pid) {
                     return;
                 }
-                let msg = ShardMsg::AdmitWatch {
+                let msg = PresenceMsg::AdmitWatch {
                     watcher: user,
                     targets,
                     reply: self.addr(key),
@@ -94,7 +95,7 @@ impl Shard {
                 }
             }
             Route::Unsubscribe(targets) => {
-                let msg = ShardMsg::DropWatch {
+                let msg = PresenceMsg::DropWatch {
                     watcher: user,
                     targets,
                     reply: self.addr(key),
@@ -190,7 +191,7 @@ impl Shard {
             }
         }
         for (shard, users) in remote.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
-            self.send_to(shard, ShardMsg::Deliver { users, frame: frame.clone() });
+            self.send_to(shard, DeliverMsg::Deliver { users, frame: frame.clone() });
         }
         found
     }
@@ -207,7 +208,7 @@ impl Shard {
     pub(super) fn broadcast(&mut self, frame: Bytes, except: Option<ConnAddr>) {
         let me = self.id;
         for shard in (0..self.shards()).filter(|&s| s != me) {
-            self.send_to(shard, ShardMsg::Broadcast { frame: frame.clone(), except });
+            self.send_to(shard, DeliverMsg::Broadcast { frame: frame.clone(), except });
         }
         self.broadcast_local(&frame, except);
     }
@@ -251,7 +252,7 @@ impl Shard {
         if let Some(expired) = session.debounce.expire(now) {
             let target = expired.target;
             let rooms = if target.is_none() { self.rooms_of(key) } else { Vec::new() };
-            let msg = ShardMsg::PresenceRevert { user, target, rooms, except: Some(self.addr(key)) };
+            let msg = PresenceMsg::PresenceRevert { user, target, rooms, except: Some(self.addr(key)) };
             self.send_to(Directory::home_of(user, self.shards()), msg);
         }
     }
@@ -300,7 +301,7 @@ impl Shard {
         };
         let rooms = if fan_out { self.rooms_of(key) } else { Vec::new() };
         let except = Some(self.addr(key));
-        self.send_to(home, ShardMsg::PresenceSet { user, presence, fan_out, rooms, except });
+        self.send_to(home, PresenceMsg::PresenceSet { user, presence, fan_out, rooms, except });
     }
 
     /// Home shard: tells `user`'s watchers and the members of `rooms` — each receiving
@@ -334,8 +335,12 @@ impl Shard {
             let shard = mask.trailing_zeros() as usize;
             mask &= mask - 1;
             let users = std::mem::take(&mut users_by_shard[shard]);
-            let msg =
-                ShardMsg::PresenceFanout { frame: frame.clone(), rooms: Arc::clone(&rooms), users, except };
+            let msg = PresenceMsg::PresenceFanout {
+                frame: frame.clone(),
+                rooms: Arc::clone(&rooms),
+                users,
+                except,
+            };
             self.send_to(shard, msg);
         }
     }
@@ -364,26 +369,38 @@ impl Shard {
         self.conn_mut(key).and_then(|c| c.session.as_deref()).map(|s| s.rooms.clone()).unwrap_or_default()
     }
 
-    /// Handles a message from another shard (or from ourselves).
-    pub(super) fn handle(&mut self, msg: ShardMsg) {
+    /// Handles the directory's messages.
+    pub(super) fn on_dir(&mut self, msg: DirMsg) {
         match msg {
-            ShardMsg::Replica { user, shard, present } => self.directory.set_replica(user, shard, present),
-            ShardMsg::HomeOpened { user, seq, addr } => self.home_opened(user, seq, addr),
-            ShardMsg::HomeClosed { user, seq } => self.home_closed(user, seq),
-            ShardMsg::Close { key, code, reason } => self.close(key, code, reason),
-            ShardMsg::Deliver { users, frame } => {
+            DirMsg::Replica { user, shard, present } => self.directory.set_replica(user, shard, present),
+            DirMsg::HomeOpened { user, seq, addr } => self.home_opened(user, seq, addr),
+            DirMsg::HomeClosed { user, seq } => self.home_closed(user, seq),
+            DirMsg::Close { key, code, reason } => self.close(key, code, reason),
+        }
+    }
+
+    /// Handles the messages that queue frames on connections.
+    pub(super) fn on_deliver(&mut self, msg: DeliverMsg) {
+        match msg {
+            DeliverMsg::Deliver { users, frame } => {
                 for user in users {
                     self.deliver_local(user, &frame);
                 }
             }
-            ShardMsg::DeliverConn { key, frame } => self.reply(key, frame),
-            ShardMsg::DeliverFrames { key, frames } => {
+            DeliverMsg::DeliverConn { key, frame } => self.reply(key, frame),
+            DeliverMsg::DeliverFrames { key, frames } => {
                 for frame in frames {
                     self.reply(key, frame);
                 }
             }
-            ShardMsg::Broadcast { frame, except } => self.broadcast_local(&frame, except),
-            ShardMsg::PresenceSet { user, presence, fan_out, rooms, except } => {
+            DeliverMsg::Broadcast { frame, except } => self.broadcast_local(&frame, except),
+        }
+    }
+
+    /// Handles the presence messages.
+    pub(super) fn on_presence(&mut self, msg: PresenceMsg) {
+        match msg {
+            PresenceMsg::PresenceSet { user, presence, fan_out, rooms, except } => {
                 if fan_out {
                     // A client's update: its fan-out may be shed, counted but not reported: the
                     // update itself is stored (and, from another shard, acknowledged already).
@@ -397,42 +414,51 @@ impl Shard {
                     self.presence.update(user, presence);
                 }
             }
-            ShardMsg::PresenceRevert { user, target, rooms, except } => {
+            PresenceMsg::PresenceRevert { user, target, rooms, except } => {
                 self.revert_presence(user, target, rooms, except)
             }
-            ShardMsg::PresenceFanout { frame, rooms, users, except } => {
+            PresenceMsg::PresenceFanout { frame, rooms, users, except } => {
                 self.presence_fanout(&frame, &rooms, &users, except);
             }
-            ShardMsg::AdmitWatch { watcher, targets, reply, pid } => {
+            PresenceMsg::AdmitWatch { watcher, targets, reply, pid } => {
                 self.admit_watch(watcher, targets, reply, pid)
             }
-            ShardMsg::DropWatch { watcher, targets, reply, pid } => {
+            PresenceMsg::DropWatch { watcher, targets, reply, pid } => {
                 self.presence.drop_watch(watcher, &targets);
-                self.for_each_home(targets, |targets| ShardMsg::Unwatch { watcher, targets });
+                self.for_each_home(targets, |targets| PresenceMsg::Unwatch { watcher, targets });
                 // Acknowledged after the Unwatch messages are queued: an update that follows
                 // the ack reaches the target's home shard after them, so no event slips through.
                 if let Some(pid) = pid {
                     self.send_to(
                         reply.shard,
-                        ShardMsg::DeliverConn { key: reply.key, frame: server_ack(&pid, "ok") },
+                        DeliverMsg::DeliverConn { key: reply.key, frame: server_ack(&pid, "ok") },
                     );
                 }
             }
-            ShardMsg::Watch { watcher, targets, reply } => self.watch(watcher, targets, reply),
-            ShardMsg::Unwatch { watcher, targets } => {
+            PresenceMsg::Watch { watcher, targets, reply } => self.watch(watcher, targets, reply),
+            PresenceMsg::Unwatch { watcher, targets } => {
                 for target in targets {
                     self.presence.remove_watcher(target, watcher);
                 }
             }
-            ShardMsg::Shutdown => self.begin_shutdown(),
-            other => self.handle_room(other),
+            PresenceMsg::QueryPresence { user, done } => {
+                let p = self.presence.get(user, Self::wall_ms());
+                let context = p.context.map(|c| String::from_utf8_lossy(&c).into_owned());
+                let status = p.status.into_string();
+                done.complete(Outcome::Presence(UserPresence {
+                    user_id: user,
+                    status,
+                    context,
+                    since_ms: p.since_ms,
+                }));
+            }
         }
     }
 
     fn home_opened(&mut self, user: i64, seq: u64, addr: ConnAddr) {
         let opened = self.directory.home_open(user, seq, addr, self.limits.per_user);
         for old in opened.evict {
-            let msg = ShardMsg::Close {
+            let msg = DirMsg::Close {
                 key: old.key,
                 code: close::REPLACED,
                 reason: "replaced by a newer connection",
@@ -456,7 +482,7 @@ impl Shard {
         self.presence.offline(user);
         self.announce_presence(user, &Presence::offline(Self::wall_ms()), Vec::new(), None);
         let watched = self.presence.take_watching(user);
-        self.for_each_home(watched, |targets| ShardMsg::Unwatch { watcher: user, targets });
+        self.for_each_home(watched, |targets| PresenceMsg::Unwatch { watcher: user, targets });
     }
 
     fn admit_watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr, pid: Option<Box<str>>) {
@@ -467,14 +493,14 @@ impl Shard {
             WatchAdmission::TooMany => error_notification(pid.as_deref(), 429, "watch list limit reached"),
             // Only the users not watched yet: re-subscribing sends no second snapshot.
             WatchAdmission::Accepted(fresh) => {
-                self.for_each_home(fresh, |targets| ShardMsg::Watch { watcher, targets, reply });
+                self.for_each_home(fresh, |targets| PresenceMsg::Watch { watcher, targets, reply });
                 match pid.as_deref() {
                     Some(pid) => server_ack(pid, "ok"),
                     None => return,
                 }
             }
         };
-        self.send_to(reply.shard, ShardMsg::DeliverConn { key: reply.key, frame: answer });
+        self.send_to(reply.shard, DeliverMsg::DeliverConn { key: reply.key, frame: answer });
     }
 
     fn watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr) {
@@ -485,11 +511,11 @@ impl Shard {
             frames.push(encode_presence(target, &self.presence.get(target, now)));
         }
         // One message for the whole snapshot, never shed: the request was admitted.
-        self.send_to(reply.shard, ShardMsg::DeliverFrames { key: reply.key, frames });
+        self.send_to(reply.shard, DeliverMsg::DeliverFrames { key: reply.key, frames });
     }
 
     /// Splits `users` by home shard and sends each group the message `make` builds.
-    fn for_each_home(&mut self, users: Vec<i64>, make: impl Fn(Vec<i64>) -> ShardMsg) {
+    fn for_each_home<M: Into<ShardMsg>>(&mut self, users: Vec<i64>, make: impl Fn(Vec<i64>) -> M) {
         let shards = self.shards();
         let mut groups: Vec<Vec<i64>> = vec![Vec::new(); shards];
         for user in users {

@@ -4,7 +4,6 @@ use bytes::Bytes;
 
 use super::Shard;
 use super::conn::{Phase, Session};
-use super::msg::ShardMsg;
 use crate::app::application::{Admission, Rejection};
 use crate::core::occupancy::client_ip;
 use crate::core::ratelimit::{Strikes, TokenBucket};
@@ -15,6 +14,7 @@ use crate::http::request::Request;
 use crate::http::request::{Parsed, parse};
 use crate::http::response::{json_error, response, switching_protocols};
 use crate::metrics::{Format, ShardMetrics};
+use crate::route::msg::DirMsg;
 
 impl Shard {
     /// More bytes of the request head arrived.
@@ -248,7 +248,7 @@ impl Shard {
         }
         let home = Directory::home_of(user, self.shards());
         let addr = self.addr(key);
-        self.send_to(home, ShardMsg::HomeOpened { user, seq, addr });
+        self.send_to(home, DirMsg::HomeOpened { user, seq, addr });
         self.call_app(key, |app, conn| app.on_connect(conn));
         if !pending.is_empty() {
             self.resume_frames(key, pending);

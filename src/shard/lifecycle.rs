@@ -3,10 +3,10 @@
 //! graceful shutdown. See `LIFECYCLE.md`.
 
 use super::conn::Phase;
-use super::msg::ShardMsg;
 use super::{LINGER_MS, Shard, TimerKey};
 use crate::core::{ConnKey, Directory};
 use crate::metrics::ShardMetrics;
+use crate::route::msg::DirMsg;
 use crate::ws::{FrameEncoder, close};
 
 impl Shard {
@@ -61,7 +61,7 @@ impl Shard {
             self.announce_replica(user, false);
         }
         let home = Directory::home_of(user, self.shards());
-        self.send_to(home, ShardMsg::HomeClosed { user, seq });
+        self.send_to(home, DirMsg::HomeClosed { user, seq });
     }
 
     pub(super) fn close_deadline(&self) -> u64 {

@@ -10,7 +10,6 @@ mod deliver;
 mod handshake;
 mod lifecycle;
 mod limits;
-pub mod msg;
 mod read;
 mod rooms;
 pub mod sink;
@@ -18,23 +17,24 @@ mod waits;
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::app::ops::Completion;
 use crate::config::Config;
 use crate::core::directory::{ConnAddr, ShardId};
 use crate::core::pending::{PendingTable, WaitKey};
 use crate::core::{ConnKey, Directory, PresenceTable, TimerWheel};
 use crate::http::Gate;
-use crate::metrics::{InboxDepth, Metrics, ShardMetrics, ShedKind};
+use crate::metrics::{Metrics, ShardMetrics};
+use crate::route::Completion;
+use crate::route::link::{Link, Parcel, ShedKind};
+use crate::route::msg::{DirMsg, ShardMsg};
 use conn::{Conn, Flushed, Phase};
-use msg::ShardMsg;
 use sink::Sink;
 
 const LISTENER: Token = Token(1 << 40);
@@ -59,89 +59,14 @@ pub enum TimerKey {
     Wait(WaitKey),
 }
 
-/// A shard's address book: how to reach it from any thread.
-///
-/// The inbox is an unbounded channel whose *depth* (estimated bytes, messages) is counted
-/// here: every send adds the message's [`ShardMsg::cost`], the shard subtracts it on receipt.
-/// [`Link::try_send`] refuses a message that would take the depth over a bound; [`Link::send`]
-/// never refuses (state-keeping messages, answers to admitted requests, the application's
-/// operations). No sender ever blocks, so shards sending to each other cannot deadlock.
-#[derive(Debug)]
-pub struct Link {
-    tx: Sender<Parcel>,
-    waker: Waker,
-    sleeping: AtomicBool,
-    depth: Arc<InboxDepth>,
-}
-
-/// A message in an inbox, with the cost it added to the depth.
-#[derive(Debug)]
-struct Parcel {
-    msg: ShardMsg,
-    cost: u64,
-}
-
-impl Link {
-    /// Queues a message whatever the depth; the shard is woken by [`Link::wake`].
-    pub fn send(&self, msg: ShardMsg) {
-        let cost = msg.cost() as u64;
-        self.enqueue(Parcel { msg, cost });
-    }
-
-    /// Queues a message unless the inbox would then hold more than `max_bytes`; gives the
-    /// message back when it does not fit. (Check and add are not one atomic step: senders
-    /// racing on the same inbox may overshoot the bound by one message each.)
-    pub fn try_send(&self, msg: ShardMsg, max_bytes: u64) -> Result<(), ShardMsg> {
-        let cost = msg.cost() as u64;
-        if self.depth.bytes.load(Ordering::Relaxed).saturating_add(cost) > max_bytes {
-            return Err(msg);
-        }
-        self.enqueue(Parcel { msg, cost });
-        Ok(())
-    }
-
-    fn enqueue(&self, parcel: Parcel) {
-        self.depth.bytes.fetch_add(parcel.cost, Ordering::Relaxed);
-        self.depth.messages.fetch_add(1, Ordering::Relaxed);
-        // A closed inbox means the shard has exited during shutdown; nothing to deliver to.
-        if let Err(e) = self.tx.send(parcel) {
-            self.received(&e.0);
-        }
-    }
-
-    /// The shard took `parcel` out of its inbox.
-    fn received(&self, parcel: &Parcel) {
-        self.depth.bytes.fetch_sub(parcel.cost, Ordering::Relaxed);
-        self.depth.messages.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Estimated bytes queued in the inbox now.
-    pub fn depth_bytes(&self) -> u64 {
-        self.depth.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Wakes the shard if it is (about to be) blocked in `epoll_wait`.
-    pub fn wake(&self) {
-        if self.sleeping.swap(false, Ordering::SeqCst) {
-            let _ = self.waker.wake();
-        }
-    }
-
-    /// Sends and wakes.
-    pub fn send_now(&self, msg: ShardMsg) {
-        self.send(msg);
-        self.wake();
-    }
-}
-
 /// What every shard shares, read-only (atomics aside).
 pub struct Shared {
     /// The configuration.
     pub config: Config,
     /// Handshake rules.
     pub gate: Gate,
-    /// One link per shard, index = shard id.
-    pub links: Vec<Link>,
+    /// One link per shard, and what the application's handle reads.
+    pub fabric: Arc<crate::route::Fabric>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Process start, for `/health` uptime.
@@ -189,7 +114,7 @@ impl Shared {
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("shards", &self.links.len())
+            .field("shards", &self.fabric.links.len())
             .field("listen", &self.config.listen)
             .finish()
     }
@@ -236,8 +161,7 @@ impl ShardParts {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let (tx, inbox) = crossbeam_channel::unbounded();
-        let link = Link { tx, waker, sleeping: AtomicBool::new(false), depth: Arc::default() };
+        let (link, inbox) = Link::new(waker);
         Ok((ShardParts { poll, listener, inbox }, link))
     }
 }
@@ -278,7 +202,7 @@ pub struct Shard {
     /// Refused handshakes, summarised per status and interval.
     refusals: crate::logfmt::RefusalLog,
     /// For callbacks: a handle to the whole server.
-    handle: crate::app::Handle,
+    handle: crate::route::Handle,
     /// Frames a callback queued, reused between calls.
     app_out: Vec<bytes::Bytes>,
     /// Typing-like statuses: expiry and coalescing.
@@ -307,8 +231,9 @@ impl Shard {
         let config = &shared.config;
         let limits = Limits::from(config);
         let sink = Sink::new(config.send_queue, config.send_queue_bytes, Arc::clone(&shared.metrics), id);
-        let peers = shared.links.len();
-        let _ = shared.metrics.inboxes.set(shared.links.iter().map(|l| Arc::clone(&l.depth)).collect());
+        let peers = shared.fabric.links.len();
+        let _ =
+            shared.metrics.inboxes.set(shared.fabric.links.iter().map(|l| Arc::clone(l.depth())).collect());
         Shard {
             id,
             poll: parts.poll,
@@ -335,7 +260,7 @@ impl Shard {
             drain: Vec::new(),
             drain_random: None,
             refusals: Default::default(),
-            handle: crate::app::Handle::new(Arc::clone(&shared)),
+            handle: crate::route::Handle::new(Arc::clone(&shared.fabric)),
             app_out: Vec::new(),
             transient: crate::core::presence::TransientPolicy {
                 statuses: shared.config.transient_statuses.clone(),
@@ -356,8 +281,8 @@ impl Shard {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
-            let link = &self.shared.links[self.id];
-            link.sleeping.store(true, Ordering::SeqCst);
+            let link = &self.shared.fabric.links[self.id];
+            link.set_sleeping(true);
             let timeout = if self.inbox.is_empty() { timeout } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -365,7 +290,7 @@ impl Shard {
                 log::error!("shard {}: poll failed: {e}", self.id);
                 return;
             }
-            link.sleeping.store(false, Ordering::SeqCst);
+            link.set_sleeping(false);
             let woke = Instant::now();
             let messages_before = self.metrics().messages_in.load(std::sync::atomic::Ordering::Relaxed);
             self.now = woke.duration_since(self.epoch).as_millis() as u64;
@@ -440,7 +365,7 @@ impl Shard {
     }
 
     fn shards(&self) -> usize {
-        self.shared.links.len()
+        self.shared.fabric.links.len()
     }
 
     fn wall_ms() -> u64 {
@@ -583,12 +508,13 @@ impl Shard {
     /// ([`ShardMsg::shed_kind`]) is dropped when the receiving inbox is over
     /// `inbox_max_bytes`: counted in `customws_inbox_shed_total{kind}` and noted in `shed` so
     /// that the client is told 503. Everything else always goes.
-    fn send_to(&mut self, shard: ShardId, msg: ShardMsg) {
+    fn send_to(&mut self, shard: ShardId, msg: impl Into<ShardMsg>) {
+        let msg = msg.into();
         if shard == self.id {
             self.handle(msg);
             return;
         }
-        let link = &self.shared.links[shard];
+        let link = &self.shared.fabric.links[shard];
         match msg.shed_kind().filter(|_| self.client_work) {
             Some(kind) => {
                 if link.try_send(msg, self.shared.config.inbox_max_bytes as u64).is_err() {
@@ -610,7 +536,7 @@ impl Shard {
     /// Whether our own inbox is over its bound: a client request whose answers come back
     /// through it is refused (503) rather than adding to it.
     fn own_inbox_full(&self) -> bool {
-        self.shared.links[self.id].depth_bytes() > self.shared.config.inbox_max_bytes as u64
+        self.shared.fabric.links[self.id].depth_bytes() > self.shared.config.inbox_max_bytes as u64
     }
 
     /// Runs `work` as client work (see [`Shard::send_to`]); restores the previous mode.
@@ -627,8 +553,23 @@ impl Shard {
     fn wake_peers(&mut self) {
         for (shard, wake) in self.to_wake.iter_mut().enumerate() {
             if std::mem::take(wake) {
-                self.shared.links[shard].wake();
+                self.shared.fabric.links[shard].wake();
             }
+        }
+    }
+
+    /// Handles a message from another shard (or from ourselves): one arm per concern, each
+    /// handler matching its own messages in full (no catch-all arm anywhere, so a message
+    /// nobody handles does not compile).
+    fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Dir(msg) => self.on_dir(msg),
+            ShardMsg::Deliver(msg) => self.on_deliver(msg),
+            ShardMsg::Presence(msg) => self.on_presence(msg),
+            ShardMsg::Room(msg) => self.on_room(msg),
+            ShardMsg::Op(msg) => self.on_op(msg),
+            ShardMsg::Admin(msg) => self.on_admin(msg),
+            ShardMsg::Shutdown => self.begin_shutdown(),
         }
     }
 
@@ -637,8 +578,8 @@ impl Shard {
         for _ in 0..65_536 {
             match self.inbox.try_recv() {
                 Ok(parcel) => {
-                    self.shared.links[self.id].received(&parcel);
-                    self.handle(parcel.msg);
+                    let msg = self.shared.fabric.links[self.id].unpack(parcel);
+                    self.handle(msg);
                 }
                 Err(_) => return,
             }
@@ -648,55 +589,7 @@ impl Shard {
     /// Tells every shard (ourselves included) whether we hold `user`.
     fn announce_replica(&mut self, user: i64, present: bool) {
         for shard in 0..self.shards() {
-            self.send_to(shard, ShardMsg::Replica { user, shard: self.id, present });
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    fn link() -> (Link, Receiver<Parcel>, Poll) {
-        let poll = Poll::new().unwrap();
-        let waker = Waker::new(poll.registry(), WAKER).unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        (Link { tx, waker, sleeping: AtomicBool::new(false), depth: Arc::default() }, rx, poll)
-    }
-
-    fn deliver(len: usize) -> ShardMsg {
-        ShardMsg::Deliver { users: vec![1], frame: Bytes::from(vec![b'x'; len]) }
-    }
-
-    #[test]
-    fn the_depth_counts_bytes_in_and_out_and_try_send_refuses_over_the_bound() {
-        let (link, rx, _poll) = link();
-        let cost = deliver(1000).cost() as u64;
-        assert!(cost >= 1008, "a message costs at least what it carries: {cost}");
-        assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
-        assert!(link.try_send(deliver(1000), 2 * cost).is_ok());
-        assert!(link.try_send(deliver(1000), 2 * cost).is_err(), "a third one is over the bound");
-        link.send(ShardMsg::Replica { user: 1, shard: 0, present: true }); // never refused
-        assert_eq!(link.depth.messages.load(Ordering::Relaxed), 3);
-        while let Ok(parcel) = rx.try_recv() {
-            link.received(&parcel);
-        }
-        assert_eq!((link.depth_bytes(), link.depth.messages.load(Ordering::Relaxed)), (0, 0));
-    }
-
-    #[test]
-    fn only_client_work_may_be_shed() {
-        assert_eq!(deliver(1).shed_kind(), Some(ShedKind::Deliver));
-        for state in [
-            ShardMsg::Replica { user: 1, shard: 0, present: false },
-            ShardMsg::HomeClosed { user: 1, seq: 1 },
-            ShardMsg::RoomCount { room: Arc::from("r"), shard: 0, count: 0 },
-            ShardMsg::Unwatch { watcher: 1, targets: vec![2] },
-            ShardMsg::RosterPart { roster: 0, users: vec![] },
-            ShardMsg::DeliverFrames { key: ConnKey { index: 0, generation: 0 }, frames: vec![] },
-        ] {
-            assert_eq!(state.shed_kind(), None, "{state:?} must never be shed");
+            self.send_to(shard, DirMsg::Replica { user, shard: self.id, present });
         }
     }
 }

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Shard;
-use super::msg::ShardMsg;
-use crate::app::ops::{Completion, Outcome, UserPresence};
 use crate::core::ConnKey;
 use crate::core::directory::{ConnAddr, ShardId};
 use crate::core::presence::Presence;
@@ -16,6 +14,8 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::envelope::{
     Envelope, RoomPublish, error_notification, presence_event, room_message, server_ack,
 };
+use crate::route::msg::{RoomMsg, ShardMsg};
+use crate::route::{Completion, Outcome};
 
 /// A `room_presence` answer bigger than this many bytes ends its page early (at least one
 /// member per page), whatever `room_presence_page` says: members' contexts may be large.
@@ -127,7 +127,7 @@ impl Shard {
 
     fn announce_room_count(&mut self, room: &Arc<str>, count: u32) {
         for shard in 0..self.shards() {
-            self.send_to(shard, ShardMsg::RoomCount { room: Arc::clone(room), shard: self.id, count });
+            self.send_to(shard, RoomMsg::RoomCount { room: Arc::clone(room), shard: self.id, count });
         }
     }
 
@@ -180,7 +180,7 @@ impl Shard {
             let shard = rest.trailing_zeros() as ShardId;
             rest &= rest - 1;
             asked += 1;
-            let msg = ShardMsg::RoomDeliver {
+            let msg = RoomMsg::RoomDeliver {
                 rooms: Arc::clone(&rooms),
                 frame: frame.clone(),
                 except,
@@ -268,7 +268,7 @@ impl Shard {
         while rest != 0 {
             let shard = rest.trailing_zeros() as ShardId;
             rest &= rest - 1;
-            let msg = ShardMsg::RoomRoster {
+            let msg = RoomMsg::RoomRoster {
                 room: Arc::clone(&room),
                 after,
                 limit: ask,
@@ -299,7 +299,7 @@ impl Shard {
     }
 
     /// Sends, as [`Shard::send_to`]; false when the message was shed.
-    pub(super) fn try_send_to(&mut self, shard: ShardId, msg: ShardMsg) -> bool {
+    pub(super) fn try_send_to(&mut self, shard: ShardId, msg: impl Into<ShardMsg>) -> bool {
         let before = std::mem::replace(&mut self.shed, false);
         self.send_to(shard, msg);
         let sent = !self.shed;
@@ -336,7 +336,7 @@ impl Shard {
         }
         for (shard, users) in groups.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
             // Never shed: bounded by the page size of a request already admitted.
-            self.send_to(shard, ShardMsg::PresenceBatch { users, reply_shard: self.id, roster });
+            self.send_to(shard, RoomMsg::PresenceBatch { users, reply_shard: self.id, roster });
         }
     }
 
@@ -407,42 +407,30 @@ impl Shard {
         users
     }
 
-    /// Handles the room messages of [`ShardMsg`].
-    pub(super) fn handle_room(&mut self, msg: ShardMsg) {
+    /// Handles the room messages.
+    pub(super) fn on_room(&mut self, msg: RoomMsg) {
         match msg {
-            ShardMsg::RoomCount { room, shard, count } => self.rooms.set_count(&room, shard, count),
-            ShardMsg::RoomDeliver { rooms, frame, except, done } => {
+            RoomMsg::RoomCount { room, shard, count } => self.rooms.set_count(&room, shard, count),
+            RoomMsg::RoomDeliver { rooms, frame, except, done } => {
                 let count = self.deliver_to_rooms(&rooms, &frame, except);
                 if let Some(done) = done {
                     done.complete(Outcome::Delivered(count));
                 }
             }
-            ShardMsg::RoomRoster { room, after, limit, reply_shard, roster } => {
+            RoomMsg::RoomRoster { room, after, limit, reply_shard, roster } => {
                 let users = self.local_room_page(&room, after, limit as usize);
-                self.send_to(reply_shard, ShardMsg::RosterPart { roster, users });
+                self.send_to(reply_shard, RoomMsg::RosterPart { roster, users });
             }
-            ShardMsg::RosterPart { roster, users } => self.roster_part(roster, users, false),
-            ShardMsg::PresenceBatch { users, reply_shard, roster } => {
+            RoomMsg::RosterPart { roster, users } => self.roster_part(roster, users, false),
+            RoomMsg::PresenceBatch { users, reply_shard, roster } => {
                 let now = Self::wall_ms();
                 let entries = users.into_iter().map(|user| (user, self.presence.get(user, now))).collect();
-                self.send_to(reply_shard, ShardMsg::PresencePart { roster, entries });
+                self.send_to(reply_shard, RoomMsg::PresencePart { roster, entries });
             }
-            ShardMsg::PresencePart { roster, entries } => self.presence_part(roster, entries),
-            ShardMsg::RoomMembers { room, done } => {
+            RoomMsg::PresencePart { roster, entries } => self.presence_part(roster, entries),
+            RoomMsg::RoomMembers { room, done } => {
                 done.complete(Outcome::Members(self.local_room_users(&room)))
             }
-            ShardMsg::QueryPresence { user, done } => {
-                let p = self.presence.get(user, Self::wall_ms());
-                let context = p.context.map(|c| String::from_utf8_lossy(&c).into_owned());
-                let status = p.status.into_string();
-                done.complete(Outcome::Presence(UserPresence {
-                    user_id: user,
-                    status,
-                    context,
-                    since_ms: p.since_ms,
-                }));
-            }
-            other => self.handle_op(other),
         }
     }
 }

@@ -6,40 +6,38 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::conn::Phase;
-use super::msg::ShardMsg;
 use super::{Shard, TimerKey};
-use crate::app::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
 use crate::core::ConnKey;
 use crate::core::pending::{Wait, WaitKey, WaitKind};
 use crate::protocol::ClientMessage;
 use crate::protocol::envelope::ClientAck;
+use crate::route::msg::{DeliverMsg, DirMsg, OpMsg};
+use crate::route::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, WaitError};
 use crate::ws::close;
 
 impl Shard {
-    /// Handles the operations of [`ShardMsg`] that come from the application handle.
-    pub(super) fn handle_op(&mut self, msg: ShardMsg) {
+    /// Handles the operations that come from the application handle.
+    pub(super) fn on_op(&mut self, msg: OpMsg) {
         match msg {
-            ShardMsg::SendUser { user, frame, done } => self.send_user(user, frame, done),
-            ShardMsg::BroadcastExcept { frame, exclude, done } => {
-                self.broadcast_except(&frame, &exclude, done)
-            }
-            ShardMsg::Await { user, msg, kind, timeout_ms, done } => {
+            OpMsg::SendUser { user, frame, done } => self.send_user(user, frame, done),
+            OpMsg::BroadcastExcept { frame, exclude, done } => self.broadcast_except(&frame, &exclude, done),
+            OpMsg::Await { user, msg, kind, timeout_ms, done } => {
                 self.route_wait(user, msg, kind, timeout_ms, done)
             }
-            ShardMsg::AwaitOn { key, msg, kind, timeout_ms, done } => {
+            OpMsg::AwaitOn { key, msg, kind, timeout_ms, done } => {
                 self.start_wait(key, &msg, kind, timeout_ms, done)
             }
-            ShardMsg::QueryUser { user, done } => {
+            OpMsg::QueryUser { user, done } => {
                 let conns = self.directory.home_conns(user);
                 let list =
                     conns.iter().map(|(seq, addr)| ConnInfo { shard: addr.shard, seq: *seq }).collect();
                 done.complete(Outcome::User(list));
             }
-            ShardMsg::DisconnectUser { user, done } => {
+            OpMsg::DisconnectUser { user, done } => {
                 let addrs: Vec<_> = self.directory.home_conns(user).iter().map(|(_, a)| *a).collect();
                 let count = addrs.len();
                 for addr in addrs {
-                    let msg = ShardMsg::Close {
+                    let msg = DirMsg::Close {
                         key: addr.key,
                         code: close::NORMAL,
                         reason: "disconnected by the server",
@@ -50,11 +48,6 @@ impl Shard {
                     done.complete(Outcome::Delivered(count));
                 }
             }
-            other => {
-                if let Some(other) = self.handle_admin(other) {
-                    self.handle(other);
-                }
-            }
         }
     }
 
@@ -62,7 +55,7 @@ impl Shard {
     fn send_user(&mut self, user: i64, frame: Bytes, done: Option<Completion>) {
         let addrs: Vec<_> = self.directory.home_conns(user).iter().map(|(_, a)| *a).collect();
         for addr in &addrs {
-            self.send_to(addr.shard, ShardMsg::DeliverConn { key: addr.key, frame: frame.clone() });
+            self.send_to(addr.shard, DeliverMsg::DeliverConn { key: addr.key, frame: frame.clone() });
         }
         if let Some(done) = done {
             done.complete(Outcome::Delivered(addrs.len()));
@@ -99,7 +92,7 @@ impl Shard {
         match newest {
             None => done.complete(Outcome::Failed(WaitError::Offline)),
             Some(addr) => {
-                self.send_to(addr.shard, ShardMsg::AwaitOn { key: addr.key, msg, kind, timeout_ms, done })
+                self.send_to(addr.shard, OpMsg::AwaitOn { key: addr.key, msg, kind, timeout_ms, done })
             }
         }
     }

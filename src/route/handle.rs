@@ -12,13 +12,13 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::value::RawValue;
 
-use super::application::ConnId;
-use super::ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};
+use super::Fabric;
+use super::msg::{AdminMsg, DeliverMsg, OpMsg, PresenceMsg, RoomMsg, ShardMsg};
+use super::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};
 use crate::core::Directory;
+use crate::core::directory::ConnAddr;
 use crate::core::pending::WaitKind;
 use crate::protocol::envelope::room_message;
-use crate::shard::Shared;
-use crate::shard::msg::ShardMsg;
 
 /// An operation for [`Handle::submit`].
 #[derive(Debug)]
@@ -105,15 +105,19 @@ pub enum Op<'a> {
     },
 }
 
+/// A connection anywhere in the server; `Copy` and `Send`, so a worker can answer it later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnId(pub(crate) ConnAddr);
+
 /// Issues server-initiated operations. Cheap to clone; usable from any thread.
 #[derive(Debug, Clone)]
 pub struct Handle {
-    shared: Arc<Shared>,
+    fabric: Arc<Fabric>,
 }
 
 impl Handle {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Handle { shared }
+    pub(crate) fn new(fabric: Arc<Fabric>) -> Self {
+        Handle { fabric }
     }
 
     /// Starts `op`; its outcomes arrive through `done` (cloned per part). Returns how many
@@ -123,7 +127,7 @@ impl Handle {
             Op::Send { users, msg } => {
                 let frame = msg.frame(None);
                 for &user in users {
-                    let send = ShardMsg::SendUser { user, frame: frame.clone(), done: Some(done.clone()) };
+                    let send = OpMsg::SendUser { user, frame: frame.clone(), done: Some(done.clone()) };
                     self.to_home(user, send);
                 }
                 users.len()
@@ -133,25 +137,21 @@ impl Handle {
                 let mut sorted = exclude.to_vec();
                 sorted.sort_unstable();
                 let exclude: Arc<[i64]> = sorted.into();
-                for link in &self.shared.links {
+                for link in &self.fabric.links {
                     let exclude = Arc::clone(&exclude);
-                    link.send_now(ShardMsg::BroadcastExcept {
+                    link.send_now(OpMsg::BroadcastExcept {
                         frame: frame.clone(),
                         exclude,
                         done: Some(done.clone()),
                     });
                 }
-                self.shared.links.len()
+                self.fabric.links.len()
             }
-            Op::Ack { user, msg, timeout } => self.await_reply(
-                user,
-                msg,
-                WaitKind::Ack,
-                timeout.unwrap_or(self.shared.config.ack_timeout),
-                done,
-            ),
+            Op::Ack { user, msg, timeout } => {
+                self.await_reply(user, msg, WaitKind::Ack, timeout.unwrap_or(self.fabric.ack_timeout), done)
+            }
             Op::Request { user, msg, timeout } => {
-                let timeout = timeout.unwrap_or(self.shared.config.request_timeout);
+                let timeout = timeout.unwrap_or(self.fabric.request_timeout);
                 self.await_reply(user, msg, WaitKind::Request, timeout, done)
             }
             Op::RoomPublish { room, body, meta, from } => {
@@ -166,8 +166,8 @@ impl Handle {
                     meta.map(|m| m.get().as_bytes()),
                 );
                 let rooms: Arc<[Arc<str>]> = Arc::from(vec![Arc::from(room)]);
-                for link in &self.shared.links {
-                    let msg = ShardMsg::RoomDeliver {
+                for link in &self.fabric.links {
+                    let msg = RoomMsg::RoomDeliver {
                         rooms: Arc::clone(&rooms),
                         frame: frame.clone(),
                         except: None,
@@ -175,38 +175,38 @@ impl Handle {
                     };
                     link.send_now(msg);
                 }
-                self.shared.links.len()
+                self.fabric.links.len()
             }
             Op::RoomMembers { room } => {
                 let room: Arc<str> = Arc::from(room);
-                for link in &self.shared.links {
-                    link.send_now(ShardMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
+                for link in &self.fabric.links {
+                    link.send_now(RoomMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
                 }
-                self.shared.links.len()
+                self.fabric.links.len()
             }
             Op::Presence { user } => {
-                self.to_home(user, ShardMsg::QueryPresence { user, done: done.clone() });
+                self.to_home(user, PresenceMsg::QueryPresence { user, done: done.clone() });
                 1
             }
             Op::Query { user } => {
-                self.to_home(user, ShardMsg::QueryUser { user, done: done.clone() });
+                self.to_home(user, OpMsg::QueryUser { user, done: done.clone() });
                 1
             }
             Op::Disconnect { user } => {
-                self.to_home(user, ShardMsg::DisconnectUser { user, done: Some(done.clone()) });
+                self.to_home(user, OpMsg::DisconnectUser { user, done: Some(done.clone()) });
                 1
             }
             Op::AdminConnections { after, user, limit } => {
                 // One user's connections are all on the shards its directory names; asking
                 // every shard keeps this simple and is one message per shard either way.
-                for link in &self.shared.links {
-                    link.send_now(ShardMsg::AdminConnections { after, user, limit, done: done.clone() });
+                for link in &self.fabric.links {
+                    link.send_now(AdminMsg::Connections { after, user, limit, done: done.clone() });
                 }
-                self.shared.links.len()
+                self.fabric.links.len()
             }
             Op::AdminRooms { limit } => {
                 // Every shard keeps every room's count (replicas): one shard answers for all.
-                self.shared.links[0].send_now(ShardMsg::AdminRooms { limit, done: done.clone() });
+                self.fabric.links[0].send_now(AdminMsg::Rooms { limit, done: done.clone() });
                 1
             }
         }
@@ -222,13 +222,13 @@ impl Handle {
     ) -> usize {
         let msg = Arc::new(msg.clone());
         let timeout_ms = timeout.as_millis().min(u128::from(u64::MAX / 2)) as u64;
-        self.to_home(user, ShardMsg::Await { user, msg, kind, timeout_ms, done: done.clone() });
+        self.to_home(user, OpMsg::Await { user, msg, kind, timeout_ms, done: done.clone() });
         1
     }
 
-    fn to_home(&self, user: i64, msg: ShardMsg) {
-        let home = Directory::home_of(user, self.shared.links.len());
-        self.shared.links[home].send_now(msg);
+    fn to_home(&self, user: i64, msg: impl Into<ShardMsg>) {
+        let home = Directory::home_of(user, self.fabric.links.len());
+        self.fabric.links[home].send_now(msg);
     }
 
     fn start<T>(&self, op: Op<'_>, finish: fn(Vec<Outcome>) -> Result<T, WaitError>) -> Waiter<T> {
@@ -340,14 +340,14 @@ impl Handle {
     /// Queues an already-encoded frame on one connection.
     pub fn send_frame_to_conn(&self, conn: ConnId, frame: bytes::Bytes) {
         let addr = conn.0;
-        if let Some(link) = self.shared.links.get(addr.shard) {
-            link.send_now(ShardMsg::DeliverConn { key: addr.key, frame });
+        if let Some(link) = self.fabric.links.get(addr.shard) {
+            link.send_now(DeliverMsg::DeliverConn { key: addr.key, frame });
         }
     }
 
     /// Begins graceful shutdown (close 1001 everywhere, pending waits fail `ShuttingDown`).
     pub fn shutdown(&self) {
-        for link in &self.shared.links {
+        for link in &self.fabric.links {
             link.send_now(ShardMsg::Shutdown);
         }
     }

@@ -1,0 +1,134 @@
+//! Presence: statuses stored at each user's home shard, their fan-out to watchers and rooms,
+//! and watch lists.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{ROOM_REF, ShardMsg, ids, presence_cost};
+use crate::core::directory::ConnAddr;
+use crate::core::presence::Presence;
+use crate::route::{Completion, ShedKind};
+
+/// Presence: statuses stored at users' home shards, their fan-out, and watch lists.
+#[derive(Debug)]
+pub enum PresenceMsg {
+    /// To the user's home shard: store a presence and, if `fan_out`, tell the watchers.
+    PresenceSet {
+        /// The user.
+        user: i64,
+        /// The new presence.
+        presence: Presence,
+        /// Notify watchers and `rooms` (false when the sender already broadcast it:
+        /// `presence_scope = "all"`).
+        fan_out: bool,
+        /// The sending connection's rooms, whose members are told too.
+        rooms: Vec<Arc<str>>,
+        /// The sending connection, which is not told.
+        except: Option<ConnAddr>,
+    },
+    /// To the user's home shard: a transient status of one connection expired; tell its
+    /// audience the user's lasting status.
+    PresenceRevert {
+        /// The user.
+        user: i64,
+        /// The transient status's target (`None`: watchers and `rooms`, and it was stored).
+        target: Option<i64>,
+        /// The connection's rooms, whose members are told too.
+        rooms: Vec<Arc<str>>,
+        /// The connection, which is not told.
+        except: Option<ConnAddr>,
+    },
+    /// Queue `frame` on the local members of `rooms` and local connections of `users`, each
+    /// connection once, except `except`.
+    PresenceFanout {
+        /// The encoded presence event.
+        frame: Bytes,
+        /// Rooms whose members receive it.
+        rooms: Arc<[Arc<str>]>,
+        /// Watchers with connections on the receiving shard.
+        users: Vec<i64>,
+        /// The connection not to tell.
+        except: Option<ConnAddr>,
+    },
+    /// To the watcher's home shard: admit a subscription request.
+    AdmitWatch {
+        /// The subscribing user.
+        watcher: i64,
+        /// Users to watch.
+        targets: Vec<i64>,
+        /// The connection that asked (gets the ack and the current presences).
+        reply: ConnAddr,
+        /// The request pid, for the ack.
+        pid: Option<Box<str>>,
+    },
+    /// To the watcher's home shard: drop targets from the watch list.
+    DropWatch {
+        /// The watcher.
+        watcher: i64,
+        /// Users to stop watching.
+        targets: Vec<i64>,
+        /// The connection that asked (gets the ack).
+        reply: ConnAddr,
+        /// The request pid, for the ack.
+        pid: Option<Box<str>>,
+    },
+    /// To each target's home shard: add `watcher`; send the current presences to `reply`.
+    Watch {
+        /// The watcher.
+        watcher: i64,
+        /// Targets homed on the receiving shard.
+        targets: Vec<i64>,
+        /// Where to send the current presences.
+        reply: ConnAddr,
+    },
+    /// To each target's home shard: remove `watcher`.
+    Unwatch {
+        /// The watcher.
+        watcher: i64,
+        /// Targets homed on the receiving shard.
+        targets: Vec<i64>,
+    },
+    /// To `user`'s home shard: report its presence: `Presence`.
+    QueryPresence {
+        /// The user.
+        user: i64,
+        /// Gets `Presence`.
+        done: Completion,
+    },
+}
+
+impl PresenceMsg {
+    /// Bytes held beyond the message's own size (see [`ShardMsg::cost`]).
+    pub(super) fn held(&self) -> usize {
+        match self {
+            PresenceMsg::PresenceSet { presence: p, rooms, .. } => presence_cost(p) + rooms.len() * ROOM_REF,
+            PresenceMsg::PresenceFanout { frame, rooms, users, .. } => {
+                frame.len() + rooms.len() * ROOM_REF + ids(users)
+            }
+            PresenceMsg::AdmitWatch { targets, .. }
+            | PresenceMsg::DropWatch { targets, .. }
+            | PresenceMsg::Watch { targets, .. }
+            | PresenceMsg::Unwatch { targets, .. } => ids(targets),
+            PresenceMsg::PresenceRevert { .. } | PresenceMsg::QueryPresence { .. } => 0,
+        }
+    }
+
+    /// See [`ShardMsg::shed_kind`].
+    pub(super) fn shed_kind(&self) -> Option<ShedKind> {
+        match self {
+            PresenceMsg::PresenceSet { .. } | PresenceMsg::PresenceFanout { .. } => Some(ShedKind::Presence),
+            PresenceMsg::AdmitWatch { .. } | PresenceMsg::DropWatch { .. } => Some(ShedKind::Watch),
+            PresenceMsg::PresenceRevert { .. }
+            | PresenceMsg::Watch { .. }
+            | PresenceMsg::Unwatch { .. }
+            | PresenceMsg::QueryPresence { .. } => None,
+        }
+    }
+}
+
+impl From<PresenceMsg> for ShardMsg {
+    fn from(msg: PresenceMsg) -> Self {
+        ShardMsg::Presence(msg)
+    }
+}
