@@ -11,7 +11,19 @@
 //!   Goal: a constant number, not growing with the payload.
 //! - **frame parse**: `parse_frame` of a masked client text frame, unmasked in place. Goal: 0.
 //!
+//! - **handshake** (issue 15): `request::parse` (httparse + header extraction), `Gate::decide`
+//!   (upgrade checks, token lookup, HS256 verification) and the 101 response, on the load
+//!   generator's upgrade request.
+//!
 //! Run with `cargo bench --bench allocs`; prints one JSON object, then a table.
+//!
+//! `cargo bench --bench allocs -- --loop ROUTINE SHAPE N` instead runs one routine N times and
+//! nothing else, for instruction counts under callgrind (repeatable on a loaded machine):
+//! `valgrind --tool=callgrind target/release/deps/allocs-… --loop serde_parse_route p2p_4KB 1000`
+//! minus the same with N = 0, divided by N. Routines: `serde_parse_only`, `serde_parse_route`,
+//! `simd_copy_tape`,
+//! `simd_copy_dom_reencode` (SHAPE: `p2p_100B`, `presence`, `room_publish`, `p2p_4KB`), and
+//! `handshake_parse`, `handshake_decide`, `handshake_101` (SHAPE ignored).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -28,6 +40,9 @@ use serde_json::{Value, json};
 #[path = "support/messages.rs"]
 mod messages;
 use messages::{masked_text_frame, p2p_message, payload};
+#[path = "support/handshake.rs"]
+#[allow(dead_code)]
+mod handshake;
 
 /// Times each measurement is repeated.
 const ROUNDS: usize = 1_000;
@@ -271,7 +286,104 @@ fn frame_parse(size: usize) -> Stat {
     stat
 }
 
+struct Handshake {
+    parse: Stat,
+    decide: Stat,
+    response: Stat,
+    total: Stat,
+}
+
+fn handshake() -> Handshake {
+    use customws::http::Decision;
+    use customws::http::request::{Parsed, parse};
+    use customws::http::response::switching_protocols;
+
+    let head = handshake::upgrade_head(&handshake::token(777_001));
+    let gate = handshake::gate();
+    let mut h = Handshake {
+        parse: Stat::default(),
+        decide: Stat::default(),
+        response: Stat::default(),
+        total: Stat::default(),
+    };
+    for _ in 0..ROUNDS {
+        let t0 = Counts::now();
+        let Parsed::Complete(request, _) = parse(black_box(&head)) else { panic!("the head parses") };
+        let t1 = Counts::now();
+        let decision = gate.decide(&request);
+        let t2 = Counts::now();
+        let response = switching_protocols(request.ws_key.as_deref().unwrap_or(""), None);
+        let t3 = Counts::now();
+        assert!(matches!(decision, Decision::Upgrade { jwt: Ok(_), .. }), "the token verifies");
+        black_box(response);
+        h.parse.add(t1.since(t0));
+        h.decide.add(t2.since(t1));
+        h.response.add(t3.since(t2));
+        h.total.add(t3.since(t0));
+    }
+    h
+}
+
+/// `--loop ROUTINE SHAPE N` (see the module documentation).
+fn run_loop(routine: &str, shape: &str, n: usize) {
+    use customws::http::request::{Parsed, parse};
+    use customws::http::response::switching_protocols;
+    let raw = handshake::envelope_shapes()
+        .into_iter()
+        .find(|(name, _)| *name == shape)
+        .map(|(_, raw)| raw)
+        .unwrap_or_default();
+    let mut scratch = raw.clone();
+    let mut buffers = simd_json::Buffers::new(raw.len());
+    let head = handshake::upgrade_head(&handshake::token(777_001));
+    let gate = handshake::gate();
+    let Parsed::Complete(request, _) = parse(&head) else { panic!("the head parses") };
+    for _ in 0..n {
+        match routine {
+            "serde_parse_route" => {
+                let msg = ClientMessage::parse(black_box(&raw)).expect("valid envelope");
+                black_box(matches!(route(&msg, SenderCaps::default()), Route::Reject { .. }));
+            }
+            "serde_parse_only" => {
+                let msg = ClientMessage::parse(black_box(&raw)).expect("valid envelope");
+                black_box(msg.payload_bytes().map(<[u8]>::len));
+            }
+            "simd_copy_tape" => {
+                scratch.copy_from_slice(black_box(&raw));
+                black_box(
+                    simd_json::to_tape_with_buffers(&mut scratch, &mut buffers).map(|t| t.0.len()).ok(),
+                );
+            }
+            "simd_copy_dom_reencode" => {
+                use simd_json::prelude::*;
+                scratch.copy_from_slice(black_box(&raw));
+                let value =
+                    simd_json::to_borrowed_value_with_buffers(&mut scratch, &mut buffers).expect("parses");
+                black_box((value.get_str("type"), value.get_str("pid"), value.get_i64("targetUserId")));
+                black_box(value.get("payload").map(|p| p.encode()));
+            }
+            "handshake_parse" => {
+                black_box(matches!(parse(black_box(&head)), Parsed::Complete(..)));
+            }
+            "handshake_decide" => {
+                black_box(gate.decide(black_box(&request)));
+            }
+            "handshake_101" => {
+                black_box(switching_protocols(black_box("dGhlIHNhbXBsZSBub25jZQ=="), None));
+            }
+            other => panic!("unknown routine {other}"),
+        }
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--loop") {
+        let arg = |i: usize| args.get(at + i).map(String::as_str).unwrap_or("");
+        run_loop(arg(1), arg(2), arg(3).parse().expect("--loop ROUTINE SHAPE N"));
+        return;
+    }
+    let hs = handshake();
     let bcast = broadcast();
     let p2ps: Vec<P2p> = SIZES.iter().map(|&size| p2p(size)).collect();
     let frames: Vec<(usize, Stat)> = SIZES.iter().map(|&size| (size, frame_parse(size))).collect();
@@ -308,6 +420,12 @@ fn main() {
             "payload_bytes": size,
             "allocs": s.json(),
         })).collect::<Vec<_>>(),
+        "handshake": {
+            "request_parse": hs.parse.json(),
+            "gate_decide_with_hs256": hs.decide.json(),
+            "switching_protocols": hs.response.json(),
+            "total": hs.total.json(),
+        },
         "goals": {
             "broadcast_zero_per_recipient": per_recipient == 0.0,
             "p2p_constant_across_sizes": p2p_constant,
@@ -342,4 +460,8 @@ fn main() {
     for (size, s) in &frames {
         row(&format!("parse_frame {size} B (in place)"), s);
     }
+    row("handshake: request parse", &hs.parse);
+    row("handshake: gate decide (HS256 verify)", &hs.decide);
+    row("handshake: 101 response", &hs.response);
+    row("handshake: total", &hs.total);
 }

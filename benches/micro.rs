@@ -11,7 +11,19 @@
 //!   cancel: stale entries are ignored when they fire (see `core::timer`).
 //! - `directory`: `shards_of` and `local` lookups with 100,000 users populated.
 //!
-//! Run with `cargo bench --bench micro` (about 30 s); criterion's output is the result.
+//! - `handshake` (issue 15): each step of a WebSocket handshake the server takes, on the load
+//!   generator's request: `httparse` alone, `request::parse` (httparse + header extraction),
+//!   `Gate::decide` (upgrade checks, token lookup, HS256 verification), the HS256 verification
+//!   alone, the `Sec-WebSocket-Accept` key (SHA-1 + base64), the whole 101 response, and all of
+//!   them together.
+//! - `envelope_json` (issue 15): serde_json as the server uses it (`ClientMessage::parse` +
+//!   `route`, payloads borrowed as raw bytes) against simd-json on the real envelope shapes:
+//!   a structural parse only (`to_tape`), and a DOM parse plus re-encoding the payload, which is
+//!   what relaying would need since simd-json keeps no raw spans. simd-json parses in place, so
+//!   each iteration first copies the message into a scratch buffer (counted: the frame's bytes
+//!   are needed intact for byte-for-byte relaying).
+//!
+//! Run with `cargo bench --bench micro` (about 60 s); criterion's output is the result.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -28,6 +40,8 @@ use customws::ws::frame::{FrameKind, parse_frame};
 #[path = "support/messages.rs"]
 mod messages;
 use messages::{masked_text_frame, p2p_message, payload};
+#[path = "support/handshake.rs"]
+mod handshake;
 
 /// The sender of every encoded message: a realistic (six-digit) user id.
 const FROM: i64 = 777_001;
@@ -234,6 +248,112 @@ fn directory(c: &mut Criterion) {
     group.finish();
 }
 
+fn handshake(c: &mut Criterion) {
+    use customws::http::Decision;
+    use customws::http::request::{Parsed, parse};
+    use customws::http::response::switching_protocols;
+
+    let token = handshake::token(777_001);
+    let head = handshake::upgrade_head(&token);
+    let gate = handshake::gate();
+    let Parsed::Complete(request, _) = parse(&head) else { panic!("the head parses") };
+    assert!(matches!(gate.decide(&request), Decision::Upgrade { jwt: Ok(_), .. }), "the token verifies");
+    let auth = handshake::authenticator();
+    let ws_key = request.ws_key.clone().expect("key");
+
+    let mut group = c.benchmark_group("handshake");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("httparse_only", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; customws::http::request::MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(black_box(&head)).ok().map(|s| s.is_complete())
+        })
+    });
+    group.bench_function("request_parse", |b| {
+        b.iter(|| matches!(parse(black_box(&head)), Parsed::Complete(..)))
+    });
+    group.bench_function("jwt_hs256_verify", |b| {
+        b.iter(|| auth.verify(black_box(&token)).map(|i| i.user_id).ok())
+    });
+    group.bench_function("gate_decide", |b| {
+        b.iter(|| matches!(gate.decide(black_box(&request)), Decision::Upgrade { jwt: Ok(_), .. }))
+    });
+    group.bench_function("accept_key_sha1_base64", |b| {
+        b.iter(|| tungstenite::handshake::derive_accept_key(black_box(ws_key.as_bytes())))
+    });
+    group.bench_function("switching_protocols_101", |b| {
+        b.iter(|| switching_protocols(black_box(&ws_key), None))
+    });
+    group.bench_function("all_steps", |b| {
+        b.iter(|| {
+            let Parsed::Complete(request, _) = parse(black_box(&head)) else { return 0 };
+            let Decision::Upgrade { jwt: Ok(identity), .. } = gate.decide(&request) else { return 0 };
+            black_box(identity.user_id);
+            switching_protocols(request.ws_key.as_deref().unwrap_or(""), None).len()
+        })
+    });
+    group.finish();
+}
+
+/// What relaying needs from simd-json: the envelope's fields and the payload's bytes, which
+/// simd-json can only give back re-encoded (it keeps no spans of the input).
+fn simd_relay(buf: &mut [u8], buffers: &mut simd_json::Buffers) -> Option<(i64, String)> {
+    use simd_json::prelude::*;
+    let value = simd_json::to_borrowed_value_with_buffers(buf, buffers).ok()?;
+    let kind = value.get_str("type")?;
+    black_box(kind);
+    black_box(value.get_str("pid"));
+    let target = value.get_i64("targetUserId").unwrap_or(0);
+    let payload = value.get("payload")?.encode();
+    Some((target, payload))
+}
+
+fn envelope_json(c: &mut Criterion) {
+    let mut group = c.benchmark_group("envelope_json");
+    for (name, raw) in handshake::envelope_shapes() {
+        let msg = ClientMessage::parse(&raw).expect("valid envelope");
+        assert!(!matches!(route(&msg, SenderCaps::default()), Route::Reject { .. }), "{name} routes");
+        group.throughput(Throughput::Bytes(raw.len() as u64));
+        group.bench_function(format!("serde_json_parse_only/{name}"), |b| {
+            b.iter(|| ClientMessage::parse(black_box(&raw)).map(|m| m.payload_bytes().map(<[u8]>::len)).ok())
+        });
+        group.bench_function(format!("serde_json_parse_route/{name}"), |b| {
+            b.iter(|| {
+                let msg = ClientMessage::parse(black_box(&raw)).ok()?;
+                Some(matches!(route(&msg, SenderCaps::default()), Route::Reject { .. }))
+            })
+        });
+        // What in-place parsing does to relaying: the parsed buffer is no longer the frame, and
+        // the payload simd-json gives back (re-encoded) is not the client's bytes.
+        let original = msg.payload_bytes().expect("every shape has a payload").to_vec();
+        let mut parsed = raw.clone();
+        let reencoded =
+            simd_relay(&mut parsed, &mut simd_json::Buffers::default()).expect("simd-json parses").1;
+        eprintln!(
+            "envelope_json/{name}: {} bytes; buffer changed by the in-place parse: {}; payload re-encoded byte for byte: {}",
+            raw.len(),
+            parsed != raw,
+            reencoded.as_bytes() == original.as_slice()
+        );
+        // A shard would keep simd-json's working buffers across messages: so does the benchmark.
+        let (mut scratch, mut buffers) = (raw.clone(), simd_json::Buffers::new(raw.len()));
+        group.bench_function(format!("simd_json_copy_tape/{name}"), |b| {
+            b.iter(|| {
+                scratch.copy_from_slice(black_box(&raw));
+                simd_json::to_tape_with_buffers(&mut scratch, &mut buffers).map(|t| t.0.len()).ok()
+            })
+        });
+        group.bench_function(format!("simd_json_copy_dom_reencode/{name}"), |b| {
+            b.iter(|| {
+                scratch.copy_from_slice(black_box(&raw));
+                simd_relay(&mut scratch, &mut buffers).map(|(t, p)| t as usize + p.len())
+            })
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(20)
@@ -246,6 +366,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = envelope_decode, p2p_splice_encode, broadcast, frame_parse, timer_wheel, directory
+    targets = envelope_decode, p2p_splice_encode, broadcast, frame_parse, timer_wheel, directory, handshake,
+        envelope_json
 }
 criterion_main!(micro);

@@ -54,6 +54,31 @@ impl LocalConns {
     }
 }
 
+/// One user's connections as the home shard lists them (open order, address), oldest first;
+/// one inline, more on the heap (most users have one connection: no allocation per user).
+#[derive(Debug)]
+enum HomeConns {
+    One((u64, ConnAddr)),
+    Many(Vec<(u64, ConnAddr)>),
+}
+
+impl HomeConns {
+    fn as_slice(&self) -> &[(u64, ConnAddr)] {
+        match self {
+            HomeConns::One(conn) => std::slice::from_ref(conn),
+            HomeConns::Many(conns) => conns,
+        }
+    }
+
+    /// `conns` (not empty) stored in the smallest form.
+    fn from_vec(conns: Vec<(u64, ConnAddr)>) -> Self {
+        match conns.as_slice() {
+            [one] => HomeConns::One(*one),
+            _ => HomeConns::Many(conns),
+        }
+    }
+}
+
 /// What the home shard learned from a connection opening.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Opened {
@@ -68,7 +93,7 @@ pub struct Opened {
 pub struct Directory {
     local: HashMap<i64, LocalConns, RandomState>,
     replica: HashMap<i64, u64, RandomState>,
-    homed: HashMap<i64, Vec<(u64, ConnAddr)>, RandomState>,
+    homed: HashMap<i64, HomeConns, RandomState>,
 }
 
 impl Directory {
@@ -145,13 +170,26 @@ impl Directory {
 
     /// Home shard only: a connection of `user` opened; `seq` orders connections globally.
     pub fn home_open(&mut self, user: i64, seq: u64, addr: ConnAddr, per_user: usize) -> Opened {
-        let conns = self.homed.entry(user).or_default();
-        let came_online = conns.is_empty();
-        let at = conns.partition_point(|(s, _)| *s < seq);
-        conns.insert(at, (seq, addr));
-        let excess = if per_user == 0 { 0 } else { conns.len().saturating_sub(per_user) };
-        let evict = conns.drain(..excess).map(|(_, addr)| addr).collect();
-        Opened { came_online, evict }
+        use std::collections::hash_map::Entry;
+        let mut conns = match self.homed.entry(user) {
+            Entry::Vacant(vacant) => {
+                // A first connection is within any `connections_per_user` (0 is no limit).
+                vacant.insert(HomeConns::One((seq, addr)));
+                return Opened { came_online: true, evict: Vec::new() };
+            }
+            Entry::Occupied(occupied) => occupied,
+        };
+        let mut list = conns.get().as_slice().to_vec();
+        let at = list.partition_point(|(s, _)| *s < seq);
+        list.insert(at, (seq, addr));
+        let excess = if per_user == 0 { 0 } else { list.len().saturating_sub(per_user) };
+        let evict = list.drain(..excess).map(|(_, addr)| addr).collect();
+        if list.is_empty() {
+            conns.remove();
+        } else {
+            *conns.get_mut() = HomeConns::from_vec(list);
+        }
+        Opened { came_online: false, evict }
     }
 
     /// Home shard only: a connection of `user` closed; true when the user is now offline.
@@ -159,18 +197,22 @@ impl Directory {
         let Some(conns) = self.homed.get_mut(&user) else {
             return false;
         };
-        let before = conns.len();
-        conns.retain(|(s, _)| *s != seq);
-        if conns.is_empty() {
-            self.homed.remove(&user);
-            return before > 0;
+        if !conns.as_slice().iter().any(|(s, _)| *s == seq) {
+            return false;
         }
+        let remaining: Vec<(u64, ConnAddr)> =
+            conns.as_slice().iter().copied().filter(|(s, _)| *s != seq).collect();
+        if remaining.is_empty() {
+            self.homed.remove(&user);
+            return true;
+        }
+        *conns = HomeConns::from_vec(remaining);
         false
     }
 
     /// Home shard only: `user`'s connections, oldest first, with their open order.
     pub fn home_conns(&self, user: i64) -> &[(u64, ConnAddr)] {
-        self.homed.get(&user).map_or(&[], Vec::as_slice)
+        self.homed.get(&user).map_or(&[], HomeConns::as_slice)
     }
 
     /// Home shard only: whether `user` has any connection.

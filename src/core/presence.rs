@@ -224,7 +224,9 @@ impl TransientPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Debounce {
     last: u64,
-    last_at: Option<u64>,
+    /// When `last` was sent; [`NEVER`] when nothing is to be coalesced (a plain `u64`, not an
+    /// `Option`: 8 bytes less in every session).
+    last_at: u64,
     /// When the current transient status expires (`u64::MAX`: none).
     pub transient_until: u64,
     /// Who the transient status was addressed to (`None`: watchers and rooms).
@@ -233,9 +235,12 @@ pub struct Debounce {
 
 impl Default for Debounce {
     fn default() -> Self {
-        Debounce { last: 0, last_at: None, transient_until: u64::MAX, transient_target: None }
+        Debounce { last: 0, last_at: NEVER, transient_until: u64::MAX, transient_target: None }
     }
 }
+
+/// `Debounce::last_at` when there is no last update.
+const NEVER: u64 = u64::MAX;
 
 /// A transient status of this connection expired: its audience is told the user's lasting
 /// status again (the home shard knows it: another connection of the user may have set it).
@@ -266,14 +271,15 @@ impl Debounce {
     ) -> Admit {
         let mark = fingerprint(status, context, target);
         let transient = policy.is_transient(status);
-        if mark == self.last && self.last_at.is_some_and(|at| now.saturating_sub(at) < policy.coalesce_ms) {
+        if mark == self.last && self.last_at != NEVER && now.saturating_sub(self.last_at) < policy.coalesce_ms
+        {
             if transient {
                 self.transient_until = now + policy.ttl_ms; // still typing: keep it alive
             }
             return Admit::Coalesced;
         }
         self.last = mark;
-        self.last_at = Some(now);
+        self.last_at = now;
         if transient {
             self.transient_until = now + policy.ttl_ms;
             self.transient_target = target;
@@ -295,7 +301,7 @@ impl Debounce {
             return None;
         }
         self.transient_until = u64::MAX;
-        self.last_at = None;
+        self.last_at = NEVER;
         Some(Expired { target: self.transient_target.take() })
     }
 }

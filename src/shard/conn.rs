@@ -74,9 +74,17 @@ pub enum Refused {
 }
 
 /// Frames waiting for the socket, shared `Bytes` each.
+///
+/// The front frame is kept inline: a connection that gets one frame at a time (the 101, a
+/// ping, a lone message) never allocates the deque, so an idle connection holds no queue
+/// memory (the deque's first allocation is 4 frames, 128 bytes, kept for the connection's
+/// life; see BENCHMARKS.md, issue 15).
 #[derive(Debug, Default)]
 pub struct OutQueue {
-    frames: VecDeque<Bytes>,
+    /// The front frame (the one being written); `None` only when the queue is empty.
+    head: Option<Bytes>,
+    /// The frames behind `head`.
+    rest: VecDeque<Bytes>,
     /// Bytes of the front frame already written.
     offset: usize,
     /// Bytes not yet written.
@@ -95,12 +103,12 @@ pub enum Flushed {
 impl OutQueue {
     /// Number of queued frames.
     pub fn len(&self) -> usize {
-        self.frames.len()
+        usize::from(self.head.is_some()) + self.rest.len()
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.head.is_none()
     }
 
     /// Queued bytes.
@@ -110,33 +118,39 @@ impl OutQueue {
 
     /// Bytes queued behind the front frame (the one being written).
     pub fn waiting_bytes(&self) -> usize {
-        self.bytes - self.frames.front().map_or(0, |f| f.len() - self.offset)
+        self.bytes - self.head.as_ref().map_or(0, |f| f.len() - self.offset)
     }
 
     /// Appends a frame.
     pub fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
-        self.frames.push_back(frame);
+        if self.head.is_none() {
+            self.head = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
     }
 
     /// Drops every frame not yet started, keeping a partly written one so the stream stays
     /// well-formed. Returns how many frames were dropped.
     pub fn discard_unsent(&mut self) -> usize {
-        let keep = usize::from(self.offset > 0);
-        let dropped = self.frames.len().saturating_sub(keep);
-        self.frames.truncate(keep);
-        self.bytes = self.frames.front().map_or(0, |f| f.len() - self.offset);
+        let mut dropped = self.rest.len();
+        self.rest.clear();
+        if self.offset == 0 && self.head.take().is_some() {
+            dropped += 1;
+        }
+        self.bytes = self.head.as_ref().map_or(0, |f| f.len() - self.offset);
         dropped
     }
 
     /// Writes as much as the socket takes, several frames per `writev`.
     pub fn flush(&mut self, out: &mut impl Write) -> io::Result<Flushed> {
-        while !self.frames.is_empty() {
+        while let Some(head) = &self.head {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (i, frame) in self.frames.iter().take(MAX_IOV).enumerate() {
-                let start = if i == 0 { self.offset } else { 0 };
-                slices[i] = IoSlice::new(&frame[start..]);
+            slices[0] = IoSlice::new(&head[self.offset..]);
+            let mut count = 1;
+            for frame in self.rest.iter().take(MAX_IOV - 1) {
+                slices[count] = IoSlice::new(frame);
                 count += 1;
             }
             match out.write_vectored(&slices[..count]) {
@@ -152,7 +166,7 @@ impl OutQueue {
 
     fn advance(&mut self, mut written: usize) {
         self.bytes -= written;
-        while let Some(front) = self.frames.front() {
+        while let Some(front) = &self.head {
             let rest = front.len() - self.offset;
             if written < rest {
                 self.offset += written;
@@ -160,7 +174,7 @@ impl OutQueue {
             }
             written -= rest;
             self.offset = 0;
-            self.frames.pop_front();
+            self.head = self.rest.pop_front();
         }
     }
 }
@@ -339,6 +353,32 @@ mod tests {
     }
 
     #[test]
+    fn one_frame_at_a_time_never_allocates_the_deque() {
+        let mut q = OutQueue::default();
+        let mut w = Trickle { taken: vec![], cap: 100, calls: 0, budget: 100 };
+        for f in [&b"101"[..], b"ping", b"lone message"] {
+            q.push(Bytes::copy_from_slice(f));
+            assert_eq!(q.flush(&mut w).unwrap(), Flushed::Empty);
+        }
+        assert_eq!(w.taken, b"101pinglone message");
+        assert_eq!(q.rest.capacity(), 0, "an idle connection holds no queue memory");
+        q.push(Bytes::from_static(b"a"));
+        q.push(Bytes::from_static(b"b"));
+        assert_eq!((q.len(), q.bytes(), q.waiting_bytes()), (2, 2, 1));
+    }
+
+    #[test]
+    fn discard_drops_everything_when_nothing_is_started() {
+        let mut q = OutQueue::default();
+        for f in [&b"abc"[..], b"def"] {
+            q.push(Bytes::copy_from_slice(f));
+        }
+        assert_eq!(q.discard_unsent(), 2);
+        assert!(q.is_empty());
+        assert_eq!((q.len(), q.bytes()), (0, 0));
+    }
+
+    #[test]
     fn discard_keeps_the_partly_written_frame() {
         let mut q = OutQueue::default();
         for f in [&b"abc"[..], b"def", b"ghi"] {
@@ -351,5 +391,41 @@ mod tests {
         w.budget = 5;
         q.flush(&mut w).unwrap();
         assert_eq!(w.taken, b"abc");
+    }
+}
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use std::mem::size_of;
+
+    /// The inline sizes behind BENCHMARKS.md's "where an idle connection's bytes go" (issue
+    /// 15); run with `--nocapture` to see them. The bounds keep them from growing unnoticed.
+    #[test]
+    fn idle_connection_layout() {
+        let sizes = [
+            ("Conn", size_of::<Conn>()),
+            ("Option<Conn> (as a slab entry)", size_of::<Option<Conn>>()),
+            ("Session", size_of::<Session>()),
+            ("OutQueue", size_of::<OutQueue>()),
+            ("Reassembly", size_of::<Reassembly>()),
+            ("Phase", size_of::<Phase>()),
+            ("SocketAddr", size_of::<SocketAddr>()),
+            ("Debounce", size_of::<crate::core::presence::Debounce>()),
+            ("TokenBucket", size_of::<crate::core::ratelimit::TokenBucket>()),
+            ("Strikes", size_of::<crate::core::ratelimit::Strikes>()),
+            ("IpAddr", size_of::<std::net::IpAddr>()),
+            ("UserData option", size_of::<Option<crate::app::application::UserData>>()),
+            ("Bytes", size_of::<Bytes>()),
+        ];
+        for (name, size) in sizes {
+            println!("size_of {name}: {size}");
+        }
+        // Measured 2026-11-27 (x86_64): the inline front frame made the queue 32 bytes larger
+        // and saved its 144-byte heap block; the session fits glibc's 224-byte chunk.
+        assert!(size_of::<Conn>() <= 280, "Conn grew: {}", size_of::<Conn>());
+        assert!(size_of::<Session>() <= 216, "Session grew: {}", size_of::<Session>());
+        assert!(size_of::<OutQueue>() <= 80, "OutQueue grew: {}", size_of::<OutQueue>());
+        assert!(size_of::<crate::core::presence::Debounce>() <= 40, "Debounce grew");
     }
 }
