@@ -114,7 +114,8 @@ fn check_request(request: &customws::http::request::Request) {
             | Decision::Echo
             | Decision::Health
             | Decision::Metrics
-            | Decision::Ready => {}
+            | Decision::Ready
+            | Decision::Page(_) => {}
         }
     }
     let proxy = IpAddr::from([127, 0, 0, 1]);
