@@ -83,6 +83,21 @@ fn the_info_claim_is_in_online_updates_snapshots_room_presence_and_offline() {
 }
 
 #[test]
+fn the_backend_api_user_query_shows_the_info() {
+    let (_server, ws, api) = api::api_server(|c| c.presence_info_claim = Some("name".into()));
+    let _u5 = connect_named(ws, 5, &json!("Ana"));
+    let _u6 = connect(ws, 6, &[]);
+    // The home shard learns of the connection just after the handshake.
+    wait_until(Duration::from_secs(5), "user 5 online at its home shard", || {
+        api::get(api, "/api/v1/users/5").body["online"] == true
+    });
+    let answer = api::get(api, "/api/v1/users/5");
+    assert_eq!(answer.body["presence"]["info"], "Ana", "{}", answer.raw);
+    let answer = api::get(api, "/api/v1/users/6");
+    assert!(answer.body["presence"].get("info").is_none(), "no name claim: {}", answer.raw);
+}
+
+#[test]
 fn without_the_key_presence_payloads_have_no_info() {
     let server = start(|_| {});
     let addr = server.local_addr();

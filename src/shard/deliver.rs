@@ -464,6 +464,7 @@ impl Shard {
                     status,
                     context,
                     since_ms: p.since_ms,
+                    info: p.info.as_deref().map(Into::into),
                 }));
             }
         }
