@@ -97,6 +97,8 @@ pub struct Config {
     pub allow_client_broadcast: bool,
     /// Fan-out scope of untargeted presence updates (`presence_scope`: `watchers` or `all`).
     pub presence_scope: PresenceScope,
+    /// JWT claim whose value is included as `info` in presence events (`presence_info_claim`).
+    pub presence_info_claim: Option<String>,
     /// Dev-only: accept `?userId=<int>` without a token (`allow_insecure_user_id`).
     pub allow_insecure_user_id: bool,
     /// Bound on graceful shutdown (`shutdown_timeout`).
@@ -219,6 +221,7 @@ impl Default for Config {
             jwt_audience: None,
             allow_client_broadcast: false,
             presence_scope: PresenceScope::Watchers,
+            presence_info_claim: None,
             allow_insecure_user_id: false,
             shutdown_timeout: Duration::from_secs(10),
             log_level: "info".to_string(),
@@ -635,6 +638,8 @@ keys! {
     jwt_audience: OptText => "Required aud claim, when set.",
     allow_client_broadcast: Flag => "Let any authenticated client broadcast, not only role broadcast.",
     presence_scope: Scope => "Receivers of untargeted presence updates: watchers or all.",
+    presence_info_claim: OptText =>
+        "JWT claim (e.g. name) whose value (at most 1 KiB of JSON) is sent as info in the user's presence events; unset = none.",
     allow_insecure_user_id: Flag => "Dev only: accept ?userId=N without a token.",
     shutdown_timeout: Dur => "Bound on graceful shutdown.",
     log_level: Level =>

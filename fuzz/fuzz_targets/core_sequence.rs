@@ -604,7 +604,7 @@ impl World {
     fn store_presence(&mut self, user: i64, status: &str, context: Option<Vec<u8>>) {
         let home = Directory::home_of(user, self.shards.len());
         let presence =
-            Presence { status: status.into(), context: context.map(Into::into), since_ms: self.now };
+            Presence { status: status.into(), context: context.map(Into::into), since_ms: self.now, info: None };
         if self.policy.is_transient(status) {
             self.shards[home].presence.update_transient(user, presence);
             if let Some(current) = self.status.get(&user).cloned() {

@@ -152,7 +152,7 @@ fn check_route(msg: &ClientMessage<'_>, decision: &Route<'_>, can_broadcast: boo
         Route::Presence(update) => {
             assert!(kind == "presence_update" || kind == "PRESENCE_UPDATE");
             let context = update.context.map(|raw| raw.get().as_bytes());
-            let frame = presence_event(SENDER, &update.status, context, "2026-01-01T00:00:00.000Z");
+            let frame = presence_event(SENDER, &update.status, context, "2026-01-01T00:00:00.000Z", None);
             let out = envelope(frame_text(&frame));
             assert_eq!(out.from_user_id, Some(SENDER));
             let payload: PresencePayload =

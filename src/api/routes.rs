@@ -627,6 +627,9 @@ struct PresenceOut<'a> {
     status: &'a str,
     context: Option<&'a RawValue>,
     since: String,
+    /// The user's `presence_info_claim` value, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<&'a RawValue>,
 }
 
 impl<'a> PresenceOut<'a> {
@@ -639,7 +642,9 @@ impl<'a> PresenceOut<'a> {
             }
         });
         let since = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(p.since_ms));
-        PresenceOut { status: &p.status, context, since: since.to_string() }
+        // Stored from a verified token's claims as they parsed: valid JSON.
+        let info = p.info.as_deref().and_then(|raw| serde_json::from_str::<&RawValue>(raw).ok());
+        PresenceOut { status: &p.status, context, since: since.to_string(), info }
     }
 }
 
@@ -649,7 +654,13 @@ mod tests {
     use crate::route::{AckReply, ClientReply, ConnInfo, WaitError};
 
     fn presence(user: i64, status: &str, context: Option<&str>, since_ms: u64) -> UserPresence {
-        UserPresence { user_id: user, status: status.into(), context: context.map(Into::into), since_ms }
+        UserPresence {
+            user_id: user,
+            status: status.into(),
+            context: context.map(Into::into),
+            since_ms,
+            info: None,
+        }
     }
 
     /// What a call submits: each operation's debug text; every operation owes `parts` outcomes.

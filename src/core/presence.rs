@@ -4,11 +4,28 @@
 //! user: a status change costs one event per interested user, not O(N).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 
 /// Most users one watcher may follow at once.
 pub const MAX_WATCHED_PER_USER: usize = 10_000;
+
+/// Largest `presence_info_claim` value kept, serialized; a bigger one is ignored.
+pub const MAX_INFO_BYTES: usize = 1024;
+
+/// The raw JSON of claim `name` in a token's `claims` (a JSON object), if present and at most
+/// [`MAX_INFO_BYTES`]; a bigger one is ignored with a debug log.
+pub fn claim_info(claims: &str, name: &str) -> Option<Arc<str>> {
+    let map: HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue> =
+        serde_json::from_str(claims).ok()?;
+    let raw = map.get(name)?.get();
+    if raw.len() > MAX_INFO_BYTES {
+        log::debug!(claim = name, bytes = raw.len(); "presence info claim too large, ignored");
+        return None;
+    }
+    Some(Arc::from(raw))
+}
 
 /// A user's current presence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,12 +36,15 @@ pub struct Presence {
     pub context: Option<Box<[u8]>>,
     /// When it was set, milliseconds since the Unix epoch.
     pub since_ms: u64,
+    /// Who the user is: the raw JSON of the `presence_info_claim` claim of the user's token
+    /// (`None` when the key is unset or the claim absent). Filled by the home shard.
+    pub info: Option<Arc<str>>,
 }
 
 impl Presence {
     /// The presence reported for a user with no connection.
     pub fn offline(now_ms: u64) -> Self {
-        Presence { status: "offline".into(), context: None, since_ms: now_ms }
+        Presence { status: "offline".into(), context: None, since_ms: now_ms, info: None }
     }
 }
 
@@ -48,9 +68,26 @@ pub struct PresenceTable {
     lasting: HashMap<i64, Presence, RandomState>,
     watchers: HashMap<i64, HashSet<i64, RandomState>, RandomState>,
     watching: HashMap<i64, HashSet<i64, RandomState>, RandomState>,
+    /// Online users' `presence_info_claim` values (empty when the key is unset).
+    info: HashMap<i64, Arc<str>, RandomState>,
 }
 
 impl PresenceTable {
+    /// Keeps `info` with `user`'s presence (from its newest connection) until it goes offline.
+    pub fn set_info(&mut self, user: i64, info: Option<Arc<str>>) {
+        if let Some(info) = info {
+            self.info.insert(user, info);
+        }
+    }
+
+    /// `user`'s info, if any.
+    pub fn info(&self, user: i64) -> Option<Arc<str>> {
+        if self.info.is_empty() {
+            return None; // `presence_info_claim` unset: no hashing
+        }
+        self.info.get(&user).cloned()
+    }
+
     /// Stores a lasting status (one that does not expire by itself).
     pub fn update(&mut self, user: i64, presence: Presence) {
         self.lasting.remove(&user);
@@ -72,29 +109,42 @@ impl PresenceTable {
         let mut lasting = self.lasting.remove(&user)?;
         lasting.since_ms = now_ms;
         self.current.insert(user, lasting.clone());
-        Some(lasting)
+        Some(Presence { info: self.info(user), ..lasting })
     }
 
     /// The user's last lasting status (offline when unknown), whatever transient status is
     /// current.
     pub fn lasting(&self, user: i64, now_ms: u64) -> Presence {
-        self.lasting.get(&user).cloned().unwrap_or_else(|| self.get(user, now_ms))
+        match self.lasting.get(&user) {
+            Some(lasting) => Presence { info: self.info(user), ..lasting.clone() },
+            None => self.get(user, now_ms),
+        }
     }
 
     /// The user's first connection opened.
     pub fn online(&mut self, user: i64, now_ms: u64) {
-        self.update(user, Presence { status: "online".into(), context: None, since_ms: now_ms });
+        self.update(user, Presence { status: "online".into(), context: None, since_ms: now_ms, info: None });
     }
 
     /// The user's last connection closed: the stored status is dropped.
     pub fn offline(&mut self, user: i64) {
         self.current.remove(&user);
         self.lasting.remove(&user);
+        self.info.remove(&user);
     }
 
     /// Current presence of `user` (offline when unknown).
     pub fn get(&self, user: i64, now_ms: u64) -> Presence {
-        self.current.get(&user).cloned().unwrap_or_else(|| Presence::offline(now_ms))
+        match self.current.get(&user) {
+            Some(current) => Presence { info: self.info(user), ..current.clone() },
+            None => Presence::offline(now_ms),
+        }
+    }
+
+    /// Whether `user`'s current status and context are `status` and `context` (an update
+    /// repeating them announces nothing).
+    pub fn is_current(&self, user: i64, status: &str, context: Option<&[u8]>) -> bool {
+        self.current.get(&user).is_some_and(|p| &*p.status == status && p.context.as_deref() == context)
     }
 
     /// Users watching `user`, in no particular order.
@@ -168,12 +218,37 @@ mod tests {
         table.online(1, 5);
         assert_eq!(watchers(&table, 1), [10, 11]);
         assert_eq!(&*table.get(1, 6).status, "online");
-        let busy = Presence { status: "busy".into(), context: Some(b"{}".to_vec().into()), since_ms: 7 };
+        let busy =
+            Presence { status: "busy".into(), context: Some(b"{}".to_vec().into()), since_ms: 7, info: None };
         table.update(1, busy.clone());
         assert_eq!(table.get(1, 8), busy);
+        assert!(table.is_current(1, "busy", Some(b"{}")));
+        assert!(!table.is_current(1, "busy", None), "the context counts");
         table.offline(1);
+        assert!(!table.is_current(1, "offline", None));
         assert_eq!(watchers(&table, 1), [10, 11], "watchers stay for the user's return");
         assert_eq!(table.get(1, 9), Presence::offline(9));
+    }
+
+    #[test]
+    fn info_is_kept_while_online_and_bounded() {
+        let mut table = PresenceTable::default();
+        let info = claim_info(r#"{"user_id":1,"name":"Ana \"A\"","roles":[]}"#, "name");
+        assert_eq!(info.as_deref(), Some(r#""Ana \"A\"""#));
+        assert_eq!(claim_info(r#"{"user_id":1}"#, "name"), None);
+        let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(MAX_INFO_BYTES));
+        assert_eq!(claim_info(&big, "name"), None, "over {MAX_INFO_BYTES} bytes: ignored");
+        table.online(1, 0);
+        table.set_info(1, info.clone());
+        assert_eq!(table.get(1, 1).info, info);
+        table.update_transient(
+            1,
+            Presence { status: "typing".into(), context: None, since_ms: 2, info: None },
+        );
+        assert_eq!(table.lasting(1, 3).info, info);
+        assert_eq!(table.revert(1, 4).and_then(|p| p.info), info);
+        table.offline(1);
+        assert_eq!(table.info(1), None);
     }
 
     #[test]
@@ -374,7 +449,7 @@ mod lasting_tests {
     use super::*;
 
     fn p(status: &str, since_ms: u64) -> Presence {
-        Presence { status: status.into(), context: None, since_ms }
+        Presence { status: status.into(), context: None, since_ms, info: None }
     }
 
     #[test]

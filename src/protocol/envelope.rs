@@ -346,15 +346,28 @@ pub fn data_event(from: i64, payload: Option<&[u8]>) -> Bytes {
     Envelope::new("data_event").from_user(from).raw_payload(payload).frame()
 }
 
-/// `presence_event` for `user`: `{"userId","status","context","timestamp"}`.
-pub fn presence_event(user: i64, status: &str, context: Option<&[u8]>, timestamp: &str) -> Bytes {
-    let mut payload = Vec::with_capacity(80 + status.len() + context.map_or(4, <[u8]>::len));
+/// `presence_event` for `user`: `{"userId","status","context","timestamp"}`, and `"info"` (raw
+/// JSON) when the user has one (`presence_info_claim`).
+pub fn presence_event(
+    user: i64,
+    status: &str,
+    context: Option<&[u8]>,
+    timestamp: &str,
+    info: Option<&str>,
+) -> Bytes {
+    let mut payload = Vec::with_capacity(
+        80 + status.len() + context.map_or(4, <[u8]>::len) + info.map_or(0, |i| 9 + i.len()),
+    );
     let _ = write!(payload, "{{\"userId\":{user},\"status\":");
     write_str(&mut payload, status);
     payload.extend_from_slice(b",\"context\":");
     payload.extend_from_slice(context.unwrap_or(b"null"));
     payload.extend_from_slice(b",\"timestamp\":");
     write_str(&mut payload, timestamp);
+    if let Some(info) = info {
+        payload.extend_from_slice(b",\"info\":");
+        payload.extend_from_slice(info.as_bytes());
+    }
     payload.push(b'}');
     Envelope::new("presence_event").from_user(user).raw_payload(Some(&payload)).frame()
 }
@@ -435,11 +448,15 @@ mod tests {
             text(&error_notification(None, 400, "bad")),
             r#"{"type":"error_notification","error":{"code":400,"message":"bad"}}"#
         );
-        let event = presence_event(5, "busy", None, "2026-01-01T00:00:00Z");
+        let event = presence_event(5, "busy", None, "2026-01-01T00:00:00Z", None);
         let value: serde_json::Value = serde_json::from_str(text(&event)).unwrap();
         assert_eq!(value["fromUserId"], 5);
         assert_eq!(value["payload"]["status"], "busy");
         assert!(value["payload"]["context"].is_null());
+        assert!(value["payload"].get("info").is_none(), "no info field without one");
+        let event = presence_event(5, "busy", None, "2026-01-01T00:00:00Z", Some(r#"{"name":"Ana"}"#));
+        let value: serde_json::Value = serde_json::from_str(text(&event)).unwrap();
+        assert_eq!(value["payload"]["info"]["name"], "Ana");
     }
 
     #[test]

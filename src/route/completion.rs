@@ -49,6 +49,9 @@ pub struct UserPresence {
     pub context: Option<String>,
     /// When it was set, Unix milliseconds.
     pub since_ms: u64,
+    /// The user's `presence_info_claim` value, raw JSON (`None`: key unset, claim absent or
+    /// user offline).
+    pub info: Option<String>,
 }
 
 /// One open connection as the admin listing shows it.

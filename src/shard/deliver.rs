@@ -11,7 +11,7 @@ use super::handshake::rfc3339;
 use crate::app::application::Handled;
 use crate::config::PresenceScope;
 use crate::core::directory::{ConnAddr, ShardId};
-use crate::core::presence::{Admit, Presence, WatchAdmission};
+use crate::core::presence::{Admit, Presence, WatchAdmission, claim_info};
 use crate::core::{ConnKey, Directory};
 use crate::metrics::ShardMetrics;
 use crate::protocol::ClientMessage;
@@ -75,6 +75,7 @@ impl Shard {
                     status: update.status.as_ref().into(),
                     context: context.map(Into::into),
                     since_ms: Self::wall_ms(),
+                    info: None, // the home shard's; a targeted update's: `conn_info`
                 };
                 self.presence_update(key, user, presence, target);
                 self.ack(key, pid, "ok");
@@ -286,22 +287,22 @@ impl Shard {
 
     fn presence_update(&mut self, key: ConnKey, user: i64, presence: Presence, target: Option<i64>) {
         let home = Directory::home_of(user, self.shards());
-        let fan_out = match (target, self.shared.config.presence_scope) {
+        let with_rooms = match (target, self.shared.config.presence_scope) {
             (Some(target), _) => {
                 // Delivered, not stored: the status is for this one user, not the user's
                 // public presence.
+                let presence = Presence { info: self.conn_info(key), ..presence };
                 self.deliver_to_users(&[target], encode_presence(user, &presence));
                 return;
             }
-            (None, PresenceScope::All) => {
-                self.broadcast(encode_presence(user, &presence), Some(self.addr(key)));
-                false
-            }
+            // Announced by the home shard, which knows whether it changes anything (with
+            // `presence_scope = "all"` it broadcasts: the rooms add nobody).
+            (None, PresenceScope::All) => false,
             (None, _) => true,
         };
-        let rooms = if fan_out { self.rooms_of(key) } else { Vec::new() };
+        let rooms = if with_rooms { self.rooms_of(key) } else { Vec::new() };
         let except = Some(self.addr(key));
-        self.send_to(home, PresenceMsg::PresenceSet { user, presence, fan_out, rooms, except });
+        self.send_to(home, PresenceMsg::PresenceSet { user, presence, rooms, except });
     }
 
     /// Home shard: tells `user`'s watchers and the members of `rooms` — each receiving
@@ -365,6 +366,13 @@ impl Shard {
         }
     }
 
+    /// The connection's `presence_info_claim` value (`None` when the key is unset).
+    pub(super) fn conn_info(&self, key: ConnKey) -> Option<Arc<str>> {
+        let name = self.shared.config.presence_info_claim.as_deref()?;
+        let conn = self.conns.get(key.index as usize).filter(|c| c.generation == key.generation)?;
+        claim_info(&conn.session.as_deref()?.claims, name)
+    }
+
     fn rooms_of(&mut self, key: ConnKey) -> Vec<Arc<str>> {
         self.conn_mut(key).and_then(|c| c.session.as_deref()).map(|s| s.rooms.clone()).unwrap_or_default()
     }
@@ -373,7 +381,7 @@ impl Shard {
     pub(super) fn on_dir(&mut self, msg: DirMsg) {
         match msg {
             DirMsg::Replica { user, shard, present } => self.directory.set_replica(user, shard, present),
-            DirMsg::HomeOpened { user, seq, addr } => self.home_opened(user, seq, addr),
+            DirMsg::HomeOpened { user, seq, addr, info } => self.home_opened(user, seq, addr, info),
             DirMsg::HomeClosed { user, seq } => self.home_closed(user, seq),
             DirMsg::Close { key, code, reason } => self.close(key, code, reason),
         }
@@ -400,15 +408,21 @@ impl Shard {
     /// Handles the presence messages.
     pub(super) fn on_presence(&mut self, msg: PresenceMsg) {
         match msg {
-            PresenceMsg::PresenceSet { user, presence, fan_out, rooms, except } => {
-                if fan_out {
-                    // A client's update: its fan-out may be shed, counted but not reported: the
-                    // update itself is stored (and, from another shard, acknowledged already).
-                    let shed = self.shed;
-                    self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
-                    self.shed = shed;
+            PresenceMsg::PresenceSet { user, mut presence, rooms, except } => {
+                let transient = self.transient.is_transient(&presence.status);
+                if !transient && self.presence.is_current(user, &presence.status, presence.context.as_deref())
+                {
+                    // A repeat of the current status and context (a client's heartbeat
+                    // re-sending `online`): nothing changed, nobody is told, `since` stays.
+                    return;
                 }
-                if self.transient.is_transient(&presence.status) {
+                // A client's update: its fan-out may be shed, counted but not reported: the
+                // update itself is stored (and, from another shard, acknowledged already).
+                presence.info = self.presence.info(user);
+                let shed = self.shed;
+                self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
+                self.shed = shed;
+                if transient {
                     self.presence.update_transient(user, presence);
                 } else {
                     self.presence.update(user, presence);
@@ -450,12 +464,13 @@ impl Shard {
                     status,
                     context,
                     since_ms: p.since_ms,
+                    info: p.info.as_deref().map(Into::into),
                 }));
             }
         }
     }
 
-    fn home_opened(&mut self, user: i64, seq: u64, addr: ConnAddr) {
+    fn home_opened(&mut self, user: i64, seq: u64, addr: ConnAddr, info: Option<Arc<str>>) {
         let opened = self.directory.home_open(user, seq, addr, self.limits.per_user);
         for old in opened.evict {
             let msg = DirMsg::Close {
@@ -468,9 +483,12 @@ impl Shard {
         if opened.came_online {
             ShardMetrics::inc(&self.metrics().users_current);
             let now = Self::wall_ms();
-            let presence = Presence { status: "online".into(), context: None, since_ms: now };
-            self.announce_presence(user, &presence, Vec::new(), None);
             self.presence.online(user, now);
+            self.presence.set_info(user, info);
+            let presence = self.presence.get(user, now);
+            self.announce_presence(user, &presence, Vec::new(), None);
+        } else {
+            self.presence.set_info(user, info); // the newest connection's
         }
     }
 
@@ -479,8 +497,10 @@ impl Shard {
             return;
         }
         ShardMetrics::dec(&self.metrics().users_current);
+        let info = self.presence.info(user);
         self.presence.offline(user);
-        self.announce_presence(user, &Presence::offline(Self::wall_ms()), Vec::new(), None);
+        let presence = Presence { info, ..Presence::offline(Self::wall_ms()) };
+        self.announce_presence(user, &presence, Vec::new(), None);
         let watched = self.presence.take_watching(user);
         self.for_each_home(watched, |targets| PresenceMsg::Unwatch { watcher: user, targets });
     }
@@ -540,7 +560,8 @@ fn shed_notice(pid: &str) -> Bytes {
 }
 
 pub(super) fn encode_presence(user: i64, presence: &Presence) -> Bytes {
-    presence_event(user, &presence.status, presence.context.as_deref(), &rfc3339(presence.since_ms))
+    let stamp = rfc3339(presence.since_ms);
+    presence_event(user, &presence.status, presence.context.as_deref(), &stamp, presence.info.as_deref())
 }
 
 /// Seed 004's `{"type":"HEARTBEAT_ACK","timestamp":…}`.

@@ -6,6 +6,7 @@ use super::Shard;
 use super::conn::{Phase, Session};
 use crate::app::application::{Admission, Rejection};
 use crate::core::occupancy::client_ip;
+use crate::core::presence::claim_info;
 use crate::core::ratelimit::{Strikes, TokenBucket};
 use crate::core::{ConnKey, Directory};
 use crate::http::Decision;
@@ -201,6 +202,12 @@ impl Shard {
         let accept = Bytes::from(switching_protocols(ws_key, subprotocol));
         let seq = self.shared.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let user = identity.user_id;
+        let info = self
+            .shared
+            .config
+            .presence_info_claim
+            .as_deref()
+            .and_then(|name| claim_info(&identity.claims, name));
         let now = self.now;
         let limits = self.limits;
         let presence_rate = self.presence_rate();
@@ -248,7 +255,7 @@ impl Shard {
         }
         let home = Directory::home_of(user, self.shards());
         let addr = self.addr(key);
-        self.send_to(home, DirMsg::HomeOpened { user, seq, addr });
+        self.send_to(home, DirMsg::HomeOpened { user, seq, addr, info });
         self.call_app(key, |app, conn| app.on_connect(conn));
         if !pending.is_empty() {
             self.resume_frames(key, pending);

@@ -218,7 +218,9 @@ impl Shard {
         context.extend_from_slice(b"{\"room\":");
         crate::protocol::envelope::write_str(&mut context, room);
         context.push(b'}');
-        let frame = presence_event(user, status, Some(&context), &super::handshake::rfc3339(Self::wall_ms()));
+        let info = self.conn_info(key);
+        let stamp = super::handshake::rfc3339(Self::wall_ms());
+        let frame = presence_event(user, status, Some(&context), &stamp, info.as_deref());
         let except = Some(self.addr(key));
         self.publish_to_rooms(Arc::from(vec![Arc::clone(room)]), frame, except, None);
     }
@@ -445,5 +447,9 @@ fn write_member(out: &mut Vec<u8>, user: i64, presence: &Presence) {
     out.extend_from_slice(presence.context.as_deref().unwrap_or(b"null"));
     out.extend_from_slice(b",\"timestamp\":");
     crate::protocol::envelope::write_str(out, &super::handshake::rfc3339(presence.since_ms));
+    if let Some(info) = &presence.info {
+        out.extend_from_slice(b",\"info\":");
+        out.extend_from_slice(info.as_bytes());
+    }
     out.push(b'}');
 }

@@ -1,6 +1,8 @@
 //! Who is connected where: replicas of every shard's users, the home shard's list of a user's
 //! connections, and closing a connection the directory chose.
 
+use std::sync::Arc;
+
 use super::ShardMsg;
 use crate::core::directory::{ConnAddr, ConnKey, ShardId};
 use crate::route::ShedKind;
@@ -26,6 +28,8 @@ pub enum DirMsg {
         seq: u64,
         /// Where it lives.
         addr: ConnAddr,
+        /// The connection's `presence_info_claim` value (raw JSON), kept with the presence.
+        info: Option<Arc<str>>,
     },
     /// To the user's home shard: a connection closed.
     HomeClosed {
@@ -49,10 +53,8 @@ impl DirMsg {
     /// Bytes held beyond the message's own size (see [`ShardMsg::cost`]).
     pub(super) fn held(&self) -> usize {
         match self {
-            DirMsg::Replica { .. }
-            | DirMsg::HomeOpened { .. }
-            | DirMsg::HomeClosed { .. }
-            | DirMsg::Close { .. } => 0,
+            DirMsg::HomeOpened { info, .. } => info.as_ref().map_or(0, |i| i.len()),
+            DirMsg::Replica { .. } | DirMsg::HomeClosed { .. } | DirMsg::Close { .. } => 0,
         }
     }
 

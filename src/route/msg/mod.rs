@@ -52,7 +52,7 @@ fn ids(list: &[i64]) -> usize {
 
 /// Bytes a presence holds.
 fn presence_cost(p: &Presence) -> usize {
-    32 + p.status.len() + p.context.as_ref().map_or(0, |c| c.len())
+    32 + p.status.len() + p.context.as_ref().map_or(0, |c| c.len()) + p.info.as_ref().map_or(0, |i| i.len())
 }
 
 impl ShardMsg {

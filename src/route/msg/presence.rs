@@ -13,15 +13,13 @@ use crate::route::{Completion, ShedKind};
 /// Presence: statuses stored at users' home shards, their fan-out, and watch lists.
 #[derive(Debug)]
 pub enum PresenceMsg {
-    /// To the user's home shard: store a presence and, if `fan_out`, tell the watchers.
+    /// To the user's home shard: store a presence and, unless it repeats the current one, tell
+    /// the watchers and `rooms` (everyone, with `presence_scope = "all"`).
     PresenceSet {
         /// The user.
         user: i64,
         /// The new presence.
         presence: Presence,
-        /// Notify watchers and `rooms` (false when the sender already broadcast it:
-        /// `presence_scope = "all"`).
-        fan_out: bool,
         /// The sending connection's rooms, whose members are told too.
         rooms: Vec<Arc<str>>,
         /// The sending connection, which is not told.
