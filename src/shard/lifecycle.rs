@@ -108,8 +108,10 @@ impl Shard {
         } else {
             reason
         };
+        // No `deregister`: the socket is closed when `conn` goes out of scope below, and closing
+        // the only descriptor of a file removes it from the epoll set (Linux); an explicit
+        // EPOLL_CTL_DEL would be one more syscall per connection for nothing.
         let mut conn = self.conns.remove(key.index as usize);
-        let _ = self.poll.registry().deregister(&mut conn.stream);
         self.fail_waits(&conn.waits);
         let Some(session) = conn.session.take() else {
             log::trace!("dropped peer={conn_peer} phase={phase:?}: {reason}");
