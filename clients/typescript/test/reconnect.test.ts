@@ -247,9 +247,16 @@ describe("close codes and the drain hint", () => {
     });
     const c = client(fake.url, 84, { reconnect: { initialMs: 200, maxMs: 200 } });
     try {
+      // The call is made from the `reconnecting` event itself: polling for the state could miss
+      // it, since full jitter may pick a delay of a few milliseconds.
+      const queued = new Promise<unknown>((ok, fail) =>
+        c.on("reconnecting", () => {
+          assert.equal(c.state, "reconnecting");
+          c.request("generic_request", { queued: true }).then(ok, fail);
+        }),
+      );
       await c.connect();
-      await waitFor(() => c.state === "reconnecting", 3000);
-      assert.deepEqual(await c.request("generic_request", { queued: true }), { queued: true });
+      assert.deepEqual(await queued, { queued: true });
     } finally {
       c.close();
       await fake.close();
