@@ -200,6 +200,21 @@ pub trait Application: Send + Sync + 'static {
     /// A connection closed.
     fn on_disconnect(&self, _event: &Disconnect<'_>) {}
 
+    /// `user_id`'s first connection anywhere opened, at `at_ms` (Unix milliseconds).
+    ///
+    /// Called once per transition, on the user's home shard (the single authority for the
+    /// user's connection list), so it is ordered with [`Application::on_user_offline`] for
+    /// the same user and exact across shards: two connections opening at once on two shards
+    /// give one call; a close racing an open gives online, offline, online or nothing at all,
+    /// never two of a kind in a row. Runs on a shard thread: must not block (hand I/O to a
+    /// [`Workers`] pool; jobs started here for one user run in order only if the pool has
+    /// one thread or orders them itself, as `presence_webhook_url` does).
+    fn on_user_online(&self, _user_id: i64, _at_ms: u64, _handle: &Handle) {}
+
+    /// `user_id`'s last connection closed at `last_seen_ms` (Unix milliseconds; also the
+    /// offline user's `since` in presence answers). See [`Application::on_user_online`].
+    fn on_user_offline(&self, _user_id: i64, _last_seen_ms: u64, _handle: &Handle) {}
+
     /// The application's own counters for `/metrics`: `(name, help, value)`; each is exposed
     /// as a Prometheus counter `<name>_total`. Called on every scrape, from any thread.
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {

@@ -3,13 +3,18 @@
 //! Fan-out is to *watchers* (users who sent `presence_subscribe` for the user), never to every
 //! user: a status change costs one event per interested user, not O(N).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 
 /// Most users one watcher may follow at once.
 pub const MAX_WATCHED_PER_USER: usize = 10_000;
+
+/// Most last-seen times one home shard keeps (about 40 bytes each, ~10 MiB at the bound).
+/// Past it the oldest is forgotten: that user's offline `since` becomes the time of the query
+/// again, as for a user never seen since the start.
+pub const MAX_LAST_SEEN_PER_SHARD: usize = 262_144;
 
 /// Largest `presence_info_claim` value kept, serialized; a bigger one is ignored.
 pub const MAX_INFO_BYTES: usize = 1024;
@@ -70,6 +75,11 @@ pub struct PresenceTable {
     watching: HashMap<i64, HashSet<i64, RandomState>, RandomState>,
     /// Online users' `presence_info_claim` values (empty when the key is unset).
     info: HashMap<i64, Arc<str>, RandomState>,
+    /// Offline users' last disconnect (Unix ms), at most [`MAX_LAST_SEEN_PER_SHARD`].
+    last_seen: HashMap<i64, u64, RandomState>,
+    /// `last_seen` insertions, oldest first, for forgetting the oldest past the bound; an
+    /// entry whose time no longer matches the map (the user came back) is stale.
+    last_seen_order: VecDeque<(i64, u64)>,
 }
 
 impl PresenceTable {
@@ -123,21 +133,44 @@ impl PresenceTable {
 
     /// The user's first connection opened.
     pub fn online(&mut self, user: i64, now_ms: u64) {
+        self.last_seen.remove(&user);
         self.update(user, Presence { status: "online".into(), context: None, since_ms: now_ms, info: None });
     }
 
-    /// The user's last connection closed: the stored status is dropped.
-    pub fn offline(&mut self, user: i64) {
+    /// The user's last connection closed at `now_ms`: the stored status is dropped and
+    /// `now_ms` kept as the user's last seen (the oldest one is forgotten past
+    /// [`MAX_LAST_SEEN_PER_SHARD`]).
+    pub fn offline(&mut self, user: i64, now_ms: u64) {
         self.current.remove(&user);
         self.lasting.remove(&user);
         self.info.remove(&user);
+        self.last_seen.insert(user, now_ms);
+        self.last_seen_order.push_back((user, now_ms));
+        while self.last_seen.len() > MAX_LAST_SEEN_PER_SHARD {
+            let Some((old, at)) = self.last_seen_order.pop_front() else { break };
+            if self.last_seen.get(&old) == Some(&at) {
+                self.last_seen.remove(&old);
+            }
+        }
+        // Users who came back leave stale entries behind: drop them before they outnumber
+        // the live ones (amortised O(1) per call).
+        if self.last_seen_order.len() > 2 * self.last_seen.len() + 1024 {
+            let seen = &self.last_seen;
+            self.last_seen_order.retain(|(user, at)| seen.get(user) == Some(at));
+        }
     }
 
-    /// Current presence of `user` (offline when unknown).
+    /// When `user`'s last connection closed, if the user is offline and that is remembered.
+    pub fn last_seen(&self, user: i64) -> Option<u64> {
+        self.last_seen.get(&user).copied()
+    }
+
+    /// Current presence of `user`; offline since the last disconnect (the time of the query
+    /// when not remembered) when the user has no connection.
     pub fn get(&self, user: i64, now_ms: u64) -> Presence {
         match self.current.get(&user) {
             Some(current) => Presence { info: self.info(user), ..current.clone() },
-            None => Presence::offline(now_ms),
+            None => Presence::offline(self.last_seen(user).unwrap_or(now_ms)),
         }
     }
 
@@ -224,10 +257,13 @@ mod tests {
         assert_eq!(table.get(1, 8), busy);
         assert!(table.is_current(1, "busy", Some(b"{}")));
         assert!(!table.is_current(1, "busy", None), "the context counts");
-        table.offline(1);
+        table.offline(1, 9);
         assert!(!table.is_current(1, "offline", None));
         assert_eq!(watchers(&table, 1), [10, 11], "watchers stay for the user's return");
-        assert_eq!(table.get(1, 9), Presence::offline(9));
+        assert_eq!(table.get(1, 20), Presence::offline(9), "since the last disconnect");
+        assert_eq!(table.get(2, 20), Presence::offline(20), "never seen: since the query");
+        table.online(1, 30);
+        assert_eq!(table.last_seen(1), None);
     }
 
     #[test]
@@ -247,7 +283,7 @@ mod tests {
         );
         assert_eq!(table.lasting(1, 3).info, info);
         assert_eq!(table.revert(1, 4).and_then(|p| p.info), info);
-        table.offline(1);
+        table.offline(1, 5);
         assert_eq!(table.info(1), None);
     }
 
@@ -486,8 +522,30 @@ mod lasting_tests {
         assert_eq!(table.get(2, 2), Presence::offline(2), "no transient status for an offline user");
         table.online(2, 3);
         table.update_transient(2, p("typing", 4));
-        table.offline(2);
+        table.offline(2, 5);
         assert_eq!(table.revert(2, 5), None);
-        assert_eq!(table.lasting(2, 6), Presence::offline(6));
+        assert_eq!(table.lasting(2, 6), Presence::offline(5));
+    }
+
+    #[test]
+    fn last_seen_is_bounded_and_forgets_the_oldest() {
+        let mut table = PresenceTable::default();
+        let n = MAX_LAST_SEEN_PER_SHARD as i64;
+        for user in 0..n + 10 {
+            table.online(user, 0);
+            table.offline(user, user as u64 + 1);
+        }
+        assert_eq!(table.last_seen.len(), MAX_LAST_SEEN_PER_SHARD);
+        assert_eq!(table.last_seen(0), None, "the oldest is forgotten past the bound");
+        assert_eq!(table.get(0, 7), Presence::offline(7), "then `since` is the query's time");
+        assert_eq!(table.last_seen(n + 9), Some(n as u64 + 10));
+        // A user coming and going again and again leaves no growing queue behind.
+        let mut table = PresenceTable::default();
+        for at in 0..10_000u64 {
+            table.online(-1, at);
+            table.offline(-1, at);
+        }
+        assert!(table.last_seen_order.len() <= 1026, "{}", table.last_seen_order.len());
+        assert_eq!(table.last_seen(-1), Some(9_999));
     }
 }

@@ -66,3 +66,22 @@ impl Shard {
         }
     }
 }
+
+impl Shard {
+    /// Tells the application `user` (homed here) came online (`true`) or went offline at
+    /// `at_ms`. Called by the home shard only, once per transition.
+    pub(super) fn notify_user_transition(&self, user: i64, online: bool, at_ms: u64) {
+        let app = &*self.shared.app;
+        let handle = &self.handle;
+        let call = || {
+            if online {
+                app.on_user_online(user, at_ms, handle);
+            } else {
+                app.on_user_offline(user, at_ms, handle);
+            }
+        };
+        if catch_unwind(AssertUnwindSafe(call)).is_err() {
+            log::error!(user, online; "application on_user_online/on_user_offline panicked");
+        }
+    }
+}

@@ -487,6 +487,7 @@ impl Shard {
             self.presence.set_info(user, info);
             let presence = self.presence.get(user, now);
             self.announce_presence(user, &presence, Vec::new(), None);
+            self.notify_user_transition(user, true, now);
         } else {
             self.presence.set_info(user, info); // the newest connection's
         }
@@ -498,11 +499,13 @@ impl Shard {
         }
         ShardMetrics::dec(&self.metrics().users_current);
         let info = self.presence.info(user);
-        self.presence.offline(user);
-        let presence = Presence { info, ..Presence::offline(Self::wall_ms()) };
+        let now = Self::wall_ms();
+        self.presence.offline(user, now);
+        let presence = Presence { info, ..Presence::offline(now) };
         self.announce_presence(user, &presence, Vec::new(), None);
         let watched = self.presence.take_watching(user);
         self.for_each_home(watched, |targets| PresenceMsg::Unwatch { watcher: user, targets });
+        self.notify_user_transition(user, false, now);
     }
 
     fn admit_watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr, pid: Option<Box<str>>) {
