@@ -52,6 +52,9 @@ pub struct Config {
     pub ws_path: String,
     /// Deadline for a connection to complete its HTTP request/upgrade (`handshake_timeout`).
     pub handshake_timeout: Duration,
+    /// Authentications the application completes later (`Application::authenticate_deferred`)
+    /// waiting at once per shard; beyond it the handshake gets 503 (`auth_max_pending`).
+    pub auth_max_pending: usize,
     /// A connection whose queued output makes no progress for this long is closed (`write_wait`).
     pub write_wait: Duration,
     /// No pong within this long after the last one: the connection is closed (`pong_wait`).
@@ -99,6 +102,9 @@ pub struct Config {
     pub presence_scope: PresenceScope,
     /// JWT claim whose value is included as `info` in presence events (`presence_info_claim`).
     pub presence_info_claim: Option<String>,
+    /// POST `{"event":"online"|"offline","userId","at"}` to this URL on each user's first
+    /// connect / last disconnect (`presence_webhook_url`); off when unset.
+    pub presence_webhook_url: Option<String>,
     /// Dev-only: accept `?userId=<int>` without a token (`allow_insecure_user_id`).
     pub allow_insecure_user_id: bool,
     /// Bound on graceful shutdown (`shutdown_timeout`).
@@ -201,6 +207,7 @@ impl Default for Config {
             shards: 0,
             ws_path: "/ws".to_string(),
             handshake_timeout: Duration::from_secs(5),
+            auth_max_pending: 1024,
             write_wait: Duration::from_secs(10),
             pong_wait: Duration::from_secs(60),
             ping_period: Duration::from_secs(54),
@@ -222,6 +229,7 @@ impl Default for Config {
             allow_client_broadcast: false,
             presence_scope: PresenceScope::Watchers,
             presence_info_claim: None,
+            presence_webhook_url: None,
             allow_insecure_user_id: false,
             shutdown_timeout: Duration::from_secs(10),
             log_level: "info".to_string(),
@@ -615,6 +623,7 @@ keys! {
     shards: Count => "Event-loop threads; 0 means one per available core.",
     ws_path: UrlPath => "Path of the WebSocket endpoint.",
     handshake_timeout: Dur => "Deadline for a connection to complete its HTTP request and upgrade.",
+    auth_max_pending: Count => "Deferred authentications waiting at once per shard; beyond it the handshake gets 503.",
     write_wait: Dur => "Close a connection whose queued output makes no progress for this long.",
     pong_wait: Dur => "Close a connection that sends no pong for this long.",
     ping_period: Dur => "Interval between server pings; must be less than pong_wait.",
@@ -640,6 +649,8 @@ keys! {
     presence_scope: Scope => "Receivers of untargeted presence updates: watchers or all.",
     presence_info_claim: OptText =>
         "JWT claim (e.g. name) whose value (at most 1 KiB of JSON) is sent as info in the user's presence events; unset = none.",
+    presence_webhook_url: OptText =>
+        "POST {event: online|offline, userId, at} here on each user's first connect and last disconnect; off when unset.",
     allow_insecure_user_id: Flag => "Dev only: accept ?userId=N without a token.",
     shutdown_timeout: Dur => "Bound on graceful shutdown.",
     log_level: Level =>

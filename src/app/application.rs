@@ -43,6 +43,93 @@ pub struct Admission {
 
 pub use crate::route::handle::ConnId;
 
+/// What [`Application::authenticate_deferred`] decided.
+#[derive(Debug)]
+pub enum Authentication {
+    /// Decided on the shard thread, now: the fast path (a JWT check, a cache hit).
+    Now(Result<Admission, Rejection>),
+    /// Decided later through the [`PendingAuth`] taken with [`Defer::later`]: the connection
+    /// waits in its handshake (its bytes are kept, not processed) until then, at most until
+    /// `handshake_timeout`.
+    Later,
+}
+
+/// Lets [`Application::authenticate_deferred`] answer later; see [`Defer::later`].
+pub struct Defer<'a> {
+    pub(crate) conn: ConnId,
+    pub(crate) handle: &'a Handle,
+    pub(crate) taken: &'a std::cell::Cell<bool>,
+}
+
+impl std::fmt::Debug for Defer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Defer").field("conn", &self.conn).finish()
+    }
+}
+
+impl Defer<'_> {
+    /// The connection's answer-to-be, to move into a [`Workers`] job; return
+    /// [`Authentication::Later`]. If the shard already holds `auth_max_pending` waiting
+    /// authentications, the handshake is refused 503 at once and the answer, when it comes,
+    /// is ignored.
+    pub fn later(self) -> PendingAuth {
+        self.taken.set(true);
+        PendingAuth { conn: self.conn, handle: Some(self.handle.clone()) }
+    }
+}
+
+/// A handshake waiting for the application's answer, from any thread: [`PendingAuth::admit`],
+/// [`PendingAuth::reject`] or [`PendingAuth::complete`]. The answer reaches the connection's
+/// shard through its inbox. Dropped without an answer (a job that panicked, a pool shut
+/// down), it refuses the handshake with 500: authentication fails closed. A client that went
+/// away meanwhile, or whose `handshake_timeout` passed, is gone; the answer is then dropped.
+pub struct PendingAuth {
+    conn: ConnId,
+    handle: Option<Handle>,
+}
+
+impl std::fmt::Debug for PendingAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAuth").field("conn", &self.conn).finish()
+    }
+}
+
+impl PendingAuth {
+    /// The waiting connection.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Opens the WebSocket for `admission`.
+    pub fn admit(self, admission: Admission) {
+        self.complete(Ok(admission));
+    }
+
+    /// Refuses the handshake with `rejection`'s status and message.
+    pub fn reject(self, rejection: Rejection) {
+        self.complete(Err(rejection));
+    }
+
+    /// Admits or refuses.
+    pub fn complete(mut self, answer: Result<Admission, Rejection>) {
+        if let Some(handle) = self.handle.take() {
+            let answer = answer
+                .map(|a| (a.identity, a.user_data))
+                .map_err(|r| (r.status, r.message));
+            handle.complete_auth(self.conn, answer);
+        }
+    }
+}
+
+impl Drop for PendingAuth {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            log::warn!("a PendingAuth was dropped without an answer; refusing the handshake (500)");
+            handle.complete_auth(self.conn, Err((500, "authentication was not completed".into())));
+        }
+    }
+}
+
 /// A connection as a callback sees it. Frames queued through it are sent after the callback
 /// returns, in order, before anything else the shard writes to that connection.
 pub struct Conn<'a> {
@@ -186,6 +273,57 @@ pub trait Application: Send + Sync + 'static {
     ) -> Result<Admission, Rejection> {
         jwt.map(|identity| Admission { identity, user_data: None })
             .map_err(|e| Rejection { status: 401, message: e.to_string() })
+    }
+
+    /// Decides who the client is, now or later. The shard calls this one; the default answers
+    /// now with [`Application::authenticate`].
+    ///
+    /// `authenticate` runs on the shard thread, so it suits checks without I/O: the JWT check
+    /// is the fast path and needs nothing more. An application whose check needs I/O (a
+    /// session-token table) overrides this method instead: it copies what it needs out of
+    /// `request`, takes the answer-to-be with [`Defer::later`], moves it into a [`Workers`]
+    /// job that completes it, and returns [`Authentication::Later`]. Meanwhile the
+    /// connection waits in its handshake, and the shard serves its other connections. At
+    /// most `auth_max_pending` wait per shard (beyond: 503); a client that disconnects frees
+    /// its slot, and `handshake_timeout` bounds the wait. See `examples/sqlite_auth.rs`.
+    ///
+    /// ```
+    /// use customws::prelude::*;
+    ///
+    /// struct SlowAuth(Workers);
+    ///
+    /// impl Application for SlowAuth {
+    ///     fn authenticate_deferred(
+    ///         &self,
+    ///         request: &Request,
+    ///         _jwt: Result<Identity, AuthError>,
+    ///         defer: Defer<'_>,
+    ///     ) -> Authentication {
+    ///         let token = request.query_param("token");
+    ///         let pending = defer.later();
+    ///         let job = move || match token.as_deref().and_then(|t| t.parse::<i64>().ok()) {
+    ///             // … a database lookup here …
+    ///             Some(user_id) => pending.admit(Admission {
+    ///                 identity: Identity { user_id, roles: Roles::default(), claims: "{}".into(), expires_at: 0 },
+    ///                 user_data: None,
+    ///             }),
+    ///             None => pending.reject(Rejection { status: 401, message: "unknown token".into() }),
+    ///         };
+    ///         match self.0.spawn(job) {
+    ///             Ok(()) => Authentication::Later,
+    ///             // The job (and the PendingAuth in it) is dropped: the answer below wins.
+    ///             Err(_busy) => Authentication::Now(Err(Rejection { status: 503, message: "busy".into() })),
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    fn authenticate_deferred(
+        &self,
+        request: &Request,
+        jwt: Result<Identity, AuthError>,
+        _defer: Defer<'_>,
+    ) -> Authentication {
+        Authentication::Now(self.authenticate(request, jwt))
     }
 
     /// A connection opened (after the 101 was queued).

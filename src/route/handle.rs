@@ -345,6 +345,14 @@ impl Handle {
         }
     }
 
+    /// Hands a deferred authentication's answer to the shard of the waiting connection.
+    pub(crate) fn complete_auth(&self, conn: ConnId, answer: super::msg::AuthAnswer) {
+        let addr = conn.0;
+        if let Some(link) = self.fabric.links.get(addr.shard) {
+            link.send_now(super::msg::DirMsg::Authenticated { key: addr.key, answer });
+        }
+    }
+
     /// Begins graceful shutdown (close 1001 everywhere, pending waits fail `ShuttingDown`).
     pub fn shutdown(&self) {
         for link in &self.fabric.links {

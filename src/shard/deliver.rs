@@ -383,6 +383,7 @@ impl Shard {
             DirMsg::Replica { user, shard, present } => self.directory.set_replica(user, shard, present),
             DirMsg::HomeOpened { user, seq, addr, info } => self.home_opened(user, seq, addr, info),
             DirMsg::HomeClosed { user, seq } => self.home_closed(user, seq),
+            DirMsg::Authenticated { key, answer } => self.authenticated(key, answer),
             DirMsg::Close { key, code, reason } => self.close(key, code, reason),
         }
     }

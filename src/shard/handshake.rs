@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use super::Shard;
 use super::conn::{Phase, Session};
-use crate::app::application::{Admission, Rejection};
+use crate::app::application::{Admission, Authentication, Defer, Rejection};
 use crate::core::occupancy::client_ip;
 use crate::core::presence::claim_info;
 use crate::core::ratelimit::{Strikes, TokenBucket};
@@ -15,11 +15,24 @@ use crate::http::request::Request;
 use crate::http::request::{Parsed, parse};
 use crate::http::response::{json_error, response, switching_protocols};
 use crate::metrics::{Format, ShardMetrics};
-use crate::route::msg::DirMsg;
+use crate::route::msg::{AuthAnswer, DirMsg};
+
+/// A handshake waiting for the application's deferred authentication: what its upgrade
+/// needs once the answer comes.
+#[derive(Debug)]
+pub(super) struct AwaitedAuth {
+    ws_key: Box<str>,
+    subprotocol: Option<&'static str>,
+    greet: bool,
+    client_ip: std::net::IpAddr,
+}
 
 impl Shard {
     /// More bytes of the request head arrived.
     pub(super) fn on_http_bytes(&mut self, key: ConnKey) {
+        if self.auth_pending.contains_key(&key) {
+            return self.early_bytes(key);
+        }
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
@@ -37,13 +50,22 @@ impl Shard {
                         self.upgrade_then_close(key, ws_key, reason);
                     }
                     Decision::Upgrade { jwt, subprotocol, insecure_user_id } => {
-                        match self.call_authenticate(&request, jwt) {
-                            Ok(admission) => {
+                        match self.call_authenticate(key, &request, jwt) {
+                            Authentication::Now(Ok(admission)) => {
                                 let ws_key = request.ws_key.as_deref().unwrap_or("");
                                 self.upgrade(key, admission, subprotocol, ws_key, insecure_user_id, ip);
                             }
-                            Err(rejection) => {
+                            Authentication::Now(Err(rejection)) => {
                                 self.refuse(key, rejection.status, &rejection.message, Some(ip))
+                            }
+                            Authentication::Later => {
+                                let awaited = AwaitedAuth {
+                                    ws_key: request.ws_key.as_deref().unwrap_or("").into(),
+                                    subprotocol,
+                                    greet: insecure_user_id,
+                                    client_ip: ip,
+                                };
+                                self.await_auth(key, awaited);
                             }
                         }
                     }
@@ -167,15 +189,68 @@ impl Shard {
     /// The application's authentication, shielded from its panics.
     fn call_authenticate(
         &self,
+        key: ConnKey,
         request: &Request,
         jwt: Result<Identity, AuthError>,
-    ) -> Result<Admission, Rejection> {
+    ) -> Authentication {
         let app = &self.shared.app;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| app.authenticate(request, jwt)))
-            .unwrap_or_else(|_| {
-                log::error!("application authenticate() panicked");
-                Err(Rejection { status: 500, message: "authentication failed".into() })
-            })
+        let taken = std::cell::Cell::new(false);
+        let defer = Defer { conn: crate::app::application::ConnId(self.addr(key)), handle: &self.handle, taken: &taken };
+        let answer =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| app.authenticate_deferred(request, jwt, defer)))
+                .unwrap_or_else(|_| {
+                    log::error!("application authenticate() panicked");
+                    Authentication::Now(Err(Rejection { status: 500, message: "authentication failed".into() }))
+                });
+        if matches!(answer, Authentication::Later) && !taken.get() {
+            log::error!("application answered Authentication::Later without taking Defer::later()");
+            return Authentication::Now(Err(Rejection { status: 500, message: "authentication failed".into() }));
+        }
+        answer
+    }
+
+    /// The application will answer later: the connection waits in its handshake, within
+    /// `auth_max_pending` per shard and its `handshake_timeout` (already running).
+    fn await_auth(&mut self, key: ConnKey, awaited: AwaitedAuth) {
+        let max = self.shared.config.auth_max_pending;
+        if self.auth_pending.len() >= max {
+            ShardMetrics::inc(&self.metrics().admission_refusals);
+            log::warn!(
+                shard = self.id, client:% = awaited.client_ip, auth_max_pending = max;
+                "too many authentications pending; handshake refused 503"
+            );
+            self.refuse(key, 503, "server busy: too many pending authentications", Some(awaited.client_ip));
+            return;
+        }
+        self.auth_pending.insert(key, awaited);
+    }
+
+    /// Bytes from a client whose authentication is pending: kept for after the upgrade (they
+    /// are its first frames), up to one largest message; beyond, the connection is dropped.
+    fn early_bytes(&mut self, key: ConnKey) {
+        let bound = (self.limits.max_message + 14).max(8 * 1024);
+        if self.conn_mut(key).is_some_and(|c| c.inbuf.len() > bound) {
+            self.drop_conn(key, "sent too much before its authentication completed");
+        }
+    }
+
+    /// The application's deferred answer for `key`; ignored when the connection is gone (it
+    /// disconnected, or its handshake timed out) or was refused meanwhile.
+    pub(super) fn authenticated(&mut self, key: ConnKey, answer: AuthAnswer) {
+        let Some(awaited) = self.auth_pending.remove(&key) else {
+            return;
+        };
+        if !self.conn_mut(key).is_some_and(|c| c.phase == Phase::Http) {
+            return;
+        }
+        match answer {
+            Ok((identity, user_data)) => {
+                let admission = Admission { identity, user_data };
+                let AwaitedAuth { ws_key, subprotocol, greet, client_ip } = awaited;
+                self.upgrade(key, admission, subprotocol, &ws_key, greet, client_ip);
+            }
+            Err((status, message)) => self.refuse(key, status, &message, Some(awaited.client_ip)),
+        }
     }
 
     /// Opens the WebSocket: the 101 (and seed 004's `CONNECT` when `greet`) are the first

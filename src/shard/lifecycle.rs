@@ -112,6 +112,7 @@ impl Shard {
         // the only descriptor of a file removes it from the epoll set (Linux); an explicit
         // EPOLL_CTL_DEL would be one more syscall per connection for nothing.
         let mut conn = self.conns.remove(key.index as usize);
+        self.auth_pending.remove(&key); // a client gone while its authentication ran
         self.fail_waits(&conn.waits);
         let Some(session) = conn.session.take() else {
             log::trace!("dropped peer={conn_peer} phase={phase:?}: {reason}");

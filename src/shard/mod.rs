@@ -223,6 +223,9 @@ pub struct Shard {
         Arc<crate::core::ratelimit::SharedBucket>,
         foldhash::fast::RandomState,
     >,
+    /// Handshakes waiting for the application's deferred authentication (at most
+    /// `auth_max_pending`), with what their upgrade needs.
+    auth_pending: std::collections::HashMap<ConnKey, handshake::AwaitedAuth, foldhash::fast::RandomState>,
 }
 
 impl Shard {
@@ -272,6 +275,7 @@ impl Shard {
             client_work: false,
             shed: false,
             user_buckets: Default::default(),
+            auth_pending: Default::default(),
             shared,
         }
     }

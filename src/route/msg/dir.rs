@@ -5,7 +5,13 @@ use std::sync::Arc;
 
 use super::ShardMsg;
 use crate::core::directory::{ConnAddr, ConnKey, ShardId};
+use crate::http::auth::Identity;
 use crate::route::ShedKind;
+
+/// The answer of an authentication the application completed later (its `Admission` /
+/// `Rejection` in this layer's terms): the identity and the application's data for the
+/// connection, or the HTTP status and message of the refusal.
+pub type AuthAnswer = Result<(Identity, Option<Box<dyn std::any::Any + Send + Sync>>), (u16, String)>;
 
 /// Who is connected where: the directory's replicas and home lists, and closing a connection
 /// the directory chose (eviction, a disconnect).
@@ -38,6 +44,14 @@ pub enum DirMsg {
         /// The connection's open order.
         seq: u64,
     },
+    /// To the connection's shard: the application completed the connection's deferred
+    /// authentication (a connection no longer waiting ignores it).
+    Authenticated {
+        /// The connection, still in its handshake.
+        key: ConnKey,
+        /// Admitted or refused.
+        answer: AuthAnswer,
+    },
     /// Close one connection with a code (eviction by `connections_per_user`).
     Close {
         /// The connection on the receiving shard.
@@ -54,6 +68,10 @@ impl DirMsg {
     pub(super) fn held(&self) -> usize {
         match self {
             DirMsg::HomeOpened { info, .. } => info.as_ref().map_or(0, |i| i.len()),
+            DirMsg::Authenticated { answer, .. } => match answer {
+                Ok((identity, _)) => identity.claims.len(),
+                Err((_, message)) => message.len(),
+            },
             DirMsg::Replica { .. } | DirMsg::HomeClosed { .. } | DirMsg::Close { .. } => 0,
         }
     }
@@ -64,6 +82,7 @@ impl DirMsg {
             DirMsg::Replica { .. }
             | DirMsg::HomeOpened { .. }
             | DirMsg::HomeClosed { .. }
+            | DirMsg::Authenticated { .. }
             | DirMsg::Close { .. } => None,
         }
     }

@@ -15,7 +15,7 @@ mod room;
 
 pub use admin::AdminMsg;
 pub use deliver::DeliverMsg;
-pub use dir::DirMsg;
+pub use dir::{AuthAnswer, DirMsg};
 pub use op::OpMsg;
 pub use presence::PresenceMsg;
 pub use room::RoomMsg;
