@@ -35,7 +35,12 @@ pub(crate) fn open(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 /// Stores a session token for `user_id`, valid until `expires_at` (Unix seconds).
-pub(crate) fn add_session(conn: &Connection, user_id: i64, token: &str, expires_at: u64) -> rusqlite::Result<()> {
+pub(crate) fn add_session(
+    conn: &Connection,
+    user_id: i64,
+    token: &str,
+    expires_at: u64,
+) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT OR REPLACE INTO Session (UserId, Tk, ExpiresAt) VALUES (?1, ?2, ?3)",
         rusqlite::params![user_id, token, expires_at as i64],

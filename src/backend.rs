@@ -33,11 +33,31 @@
 //! since a backend is an internal service. Each failed call logs one `warn` line naming the
 //! URL, the user and the reason, at most [`WARN_LINES_PER_SECOND`] per second (the others are
 //! counted and reported with the next line). [`BackendApp::stats`] gives running counters.
+//!
+//! ## Presence webhook
+//!
+//! With `presence_webhook_url` (with or without `backend_url`), each user's first connection
+//! and last disconnect ([`Application::on_user_online`] / [`Application::on_user_offline`],
+//! decided once at the user's home shard) are POSTed as
+//!
+//! ```json
+//! {"event": "online", "userId": 7, "at": "2026-11-27T14:00:00.000Z"}
+//! ```
+//!
+//! (`at`: the connect time, or the disconnect time, i.e. the user's last seen) on the same
+//! worker pool, within `backend_timeout`. Calls for one user are made one after the other, in
+//! the order of the transitions (a user's next event waits behind its call in flight, on no
+//! thread); different users' calls run in parallel. A failed call (transport error, non-2xx) is
+//! not retried: it logs a `warn` line (rate-limited as above) and counts
+//! `customws_presence_webhook_failures_total`. Events that find the pool's queue full, or more
+//! than `backend_queue` events already waiting behind calls in flight, are dropped, logged
+//! and counted (`customws_presence_webhook_dropped_total`): the shard never waits.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -139,6 +159,10 @@ struct Counters {
 pub struct BackendApp {
     forwarder: Arc<Forwarder>,
     workers: Workers,
+    /// `false` when only the presence webhook is configured (no `backend_url`): messages
+    /// get the built-in behaviour.
+    forwarding: bool,
+    webhook: Option<Arc<Webhook>>,
 }
 
 impl std::fmt::Debug for BackendApp {
@@ -190,9 +214,47 @@ impl BackendApp {
         Self::with_options(options)
     }
 
-    /// A `BackendApp` when `backend_url` is set, `None` otherwise.
+    /// A `BackendApp` when `backend_url` or `presence_webhook_url` is set, `None` otherwise.
     pub fn from_config(config: &Config) -> Result<Option<Self>, BackendError> {
-        BackendOptions::from_config(config).map(Self::with_options).transpose()
+        let webhook = config.presence_webhook_url.as_deref().map(str::trim);
+        let app = match BackendOptions::from_config(config) {
+            Some(options) => Self::with_options(options)?,
+            None if webhook.is_some() => {
+                // Only the webhook: the same pool and client, no message forwarding.
+                let options = BackendOptions {
+                    url: "http://unused.invalid/".into(),
+                    timeout: config.backend_timeout,
+                    concurrency: config.backend_concurrency,
+                    queue: config.backend_queue,
+                    max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+                };
+                Self { forwarding: false, ..Self::with_options(options)? }
+            }
+            None => return Ok(None),
+        };
+        match webhook {
+            Some(url) => app.with_presence_webhook(url, config.backend_queue).map(Some),
+            None => Ok(Some(app)),
+        }
+    }
+
+    /// POSTs users' online/offline transitions to `url` (see the module documentation), on
+    /// this application's worker pool; at most `max_waiting` events wait behind calls in
+    /// flight.
+    pub fn with_presence_webhook(mut self, url: &str, max_waiting: usize) -> Result<Self, BackendError> {
+        check_url(url)?;
+        let webhook = Webhook {
+            agent: self.forwarder.agent.clone(),
+            url: url.to_owned(),
+            lanes: Mutex::new(Lanes::default()),
+            max_waiting,
+            sent: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            warnings: WarnLimiter::new(WARN_LINES_PER_SECOND),
+        };
+        self.webhook = Some(Arc::new(webhook));
+        Ok(self)
     }
 
     /// Forwards as `options` say; starts `options.concurrency` worker threads.
@@ -217,7 +279,7 @@ impl BackendApp {
             warnings: WarnLimiter::new(WARN_LINES_PER_SECOND),
         });
         let workers = Workers::new(concurrency, options.queue);
-        Ok(BackendApp { forwarder, workers })
+        Ok(BackendApp { forwarder, workers, forwarding: true, webhook: None })
     }
 
     /// The backend URL.
@@ -241,6 +303,9 @@ impl BackendApp {
 
 impl Application for BackendApp {
     fn on_message(&self, conn: &mut Conn<'_>, msg: &ClientMessage<'_>, raw: &[u8]) -> Handled {
+        if !self.forwarding {
+            return Handled::No;
+        }
         let job = Job {
             conn: conn.id(),
             handle: conn.handle().clone(),
@@ -263,7 +328,45 @@ impl Application for BackendApp {
         Handled::Yes
     }
 
+    fn on_user_online(&self, user_id: i64, at_ms: u64, _handle: &Handle) {
+        if let Some(webhook) = &self.webhook {
+            webhook.submit(&self.workers, Transition { user: user_id, online: true, at_ms });
+        }
+    }
+
+    fn on_user_offline(&self, user_id: i64, last_seen_ms: u64, _handle: &Handle) {
+        if let Some(webhook) = &self.webhook {
+            webhook.submit(&self.workers, Transition { user: user_id, online: false, at_ms: last_seen_ms });
+        }
+    }
+
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut list = self.backend_counters();
+        if let Some(w) = &self.webhook {
+            list.extend([
+                (
+                    "customws_presence_webhook_sent",
+                    "Presence webhook calls answered 2xx.",
+                    w.sent.load(Ordering::Relaxed),
+                ),
+                (
+                    "customws_presence_webhook_failures",
+                    "Presence webhook calls that failed (transport error or non-2xx); not retried.",
+                    w.failures.load(Ordering::Relaxed),
+                ),
+                (
+                    "customws_presence_webhook_dropped",
+                    "Presence transitions dropped because the worker queue was full.",
+                    w.dropped.load(Ordering::Relaxed),
+                ),
+            ]);
+        }
+        list
+    }
+}
+
+impl BackendApp {
+    fn backend_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         let s = self.stats();
         vec![
             ("customws_backend_forwarded", "Messages queued for the backend.", s.forwarded),
@@ -344,6 +447,127 @@ impl Forwarder {
             } else {
                 log::warn!("backend {} for user {user}: {what}", self.url);
             }
+        }
+    }
+}
+
+/// One user transition for the presence webhook.
+#[derive(Debug, Clone, Copy)]
+struct Transition {
+    user: i64,
+    online: bool,
+    at_ms: u64,
+}
+
+impl Transition {
+    /// `{"event":"online"|"offline","userId":…,"at":"<RFC 3339>"}`.
+    fn body(&self) -> String {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(self.at_ms);
+        let event = if self.online { "online" } else { "offline" };
+        format!(
+            r#"{{"event":"{event}","userId":{},"at":"{}"}}"#,
+            self.user,
+            humantime::format_rfc3339_millis(at)
+        )
+    }
+}
+
+/// Users with a webhook call in flight, and the transitions waiting behind it.
+#[derive(Debug, Default)]
+struct Lanes {
+    waiting: HashMap<i64, VecDeque<Transition>>,
+    /// Transitions in all queues.
+    count: usize,
+}
+
+/// The presence webhook: posts each user's transitions in order, one call at a time per user.
+struct Webhook {
+    agent: ureq::Agent,
+    url: String,
+    lanes: Mutex<Lanes>,
+    max_waiting: usize,
+    sent: AtomicU64,
+    failures: AtomicU64,
+    dropped: AtomicU64,
+    warnings: WarnLimiter,
+}
+
+impl Webhook {
+    /// On the user's home shard (so one thread per user): starts a call for `event`, or
+    /// queues it behind the user's call in flight. Never blocks on I/O.
+    fn submit(self: &Arc<Self>, workers: &Workers, event: Transition) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if lanes.waiting.contains_key(&event.user) {
+            if lanes.count >= self.max_waiting {
+                drop(lanes);
+                return self.drop_event(event, "too many transitions waiting");
+            }
+            lanes.count += 1;
+            if let Some(queue) = lanes.waiting.get_mut(&event.user) {
+                queue.push_back(event);
+            }
+            return;
+        }
+        lanes.waiting.insert(event.user, VecDeque::new());
+        drop(lanes);
+        let webhook = Arc::clone(self);
+        if workers.spawn(move || webhook.run(event)).is_err() {
+            // Nothing can be queued behind it meanwhile: this thread is the user's only one.
+            self.lanes.lock().unwrap_or_else(|e| e.into_inner()).waiting.remove(&event.user);
+            self.drop_event(event, "worker queue full");
+        }
+    }
+
+    /// On a worker: posts `event`, then whatever queued behind it for the same user.
+    fn run(&self, mut event: Transition) {
+        loop {
+            self.post(event);
+            let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            match lanes.waiting.get_mut(&event.user).and_then(VecDeque::pop_front) {
+                Some(next) => {
+                    lanes.count -= 1;
+                    event = next;
+                }
+                None => {
+                    lanes.waiting.remove(&event.user);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn post(&self, event: Transition) {
+        let result = self
+            .agent
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .send(event.body().as_bytes());
+        let failure = match result {
+            Ok(mut response) if response.status().is_success() => {
+                // Read (a bounded body) so the connection goes back to the pool.
+                let _ = response.body_mut().with_config().limit(MAX_ERROR_BODY_BYTES).read_to_vec();
+                self.sent.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(response) => format!("answered {}", response.status().as_u16()),
+            Err(e) => transport_failure(&e).message,
+        };
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.warn(event, &failure);
+    }
+
+    fn drop_event(&self, event: Transition, why: &str) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.warn(event, &format!("{why}, event dropped"));
+    }
+
+    fn warn(&self, event: Transition, what: &str) {
+        if let Some(suppressed) = self.warnings.admit() {
+            let kind = if event.online { "online" } else { "offline" };
+            log::warn!(
+                user = event.user, event = kind, suppressed;
+                "presence webhook {}: {what}", self.url
+            );
         }
     }
 }

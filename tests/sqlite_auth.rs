@@ -92,7 +92,9 @@ fn a_slow_lookup_does_not_delay_other_clients() {
     }
     release.join().unwrap();
     let (mut c, admitted_after) = slow.join().unwrap();
-    println!("{rounds} P2P rounds while the lookup waited, worst {worst:?}; admitted after {admitted_after:?}");
+    println!(
+        "{rounds} P2P rounds while the lookup waited, worst {worst:?}; admitted after {admitted_after:?}"
+    );
     assert!(rounds >= 5, "only {rounds} P2P rounds ran while the lookup waited");
     assert!(worst < Duration::from_millis(50), "a P2P round took {worst:?} during the lookup");
     assert!(admitted_after >= Duration::from_millis(200), "admitted after {admitted_after:?}");

@@ -1,16 +1,85 @@
 //! `Application::on_user_online` / `on_user_offline`: exactly one of each per user transition,
-//! in order, even when a user's connections open and close at the same instant on two shards;
-//! and the last-seen time an offline user's presence reports afterwards.
+//! in order, even when a user's connections open and close at the same instant on two shards
+//! (and one `presence_webhook_url` call each, in order); the webhook's failures; and the
+//! last-seen time an offline user's presence reports afterwards.
 
 mod common;
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use customws::app::application::Conn;
-use customws::{Application, Handle};
+use customws::backend::BackendApp;
+use customws::{Application, Config, Handle};
+use serde_json::Value;
+
+/// Webhook bodies per user, in arrival order.
+type Hooks = Arc<Mutex<HashMap<i64, Vec<Value>>>>;
+
+/// The user whose `online` calls the hook server answers 20 ms late.
+const SLOW_HOOK_USER: i64 = 500;
+
+/// A keep-alive HTTP/1.1 server answering 204 to every POST and keeping its JSON body.
+fn start_hook_server() -> (String, Hooks) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/presence", listener.local_addr().unwrap());
+    let hooks: Hooks = Arc::default();
+    let log = Arc::clone(&hooks);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || serve(stream, &log));
+        }
+    });
+    (url, hooks)
+}
+
+fn serve(stream: TcpStream, log: &Mutex<HashMap<i64, Vec<Value>>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let user = body["userId"].as_i64().unwrap_or(i64::MIN);
+        let slow = user == SLOW_HOOK_USER && body["event"] == "online";
+        log.lock().unwrap().entry(user).or_default().push(body);
+        if slow {
+            // Answered late: the user's offline call must wait for this one, not overtake it.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}
 
 /// One user transition as the application saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +93,8 @@ enum Seen {
 struct Recorder {
     events: Mutex<HashMap<i64, Vec<Seen>>>,
     shards: Mutex<HashMap<i64, Vec<String>>>,
+    /// The binary's application (here for its presence webhook), told of every transition.
+    backend: Option<BackendApp>,
 }
 
 impl Application for Recorder {
@@ -32,12 +103,22 @@ impl Application for Recorder {
         self.shards.lock().unwrap().entry(conn.user_id()).or_default().push(thread);
     }
 
-    fn on_user_online(&self, user_id: i64, at_ms: u64, _handle: &Handle) {
+    fn on_user_online(&self, user_id: i64, at_ms: u64, handle: &Handle) {
         self.events.lock().unwrap().entry(user_id).or_default().push(Seen::Online(at_ms));
+        if let Some(backend) = &self.backend {
+            backend.on_user_online(user_id, at_ms, handle);
+        }
     }
 
-    fn on_user_offline(&self, user_id: i64, last_seen_ms: u64, _handle: &Handle) {
+    fn on_user_offline(&self, user_id: i64, last_seen_ms: u64, handle: &Handle) {
         self.events.lock().unwrap().entry(user_id).or_default().push(Seen::Offline(last_seen_ms));
+        if let Some(backend) = &self.backend {
+            backend.on_user_offline(user_id, last_seen_ms, handle);
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.backend.as_ref().map(Application::counters).unwrap_or_default()
     }
 }
 
@@ -53,6 +134,23 @@ impl Recorder {
         list.dedup();
         list
     }
+}
+
+/// A recorder whose transitions also go to `presence_webhook_url = url`, on a pool of
+/// `backend_concurrency` threads (so per-user order is the webhook's doing, not one thread's).
+fn recorder_with_webhook(url: &str) -> (Config, Arc<Recorder>) {
+    let mut config = test_config();
+    config.presence_webhook_url = Some(url.to_owned());
+    config.backend_concurrency = 4;
+    config.backend_timeout = Duration::from_millis(500);
+    let backend = BackendApp::from_config(&config).unwrap().expect("the webhook makes a BackendApp");
+    (config, Arc::new(Recorder { backend: Some(backend), ..Recorder::default() }))
+}
+
+/// RFC 3339 text → Unix ms.
+fn unix_ms(stamp: &Value) -> u64 {
+    let time = humantime::parse_rfc3339(stamp.as_str().unwrap()).unwrap();
+    time.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 fn wall_ms() -> u64 {
@@ -76,8 +174,9 @@ fn twice_at_once<T: Send + 'static>(f: impl Fn() -> T + Send + Sync + 'static) -
 
 #[test]
 fn two_shards_opening_and_closing_at_once_give_one_online_and_one_offline() {
-    let app = Arc::new(Recorder::default());
-    let server = customws::start_with(test_config(), app.clone()).unwrap();
+    let (url, hooks) = start_hook_server();
+    let (config, app) = recorder_with_webhook(&url);
+    let server = customws::start_with(config, app.clone()).unwrap();
     let addr = server.local_addr();
     let mut across = 0; // rounds whose two connections landed on different shards
     let mut user = 1000;
@@ -96,10 +195,21 @@ fn two_shards_opening_and_closing_at_once_give_one_online_and_one_offline() {
             app.events(user).iter().any(|e| matches!(e, Seen::Offline(_)))
         });
         let events = app.events(user);
-        match events.as_slice() {
-            [Seen::Online(on), Seen::Offline(off)] => assert!(on <= off, "user {user}: {events:?}"),
+        let (on, off) = match events.as_slice() {
+            [Seen::Online(on), Seen::Offline(off)] if on <= off => (*on, *off),
             other => panic!("user {user}: expected one online then one offline, got {other:?}"),
-        }
+        };
+        // The webhook: one call each, in order, with the same times.
+        wait_until(Duration::from_secs(5), "the two webhook calls", || {
+            hooks.lock().unwrap().get(&user).is_some_and(|calls| calls.len() >= 2)
+        });
+        let calls = hooks.lock().unwrap()[&user].clone();
+        assert_eq!(calls.len(), 2, "user {user}: {calls:?}");
+        assert_eq!(
+            (calls[0]["event"].as_str(), calls[1]["event"].as_str()),
+            (Some("online"), Some("offline"))
+        );
+        assert_eq!((unix_ms(&calls[0]["at"]), unix_ms(&calls[1]["at"])), (on, off), "{calls:?}");
         if two_shards {
             across += 1;
         }
@@ -108,7 +218,42 @@ fn two_shards_opening_and_closing_at_once_give_one_online_and_one_offline() {
     std::thread::sleep(Duration::from_millis(50));
     for u in 1001..=user {
         assert_eq!(app.events(u).len(), 2, "user {u}: {:?}", app.events(u));
+        assert_eq!(hooks.lock().unwrap()[&u].len(), 2, "user {u}");
     }
+}
+
+#[test]
+fn a_user_coming_and_going_fast_gets_its_webhook_calls_in_order() {
+    let (url, hooks) = start_hook_server();
+    let (config, app) = recorder_with_webhook(&url);
+    let server = customws::start_with(config, app.clone()).unwrap();
+    for _ in 0..30 {
+        connect(server.local_addr(), SLOW_HOOK_USER, &[]).close();
+    }
+    wait_until(Duration::from_secs(5), "60 transitions", || app.events(SLOW_HOOK_USER).len() == 60);
+    wait_until(Duration::from_secs(5), "60 webhook calls", || {
+        hooks.lock().unwrap().get(&SLOW_HOOK_USER).is_some_and(|calls| calls.len() == 60)
+    });
+    let calls = hooks.lock().unwrap()[&SLOW_HOOK_USER].clone();
+    for (i, call) in calls.iter().enumerate() {
+        let expected = if i % 2 == 0 { "online" } else { "offline" };
+        assert_eq!(call["event"], expected, "call {i}: {calls:?}");
+    }
+    let times: Vec<u64> = calls.iter().map(|c| unix_ms(&c["at"])).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+}
+
+#[test]
+fn webhook_failures_are_counted() {
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (config, app) = recorder_with_webhook(&format!("http://{dead}/presence"));
+    let server = customws::start_with(config, app.clone()).unwrap();
+    connect(server.local_addr(), 600, &[]).close();
+    wait_until(Duration::from_secs(5), "two failed webhook calls", || {
+        metric_sum(&metrics(server.local_addr()), "customws_presence_webhook_failures_total") == Some(2.0)
+    });
+    let text = metrics(server.local_addr());
+    assert_eq!(metric_sum(&text, "customws_presence_webhook_sent_total"), Some(0.0));
 }
 
 #[test]

@@ -113,9 +113,7 @@ impl PendingAuth {
     /// Admits or refuses.
     pub fn complete(mut self, answer: Result<Admission, Rejection>) {
         if let Some(handle) = self.handle.take() {
-            let answer = answer
-                .map(|a| (a.identity, a.user_data))
-                .map_err(|r| (r.status, r.message));
+            let answer = answer.map(|a| (a.identity, a.user_data)).map_err(|r| (r.status, r.message));
             handle.complete_auth(self.conn, answer);
         }
     }

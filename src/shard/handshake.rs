@@ -195,16 +195,24 @@ impl Shard {
     ) -> Authentication {
         let app = &self.shared.app;
         let taken = std::cell::Cell::new(false);
-        let defer = Defer { conn: crate::app::application::ConnId(self.addr(key)), handle: &self.handle, taken: &taken };
-        let answer =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| app.authenticate_deferred(request, jwt, defer)))
-                .unwrap_or_else(|_| {
-                    log::error!("application authenticate() panicked");
-                    Authentication::Now(Err(Rejection { status: 500, message: "authentication failed".into() }))
-                });
+        let defer = Defer {
+            conn: crate::app::application::ConnId(self.addr(key)),
+            handle: &self.handle,
+            taken: &taken,
+        };
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            app.authenticate_deferred(request, jwt, defer)
+        }))
+        .unwrap_or_else(|_| {
+            log::error!("application authenticate() panicked");
+            Authentication::Now(Err(Rejection { status: 500, message: "authentication failed".into() }))
+        });
         if matches!(answer, Authentication::Later) && !taken.get() {
             log::error!("application answered Authentication::Later without taking Defer::later()");
-            return Authentication::Now(Err(Rejection { status: 500, message: "authentication failed".into() }));
+            return Authentication::Now(Err(Rejection {
+                status: 500,
+                message: "authentication failed".into(),
+            }));
         }
         answer
     }
