@@ -786,6 +786,26 @@ mod tests {
     }
 
     #[test]
+    fn the_presence_webhook_alone_makes_an_app_that_forwards_nothing() {
+        let mut config = Config::default();
+        assert!(BackendApp::from_config(&config).unwrap().is_none());
+        config.presence_webhook_url = Some("http://127.0.0.1:9/presence".into());
+        let app = BackendApp::from_config(&config).unwrap().expect("an app for the webhook");
+        assert!(!app.forwarding && app.webhook.is_some());
+        config.backend_url = Some("http://127.0.0.1:9/backend".into());
+        let app = BackendApp::from_config(&config).unwrap().expect("an app");
+        assert!(app.forwarding && app.webhook.is_some());
+        config.presence_webhook_url = Some("not a url".into());
+        assert!(BackendApp::from_config(&config).is_err());
+    }
+
+    #[test]
+    fn transitions_are_posted_as_json() {
+        let body = Transition { user: -4, online: false, at_ms: 1_700_000_000_123 }.body();
+        assert_eq!(body, r#"{"event":"offline","userId":-4,"at":"2023-11-14T22:13:20.123Z"}"#);
+    }
+
+    #[test]
     fn warn_limiter_caps_lines_per_second() {
         let limiter = WarnLimiter::new(3);
         let admitted = (0..10).filter(|_| limiter.admit().is_some()).count();

@@ -93,6 +93,8 @@ enum Seen {
 struct Recorder {
     events: Mutex<HashMap<i64, Vec<Seen>>>,
     shards: Mutex<HashMap<i64, Vec<String>>>,
+    /// `on_disconnect` calls per user.
+    disconnects: Mutex<HashMap<i64, usize>>,
     /// The binary's application (here for its presence webhook), told of every transition.
     backend: Option<BackendApp>,
 }
@@ -101,6 +103,10 @@ impl Application for Recorder {
     fn on_connect(&self, conn: &mut Conn<'_>) {
         let thread = std::thread::current().name().unwrap_or("?").to_owned();
         self.shards.lock().unwrap().entry(conn.user_id()).or_default().push(thread);
+    }
+
+    fn on_disconnect(&self, event: &customws::app::application::Disconnect<'_>) {
+        *self.disconnects.lock().unwrap().entry(event.user_id).or_default() += 1;
     }
 
     fn on_user_online(&self, user_id: i64, at_ms: u64, handle: &Handle) {
@@ -219,6 +225,47 @@ fn two_shards_opening_and_closing_at_once_give_one_online_and_one_offline() {
     for u in 1001..=user {
         assert_eq!(app.events(u).len(), 2, "user {u}: {:?}", app.events(u));
         assert_eq!(hooks.lock().unwrap()[&u].len(), 2, "user {u}");
+    }
+}
+
+#[test]
+fn a_close_racing_an_open_never_leaves_the_user_offline_with_a_connection() {
+    let app = Arc::new(Recorder::default());
+    let server = customws::start_with(test_config(), app.clone()).unwrap();
+    let (addr, handle) = (server.local_addr(), server.handle());
+    for user in 3000..3100 {
+        let first = connect(addr, user, &[]);
+        wait_until(Duration::from_secs(5), "online", || app.events(user).len() == 1);
+        // The first connection closes while the second opens.
+        let closing = Arc::new(Mutex::new(Some(first)));
+        let (a, b) = twice_at_once(move || {
+            let mine = closing.lock().unwrap().take();
+            match mine {
+                Some(client) => {
+                    client.close();
+                    None
+                }
+                None => Some(connect(addr, user, &[])),
+            }
+        });
+        let mut second = a.or(b).expect("one thread opened the second connection");
+        // Both reached the home shard's inbox before this query (one queue, in order): its
+        // answer comes after both were handled.
+        wait_until(Duration::from_secs(5), "the first connection's disconnect", || {
+            app.disconnects.lock().unwrap().get(&user) == Some(&1)
+        });
+        assert_eq!(handle.user_connections(user).wait().unwrap().len(), 1);
+        let events = app.events(user);
+        match events.as_slice() {
+            [Seen::Online(_)] | [Seen::Online(_), Seen::Offline(_), Seen::Online(_)] => {}
+            other => panic!("user {user} has a connection, but its transitions were {other:?}"),
+        }
+        assert_eq!(handle.presence(user).wait().unwrap().status, "online");
+        second.roundtrip("still here");
+        second.close();
+        wait_until(Duration::from_secs(5), "offline", || {
+            matches!(app.events(user).last(), Some(Seen::Offline(_)))
+        });
     }
 }
 
