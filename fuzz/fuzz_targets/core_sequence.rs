@@ -423,7 +423,7 @@ impl World {
         if !offline {
             return;
         }
-        self.shards[home].presence.offline(user);
+        self.shards[home].presence.offline(user, self.now);
         self.status.remove(&user);
         self.lasting.remove(&user);
         self.assert_watchers(user);
