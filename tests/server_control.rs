@@ -508,3 +508,35 @@ fn a_waiter_is_a_future_woken_by_the_shard() {
     assert_eq!(failed.unwrap_err(), WaitError::ShuttingDown);
     stopper.join().unwrap();
 }
+
+#[test]
+fn server_watches_share_the_watch_list_bound() {
+    let (server, addr, api) = api_server(|c| {
+        // The 10,000-event snapshot must fit the watcher's queue while the reader drains it.
+        c.send_queue = 20_000;
+        c.send_queue_bytes = 16 << 20;
+    });
+    let handle = server.handle();
+    let mut watcher = connect(addr, 60, &[]);
+    for chunk in 0..10 {
+        let targets: Vec<i64> = (0..1000).map(|i| 100_000 + chunk * 1000 + i).collect();
+        assert_eq!(handle.watch_presence(60, &targets).wait_timeout(LIMIT).unwrap(), 1);
+    }
+    let reader = thread::spawn(move || {
+        for _ in 0..10_000 {
+            expect_presence_any(&mut watcher, "offline");
+        }
+        watcher
+    });
+    assert_eq!(
+        handle.watch_presence(60, &[1]).wait_timeout(LIMIT),
+        Err(WaitError::Limit("watch list limit reached"))
+    );
+    let answer = with_key(api, "POST", "/api/v1/users/60/watches", Some(r#"{"userIds":[2,3]}"#));
+    assert_status(&answer, 429);
+    assert!(answer.error().contains("watch list"), "{}", answer.raw);
+    // Already watched targets are not new: still fine at the bound.
+    assert_eq!(handle.watch_presence(60, &[100_000]).wait_timeout(LIMIT).unwrap(), 1);
+    let mut watcher = reader.join().unwrap();
+    watcher.roundtrip("no-more-snapshots");
+}
