@@ -463,12 +463,17 @@ impl Handle {
         })
     }
 
-    /// The presence of every member of `room`: the member list first, then each member's
-    /// home shard; each step bounded by `limit`.
+    /// The presence of every member of `room`, by user id: the member list first, then one
+    /// [`Handle::presence_many`] per 1,000 members; each step bounded by `limit`.
     pub fn room_presence(&self, room: &str, limit: Duration) -> Result<Vec<UserPresence>, WaitError> {
         let members = self.room_members(room).wait_timeout(limit)?;
-        let waiters: Vec<_> = members.iter().map(|&user| self.presence(user)).collect();
-        waiters.into_iter().map(|w| w.wait_timeout(limit)).collect()
+        let waiters: Vec<_> =
+            members.chunks(MAX_PRESENCE_MANY).map(|chunk| self.presence_many(chunk)).collect();
+        let mut all = Vec::with_capacity(members.len());
+        for waiter in waiters {
+            all.extend(waiter.wait_timeout(limit)?);
+        }
+        Ok(all)
     }
 
     /// Closes every connection of the user with 1000; yields how many.
