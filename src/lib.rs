@@ -112,11 +112,10 @@ pub use server::{ServerHandle, StartError, start, start_with};
 /// What an application needs, in one import: `use customws::prelude::*;`.
 pub mod prelude {
     pub use crate::app::application::{
-        Admission, Application, Busy, Conn, ConnId, ConnReplies, Disconnect, Handled, Rejection, UserData,
-        Workers,
+        Admission, Application, Busy, Conn, ConnId, Disconnect, Handled, Rejection, UserData, Workers,
     };
     pub use crate::app::application::{Authentication, Defer, PendingAuth};
-    pub use crate::app::{AckReply, ClientReply, Handle, OutMessage, WaitError, Waiter};
+    pub use crate::app::{AckReply, ClientReply, Handle, Joined, OutMessage, WaitError, Waiter};
     pub use crate::config::Config;
     pub use crate::http::auth::{AuthError, Identity, Roles};
     pub use crate::http::request::Request;

@@ -1,7 +1,7 @@
 //! The library's application API (issue 10, item 6), over real TCP where a connection is
 //! involved: `Workers` with per-thread state and a joining shutdown, `on_disconnect` with the
 //! user data and the handle, `ClientMessage::pid_owned` moved into a job, and the
-//! `ConnReplies` answers by connection id — all through `customws::prelude`.
+//! `Handle::ack`/`error`/`respond` answer by connection id — all through `customws::prelude`.
 
 mod common;
 

@@ -105,6 +105,9 @@ pub(super) fn wait_failed(error: WaitError) -> Reply {
         WaitError::Offline => (404, "offline"),
         WaitError::Closed => (410, "closed"),
         WaitError::ShuttingDown => (503, "shutting_down"),
+        WaitError::Invalid(_) => (400, "invalid"),
+        WaitError::Limit(_) => (429, "limit"),
+        WaitError::OnShardThread => (500, "on_shard_thread"),
     };
     Reply::wait_error(status, reason, &error.to_string())
 }
@@ -134,6 +137,9 @@ mod tests {
         assert_eq!(wait_failed(WaitError::Offline).status, 404);
         assert_eq!(wait_failed(WaitError::Closed).status, 410);
         assert_eq!(wait_failed(WaitError::ShuttingDown).status, 503);
+        assert_eq!(wait_failed(WaitError::Invalid("x")).status, 400);
+        assert_eq!(wait_failed(WaitError::Limit("x")).status, 429);
+        assert_eq!(wait_failed(WaitError::OnShardThread).status, 500);
         assert_eq!(wait_failed(WaitError::Closed).message(), "connection closed before the client answered");
     }
 }

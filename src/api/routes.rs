@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 
 use super::reply::{Reply, wait_failed};
 use crate::core::rooms::validate_name;
+use crate::route::handle::{MAX_PRESENCE_MANY, MAX_STATUS_BYTES, MAX_WATCH_TARGETS};
 use crate::route::{Completion, OutMessage, Outcome, UserPresence};
 use crate::route::{Handle, Op};
 
@@ -41,6 +42,18 @@ pub(super) enum Route {
     Rooms,
     /// `GET /api/v1/events` (admin event stream).
     Events,
+    /// `POST /api/v1/users/{id}/rooms/{room}`: the user's connections join the room.
+    UserJoin(i64, String),
+    /// `DELETE /api/v1/users/{id}/rooms/{room}`: the user's connections leave the room.
+    UserLeave(i64, String),
+    /// `POST /api/v1/users/{id}/watches` `{"userIds"}`: watch those users' presence.
+    Watch(i64),
+    /// `DELETE /api/v1/users/{id}/watches` `{"userIds"}`: stop watching them.
+    Unwatch(i64),
+    /// `PUT /api/v1/users/{id}/presence` `{"status", "context"?}`.
+    SetPresence(i64),
+    /// `POST /api/v1/presence` `{"userIds"}`: many users' presence in one call.
+    PresenceMany,
 }
 
 /// The answer to a request that needs no API key (the admin page's HTML shell), if it is one.
@@ -68,9 +81,28 @@ pub(super) fn route(method: &str, path: &str) -> Result<Route, Reply> {
         ["rooms", room] if !room.is_empty() => (Route::Room(room_name(room)?), "GET"),
         ["rooms", room, "publish"] if !room.is_empty() => (Route::RoomPublish(room_name(room)?), "POST"),
         ["rooms", room, "presence"] if !room.is_empty() => (Route::RoomPresence(room_name(room)?), "GET"),
+        ["presence"] => (Route::PresenceMany, "POST"),
+        ["users", id, "presence"] if !id.is_empty() => (Route::SetPresence(user_id(id)?), "PUT"),
+        ["users", id, "rooms", room] if !id.is_empty() && !room.is_empty() => {
+            let (user, room) = (user_id(id)?, room_name(room)?);
+            return post_or_delete(method, Route::UserJoin(user, room.clone()), Route::UserLeave(user, room));
+        }
+        ["users", id, "watches"] if !id.is_empty() => {
+            let user = user_id(id)?;
+            return post_or_delete(method, Route::Watch(user), Route::Unwatch(user));
+        }
         _ => return Err(not_found(path)),
     };
     if method == allow { Ok(route) } else { Err(Reply::method_not_allowed(allow)) }
+}
+
+/// A path with two methods: POST adds, DELETE takes away.
+fn post_or_delete(method: &str, post: Route, delete: Route) -> Result<Route, Reply> {
+    match method {
+        "POST" => Ok(post),
+        "DELETE" => Ok(delete),
+        _ => Err(Reply::method_not_allowed("POST, DELETE")),
+    }
 }
 
 fn not_found(path: &str) -> Reply {
@@ -192,6 +224,38 @@ pub(super) enum Call {
         /// Most rooms listed.
         limit: usize,
     },
+    /// Put the user's connections into a room (`leave`: take them out).
+    Membership {
+        /// The user.
+        user: i64,
+        /// The room (valid).
+        room: String,
+        /// Leave instead of join.
+        leave: bool,
+    },
+    /// Add presence watches for a user (`remove`: drop them).
+    Watch {
+        /// The watching user.
+        watcher: i64,
+        /// Users to watch.
+        targets: Vec<i64>,
+        /// Unwatch instead.
+        remove: bool,
+    },
+    /// Set a user's presence.
+    SetPresence {
+        /// The user.
+        user: i64,
+        /// The status.
+        status: String,
+        /// The context, raw JSON; `None` when absent or `null`.
+        context: Option<Box<RawValue>>,
+    },
+    /// Many users' presence.
+    PresenceMany {
+        /// The users.
+        users: Vec<i64>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -242,6 +306,19 @@ struct RequestIn {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct UserIdsIn {
+    user_ids: Vec<i64>,
+}
+
+#[derive(Deserialize)]
+struct PresenceIn {
+    status: String,
+    #[serde(default)]
+    context: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct RoomPublishIn {
     body: Box<RawValue>,
     #[serde(default)]
@@ -283,10 +360,37 @@ pub(super) fn call(route: Route, body: &[u8]) -> Result<Call, Reply> {
         }
         Route::Room(room) => Call::RoomMembers { room },
         Route::RoomPresence(room) => Call::RoomPresence { room },
+        Route::UserJoin(user, room) => Call::Membership { user, room, leave: false },
+        Route::UserLeave(user, room) => Call::Membership { user, room, leave: true },
+        Route::Watch(watcher) | Route::Unwatch(watcher) => {
+            let remove = matches!(route, Route::Unwatch(_));
+            let targets = user_ids(body, MAX_WATCH_TARGETS)?;
+            Call::Watch { watcher, targets, remove }
+        }
+        Route::SetPresence(user) => {
+            let input: PresenceIn = parse_object(body)?;
+            if input.status.is_empty() || input.status.len() > MAX_STATUS_BYTES {
+                let message = format!("status must be 1 to {MAX_STATUS_BYTES} bytes");
+                return Err(Reply::error(400, &message));
+            }
+            let context = input.context.filter(|c| c.get() != "null");
+            Call::SetPresence { user, status: input.status, context }
+        }
+        Route::PresenceMany => Call::PresenceMany { users: user_ids(body, MAX_PRESENCE_MANY)? },
         Route::Connections | Route::Rooms | Route::Events => {
             return Err(Reply::error(500, "admin routes take their parameters from the query"));
         }
     })
+}
+
+/// A body `{"userIds": [...]}` of at most `max` ids.
+fn user_ids(body: &[u8], max: usize) -> Result<Vec<i64>, Reply> {
+    let input: UserIdsIn = parse_object(body)?;
+    if input.user_ids.len() > max {
+        let message = format!("at most {max} userIds per call, got {}", input.user_ids.len());
+        return Err(Reply::error(400, &message));
+    }
+    Ok(input.user_ids)
 }
 
 fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
@@ -342,6 +446,8 @@ pub(super) struct Tally {
     kind: Kind,
     left: usize,
     delivered: usize,
+    /// `Joined`: connections the limits kept out of the room.
+    refused: usize,
     members: Vec<i64>,
     /// `Query`: the user's connection count, once in.
     connections: Option<usize>,
@@ -365,6 +471,9 @@ enum Kind {
     RoomPresence { room: String },
     Connections { limit: usize },
     Rooms,
+    Joined,
+    Affected,
+    PresenceMany,
 }
 
 impl Call {
@@ -405,6 +514,22 @@ impl Call {
                 Kind::Connections { limit: *limit },
             ),
             Call::Rooms { limit } => (Op::AdminRooms { limit: *limit }, Kind::Rooms),
+            Call::Membership { user, room, leave: false } => {
+                (Op::JoinRoom { user: *user, room }, Kind::Joined)
+            }
+            Call::Membership { user, room, leave: true } => {
+                (Op::LeaveRoom { user: *user, room }, Kind::Affected)
+            }
+            Call::Watch { watcher, targets, remove: false } => {
+                (Op::Watch { watcher: *watcher, targets }, Kind::Affected)
+            }
+            Call::Watch { watcher, targets, remove: true } => {
+                (Op::Unwatch { watcher: *watcher, targets }, Kind::Affected)
+            }
+            Call::SetPresence { user, status, context } => {
+                (Op::SetPresence { user: *user, status, context: context.as_deref() }, Kind::Affected)
+            }
+            Call::PresenceMany { users } => (Op::PresenceMany { users }, Kind::PresenceMany),
         };
         let left = submit(op);
         Tally::new(kind, left)
@@ -425,6 +550,7 @@ impl Tally {
             kind,
             left,
             delivered: 0,
+            refused: 0,
             members: Vec::new(),
             connections: None,
             presences: Vec::new(),
@@ -439,6 +565,9 @@ impl Tally {
         (self.left == 0).then(|| match &self.kind {
             Kind::Members { room } => self.listed(room),
             Kind::RoomPresence { room } => self.room_presence(room),
+            Kind::Joined => self.joined(),
+            Kind::Affected => self.affected(),
+            Kind::PresenceMany => self.presence_many(),
             _ => self.summed(),
         })
     }
@@ -524,12 +653,57 @@ impl Tally {
                 gather.reply(*limit)
             }
             (Kind::Rooms, Outcome::Rooms { rooms, total }) => super::admin::rooms_reply(&rooms, total),
+            (Kind::Joined, Outcome::Joined(joined)) => {
+                self.delivered += joined.joined;
+                self.refused += joined.refused;
+                if self.left > 0 {
+                    return None;
+                }
+                self.joined()
+            }
+            (Kind::Affected, Outcome::Delivered(n)) => {
+                self.delivered += n;
+                if self.left > 0 {
+                    return None;
+                }
+                self.affected()
+            }
+            (Kind::PresenceMany, Outcome::Presences(list)) => {
+                self.presences.extend(list);
+                if self.left > 0 {
+                    return None;
+                }
+                self.presence_many()
+            }
             (kind, other) => {
                 log::error!("API: unexpected outcome {other:?} for a {kind:?} call");
                 Reply::error(500, "unexpected outcome from the server")
             }
         };
         Some(reply)
+    }
+
+    /// `{"connections", "refused"}`: the user's connections in the room, and those the
+    /// limits kept out.
+    fn joined(&self) -> Reply {
+        Reply::ok(serde_json::json!({ "connections": self.delivered, "refused": self.refused }).to_string())
+    }
+
+    /// `{"connections"}`: the user's connections the call changed.
+    fn affected(&self) -> Reply {
+        Reply::ok(serde_json::json!({ "connections": self.delivered }).to_string())
+    }
+
+    /// `{"users": [{"userId", "status", "context", "since", "info"?}, …], "count"}`, by user id.
+    fn presence_many(&self) -> Reply {
+        let mut users: Vec<MemberOut<'_>> = self
+            .presences
+            .iter()
+            .map(|p| MemberOut { user_id: p.user_id, presence: PresenceOut::of(p) })
+            .collect();
+        users.sort_unstable_by_key(|m| m.user_id);
+        let count = users.len();
+        json_reply(&PresenceManyOut { users, count })
     }
 
     fn summed(&self) -> Reply {
@@ -611,7 +785,14 @@ struct RoomPresenceOut<'a> {
     members: Vec<MemberOut<'a>>,
 }
 
-/// One member of [`RoomPresenceOut`].
+/// `POST /api/v1/presence`.
+#[derive(Serialize)]
+struct PresenceManyOut<'a> {
+    users: Vec<MemberOut<'a>>,
+    count: usize,
+}
+
+/// One member of [`RoomPresenceOut`] (and one user of [`PresenceManyOut`]).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct MemberOut<'a> {
@@ -651,7 +832,7 @@ impl<'a> PresenceOut<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{AckReply, ClientReply, ConnInfo, WaitError};
+    use crate::route::{AckReply, ClientReply, ConnInfo, Joined, WaitError};
 
     fn presence(user: i64, status: &str, context: Option<&str>, since_ms: u64) -> UserPresence {
         UserPresence {
@@ -686,6 +867,20 @@ mod tests {
         assert_eq!(route("GET", "/api/v1/rooms/lobby/presence"), Ok(Route::RoomPresence("lobby".into())));
         assert_eq!(route("GET", "/api/v1/rooms/%23a/presence"), Ok(Route::RoomPresence("#a".into())));
         assert_eq!(route("POST", "/api/v1/rooms/lobby/presence").unwrap_err().header, Some(("Allow", "GET")));
+        assert_eq!(route("POST", "/api/v1/users/3/rooms/%23a"), Ok(Route::UserJoin(3, "#a".into())));
+        assert_eq!(route("DELETE", "/api/v1/users/3/rooms/a"), Ok(Route::UserLeave(3, "a".into())));
+        assert_eq!(
+            route("PUT", "/api/v1/users/3/rooms/a").unwrap_err().header,
+            Some(("Allow", "POST, DELETE"))
+        );
+        assert_eq!(route("POST", "/api/v1/users/3/rooms/").unwrap_err().status, 404);
+        assert_eq!(route("POST", "/api/v1/users/3/rooms/a b").unwrap_err().status, 400);
+        assert_eq!(route("POST", "/api/v1/users/3/watches"), Ok(Route::Watch(3)));
+        assert_eq!(route("DELETE", "/api/v1/users/3/watches"), Ok(Route::Unwatch(3)));
+        assert_eq!(route("GET", "/api/v1/users/3/watches").unwrap_err().status, 405);
+        assert_eq!(route("PUT", "/api/v1/users/3/presence"), Ok(Route::SetPresence(3)));
+        assert_eq!(route("PUT", "/api/v1/users/x/presence").unwrap_err().status, 400);
+        assert_eq!(route("POST", "/api/v1/presence"), Ok(Route::PresenceMany));
         assert_eq!(route("GET", "/api/v1/rooms//presence").unwrap_err().status, 404);
         let e = route("GET", "/api/v1/rooms/bad!/presence").unwrap_err();
         assert!(e.status == 400 && e.message().contains("invalid room name"), "{}", e.message());
@@ -840,6 +1035,48 @@ mod tests {
         );
         let mut wait = Tally::new(Kind::Request, 1);
         assert_eq!(absorb(&mut wait, Outcome::Failed(WaitError::TimedOut)).unwrap().status, 504);
+    }
+
+    #[test]
+    fn control_calls_and_their_answers() {
+        let call_of = |route, body: &str| call(route, body.as_bytes());
+        let Ok(Call::Watch { watcher, targets, remove }) = call_of(Route::Unwatch(4), r#"{"userIds":[1,2]}"#)
+        else {
+            panic!()
+        };
+        assert_eq!((watcher, targets, remove), (4, vec![1, 2], true));
+        let Ok(Call::SetPresence { status, context, .. }) =
+            call_of(Route::SetPresence(4), r#"{"status":"away","context":null}"#)
+        else {
+            panic!()
+        };
+        assert_eq!((status.as_str(), context.is_none()), ("away", true));
+        let many = format!(r#"{{"userIds":[{}]}}"#, vec!["1"; 1001].join(","));
+        assert!(call_of(Route::PresenceMany, &many).unwrap_err().message().contains("at most 1000"));
+
+        let mut joined = Tally::new(Kind::Joined, 2);
+        assert!(absorb(&mut joined, Outcome::Joined(Joined { joined: 1, refused: 0 })).is_none());
+        let reply = absorb(&mut joined, Outcome::Joined(Joined { joined: 0, refused: 1 }));
+        assert_eq!(json(reply), serde_json::json!({"connections": 1, "refused": 1}));
+        let mut affected = Tally::new(Kind::Affected, 1);
+        assert_eq!(json(absorb(&mut affected, Outcome::Delivered(2))), serde_json::json!({"connections": 2}));
+        let mut limited = Tally::new(Kind::Affected, 1);
+        let reply = absorb(&mut limited, Outcome::Failed(WaitError::Limit("watch list limit reached")));
+        assert_eq!(reply.unwrap().status, 429);
+        let mut many = Tally::new(Kind::PresenceMany, 2);
+        assert!(absorb(&mut many, Outcome::Presences(vec![presence(9, "online", None, 0)])).is_none());
+        let reply = absorb(&mut many, Outcome::Presences(vec![presence(2, "away", Some("1"), 0)]));
+        assert_eq!(
+            json(reply),
+            serde_json::json!({"users": [
+                {"userId": 2, "status": "away", "context": 1, "since": "1970-01-01T00:00:00.000Z"},
+                {"userId": 9, "status": "online", "context": null, "since": "1970-01-01T00:00:00.000Z"},
+            ], "count": 2})
+        );
+        assert_eq!(
+            json(Tally::new(Kind::PresenceMany, 0).finished()),
+            serde_json::json!({"users": [], "count": 0})
+        );
     }
 
     #[test]

@@ -192,35 +192,6 @@ impl Conn<'_> {
     }
 }
 
-/// Answers to one connection from any thread, the counterparts of [`Conn::ack`],
-/// [`Conn::error`] and [`Conn::respond`] for a worker that holds a [`ConnId`] and a
-/// [`Handle`]. Fire-and-forget like [`Handle::send_frame_to_conn`]: a connection gone
-/// meanwhile drops the frame. In [`crate::prelude`].
-pub trait ConnReplies {
-    /// Sends `server_ack` `{acknowledgedPid, status}` to `conn`.
-    fn ack(&self, conn: ConnId, pid: &str, status: &str);
-    /// Sends `error_notification` `{originalPid?, code, message}` to `conn`.
-    fn error(&self, conn: ConnId, pid: Option<&str>, code: u16, message: &str);
-    /// Sends `{"pid": pid, "type": kind, "payload": payload}` to `conn`. `payload_json` must
-    /// be JSON text (use [`OutMessage::new`] / [`Handle::send_to_conn`] to have it checked).
-    fn respond(&self, conn: ConnId, pid: &str, kind: &str, payload_json: &str);
-}
-
-impl ConnReplies for Handle {
-    fn ack(&self, conn: ConnId, pid: &str, status: &str) {
-        self.send_frame_to_conn(conn, server_ack(pid, status));
-    }
-
-    fn error(&self, conn: ConnId, pid: Option<&str>, code: u16, message: &str) {
-        self.send_frame_to_conn(conn, error_notification(pid, code, message));
-    }
-
-    fn respond(&self, conn: ConnId, pid: &str, kind: &str, payload_json: &str) {
-        let frame = Envelope::new(kind).pid(Some(pid)).raw_payload(Some(payload_json.as_bytes())).frame();
-        self.send_frame_to_conn(conn, frame);
-    }
-}
-
 /// Whether `on_message` took care of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {

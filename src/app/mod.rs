@@ -14,4 +14,6 @@ pub mod ops {
 }
 
 pub use handle::{Handle, Waiter};
-pub use ops::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};
+pub use ops::{
+    AckReply, ClientReply, Completion, ConnInfo, Joined, OutMessage, Outcome, UserPresence, WaitError,
+};

@@ -1,7 +1,7 @@
 //! What comes back from server-initiated operations, and how a result reaches whoever waits
 //! for it (a blocking caller, or the HTTP API's event loop).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crossbeam_channel::Sender;
 use mio::Waker;
@@ -104,6 +104,31 @@ pub enum WaitError {
     /// The server is shutting down.
     #[error("server shutting down")]
     ShuttingDown,
+    /// [`Waiter::wait`](super::Waiter::wait) (or `wait_timeout`) was called on a shard's
+    /// event-loop thread, e.g. from an `Application` callback. The answer may have to come
+    /// from that very shard, which cannot produce it while its thread is blocked: the wait
+    /// would deadlock (or stall every connection of the shard until the timeout). Await the
+    /// `Waiter` as a future from async code, or hand the wait to a `Workers` job instead.
+    #[error("Waiter::wait called on a shard thread (it would wait for itself); wait from a worker")]
+    OnShardThread,
+    /// The operation's input was refused (a list longer than the call allows, an invalid
+    /// room name or status); nothing was done.
+    #[error("invalid input: {0}")]
+    Invalid(&'static str),
+    /// A limit stopped the operation (the watcher's watch list is full); nothing was done.
+    #[error("limit reached: {0}")]
+    Limit(&'static str),
+}
+
+/// The answer to [`Handle::join_room`](super::Handle::join_room): the user's connections that
+/// are members now (joined by this call or already members), and those refused by
+/// `max_rooms_per_connection` or a full room (`max_room_members`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Joined {
+    /// Connections in the room after the call.
+    pub joined: usize,
+    /// Connections the room's or the connection's limit kept out.
+    pub refused: usize,
 }
 
 /// What an operation produced.
@@ -135,6 +160,10 @@ pub enum Outcome {
         /// Rooms with members in all.
         total: usize,
     },
+    /// One shard's connections of a user put into a room ([`Joined`]).
+    Joined(Joined),
+    /// Presences of users homed on one shard, by user id.
+    Presences(Vec<UserPresence>),
     /// No answer.
     Failed(WaitError),
 }
@@ -146,12 +175,43 @@ pub struct Completion {
     tx: Sender<(u64, Outcome)>,
     tag: u64,
     waker: Option<Arc<Waker>>,
+    /// The task waiting on a [`Waiter`](super::Waiter) polled as a future, if any.
+    task: Option<Arc<TaskSlot>>,
+}
+
+/// Where a [`Waiter`](super::Waiter) polled as a future leaves its task's waker: the
+/// completing shard takes it after sending (one short lock per outcome of an operation a
+/// `Handle` started, never per delivered message).
+#[derive(Debug, Default)]
+pub(crate) struct TaskSlot(Mutex<Option<std::task::Waker>>);
+
+impl TaskSlot {
+    /// Leaves `waker` to be woken by the next outcome (or by the last completion's drop).
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match &mut *slot {
+            Some(old) if old.will_wake(waker) => {}
+            other => *other = Some(waker.clone()),
+        }
+    }
+
+    fn wake(&self) {
+        let waker = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 impl Completion {
     /// A completion sending `(tag, outcome)` on `tx`, waking `waker` if given.
     pub fn new(tx: Sender<(u64, Outcome)>, tag: u64, waker: Option<Arc<Waker>>) -> Self {
-        Completion { tx, tag, waker }
+        Completion { tx, tag, waker, task: None }
+    }
+
+    /// A completion for a [`Waiter`](super::Waiter): also wakes the task that polls it.
+    pub(crate) fn for_waiter(tx: Sender<(u64, Outcome)>, task: Arc<TaskSlot>) -> Self {
+        Completion { tx, tag: 0, waker: None, task: Some(task) }
     }
 
     /// Delivers the outcome. A receiver that went away is not an error: nobody waits any more.
@@ -160,6 +220,18 @@ impl Completion {
             && let Some(waker) = &self.waker
         {
             let _ = waker.wake();
+        }
+        // The task, if any, is woken by the drop that follows.
+    }
+}
+
+impl Drop for Completion {
+    /// Wakes a task polling the [`Waiter`](super::Waiter): after an outcome was sent, and also
+    /// when a message carrying the completion is dropped unanswered (a shard stopping), so the
+    /// future sees the channel closed instead of waiting forever.
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.wake();
         }
     }
 }

@@ -13,7 +13,8 @@ pub mod msg;
 pub mod out;
 
 pub use completion::{
-    AckReply, ClientReply, Completion, ConnInfo, ConnSummary, Outcome, RoomCount, UserPresence, WaitError,
+    AckReply, ClientReply, Completion, ConnInfo, ConnSummary, Joined, Outcome, RoomCount, UserPresence,
+    WaitError,
 };
 pub use handle::{ConnId, Handle, Op, Waiter};
 pub use link::{InboxDepth, Link, ShedKind};

@@ -450,7 +450,24 @@ impl Shard {
                     );
                 }
             }
-            PresenceMsg::Watch { watcher, targets, reply } => self.watch(watcher, targets, reply),
+            PresenceMsg::Watch { watcher, targets, reply } => self.watch(watcher, targets, &[reply]),
+            PresenceMsg::WatchFor { watcher, targets, replies } => self.watch(watcher, targets, &replies),
+            PresenceMsg::ServerWatch { watcher, targets, done } => self.server_watch(watcher, targets, done),
+            PresenceMsg::ServerUnwatch { watcher, targets, done } => {
+                let conns = self.directory.home_conns(watcher).len();
+                self.presence.drop_watch(watcher, &targets);
+                self.for_each_home(targets, |targets| PresenceMsg::Unwatch { watcher, targets });
+                done.complete(Outcome::Delivered(conns));
+            }
+            PresenceMsg::ServerSet { user, presence, rooms, collect, done } => {
+                self.server_presence(user, presence, rooms, collect, done)
+            }
+            PresenceMsg::QueryPresenceMany { users, done } => {
+                let now = Self::wall_ms();
+                let list =
+                    users.into_iter().map(|user| user_presence(user, self.presence.get(user, now))).collect();
+                done.complete(Outcome::Presences(list));
+            }
             PresenceMsg::Unwatch { watcher, targets } => {
                 for target in targets {
                     self.presence.remove_watcher(target, watcher);
@@ -458,15 +475,7 @@ impl Shard {
             }
             PresenceMsg::QueryPresence { user, done } => {
                 let p = self.presence.get(user, Self::wall_ms());
-                let context = p.context.map(|c| String::from_utf8_lossy(&c).into_owned());
-                let status = p.status.into_string();
-                done.complete(Outcome::Presence(UserPresence {
-                    user_id: user,
-                    status,
-                    context,
-                    since_ms: p.since_ms,
-                    info: p.info.as_deref().map(Into::into),
-                }));
+                done.complete(Outcome::Presence(user_presence(user, p)));
             }
         }
     }
@@ -527,15 +536,105 @@ impl Shard {
         self.send_to(reply.shard, DeliverMsg::DeliverConn { key: reply.key, frame: answer });
     }
 
-    fn watch(&mut self, watcher: i64, targets: Vec<i64>, reply: ConnAddr) {
+    fn watch(&mut self, watcher: i64, targets: Vec<i64>, replies: &[ConnAddr]) {
         let now = Self::wall_ms();
         let mut frames = Vec::with_capacity(targets.len());
         for target in targets {
             self.presence.add_watcher(target, watcher);
             frames.push(encode_presence(target, &self.presence.get(target, now)));
         }
-        // One message for the whole snapshot, never shed: the request was admitted.
-        self.send_to(reply.shard, DeliverMsg::DeliverFrames { key: reply.key, frames });
+        // One message per connection for the whole snapshot, never shed: the request was
+        // admitted.
+        for reply in replies {
+            self.send_to(reply.shard, DeliverMsg::DeliverFrames { key: reply.key, frames: frames.clone() });
+        }
+    }
+
+    /// Watcher's home shard: the application's `watch_presence`, admitted like a client's
+    /// `presence_subscribe` (the watch-list bound), with the snapshot to each of the watcher's
+    /// connections. An offline watcher keeps nothing.
+    fn server_watch(&mut self, watcher: i64, targets: Vec<i64>, done: crate::route::Completion) {
+        let replies: Arc<[ConnAddr]> = self.directory.home_conns(watcher).iter().map(|(_, a)| *a).collect();
+        if replies.is_empty() {
+            done.complete(Outcome::Delivered(0));
+            return;
+        }
+        match self.presence.admit_watch(watcher, &targets) {
+            WatchAdmission::TooMany => {
+                done.complete(Outcome::Failed(crate::route::WaitError::Limit("watch list limit reached")))
+            }
+            WatchAdmission::Accepted(fresh) => {
+                let count = replies.len();
+                self.for_each_home(fresh, |targets| PresenceMsg::WatchFor {
+                    watcher,
+                    targets,
+                    replies: Arc::clone(&replies),
+                });
+                done.complete(Outcome::Delivered(count));
+            }
+        }
+    }
+
+    /// The application's `set_presence`: the home shard sends it round the shards holding the
+    /// user's connections, each adding its connections' rooms, and back; then stores and
+    /// announces it as a client's untargeted `presence_update` (watchers and those rooms).
+    fn server_presence(
+        &mut self,
+        user: i64,
+        presence: Box<Presence>,
+        mut rooms: Vec<Arc<str>>,
+        collect: Option<u64>,
+        done: crate::route::Completion,
+    ) {
+        let home = Directory::home_of(user, self.shards());
+        let mut rest = match collect {
+            Some(rest) => rest,
+            None => {
+                // At home, first: where the user's connections are (none: offline, nothing set).
+                let conns = self.directory.home_conns(user);
+                if conns.is_empty() {
+                    done.complete(Outcome::Delivered(0));
+                    return;
+                }
+                match self.shared.config.presence_scope {
+                    PresenceScope::All => 0, // broadcast: the rooms add nobody
+                    _ => conns.iter().fold(0u64, |mask, (_, a)| mask | 1 << a.shard),
+                }
+            }
+        };
+        if rest & 1 << self.id != 0 {
+            rest &= !(1 << self.id);
+            for &key in self.directory.local(user) {
+                if let Some(session) = self
+                    .conns
+                    .get(key.index as usize)
+                    .filter(|c| c.generation == key.generation)
+                    .and_then(|c| c.session.as_deref())
+                {
+                    rooms.extend(session.rooms.iter().cloned());
+                }
+            }
+        }
+        let next = if rest != 0 { rest.trailing_zeros() as ShardId } else { home };
+        if next != self.id || rest != 0 {
+            let msg = PresenceMsg::ServerSet { user, presence, rooms, collect: Some(rest), done };
+            self.send_to(next, msg);
+            return;
+        }
+        // Home, every room gathered.
+        let count = self.directory.home_conns(user).len();
+        if count == 0 {
+            done.complete(Outcome::Delivered(0)); // went offline meanwhile
+            return;
+        }
+        if !self.presence.is_current(user, &presence.status, presence.context.as_deref()) {
+            rooms.sort_unstable();
+            rooms.dedup();
+            let presence = Presence { info: self.presence.info(user), ..*presence };
+            self.announce_presence(user, &presence, rooms, None);
+            self.presence.update(user, presence);
+        }
+        done.complete(Outcome::Delivered(count));
     }
 
     /// Splits `users` by home shard and sends each group the message `make` builds.
@@ -548,6 +647,17 @@ impl Shard {
         for (shard, group) in groups.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
             self.send_to(shard, make(group));
         }
+    }
+}
+
+/// A stored presence as the application sees it.
+fn user_presence(user: i64, p: Presence) -> UserPresence {
+    UserPresence {
+        user_id: user,
+        status: p.status.into_string(),
+        context: p.context.map(|c| String::from_utf8_lossy(&c).into_owned()),
+        since_ms: p.since_ms,
+        info: p.info.as_deref().map(Into::into),
     }
 }
 

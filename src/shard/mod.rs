@@ -282,6 +282,8 @@ impl Shard {
 
     /// Runs until shutdown completes.
     pub fn run(mut self) {
+        // Application callbacks run here: a blocking `Waiter::wait` is refused on this thread.
+        crate::route::handle::mark_shard_thread();
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();

@@ -83,19 +83,39 @@ impl Shard {
 
     /// `leave` `{room}`.
     pub(super) fn leave_room(&mut self, key: ConnKey, user: i64, room: &str, pid: Option<&str>) {
+        let outcome = self.try_leave(key, user, room);
+        self.answer_membership(key, pid, outcome);
+    }
+
+    fn try_leave(&mut self, key: ConnKey, user: i64, room: &str) -> Membership {
         let member = self
             .conn_mut(key)
             .and_then(|c| c.session.as_deref_mut())
             .and_then(|s| s.rooms.iter().position(|r| &**r == room).map(|i| s.rooms.swap_remove(i)));
-        let outcome = match member {
+        match member {
             Some(room) => {
                 self.room_presence_change(&room, key, user, "left");
                 self.forget_member(&room, key);
                 Membership::Done("left")
             }
             None => Membership::Refused(404, format!("not a member of room {room}")),
-        };
-        self.answer_membership(key, pid, outcome);
+        }
+    }
+
+    /// The application's `join_room` / `leave_room`: each of the user's connections on this
+    /// shard joins (leaves) as if it had sent `join` (`leave`); the answer counts them.
+    fn user_membership(&mut self, user: i64, room: &str, join: bool) -> Outcome {
+        let keys = self.directory.local(user).to_vec();
+        let mut counts = crate::route::Joined::default();
+        for key in keys {
+            let outcome = if join { self.try_join(key, user, room) } else { self.try_leave(key, user, room) };
+            match outcome {
+                Membership::Done(_) => counts.joined += 1,
+                Membership::Refused(..) if join => counts.refused += 1,
+                Membership::Refused(..) => {}
+            }
+        }
+        if join { Outcome::Joined(counts) } else { Outcome::Delivered(counts.joined) }
     }
 
     fn answer_membership(&mut self, key: ConnKey, pid: Option<&str>, outcome: Membership) {
@@ -432,6 +452,10 @@ impl Shard {
             RoomMsg::PresencePart { roster, entries } => self.presence_part(roster, entries),
             RoomMsg::RoomMembers { room, done } => {
                 done.complete(Outcome::Members(self.local_room_users(&room)))
+            }
+            RoomMsg::JoinUser { user, room, done } => done.complete(self.user_membership(user, &room, true)),
+            RoomMsg::LeaveUser { user, room, done } => {
+                done.complete(self.user_membership(user, &room, false))
             }
         }
     }

@@ -87,6 +87,61 @@ pub enum PresenceMsg {
         /// Targets homed on the receiving shard.
         targets: Vec<i64>,
     },
+    /// To the watcher's home shard: the application's `watch_presence`: add `targets` to the
+    /// watch list, as a client `presence_subscribe` would, with the snapshot to every
+    /// connection of the watcher: `Delivered(n)` (its connections; 0 when offline, nothing
+    /// kept) or `Failed(Limit)`.
+    ServerWatch {
+        /// The watcher.
+        watcher: i64,
+        /// Users to watch.
+        targets: Vec<i64>,
+        /// Gets the outcome.
+        done: Completion,
+    },
+    /// To the watcher's home shard: the application's `unwatch_presence`: `Delivered(n)`.
+    ServerUnwatch {
+        /// The watcher.
+        watcher: i64,
+        /// Users to stop watching.
+        targets: Vec<i64>,
+        /// Gets `Delivered(n)`.
+        done: Completion,
+    },
+    /// To each target's home shard: add `watcher`; send the current presences to each of
+    /// `replies` (the watcher's connections).
+    WatchFor {
+        /// The watcher.
+        watcher: i64,
+        /// Targets homed on the receiving shard.
+        targets: Vec<i64>,
+        /// Where to send the current presences.
+        replies: Arc<[ConnAddr]>,
+    },
+    /// The application's `set_presence`. First at the user's home shard (`collect: None`),
+    /// which sends it through each shard holding one of the user's connections (`collect`:
+    /// the shards still to visit) to gather their rooms, and back home, which stores and
+    /// announces it as for a client's `presence_update`: `Delivered(n)`, the user's
+    /// connections (0 when offline: nothing stored).
+    ServerSet {
+        /// The user.
+        user: i64,
+        /// The new presence (boxed: keeps every `ShardMsg` small).
+        presence: Box<Presence>,
+        /// Rooms of the user's connections gathered so far.
+        rooms: Vec<Arc<str>>,
+        /// Shards still to visit (bit mask); `None` before the home shard started the tour.
+        collect: Option<u64>,
+        /// Gets `Delivered(n)`.
+        done: Completion,
+    },
+    /// To the home shard of all of `users`: report their presences: `Presences`.
+    QueryPresenceMany {
+        /// Users homed on the receiving shard.
+        users: Vec<i64>,
+        /// Gets `Presences`.
+        done: Completion,
+    },
     /// To `user`'s home shard: report its presence: `Presence`.
     QueryPresence {
         /// The user.
@@ -107,7 +162,14 @@ impl PresenceMsg {
             PresenceMsg::AdmitWatch { targets, .. }
             | PresenceMsg::DropWatch { targets, .. }
             | PresenceMsg::Watch { targets, .. }
-            | PresenceMsg::Unwatch { targets, .. } => ids(targets),
+            | PresenceMsg::Unwatch { targets, .. }
+            | PresenceMsg::ServerWatch { targets, .. }
+            | PresenceMsg::ServerUnwatch { targets, .. } => ids(targets),
+            PresenceMsg::WatchFor { targets, replies, .. } => ids(targets) + replies.len() * 16,
+            PresenceMsg::ServerSet { presence, rooms, .. } => {
+                presence_cost(presence) + rooms.len() * ROOM_REF
+            }
+            PresenceMsg::QueryPresenceMany { users, .. } => ids(users),
             PresenceMsg::PresenceRevert { .. } | PresenceMsg::QueryPresence { .. } => 0,
         }
     }
@@ -120,7 +182,12 @@ impl PresenceMsg {
             PresenceMsg::PresenceRevert { .. }
             | PresenceMsg::Watch { .. }
             | PresenceMsg::Unwatch { .. }
-            | PresenceMsg::QueryPresence { .. } => None,
+            | PresenceMsg::QueryPresence { .. }
+            | PresenceMsg::ServerWatch { .. }
+            | PresenceMsg::ServerUnwatch { .. }
+            | PresenceMsg::WatchFor { .. }
+            | PresenceMsg::ServerSet { .. }
+            | PresenceMsg::QueryPresenceMany { .. } => None,
         }
     }
 }

@@ -72,6 +72,26 @@ pub enum RoomMsg {
         /// Each user's presence.
         entries: Vec<(i64, Presence)>,
     },
+    /// The application's `join_room`: put the user's local connections into `room`, as a
+    /// client `join` would (limits, `joined` events): `Joined`.
+    JoinUser {
+        /// The user.
+        user: i64,
+        /// The room (a valid name).
+        room: Arc<str>,
+        /// Gets `Joined`.
+        done: Completion,
+    },
+    /// The application's `leave_room`: take the user's local connections out of `room`, as a
+    /// client `leave` would (`left` events): `Delivered(n)`, the connections that left.
+    LeaveUser {
+        /// The user.
+        user: i64,
+        /// The room.
+        room: Arc<str>,
+        /// Gets `Delivered(n)`.
+        done: Completion,
+    },
     /// Report the local members' user ids of `room`: `Members(list)`.
     RoomMembers {
         /// The room.
@@ -88,7 +108,11 @@ impl RoomMsg {
             RoomMsg::RoomDeliver { rooms, frame, .. } => frame.len() + rooms.len() * ROOM_REF,
             RoomMsg::RosterPart { users, .. } | RoomMsg::PresenceBatch { users, .. } => ids(users),
             RoomMsg::PresencePart { entries, .. } => entries.iter().map(|(_, p)| 8 + presence_cost(p)).sum(),
-            RoomMsg::RoomCount { .. } | RoomMsg::RoomRoster { .. } | RoomMsg::RoomMembers { .. } => 0,
+            RoomMsg::RoomCount { .. }
+            | RoomMsg::RoomRoster { .. }
+            | RoomMsg::RoomMembers { .. }
+            | RoomMsg::JoinUser { .. }
+            | RoomMsg::LeaveUser { .. } => 0,
         }
     }
 
@@ -101,7 +125,9 @@ impl RoomMsg {
             | RoomMsg::RosterPart { .. }
             | RoomMsg::PresenceBatch { .. }
             | RoomMsg::PresencePart { .. }
-            | RoomMsg::RoomMembers { .. } => None,
+            | RoomMsg::RoomMembers { .. }
+            | RoomMsg::JoinUser { .. }
+            | RoomMsg::LeaveUser { .. } => None,
         }
     }
 }
