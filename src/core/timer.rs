@@ -68,6 +68,10 @@ impl<K: Copy> TimerWheel<K> {
                 !fire
             });
             self.len -= before - slot.len();
+            // Give back what a burst of deadlines (a mass connect) left in the slot.
+            if slot.len() < slot.capacity() / 4 {
+                slot.shrink_to(slot.len() * 2);
+            }
         }
         self.next_tick = self.next_tick.max(end);
     }

@@ -374,7 +374,7 @@ impl Shard {
     }
 
     fn rooms_of(&mut self, key: ConnKey) -> Vec<Arc<str>> {
-        self.conn_mut(key).and_then(|c| c.session.as_deref()).map(|s| s.rooms.clone()).unwrap_or_default()
+        self.conn_mut(key).and_then(|c| c.session.as_deref()).map(|s| s.rooms.to_vec()).unwrap_or_default()
     }
 
     /// Handles the directory's messages.

@@ -137,7 +137,7 @@ impl Shard {
         conn.phase = Phase::Open;
         conn.echo = true;
         conn.read_deadline = now + limits.pong_wait_ms;
-        conn.next_ping = now + limits.ping_period_ms;
+        conn.deadline = now + limits.ping_period_ms; // the next ping
         let pending = std::mem::take(&mut conn.inbuf);
         self.mark_dirty(key);
         self.schedule_before(key, now + limits.ping_period_ms.min(limits.pong_wait_ms));
@@ -191,8 +191,8 @@ impl Shard {
     ) {
         let Admission { identity, user_data } = admission;
         let (rates, expires_deadline) = (self.rates, self.expiry_deadline(identity.expires_at));
-        match self.shared.admit(client_ip, identity.user_id) {
-            Ok(bucket) => self.user_buckets.insert(identity.user_id, bucket),
+        let user_bucket = match self.shared.admit(client_ip, identity.user_id) {
+            Ok(bucket) => bucket,
             Err(refusal) => {
                 ShardMetrics::inc(&self.metrics().admission_refusals);
                 self.refuse(key, refusal.status, refusal.message, Some(client_ip));
@@ -211,6 +211,7 @@ impl Shard {
         let now = self.now;
         let limits = self.limits;
         let presence_rate = self.presence_rate();
+        let claims = self.kept_claims(identity.claims);
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
@@ -220,19 +221,20 @@ impl Shard {
         }
         conn.phase = Phase::Open;
         conn.read_deadline = now + limits.pong_wait_ms;
-        conn.next_ping = now + limits.ping_period_ms;
+        conn.deadline = now + limits.ping_period_ms; // the next ping
         let peer = conn.peer;
         conn.session = Some(Box::new(Session {
             user,
             roles: identity.roles,
             seq,
-            claims: identity.claims,
+            claims,
             user_data,
-            rooms: Vec::new(),
+            rooms: Default::default(),
             debounce: Default::default(),
             messages: TokenBucket::full(rates.messages, now),
             bytes: TokenBucket::full(rates.bytes, now),
             strikes: Strikes::default(),
+            user_bucket,
             expires_deadline,
             client_ip,
             opened_ms: Self::wall_ms(),
