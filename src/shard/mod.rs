@@ -407,12 +407,6 @@ impl Shard {
 
     fn admit(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
         let _ = stream.set_nodelay(true);
-        // A full slab grows by a quarter rather than doubling (what a `Vec` does): a doubled
-        // slab of 208-byte slots is up to half empty (9,000 connections on a shard would hold
-        // 16,384 slots). Still amortised O(1) per connection; large blocks move by `mremap`.
-        if self.conns.len() == self.conns.capacity() {
-            self.conns.reserve_exact((self.conns.len() / 4).max(256));
-        }
         let entry = self.conns.vacant_entry();
         let index = entry.key();
         let token = Token(index);
