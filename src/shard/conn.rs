@@ -89,6 +89,7 @@ pub struct OutQueue {
     /// The front frame (the one being written); `None` only when the queue is empty.
     head: Option<Bytes>,
     /// The frames behind `head`; allocated on the first frame queued behind another.
+    #[expect(clippy::box_collection, reason = "boxed, an unused deque costs 8 bytes, not 32")]
     rest: Option<Box<VecDeque<Bytes>>>,
     /// Bytes of the front frame already written.
     offset: usize,
@@ -216,6 +217,7 @@ impl std::fmt::Display for Peer {
 /// A list most connections never use (rooms, server-initiated waits): one pointer, and no
 /// allocation while empty — a `Vec` would take 24 bytes in every connection.
 #[derive(Debug, Clone)]
+#[expect(clippy::box_collection, reason = "boxed, an empty list costs 8 bytes, not 24")]
 pub struct List<T>(Option<Box<Vec<T>>>);
 
 impl<T> Default for List<T> {
