@@ -8,6 +8,7 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 
 use crate::core::pending::WaitKey;
+use crate::core::ratelimit::{Rate, TokenBucket};
 use crate::http::auth::Roles;
 use crate::ws::Reassembly;
 
@@ -47,12 +48,9 @@ pub struct Session {
     pub rooms: List<std::sync::Arc<str>>,
     /// Presence coalescing and transient-status expiry.
     pub debounce: crate::core::presence::Debounce,
-    /// Message rate limit.
-    pub messages: crate::core::ratelimit::TokenBucket,
-    /// Byte rate limit.
-    pub bytes: crate::core::ratelimit::TokenBucket,
-    /// Refusals, for closing sustained abusers.
-    pub strikes: crate::core::ratelimit::Strikes,
+    /// The connection's own rate limits; allocated by its first charged message (see
+    /// [`Session::rate_state`]), so an idle connection holds none.
+    pub rate_state: Option<Box<RateState>>,
     /// The user's message bucket, shared by its connections on every shard (`None` with
     /// `rate_limit` off).
     pub user_bucket: Option<std::sync::Arc<crate::core::ratelimit::SharedBucket>>,
@@ -60,12 +58,49 @@ pub struct Session {
     pub expires_deadline: u64,
     /// The client's address as counted for `max_connections_per_ip`.
     pub client_ip: std::net::IpAddr,
-    /// When the WebSocket opened, Unix milliseconds (admin listing).
-    pub opened_ms: u64,
-    /// Members per second `room_presence` and `presence_subscribe` may still cost.
-    pub presence_budget: crate::core::ratelimit::TokenBucket,
+    /// When the WebSocket opened, shard milliseconds (admin listing; the buckets' start).
+    pub opened_at: u64,
+    /// Members per second `room_presence` and `presence_subscribe` may still cost; allocated
+    /// by the first such request (see [`Session::take_presence_budget`]).
+    pub presence_budget: Option<Box<TokenBucket>>,
     /// A `room_presence` answer is being gathered (one at a time per connection).
     pub roster_in_flight: bool,
+}
+
+/// A connection's message and byte buckets and its refusals.
+#[derive(Debug)]
+pub struct RateState {
+    /// Message rate limit.
+    pub messages: TokenBucket,
+    /// Byte rate limit.
+    pub bytes: TokenBucket,
+    /// Refusals, for closing sustained abusers.
+    pub strikes: crate::core::ratelimit::Strikes,
+}
+
+impl Session {
+    /// The connection's rate state, allocated on first use. A bucket nobody charged is full,
+    /// so one made now — full, and refilling since the connection opened — is exactly the one
+    /// made at the handshake would be: the rates behave as if it had always been there.
+    pub fn rate_state(&mut self, messages: Rate, bytes: Rate) -> &mut RateState {
+        let opened_at = self.opened_at;
+        self.rate_state.get_or_insert_with(|| {
+            Box::new(RateState {
+                messages: TokenBucket::full(messages, opened_at),
+                bytes: TokenBucket::full(bytes, opened_at),
+                strikes: Default::default(),
+            })
+        })
+    }
+
+    /// Takes `cost` from the presence budget (`rate`) at `now`, allocating it on first use
+    /// (full since the connection opened, as in [`Session::rate_state`]).
+    pub fn take_presence_budget(&mut self, rate: Rate, cost: u64, now: u64) -> bool {
+        let opened_at = self.opened_at;
+        self.presence_budget
+            .get_or_insert_with(|| Box::new(TokenBucket::full(rate, opened_at)))
+            .take(rate, cost, now)
+    }
 }
 
 /// Why a frame was not queued.
@@ -461,6 +496,51 @@ mod tests {
         assert_eq!((q.len(), q.bytes(), q.waiting_bytes()), (2, 2, 1));
     }
 
+    fn idle_session(opened_at: u64) -> Session {
+        Session {
+            user: 7,
+            roles: Roles::default(),
+            seq: 1,
+            claims: Box::default(),
+            user_data: None,
+            rooms: List::default(),
+            debounce: Default::default(),
+            rate_state: None,
+            user_bucket: None,
+            expires_deadline: u64::MAX,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            opened_at,
+            presence_budget: None,
+            roster_in_flight: false,
+        }
+    }
+
+    /// The buckets made on first use behave exactly as the ones made at the handshake did:
+    /// full, and refilling since the connection opened (a message larger than the byte burst
+    /// passes after enough idle time, as before).
+    #[test]
+    fn buckets_made_on_first_use_match_buckets_made_at_open() {
+        let messages = Rate { per_second: 10, burst: 5 };
+        let bytes = Rate { per_second: 1000, burst: 1000 };
+        let opened = 1_000;
+        let (mut eager_m, mut eager_b) =
+            (TokenBucket::full(messages, opened), TokenBucket::full(bytes, opened));
+        let mut session = idle_session(opened);
+        assert!(session.rate_state.is_none() && session.presence_budget.is_none(), "idle: nothing allocated");
+        for (at, len) in [(6_000, 5_000), (6_001, 1), (6_002, 900), (6_003, 900)] {
+            let eager = eager_m.take(messages, 1, at) && eager_b.take(bytes, len, at);
+            let state = session.rate_state(messages, bytes);
+            let lazy = state.messages.take(messages, 1, at) && state.bytes.take(bytes, len, at);
+            assert_eq!(lazy, eager, "at {at} ms, {len} bytes");
+            assert_eq!((state.messages, state.bytes), (eager_m, eager_b));
+        }
+        let presence = Rate { per_second: 100, burst: 100 };
+        let mut eager = TokenBucket::full(presence, opened);
+        for (at, cost) in [(3_000, 250), (3_000, 1), (3_010, 1)] {
+            assert_eq!(session.take_presence_budget(presence, cost, at), eager.take(presence, cost, at));
+        }
+    }
+
     #[test]
     fn discard_drops_everything_when_nothing_is_started() {
         let mut q = OutQueue::default();
@@ -510,7 +590,8 @@ mod layout {
             ("List", size_of::<List<WaitKey>>()),
             ("Option<Box<Session>>", size_of::<Option<Box<Session>>>()),
             ("Debounce", size_of::<crate::core::presence::Debounce>()),
-            ("TokenBucket", size_of::<crate::core::ratelimit::TokenBucket>()),
+            ("TokenBucket", size_of::<TokenBucket>()),
+            ("RateState (boxed when used)", size_of::<RateState>()),
             ("Strikes", size_of::<crate::core::ratelimit::Strikes>()),
             ("IpAddr", size_of::<std::net::IpAddr>()),
             ("UserData option", size_of::<Option<crate::app::application::UserData>>()),
@@ -528,7 +609,7 @@ mod layout {
         let conn_max = if cfg!(debug_assertions) { 216 } else { 208 };
         assert!(size_of::<Conn>() <= conn_max, "Conn grew: {}", size_of::<Conn>());
         assert_eq!(size_of::<Option<Conn>>(), size_of::<Conn>(), "a slab slot costs no more than a Conn");
-        assert!(size_of::<Session>() <= 200, "Session grew: {}", size_of::<Session>());
+        assert!(size_of::<Session>() <= 160, "Session grew: {}", size_of::<Session>());
         assert!(size_of::<OutQueue>() <= 56, "OutQueue grew: {}", size_of::<OutQueue>());
         assert!(size_of::<Peer>() <= 20, "Peer grew: {}", size_of::<Peer>());
         assert!(size_of::<List<WaitKey>>() <= 8, "List grew");

@@ -7,7 +7,6 @@ use super::conn::{Phase, Session};
 use crate::app::application::{Admission, Rejection};
 use crate::core::occupancy::client_ip;
 use crate::core::presence::claim_info;
-use crate::core::ratelimit::{Strikes, TokenBucket};
 use crate::core::{ConnKey, Directory};
 use crate::http::Decision;
 use crate::http::auth::{AuthError, Identity};
@@ -190,7 +189,7 @@ impl Shard {
         client_ip: std::net::IpAddr,
     ) {
         let Admission { identity, user_data } = admission;
-        let (rates, expires_deadline) = (self.rates, self.expiry_deadline(identity.expires_at));
+        let expires_deadline = self.expiry_deadline(identity.expires_at);
         let user_bucket = match self.shared.admit(client_ip, identity.user_id) {
             Ok(bucket) => bucket,
             Err(refusal) => {
@@ -210,7 +209,6 @@ impl Shard {
             .and_then(|name| claim_info(&identity.claims, name));
         let now = self.now;
         let limits = self.limits;
-        let presence_rate = self.presence_rate();
         let claims = self.kept_claims(identity.claims);
         let Some(conn) = self.conn_mut(key) else {
             return;
@@ -231,14 +229,12 @@ impl Shard {
             user_data,
             rooms: Default::default(),
             debounce: Default::default(),
-            messages: TokenBucket::full(rates.messages, now),
-            bytes: TokenBucket::full(rates.bytes, now),
-            strikes: Strikes::default(),
+            rate_state: None,
             user_bucket,
             expires_deadline,
             client_ip,
-            opened_ms: Self::wall_ms(),
-            presence_budget: TokenBucket::full(presence_rate, now),
+            opened_at: now,
+            presence_budget: None,
             roster_in_flight: false,
         }));
         conn.last_active_s = (now / 1000) as u32;

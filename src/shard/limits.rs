@@ -52,13 +52,23 @@ impl Shard {
         else {
             return true; // echo endpoint: conformance runs are not rate limited
         };
-        let allowed = session.messages.take(rates.messages, 1, now)
-            && session.bytes.take(rates.bytes, len as u64, now)
-            && session.user_bucket.as_deref().is_none_or(|b| b.take(shared_now_ms.saturating_mul(1_000_000)));
+        // With both per-connection rates off the connection's own buckets are never made.
+        let own = rates.messages.per_second > 0 || rates.bytes.per_second > 0;
+        let allowed = (!own || {
+            let state = session.rate_state(rates.messages, rates.bytes);
+            state.messages.take(rates.messages, 1, now) && state.bytes.take(rates.bytes, len as u64, now)
+        }) && session
+            .user_bucket
+            .as_deref()
+            .is_none_or(|b| b.take(shared_now_ms.saturating_mul(1_000_000)));
         if allowed {
             return true;
         }
-        let abusive = session.strikes.strike(now, STRIKE_WINDOW_MS, rates.close_after);
+        let abusive = session.rate_state(rates.messages, rates.bytes).strikes.strike(
+            now,
+            STRIKE_WINDOW_MS,
+            rates.close_after,
+        );
         let (user, client, peer) = (session.user, session.client_ip, self.conns[key.index as usize].peer);
         ShardMetrics::inc(&self.metrics().rate_limited);
         if abusive {
