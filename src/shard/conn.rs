@@ -303,8 +303,9 @@ impl<T> List<T> {
 
 /// One connection.
 ///
-/// `repr(C)` with the fields in falling alignment: 208 bytes, where the compiler's own order
-/// (which puts the field with the largest niche first) took 216 (see `idle_connection_layout`).
+/// `repr(C)` with the fields in falling alignment, so the size is what the fields need and no
+/// more (208 bytes in release; see `idle_connection_layout`) whatever order the compiler
+/// would pick.
 #[derive(Debug)]
 #[repr(C)]
 pub struct Conn {
@@ -602,10 +603,11 @@ mod layout {
         }
         // Measured 2026-11-27 (x86_64). Issue 15, second step: `Conn` 280 → 208 (a compact
         // `Peer`, one deadline field per phase, boxed deque and wait list, `repr(C)`) and
-        // `Session` 216 → 200 (glibc's 208-byte chunk rather than 224: boxed room list,
-        // `Strikes` 8 bytes, with the user's rate bucket now held here rather than in a
-        // shard map). mio's `TcpStream` carries a selector id under `debug_assertions`
-        // (16 bytes, 4 in release), hence two figures for `Conn`.
+        // `Session` 216 → 160 (glibc's 176-byte chunk rather than 224: the connection's own
+        // buckets and presence budget boxed on first use, boxed room list, `Strikes` 8
+        // bytes, with the user's rate bucket now held here rather than in a shard map).
+        // mio's `TcpStream` carries a selector id under `debug_assertions` (16 bytes, 4 in
+        // release), hence two figures for `Conn`.
         let conn_max = if cfg!(debug_assertions) { 216 } else { 208 };
         assert!(size_of::<Conn>() <= conn_max, "Conn grew: {}", size_of::<Conn>());
         assert_eq!(size_of::<Option<Conn>>(), size_of::<Conn>(), "a slab slot costs no more than a Conn");
