@@ -123,6 +123,21 @@ mod tests {
         assert_eq!(expire(&mut wheel, 110), vec![7]);
     }
 
+    /// A burst of deadlines in one slot (a mass connect) does not keep its memory once they
+    /// fired (issue 15).
+    #[test]
+    fn a_slot_gives_back_what_a_burst_left() {
+        let mut wheel = TimerWheel::new(10, 4, 0);
+        for key in 0..10_000 {
+            wheel.insert(15, key);
+        }
+        wheel.insert(55, 10_000); // the same slot, one rotation later
+        assert!(wheel.slots[1].capacity() >= 10_000);
+        assert_eq!(expire(&mut wheel, 20).len(), 10_000);
+        assert!(wheel.slots[1].capacity() <= 2, "capacity {}", wheel.slots[1].capacity());
+        assert_eq!(expire(&mut wheel, 60), vec![10_000]);
+    }
+
     #[test]
     fn past_deadlines_fire_next() {
         let mut wheel = TimerWheel::new(10, 4, 1000);

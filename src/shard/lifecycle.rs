@@ -135,15 +135,7 @@ impl Shard {
     /// only after the count halves (or the slab refilled to half), so a connection's close
     /// costs amortised O(1).
     fn shrink_conns(&mut self) {
-        const MIN_SLOTS: usize = 1024;
-        let (len, capacity) = (self.conns.len(), self.conns.capacity());
-        if len >= capacity / 2 {
-            self.shrink_conns_below = usize::MAX;
-        }
-        if capacity >= MIN_SLOTS && len < capacity / 4 && (len == 0 || len < self.shrink_conns_below) {
-            self.conns.shrink_to_fit();
-            self.shrink_conns_below = len / 2;
-        }
+        shrink_slab(&mut self.conns, &mut self.shrink_conns_below);
     }
 
     // ----- timers ------------------------------------------------------------------------
@@ -305,5 +297,55 @@ impl Jitter {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         (z ^ (z >> 31)) % bound
+    }
+}
+
+/// [`Shard::shrink_conns`]: `below` is the count under which the next try is made.
+fn shrink_slab<T>(slab: &mut slab::Slab<T>, below: &mut usize) {
+    const MIN_SLOTS: usize = 1024;
+    let (len, capacity) = (slab.len(), slab.capacity());
+    if len >= capacity / 2 {
+        *below = usize::MAX;
+    }
+    if capacity >= MIN_SLOTS && len < capacity / 4 && (len == 0 || len < *below) {
+        slab.shrink_to_fit();
+        *below = len / 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shrink_slab;
+
+    /// After mass disconnects the slab gives back its slots past the last connection, down to
+    /// the 1,024 slots not worth shrinking (issue 15); tries are rare (the count must halve).
+    #[test]
+    fn the_slab_shrinks_after_mass_disconnects() {
+        let mut slab = slab::Slab::new();
+        let mut below = usize::MAX;
+        let keys: Vec<usize> = (0..10_000u64).map(|v| slab.insert(v)).collect();
+        let grown = slab.capacity();
+        assert!(grown >= 10_000);
+        // Close from the top down, leaving the first 100.
+        for &key in keys[100..].iter().rev() {
+            slab.remove(key);
+            shrink_slab(&mut slab, &mut below);
+        }
+        assert!(slab.capacity() < 1_024, "{} slots for {} connections", slab.capacity(), slab.len());
+        for &key in &keys[..100] {
+            slab.remove(key);
+            shrink_slab(&mut slab, &mut below);
+        }
+        assert!(slab.capacity() < 1_024);
+        // A connection left at the top keeps its slots (the slab never moves one), and
+        // trying again waits until the count halves.
+        let keys: Vec<usize> = (0..4_096u64).map(|v| slab.insert(v)).collect();
+        let mut below = usize::MAX;
+        for &key in &keys[..4_000] {
+            slab.remove(key);
+            shrink_slab(&mut slab, &mut below);
+        }
+        assert!(slab.capacity() >= 4_096);
+        assert!(below < slab.len(), "the next try waits for a smaller count: {below}");
     }
 }
