@@ -327,13 +327,24 @@ pub trait Application: Send + Sync + 'static {
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         Vec::new()
     }
+
+    /// Whether [`Conn::claims`] is read. When false (and `presence_info_claim` is unset) a
+    /// connection does not keep its token's claims and `claims()` is empty, which saves
+    /// their bytes on every idle connection. Asked once per connection.
+    fn reads_claims(&self) -> bool {
+        true
+    }
 }
 
 /// The application used when none is given: JWT authentication, built-in behaviour only.
 #[derive(Debug, Default)]
 pub struct BuiltIn;
 
-impl Application for BuiltIn {}
+impl Application for BuiltIn {
+    fn reads_claims(&self) -> bool {
+        false
+    }
+}
 
 /// Jobs that panicked on any [`Workers`] pool of the process (`customws_worker_panics_total`).
 static WORKER_PANICS: AtomicU64 = AtomicU64::new(0);

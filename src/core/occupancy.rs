@@ -6,8 +6,15 @@
 //! shared by all of the user's connections on every shard (charged without a lock). When the
 //! user's last connection closes the bucket is kept in a bounded table of recently departed
 //! users until it would have refilled, so reconnecting does not reset the user's budget.
+//!
+//! What is not limited is not kept: with no per-IP cap there is no per-IP table, and with
+//! neither a per-user cap nor a message rate a user has no entry (nor bucket) at all, so an
+//! idle connection costs this table nothing (BENCHMARKS.md, issue 15). Tables that fall far
+//! below their capacity after mass disconnects are shrunk (hash tables never shrink by
+//! themselves).
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -17,6 +24,9 @@ use super::ratelimit::{Rate, SharedBucket};
 
 /// Most departed users whose buckets are kept; beyond it the oldest departure is forgotten.
 pub const DEPARTED_MAX: usize = 65_536;
+
+/// Tables with fewer slots than this are never shrunk (not worth the rehash).
+const SHRINK_MIN_CAPACITY: usize = 1024;
 
 /// The configured limits; 0 means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,11 +52,18 @@ pub struct Refusal {
 #[derive(Debug, Default)]
 pub struct Occupancy {
     total: usize,
+    /// Connections per client address; only kept with a per-IP cap.
     per_ip: HashMap<IpAddr, u32, RandomState>,
-    per_user: HashMap<i64, u32, RandomState>,
-    /// The bucket of every user with a connection.
-    buckets: HashMap<i64, Arc<SharedBucket>, RandomState>,
+    /// One record per user with a connection; only kept with a per-user cap or a message rate.
+    users: HashMap<i64, User, RandomState>,
     departed: Departed,
+}
+
+/// A user with connections: how many, and the bucket they share (`None` with rates off).
+#[derive(Debug)]
+struct User {
+    connections: u32,
+    bucket: Option<Arc<SharedBucket>>,
 }
 
 /// Buckets of users without a connection, kept until they would have refilled.
@@ -68,18 +85,28 @@ impl Departed {
     }
 
     fn take(&mut self, user: i64) -> Option<Arc<SharedBucket>> {
-        self.buckets.remove(&user).map(|(_, bucket)| bucket)
+        let bucket = self.buckets.remove(&user).map(|(_, bucket)| bucket);
+        shrink_if_sparse(&mut self.buckets);
+        bucket
     }
 
     /// Forgets departures older than `retain_ms`, and the oldest beyond [`DEPARTED_MAX`].
     fn prune(&mut self, now_ms: u64, retain_ms: u64) {
+        let before = self.order.len();
         while let Some(&(at, number, user)) = self.order.front() {
             if self.order.len() <= DEPARTED_MAX && now_ms.saturating_sub(at) < retain_ms {
-                return;
+                break;
             }
             self.order.pop_front();
             if self.buckets.get(&user).is_some_and(|(n, _)| *n == number) {
                 self.buckets.remove(&user);
+            }
+        }
+        if self.order.len() < before {
+            shrink_if_sparse(&mut self.buckets);
+            let (len, capacity) = (self.order.len(), self.order.capacity());
+            if capacity >= SHRINK_MIN_CAPACITY && len < capacity / 4 {
+                self.order.shrink_to(len * 2);
             }
         }
     }
@@ -89,7 +116,9 @@ impl Occupancy {
     /// Counts a new connection of `user` from `ip`, or refuses it without counting. On
     /// success, the user's message bucket for `rate` at `now_ms` (milliseconds on the clock
     /// the buckets are charged with): the one its other connections share, or the one it left
-    /// with if it departed less than a refill ago, or a full one.
+    /// with if it departed less than a refill ago, or a full one; `None` when `rate` is off.
+    ///
+    /// `caps` and `rate` are the configuration's, the same on every call.
     pub fn admit(
         &mut self,
         ip: IpAddr,
@@ -97,39 +126,55 @@ impl Occupancy {
         caps: Caps,
         rate: Rate,
         now_ms: u64,
-    ) -> Result<Arc<SharedBucket>, Refusal> {
+    ) -> Result<Option<Arc<SharedBucket>>, Refusal> {
         let full = |cap: usize, now: usize| cap > 0 && now >= cap;
         if full(caps.total, self.total) {
             return Err(Refusal { status: 503, message: "server at max_connections" });
         }
-        if full(caps.per_ip, self.per_ip.get(&ip).copied().unwrap_or(0) as usize) {
+        if full(caps.per_ip, self.per_ip.get(&ip).map_or(0, |n| *n as usize)) {
             return Err(Refusal { status: 429, message: "too many connections from this address" });
         }
-        if full(caps.per_user, self.per_user.get(&user).copied().unwrap_or(0) as usize) {
+        if full(caps.per_user, self.users.get(&user).map_or(0, |u| u.connections as usize)) {
             return Err(Refusal { status: 429, message: "too many connections for this user" });
         }
         self.total += 1;
-        *self.per_ip.entry(ip).or_default() += 1;
-        *self.per_user.entry(user).or_default() += 1;
+        if caps.per_ip > 0 {
+            *self.per_ip.entry(ip).or_default() += 1;
+        }
+        let rated = rate.per_second > 0;
+        if caps.per_user == 0 && !rated {
+            return Ok(None);
+        }
         self.departed.prune(now_ms, SharedBucket::refill_ms(rate));
         let departed = &mut self.departed;
-        let bucket = self
-            .buckets
-            .entry(user)
-            .or_insert_with(|| departed.take(user).unwrap_or_else(|| Arc::new(SharedBucket::new(rate))));
-        Ok(Arc::clone(bucket))
+        let record = self.users.entry(user).or_insert_with(|| User {
+            connections: 0,
+            bucket: rated.then(|| departed.take(user).unwrap_or_else(|| Arc::new(SharedBucket::new(rate)))),
+        });
+        record.connections += 1;
+        Ok(record.bucket.clone())
     }
 
     /// Forgets a connection counted by [`Occupancy::admit`] at `now_ms`; after the user's
     /// last one, its bucket is kept for a refill's time of `rate`.
     pub fn release(&mut self, ip: IpAddr, user: i64, rate: Rate, now_ms: u64) {
         self.total = self.total.saturating_sub(1);
-        decrement(&mut self.per_ip, &ip);
-        decrement(&mut self.per_user, &user);
-        if !self.per_user.contains_key(&user)
-            && let Some(bucket) = self.buckets.remove(&user)
-        {
-            self.departed.keep(user, bucket, now_ms);
+        if let Some(count) = self.per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_ip.remove(&ip);
+                shrink_if_sparse(&mut self.per_ip);
+            }
+        }
+        let Some(record) = self.users.get_mut(&user) else {
+            return;
+        };
+        record.connections -= 1;
+        if record.connections == 0 {
+            if let Some(bucket) = self.users.remove(&user).and_then(|u| u.bucket) {
+                self.departed.keep(user, bucket, now_ms);
+            }
+            shrink_if_sparse(&mut self.users);
         }
         self.departed.prune(now_ms, SharedBucket::refill_ms(rate));
     }
@@ -140,12 +185,14 @@ impl Occupancy {
     }
 }
 
-fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32, RandomState>, key: &K) {
-    if let Some(count) = map.get_mut(key) {
-        *count -= 1;
-        if *count == 0 {
-            map.remove(key);
-        }
+/// Gives back a table's memory once it is under a quarter full (a hash table keeps its
+/// largest capacity otherwise): after 15,000 disconnects the user table would hold ~400 KB
+/// for nobody. Halving the length again is needed before the next rehash, so the cost stays
+/// amortised O(1) per removal.
+fn shrink_if_sparse<K: Hash + Eq, V>(map: &mut HashMap<K, V, RandomState>) {
+    let (len, capacity) = (map.len(), map.capacity());
+    if capacity >= SHRINK_MIN_CAPACITY && len < capacity / 4 {
+        map.shrink_to(len * 2);
     }
 }
 
@@ -204,16 +251,19 @@ mod tests {
     fn a_users_connections_share_one_bucket_which_survives_a_reconnect() {
         let mut occ = Occupancy::default();
         let caps = Caps::default();
-        let a = occ.admit(ip(1), 7, caps, RATE, 0).unwrap();
-        let b = occ.admit(ip(2), 7, caps, RATE, 0).unwrap();
+        let a = occ.admit(ip(1), 7, caps, RATE, 0).unwrap().unwrap();
+        let b = occ.admit(ip(2), 7, caps, RATE, 0).unwrap().unwrap();
         assert!(Arc::ptr_eq(&a, &b), "every connection of the user shares the bucket");
-        assert!(!Arc::ptr_eq(&a, &occ.admit(ip(1), 8, caps, RATE, 0).unwrap()), "other users do not");
+        assert!(
+            !Arc::ptr_eq(&a, &occ.admit(ip(1), 8, caps, RATE, 0).unwrap().unwrap()),
+            "other users do not"
+        );
         occ.release(ip(1), 7, RATE, 100);
         occ.release(ip(2), 7, RATE, 100);
-        let back = occ.admit(ip(1), 7, caps, RATE, 599).unwrap();
+        let back = occ.admit(ip(1), 7, caps, RATE, 599).unwrap().unwrap();
         assert!(Arc::ptr_eq(&a, &back), "a reconnect within a refill gets the same bucket");
         occ.release(ip(1), 7, RATE, 600);
-        let later = occ.admit(ip(1), 7, caps, RATE, 1100).unwrap();
+        let later = occ.admit(ip(1), 7, caps, RATE, 1100).unwrap().unwrap();
         assert!(!Arc::ptr_eq(&a, &later), "after a full refill a new bucket is as good");
     }
 
@@ -221,7 +271,7 @@ mod tests {
     fn departed_buckets_are_bounded() {
         let mut occ = Occupancy::default();
         let slow = Rate { per_second: 1, burst: 1_000_000 }; // kept for 11 days
-        let first = occ.admit(ip(1), 0, Caps::default(), slow, 0).unwrap();
+        let first = occ.admit(ip(1), 0, Caps::default(), slow, 0).unwrap().unwrap();
         occ.release(ip(1), 0, slow, 0);
         for user in 1..=DEPARTED_MAX as i64 + 10 {
             occ.admit(ip(1), user, Caps::default(), slow, 0).unwrap();
@@ -229,7 +279,7 @@ mod tests {
         }
         assert!(occ.departed.buckets.len() <= DEPARTED_MAX);
         assert!(occ.departed.order.len() <= DEPARTED_MAX);
-        let again = occ.admit(ip(1), 0, Caps::default(), slow, 0).unwrap();
+        let again = occ.admit(ip(1), 0, Caps::default(), slow, 0).unwrap().unwrap();
         assert!(!Arc::ptr_eq(&first, &again), "the oldest departure was forgotten");
         // Reconnect loops of one user leave stale order entries, also bounded.
         for _ in 0..DEPARTED_MAX + 10 {
@@ -237,6 +287,59 @@ mod tests {
             occ.admit(ip(1), 0, Caps::default(), slow, 0).unwrap();
         }
         assert!(occ.departed.order.len() <= DEPARTED_MAX);
+    }
+
+    /// Rate limits off (`--rate-limit 0`), no per-user or per-IP cap: a connection costs this
+    /// table nothing (issue 15; before, every user had a count, a bucket and its `Arc`).
+    #[test]
+    fn nothing_is_kept_for_what_is_not_limited() {
+        const OFF: Rate = Rate { per_second: 0, burst: 1 };
+        let mut occ = Occupancy::default();
+        for user in 0..1000 {
+            assert!(occ.admit(ip(1), user, Caps::default(), OFF, 0).unwrap().is_none(), "no bucket");
+        }
+        assert_eq!(occ.total(), 1000);
+        assert_eq!((occ.users.capacity(), occ.per_ip.capacity()), (0, 0), "no per-user or per-IP table");
+        for user in 0..1000 {
+            occ.release(ip(1), user, OFF, 0);
+        }
+        assert_eq!(occ.total(), 0);
+        // A per-user cap alone keeps counts, still without buckets.
+        let caps = Caps { per_user: 1, ..Caps::default() };
+        assert!(occ.admit(ip(1), 5, caps, OFF, 0).unwrap().is_none());
+        assert_eq!(occ.admit(ip(1), 5, caps, OFF, 0).unwrap_err().status, 429);
+        occ.release(ip(1), 5, OFF, 0);
+        assert!(occ.admit(ip(1), 5, caps, OFF, 0).is_ok());
+        assert!(occ.departed.buckets.is_empty());
+    }
+
+    /// After mass disconnects the tables give their memory back (hash tables never shrink
+    /// by themselves).
+    #[test]
+    fn tables_shrink_after_mass_disconnects() {
+        let caps = Caps { per_ip: 100_000, ..Caps::default() };
+        let mut occ = Occupancy::default();
+        let addr = |user: i64| IpAddr::from((user as u32).to_be_bytes());
+        for user in 0..15_000 {
+            occ.admit(addr(user), user, caps, RATE, 0).unwrap();
+        }
+        let grown = (occ.users.capacity(), occ.per_ip.capacity());
+        assert!(grown.0 >= 15_000 && grown.1 >= 15_000);
+        for user in 0..14_990 {
+            occ.release(addr(user), user, RATE, 0);
+        }
+        // Past a refill the departed buckets are forgotten too.
+        occ.release(addr(14_990), 14_990, RATE, 1_000);
+        assert!(
+            occ.users.capacity() < SHRINK_MIN_CAPACITY,
+            "users: {} of {}",
+            occ.users.len(),
+            occ.users.capacity()
+        );
+        assert!(occ.per_ip.capacity() < SHRINK_MIN_CAPACITY, "per IP");
+        assert!(occ.departed.buckets.capacity() < SHRINK_MIN_CAPACITY, "departed");
+        assert!(occ.departed.order.capacity() < SHRINK_MIN_CAPACITY, "departure order");
+        assert_eq!(occ.total(), 9);
     }
 
     #[test]

@@ -91,21 +91,25 @@ impl SharedBucket {
 }
 
 /// Counts refusals in fixed windows: sustained abuse (too many refusals in one window) ends
-/// the connection.
+/// the connection. Windows start on whole seconds (8 bytes in every session rather than 16),
+/// so a window is up to a second shorter than asked.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Strikes {
-    window_start: u64,
+    /// Seconds (of the `now` clock) when the current window started.
+    window_start_s: u32,
     count: u32,
 }
 
 impl Strikes {
-    /// Records a refusal at `now`; true when `limit` refusals fell in the current window.
+    /// Records a refusal at `now` (milliseconds); true when `limit` refusals fell in the
+    /// current window of `window_ms`.
     pub fn strike(&mut self, now: u64, window_ms: u64, limit: u32) -> bool {
-        if now.saturating_sub(self.window_start) >= window_ms {
-            self.window_start = now;
+        let now_s = u32::try_from(now / 1000).unwrap_or(u32::MAX);
+        if u64::from(now_s.saturating_sub(self.window_start_s)) * 1000 >= window_ms {
+            self.window_start_s = now_s;
             self.count = 0;
         }
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
         limit > 0 && self.count >= limit
     }
 }

@@ -68,6 +68,10 @@ impl<K: Copy> TimerWheel<K> {
                 !fire
             });
             self.len -= before - slot.len();
+            // Give back what a burst of deadlines (a mass connect) left in the slot.
+            if slot.len() < slot.capacity() / 4 {
+                slot.shrink_to(slot.len() * 2);
+            }
         }
         self.next_tick = self.next_tick.max(end);
     }
@@ -117,6 +121,21 @@ mod tests {
             assert!(expire(&mut wheel, now).is_empty(), "fired early at {now}");
         }
         assert_eq!(expire(&mut wheel, 110), vec![7]);
+    }
+
+    /// A burst of deadlines in one slot (a mass connect) does not keep its memory once they
+    /// fired (issue 15).
+    #[test]
+    fn a_slot_gives_back_what_a_burst_left() {
+        let mut wheel = TimerWheel::new(10, 4, 0);
+        for key in 0..10_000 {
+            wheel.insert(15, key);
+        }
+        wheel.insert(55, 10_000); // the same slot, one rotation later
+        assert!(wheel.slots[1].capacity() >= 10_000);
+        assert_eq!(expire(&mut wheel, 20).len(), 10_000);
+        assert!(wheel.slots[1].capacity() <= 2, "capacity {}", wheel.slots[1].capacity());
+        assert_eq!(expire(&mut wheel, 60), vec![10_000]);
     }
 
     #[test]

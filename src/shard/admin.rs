@@ -63,7 +63,7 @@ impl Shard {
                     shard: self.id,
                     seq: session.seq,
                     ip: session.client_ip,
-                    connected_ms: session.opened_ms,
+                    connected_ms: wall.saturating_sub(now.saturating_sub(session.opened_at)),
                     rooms: session.rooms.iter().map(|r| r.to_string()).collect(),
                     queued: conn.out.len(),
                     messages_in: conn.messages_in,

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 
 use crate::core::pending::WaitKey;
+use crate::core::ratelimit::{Rate, TokenBucket};
 use crate::http::auth::Roles;
 use crate::ws::Reassembly;
 
@@ -38,30 +39,68 @@ pub struct Session {
     pub roles: Roles,
     /// Global open order (for `connections_per_user`).
     pub seq: u64,
-    /// The token's claim set.
+    /// The token's claim set; empty (no allocation) when nothing reads it (see
+    /// `Application::reads_claims`).
     pub claims: Box<str>,
     /// The application's data for this connection.
     pub user_data: Option<crate::app::application::UserData>,
     /// Rooms this connection is in.
-    pub rooms: Vec<std::sync::Arc<str>>,
+    pub rooms: List<std::sync::Arc<str>>,
     /// Presence coalescing and transient-status expiry.
     pub debounce: crate::core::presence::Debounce,
-    /// Message rate limit.
-    pub messages: crate::core::ratelimit::TokenBucket,
-    /// Byte rate limit.
-    pub bytes: crate::core::ratelimit::TokenBucket,
-    /// Refusals, for closing sustained abusers.
-    pub strikes: crate::core::ratelimit::Strikes,
+    /// The connection's own rate limits; allocated by its first charged message (see
+    /// [`Session::rate_state`]), so an idle connection holds none.
+    pub rate_state: Option<Box<RateState>>,
+    /// The user's message bucket, shared by its connections on every shard (`None` with
+    /// `rate_limit` off).
+    pub user_bucket: Option<std::sync::Arc<crate::core::ratelimit::SharedBucket>>,
     /// When the token expires, in shard milliseconds (`u64::MAX`: never).
     pub expires_deadline: u64,
     /// The client's address as counted for `max_connections_per_ip`.
     pub client_ip: std::net::IpAddr,
-    /// When the WebSocket opened, Unix milliseconds (admin listing).
-    pub opened_ms: u64,
-    /// Members per second `room_presence` and `presence_subscribe` may still cost.
-    pub presence_budget: crate::core::ratelimit::TokenBucket,
+    /// When the WebSocket opened, shard milliseconds (admin listing; the buckets' start).
+    pub opened_at: u64,
+    /// Members per second `room_presence` and `presence_subscribe` may still cost; allocated
+    /// by the first such request (see [`Session::take_presence_budget`]).
+    pub presence_budget: Option<Box<TokenBucket>>,
     /// A `room_presence` answer is being gathered (one at a time per connection).
     pub roster_in_flight: bool,
+}
+
+/// A connection's message and byte buckets and its refusals.
+#[derive(Debug)]
+pub struct RateState {
+    /// Message rate limit.
+    pub messages: TokenBucket,
+    /// Byte rate limit.
+    pub bytes: TokenBucket,
+    /// Refusals, for closing sustained abusers.
+    pub strikes: crate::core::ratelimit::Strikes,
+}
+
+impl Session {
+    /// The connection's rate state, allocated on first use. A bucket nobody charged is full,
+    /// so one made now — full, and refilling since the connection opened — is exactly the one
+    /// made at the handshake would be: the rates behave as if it had always been there.
+    pub fn rate_state(&mut self, messages: Rate, bytes: Rate) -> &mut RateState {
+        let opened_at = self.opened_at;
+        self.rate_state.get_or_insert_with(|| {
+            Box::new(RateState {
+                messages: TokenBucket::full(messages, opened_at),
+                bytes: TokenBucket::full(bytes, opened_at),
+                strikes: Default::default(),
+            })
+        })
+    }
+
+    /// Takes `cost` from the presence budget (`rate`) at `now`, allocating it on first use
+    /// (full since the connection opened, as in [`Session::rate_state`]).
+    pub fn take_presence_budget(&mut self, rate: Rate, cost: u64, now: u64) -> bool {
+        let opened_at = self.opened_at;
+        self.presence_budget
+            .get_or_insert_with(|| Box::new(TokenBucket::full(rate, opened_at)))
+            .take(rate, cost, now)
+    }
 }
 
 /// Why a frame was not queued.
@@ -78,13 +117,15 @@ pub enum Refused {
 /// The front frame is kept inline: a connection that gets one frame at a time (the 101, a
 /// ping, a lone message) never allocates the deque, so an idle connection holds no queue
 /// memory (the deque's first allocation is 4 frames, 128 bytes, kept for the connection's
-/// life; see BENCHMARKS.md, issue 15).
+/// life; see BENCHMARKS.md, issue 15). The deque itself is boxed, so a connection that never
+/// had two frames queued pays 8 bytes for it rather than 32.
 #[derive(Debug, Default)]
 pub struct OutQueue {
     /// The front frame (the one being written); `None` only when the queue is empty.
     head: Option<Bytes>,
-    /// The frames behind `head`.
-    rest: VecDeque<Bytes>,
+    /// The frames behind `head`; allocated on the first frame queued behind another.
+    #[expect(clippy::box_collection, reason = "boxed, an unused deque costs 8 bytes, not 32")]
+    rest: Option<Box<VecDeque<Bytes>>>,
     /// Bytes of the front frame already written.
     offset: usize,
     /// Bytes not yet written.
@@ -103,7 +144,7 @@ pub enum Flushed {
 impl OutQueue {
     /// Number of queued frames.
     pub fn len(&self) -> usize {
-        usize::from(self.head.is_some()) + self.rest.len()
+        usize::from(self.head.is_some()) + self.rest.as_ref().map_or(0, |rest| rest.len())
     }
 
     /// True when nothing is queued.
@@ -127,15 +168,17 @@ impl OutQueue {
         if self.head.is_none() {
             self.head = Some(frame);
         } else {
-            self.rest.push_back(frame);
+            self.rest.get_or_insert_default().push_back(frame);
         }
     }
 
     /// Drops every frame not yet started, keeping a partly written one so the stream stays
     /// well-formed. Returns how many frames were dropped.
     pub fn discard_unsent(&mut self) -> usize {
-        let mut dropped = self.rest.len();
-        self.rest.clear();
+        let mut dropped = self.rest.as_ref().map_or(0, |rest| rest.len());
+        if let Some(rest) = &mut self.rest {
+            rest.clear();
+        }
         if self.offset == 0 && self.head.take().is_some() {
             dropped += 1;
         }
@@ -149,7 +192,7 @@ impl OutQueue {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             slices[0] = IoSlice::new(&head[self.offset..]);
             let mut count = 1;
-            for frame in self.rest.iter().take(MAX_IOV - 1) {
+            for frame in self.rest.iter().flat_map(|rest| rest.iter()).take(MAX_IOV - 1) {
                 slices[count] = IoSlice::new(frame);
                 count += 1;
             }
@@ -174,52 +217,135 @@ impl OutQueue {
             }
             written -= rest;
             self.offset = 0;
-            self.head = self.rest.pop_front();
+            self.head = self.rest.as_mut().and_then(|rest| rest.pop_front());
         }
     }
 }
 
+/// A peer's address without IPv6 flow information and scope (which only logs would show):
+/// 20 bytes where `SocketAddr` takes 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    ip: std::net::IpAddr,
+    port: u16,
+}
+
+impl Peer {
+    /// The address.
+    pub fn ip(&self) -> std::net::IpAddr {
+        self.ip
+    }
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(addr: SocketAddr) -> Self {
+        Peer { ip: addr.ip(), port: addr.port() }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SocketAddr::new(self.ip, self.port).fmt(f)
+    }
+}
+
+/// A list most connections never use (rooms, server-initiated waits): one pointer, and no
+/// allocation while empty — a `Vec` would take 24 bytes in every connection.
+#[derive(Debug, Clone)]
+#[expect(clippy::box_collection, reason = "boxed, an empty list costs 8 bytes, not 24")]
+pub struct List<T>(Option<Box<Vec<T>>>);
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        List(None)
+    }
+}
+
+impl<T> std::ops::Deref for List<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl<T> List<T> {
+    /// Appends an item.
+    pub fn push(&mut self, item: T) {
+        self.0.get_or_insert_default().push(item);
+    }
+
+    /// Removes the item at `index` (which must be in bounds), moving the last one into its
+    /// place; the allocation goes with the last item.
+    pub fn swap_remove(&mut self, index: usize) -> T {
+        let items = self.0.as_mut().expect("swap_remove on an empty List");
+        let item = items.swap_remove(index);
+        if items.is_empty() {
+            self.0 = None;
+        }
+        item
+    }
+
+    /// Keeps the items `keep` accepts; the allocation goes with the last item.
+    pub fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
+        if let Some(items) = &mut self.0 {
+            items.retain(keep);
+            if items.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    /// The items, as a `Vec`.
+    pub fn into_vec(self) -> Vec<T> {
+        self.0.map_or_else(Vec::new, |items| *items)
+    }
+}
+
 /// One connection.
+///
+/// `repr(C)` with the fields in falling alignment, so the size is what the fields need and no
+/// more (208 bytes in release; see `idle_connection_layout`) whatever order the compiler
+/// would pick.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Conn {
-    /// The socket.
-    pub stream: TcpStream,
-    /// Peer address, for logs.
-    pub peer: SocketAddr,
-    /// Generation of this slab slot.
-    pub generation: u32,
-    /// Life-cycle phase.
-    pub phase: Phase,
     /// Bytes of an incomplete HTTP head or frame; empty (no allocation) otherwise.
     pub inbuf: Vec<u8>,
     /// Fragmented message in progress.
     pub reassembly: Reassembly,
     /// Output queue.
     pub out: OutQueue,
-    /// In the shard's flush list.
-    pub dirty: bool,
-    /// An echo-endpoint connection (conformance runs): messages come back as they came.
-    pub echo: bool,
     /// The user, once open.
     pub session: Option<Box<Session>>,
     /// The deadline currently scheduled in the wheel (ms).
     pub timer_at: u64,
-    /// Phase deadline: handshake deadline (Http) or linger deadline (Closing).
+    /// By phase: the handshake deadline (Http), the next ping (Open), the linger deadline
+    /// (Closing). One field, since a connection is in one phase at a time.
     pub deadline: u64,
     /// No pong by then: close (Open).
     pub read_deadline: u64,
-    /// Next ping (Open).
-    pub next_ping: u64,
     /// When the socket last refused bytes with output still queued; `u64::MAX` when not.
     pub write_blocked_at: u64,
     /// Server-initiated waits sent on this connection (failed with `Closed` when it goes).
-    pub waits: Vec<WaitKey>,
+    pub waits: List<WaitKey>,
+    /// The socket.
+    pub stream: TcpStream,
+    /// Generation of this slab slot.
+    pub generation: u32,
     /// Client messages received (admin listing; wraps).
     pub messages_in: u32,
     /// Frames queued to the client (admin listing; wraps).
     pub messages_out: u32,
     /// When the client last sent a message or connected, in shard seconds (admin listing).
     pub last_active_s: u32,
+    /// Peer address, for logs.
+    pub peer: Peer,
+    /// Life-cycle phase.
+    pub phase: Phase,
+    /// In the shard's flush list.
+    pub dirty: bool,
+    /// An echo-endpoint connection (conformance runs): messages come back as they came.
+    pub echo: bool,
 }
 
 impl Conn {
@@ -227,7 +353,7 @@ impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr, generation: u32, deadline: u64) -> Self {
         Conn {
             stream,
-            peer,
+            peer: Peer::from(peer),
             generation,
             phase: Phase::Http,
             inbuf: Vec::new(),
@@ -239,13 +365,17 @@ impl Conn {
             timer_at: deadline,
             deadline,
             read_deadline: u64::MAX,
-            next_ping: u64::MAX,
             write_blocked_at: u64::MAX,
-            waits: Vec::new(),
+            waits: List::default(),
             messages_in: 0,
             messages_out: 0,
             last_active_s: (deadline / 1000) as u32,
         }
+    }
+
+    /// When the next ping is due (Open).
+    pub fn next_ping(&self) -> u64 {
+        self.deadline
     }
 
     /// The user id, when open.
@@ -283,7 +413,7 @@ impl Conn {
                 let session = self.session.as_deref();
                 let transient =
                     session.map_or(u64::MAX, |s| s.debounce.transient_until.min(s.expires_deadline));
-                self.read_deadline.min(self.next_ping).min(write).min(transient)
+                self.read_deadline.min(self.deadline).min(write).min(transient)
             }
             _ => self.deadline,
         }
@@ -361,10 +491,55 @@ mod tests {
             assert_eq!(q.flush(&mut w).unwrap(), Flushed::Empty);
         }
         assert_eq!(w.taken, b"101pinglone message");
-        assert_eq!(q.rest.capacity(), 0, "an idle connection holds no queue memory");
+        assert!(q.rest.is_none(), "an idle connection holds no queue memory");
         q.push(Bytes::from_static(b"a"));
         q.push(Bytes::from_static(b"b"));
         assert_eq!((q.len(), q.bytes(), q.waiting_bytes()), (2, 2, 1));
+    }
+
+    fn idle_session(opened_at: u64) -> Session {
+        Session {
+            user: 7,
+            roles: Roles::default(),
+            seq: 1,
+            claims: Box::default(),
+            user_data: None,
+            rooms: List::default(),
+            debounce: Default::default(),
+            rate_state: None,
+            user_bucket: None,
+            expires_deadline: u64::MAX,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            opened_at,
+            presence_budget: None,
+            roster_in_flight: false,
+        }
+    }
+
+    /// The buckets made on first use behave exactly as the ones made at the handshake did:
+    /// full, and refilling since the connection opened (a message larger than the byte burst
+    /// passes after enough idle time, as before).
+    #[test]
+    fn buckets_made_on_first_use_match_buckets_made_at_open() {
+        let messages = Rate { per_second: 10, burst: 5 };
+        let bytes = Rate { per_second: 1000, burst: 1000 };
+        let opened = 1_000;
+        let (mut eager_m, mut eager_b) =
+            (TokenBucket::full(messages, opened), TokenBucket::full(bytes, opened));
+        let mut session = idle_session(opened);
+        assert!(session.rate_state.is_none() && session.presence_budget.is_none(), "idle: nothing allocated");
+        for (at, len) in [(6_000, 5_000), (6_001, 1), (6_002, 900), (6_003, 900)] {
+            let eager = eager_m.take(messages, 1, at) && eager_b.take(bytes, len, at);
+            let state = session.rate_state(messages, bytes);
+            let lazy = state.messages.take(messages, 1, at) && state.bytes.take(bytes, len, at);
+            assert_eq!(lazy, eager, "at {at} ms, {len} bytes");
+            assert_eq!((state.messages, state.bytes), (eager_m, eager_b));
+        }
+        let presence = Rate { per_second: 100, burst: 100 };
+        let mut eager = TokenBucket::full(presence, opened);
+        for (at, cost) in [(3_000, 250), (3_000, 1), (3_010, 1)] {
+            assert_eq!(session.take_presence_budget(presence, cost, at), eager.take(presence, cost, at));
+        }
     }
 
     #[test]
@@ -411,8 +586,13 @@ mod layout {
             ("Reassembly", size_of::<Reassembly>()),
             ("Phase", size_of::<Phase>()),
             ("SocketAddr", size_of::<SocketAddr>()),
+            ("Peer", size_of::<Peer>()),
+            ("TcpStream", size_of::<TcpStream>()),
+            ("List", size_of::<List<WaitKey>>()),
+            ("Option<Box<Session>>", size_of::<Option<Box<Session>>>()),
             ("Debounce", size_of::<crate::core::presence::Debounce>()),
-            ("TokenBucket", size_of::<crate::core::ratelimit::TokenBucket>()),
+            ("TokenBucket", size_of::<TokenBucket>()),
+            ("RateState (boxed when used)", size_of::<RateState>()),
             ("Strikes", size_of::<crate::core::ratelimit::Strikes>()),
             ("IpAddr", size_of::<std::net::IpAddr>()),
             ("UserData option", size_of::<Option<crate::app::application::UserData>>()),
@@ -421,11 +601,21 @@ mod layout {
         for (name, size) in sizes {
             println!("size_of {name}: {size}");
         }
-        // Measured 2026-11-27 (x86_64): the inline front frame made the queue 32 bytes larger
-        // and saved its 144-byte heap block; the session fits glibc's 224-byte chunk.
-        assert!(size_of::<Conn>() <= 280, "Conn grew: {}", size_of::<Conn>());
-        assert!(size_of::<Session>() <= 216, "Session grew: {}", size_of::<Session>());
-        assert!(size_of::<OutQueue>() <= 80, "OutQueue grew: {}", size_of::<OutQueue>());
+        // Measured 2026-11-27 (x86_64). Issue 15, second step: `Conn` 280 → 208 (a compact
+        // `Peer`, one deadline field per phase, boxed deque and wait list, `repr(C)`) and
+        // `Session` 216 → 160 (glibc's 176-byte chunk rather than 224: the connection's own
+        // buckets and presence budget boxed on first use, boxed room list, `Strikes` 8
+        // bytes, with the user's rate bucket now held here rather than in a shard map).
+        // mio's `TcpStream` carries a selector id under `debug_assertions` (16 bytes, 4 in
+        // release), hence two figures for `Conn`.
+        let conn_max = if cfg!(debug_assertions) { 216 } else { 208 };
+        assert!(size_of::<Conn>() <= conn_max, "Conn grew: {}", size_of::<Conn>());
+        assert_eq!(size_of::<Option<Conn>>(), size_of::<Conn>(), "a slab slot costs no more than a Conn");
+        assert!(size_of::<Session>() <= 160, "Session grew: {}", size_of::<Session>());
+        assert!(size_of::<OutQueue>() <= 56, "OutQueue grew: {}", size_of::<OutQueue>());
+        assert!(size_of::<Peer>() <= 20, "Peer grew: {}", size_of::<Peer>());
+        assert!(size_of::<List<WaitKey>>() <= 8, "List grew");
+        assert!(size_of::<crate::core::ratelimit::Strikes>() <= 8, "Strikes grew");
         assert!(size_of::<crate::core::presence::Debounce>() <= 40, "Debounce grew");
     }
 }

@@ -154,7 +154,7 @@ impl Shard {
         distinct.dedup();
         let (now, rate, inbox_full) = (self.now, self.presence_rate(), self.own_inbox_full());
         let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return false };
-        let refusal = if !session.presence_budget.take(rate, distinct.len() as u64, now) {
+        let refusal = if !session.take_presence_budget(rate, distinct.len() as u64, now) {
             Some((429, format!("presence budget exceeded ({} users per second)", rate.per_second)))
         } else if inbox_full {
             Some((503, "server busy; retry later".to_string()))
@@ -374,7 +374,7 @@ impl Shard {
     }
 
     fn rooms_of(&mut self, key: ConnKey) -> Vec<Arc<str>> {
-        self.conn_mut(key).and_then(|c| c.session.as_deref()).map(|s| s.rooms.clone()).unwrap_or_default()
+        self.conn_mut(key).and_then(|c| c.session.as_deref()).map(|s| s.rooms.to_vec()).unwrap_or_default()
     }
 
     /// Handles the directory's messages.

@@ -7,7 +7,6 @@ use super::conn::{Phase, Session};
 use crate::app::application::{Admission, Authentication, Defer, Rejection};
 use crate::core::occupancy::client_ip;
 use crate::core::presence::claim_info;
-use crate::core::ratelimit::{Strikes, TokenBucket};
 use crate::core::{ConnKey, Directory};
 use crate::http::Decision;
 use crate::http::auth::{AuthError, Identity};
@@ -159,7 +158,7 @@ impl Shard {
         conn.phase = Phase::Open;
         conn.echo = true;
         conn.read_deadline = now + limits.pong_wait_ms;
-        conn.next_ping = now + limits.ping_period_ms;
+        conn.deadline = now + limits.ping_period_ms; // the next ping
         let pending = std::mem::take(&mut conn.inbuf);
         self.mark_dirty(key);
         self.schedule_before(key, now + limits.ping_period_ms.min(limits.pong_wait_ms));
@@ -273,9 +272,9 @@ impl Shard {
         client_ip: std::net::IpAddr,
     ) {
         let Admission { identity, user_data } = admission;
-        let (rates, expires_deadline) = (self.rates, self.expiry_deadline(identity.expires_at));
-        match self.shared.admit(client_ip, identity.user_id) {
-            Ok(bucket) => self.user_buckets.insert(identity.user_id, bucket),
+        let expires_deadline = self.expiry_deadline(identity.expires_at);
+        let user_bucket = match self.shared.admit(client_ip, identity.user_id) {
+            Ok(bucket) => bucket,
             Err(refusal) => {
                 ShardMetrics::inc(&self.metrics().admission_refusals);
                 self.refuse(key, refusal.status, refusal.message, Some(client_ip));
@@ -293,7 +292,7 @@ impl Shard {
             .and_then(|name| claim_info(&identity.claims, name));
         let now = self.now;
         let limits = self.limits;
-        let presence_rate = self.presence_rate();
+        let claims = self.kept_claims(identity.claims);
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
@@ -303,23 +302,22 @@ impl Shard {
         }
         conn.phase = Phase::Open;
         conn.read_deadline = now + limits.pong_wait_ms;
-        conn.next_ping = now + limits.ping_period_ms;
+        conn.deadline = now + limits.ping_period_ms; // the next ping
         let peer = conn.peer;
         conn.session = Some(Box::new(Session {
             user,
             roles: identity.roles,
             seq,
-            claims: identity.claims,
+            claims,
             user_data,
-            rooms: Vec::new(),
+            rooms: Default::default(),
             debounce: Default::default(),
-            messages: TokenBucket::full(rates.messages, now),
-            bytes: TokenBucket::full(rates.bytes, now),
-            strikes: Strikes::default(),
+            rate_state: None,
+            user_bucket,
             expires_deadline,
             client_ip,
-            opened_ms: Self::wall_ms(),
-            presence_budget: TokenBucket::full(presence_rate, now),
+            opened_at: now,
+            presence_budget: None,
             roster_in_flight: false,
         }));
         conn.last_active_s = (now / 1000) as u32;

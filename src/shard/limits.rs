@@ -44,23 +44,31 @@ impl Shard {
         // The users' buckets are shared across shards: charged on the process-wide clock.
         let shared_now_ms =
             self.epoch.saturating_duration_since(self.shared.started).as_millis() as u64 + now;
-        let Shard { conns, user_buckets, .. } = self;
-        let Some(session) = conns
+        let Some(session) = self
+            .conns
             .get_mut(key.index as usize)
             .filter(|c| c.generation == key.generation)
             .and_then(|c| c.session.as_deref_mut())
         else {
             return true; // echo endpoint: conformance runs are not rate limited
         };
-        let allowed = session.messages.take(rates.messages, 1, now)
-            && session.bytes.take(rates.bytes, len as u64, now)
-            && user_buckets
-                .get(&session.user)
-                .is_none_or(|b| b.take(shared_now_ms.saturating_mul(1_000_000)));
+        // With both per-connection rates off the connection's own buckets are never made.
+        let own = rates.messages.per_second > 0 || rates.bytes.per_second > 0;
+        let allowed = (!own || {
+            let state = session.rate_state(rates.messages, rates.bytes);
+            state.messages.take(rates.messages, 1, now) && state.bytes.take(rates.bytes, len as u64, now)
+        }) && session
+            .user_bucket
+            .as_deref()
+            .is_none_or(|b| b.take(shared_now_ms.saturating_mul(1_000_000)));
         if allowed {
             return true;
         }
-        let abusive = session.strikes.strike(now, STRIKE_WINDOW_MS, rates.close_after);
+        let abusive = session.rate_state(rates.messages, rates.bytes).strikes.strike(
+            now,
+            STRIKE_WINDOW_MS,
+            rates.close_after,
+        );
         let (user, client, peer) = (session.user, session.client_ip, self.conns[key.index as usize].peer);
         ShardMetrics::inc(&self.metrics().rate_limited);
         if abusive {
@@ -74,11 +82,15 @@ impl Shard {
         false
     }
 
-    /// Drops this shard's reference to a user's bucket when its last local connection is gone
-    /// (the admission table keeps it while the user has connections elsewhere, and for a
-    /// refill's time after the last one).
-    pub(super) fn forget_user_bucket(&mut self, user: i64) {
-        self.user_buckets.remove(&user);
+    /// What a session keeps of a token's claims: all of them when the application reads them
+    /// or `presence_info_claim` takes one, else nothing (no allocation on idle connections).
+    pub(super) fn kept_claims(&self, claims: Box<str>) -> Box<str> {
+        let shared = &self.shared;
+        if shared.app.reads_claims() || shared.config.presence_info_claim.is_some() {
+            claims
+        } else {
+            Box::default()
+        }
     }
 
     /// Shard-time deadline for a token expiring at `exp` (Unix seconds), leeway included.
@@ -102,10 +114,11 @@ impl Shard {
             }
             Ok(identity) => {
                 let deadline = self.expiry_deadline(identity.expires_at);
+                let claims = self.kept_claims(identity.claims);
                 if let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) {
                     session.expires_deadline = deadline;
                     session.roles = identity.roles;
-                    session.claims = identity.claims;
+                    session.claims = claims;
                 }
                 self.schedule_before(key, deadline);
                 match pid {

@@ -87,12 +87,13 @@ pub struct Shared {
 
 impl Shared {
     /// Counts a new connection against the admission limits; on success, the user's message
-    /// bucket, shared by all of its connections on every shard and kept across reconnects.
+    /// bucket, shared by all of its connections on every shard and kept across reconnects
+    /// (`None` when `rate_limit` is off).
     pub fn admit(
         &self,
         ip: std::net::IpAddr,
         user: i64,
-    ) -> Result<Arc<crate::core::ratelimit::SharedBucket>, crate::core::occupancy::Refusal> {
+    ) -> Result<Option<Arc<crate::core::ratelimit::SharedBucket>>, crate::core::occupancy::Refusal> {
         let (rate, now_ms) = (limits::Rates::from(&self.config).messages, self.clock_ms());
         let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         occupancy.admit(ip, user, self.caps, rate, now_ms)
@@ -174,6 +175,8 @@ pub struct Shard {
     listener: Option<TcpListener>,
     inbox: Receiver<Parcel>,
     conns: Slab<Conn>,
+    /// The slab is shrunk when fewer connections than this are left (see `drop_conn`).
+    shrink_conns_below: usize,
     next_generation: u32,
     wheel: TimerWheel<TimerKey>,
     /// Expired timer keys, reused between ticks.
@@ -216,13 +219,6 @@ pub struct Shard {
     client_work: bool,
     /// A send was shed since the current client message began (its sender gets 503).
     shed: bool,
-    /// Per-user message buckets of the users with connections here, from [`Shared::admit`]:
-    /// shared with the user's connections on every shard.
-    user_buckets: std::collections::HashMap<
-        i64,
-        Arc<crate::core::ratelimit::SharedBucket>,
-        foldhash::fast::RandomState,
-    >,
     /// Handshakes waiting for the application's deferred authentication (at most
     /// `auth_max_pending`), with what their upgrade needs.
     auth_pending: std::collections::HashMap<ConnKey, handshake::AwaitedAuth, foldhash::fast::RandomState>,
@@ -243,6 +239,7 @@ impl Shard {
             listener: Some(parts.listener),
             inbox: parts.inbox,
             conns: Slab::new(),
+            shrink_conns_below: usize::MAX,
             next_generation: 0,
             wheel: TimerWheel::new(crate::core::timer::DEFAULT_TICK_MS, crate::core::timer::DEFAULT_SLOTS, 0),
             due: Vec::new(),
@@ -274,7 +271,6 @@ impl Shard {
             rosters: Slab::new(),
             client_work: false,
             shed: false,
-            user_buckets: Default::default(),
             auth_pending: Default::default(),
             shared,
         }

@@ -260,7 +260,7 @@ impl Shard {
             Some((403, format!("not a member of room {room}")))
         } else if session.roster_in_flight {
             Some((429, "a room_presence request is already in flight on this connection".into()))
-        } else if !session.presence_budget.take(rate, cost, now) {
+        } else if !session.take_presence_budget(rate, cost, now) {
             Some((429, format!("presence budget exceeded ({} members per second)", rate.per_second)))
         } else if inbox_full {
             Some((503, "server busy; retry later".into()))
