@@ -4,6 +4,7 @@
 //! `http`, `protocol` and `core`. See `LIFECYCLE.md` for the connection state machine.
 
 mod admin;
+pub mod authorize;
 mod callbacks;
 pub mod conn;
 mod deliver;
@@ -83,6 +84,9 @@ pub struct Shared {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Set first thing when a shutdown starts: `/ready` answers 503 from then on.
     pub draining: AtomicBool,
+    /// The `authorize_url` backend, when configured.
+    #[cfg(feature = "backend")]
+    pub authorizer: Option<Arc<crate::backend::Authorizer>>,
 }
 
 impl Shared {
