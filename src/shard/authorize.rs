@@ -150,6 +150,9 @@ impl Shard {
     /// first that still waits.
     fn run_decided(&mut self, key: ConnKey) {
         loop {
+            if !self.conn_mut(key).is_some_and(|c| c.phase == super::conn::Phase::Open) {
+                return; // closing: what waits goes with the session
+            }
             let Some(queue) = self.authz_queue(key) else { return };
             if queue.entries.front().is_none_or(|e| matches!(e.state, State::Waiting { .. })) {
                 if queue.entries.is_empty() {
