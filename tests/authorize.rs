@@ -233,37 +233,49 @@ fn pending_decisions_do_not_stall_other_connections_of_the_shard() {
     let mut joiners: Vec<Client> = (10..20).map(|u| connect_on_shard(addr, u, &[], 0)).collect();
     let mut pinger = connect_on_shard(addr, 100, &[], 0);
     let mut ponger = connect_on_shard(addr, 101, &[], 0);
-    let t0 = Instant::now();
-    for (i, c) in joiners.iter_mut().enumerate() {
-        for j in 0..10 {
-            c.send_value(
-                &json!({"type": "join", "pid": format!("j{j}"), "payload": {"room": format!("r{i}-{j}")}}),
-            );
+    // A shard that waited for decisions would delay every round trip by up to 300 ms, in every
+    // attempt; the machine is shared with other builds, so one scheduling hiccup of the test's
+    // own threads may spoil an attempt: up to three, one must be clean.
+    let mut attempts = Vec::new();
+    for attempt in 0..3 {
+        let t0 = Instant::now();
+        for (i, c) in joiners.iter_mut().enumerate() {
+            for j in 0..10 {
+                let room = format!("r{attempt}-{i}-{j}");
+                c.send_value(&json!({"type": "join", "pid": format!("j{j}"), "payload": {"room": room}}));
+            }
+        }
+        let mut rtts = Vec::new();
+        while t0.elapsed() < DECISION - Duration::from_millis(50) || rtts.len() < 5 {
+            let pid = format!("p{attempt}-{}", rtts.len());
+            let sent = Instant::now();
+            pinger.send_p2p_acked(101, &pid, &json!({"n": rtts.len()}));
+            rtts.push(sent.elapsed());
+            assert_eq!(ponger.recv_of_type("data_event")["fromUserId"], 100);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let measured_until = t0.elapsed();
+        for c in &mut joiners {
+            for j in 0..10 {
+                assert_ack(&c.recv_json(), &format!("j{j}"), "joined");
+            }
+        }
+        let decided = t0.elapsed();
+        let worst = *rtts.iter().max().unwrap();
+        let summary = format!(
+            "attempt {attempt}: {} P2P round trips on the shard while {PENDING} decisions waited {DECISION:?}: \
+             worst {worst:?}; measured until {measured_until:?}, decisions in at {decided:?}",
+            rtts.len()
+        );
+        eprintln!("{summary}");
+        assert!(decided >= DECISION, "the joins waited for their decisions ({decided:?})");
+        assert!(measured_until < DECISION, "the round trips ran while the decisions were pending");
+        attempts.push(summary);
+        if worst < Duration::from_millis(50) {
+            return;
         }
     }
-    let mut rtts = Vec::new();
-    while t0.elapsed() < DECISION - Duration::from_millis(50) || rtts.len() < 5 {
-        let pid = format!("p{}", rtts.len());
-        let sent = Instant::now();
-        pinger.send_p2p_acked(101, &pid, &json!({"n": rtts.len()}));
-        rtts.push(sent.elapsed());
-        assert_eq!(ponger.recv_of_type("data_event")["fromUserId"], 100);
-    }
-    let measured_until = t0.elapsed();
-    for c in &mut joiners {
-        for j in 0..10 {
-            assert_ack(&c.recv_json(), &format!("j{j}"), "joined");
-        }
-    }
-    let decided = t0.elapsed();
-    let worst = rtts.iter().max().unwrap();
-    eprintln!(
-        "{} P2P round trips on the shard while {PENDING} decisions waited {DECISION:?}: worst {worst:?}; measured until {measured_until:?}, decisions in at {decided:?}",
-        rtts.len()
-    );
-    assert!(decided >= DECISION, "the joins waited for their decisions ({decided:?})");
-    assert!(measured_until < DECISION, "the round trips ran while the decisions were pending");
-    assert!(*worst < Duration::from_millis(50), "a P2P round trip took {worst:?}: {rtts:?}");
+    panic!("a P2P round trip took 50 ms or more in every attempt: {attempts:#?}");
 }
 
 #[test]

@@ -132,6 +132,7 @@ pub struct Decision {
 
 impl Decision {
     /// A decision the tier itself answers (the authorization backend).
+    #[cfg_attr(not(feature = "backend"), allow(dead_code))]
     pub(crate) fn new(handle: Handle, conn: ConnId, seq: u64) -> Decision {
         Decision { handle: Some(handle), conn, seq }
     }
@@ -188,6 +189,7 @@ pub(crate) enum Count {
     /// A message was refused 429 because too many waited on its connection.
     OverBound,
     /// The authorization backend failed (timeout, error status, garbage, busy).
+    #[cfg_attr(not(feature = "backend"), allow(dead_code))]
     BackendFailed,
 }
 

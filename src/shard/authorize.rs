@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use super::Shard;
 use crate::app::application::ConnId;
@@ -15,14 +15,22 @@ use crate::protocol::ClientMessage;
 use crate::protocol::envelope::error_notification;
 use crate::protocol::router::{BuiltinOp, Route, SenderCaps, route};
 
-/// Messages of one connection waiting, in arrival order, for authorization decisions (kept
-/// in the connection's session; empty and unallocated unless a decision was deferred).
+/// The messages waiting for authorization decisions, per connection (only connections with
+/// something waiting have an entry: an idle connection pays nothing for this).
 #[derive(Debug, Default)]
-pub struct Queue {
-    entries: VecDeque<Entry>,
-    /// The next decision's number on this connection (a decision names its connection by
-    /// slot and generation, and its operation by this number).
+pub(super) struct Pending {
+    /// By slab index.
+    queues: HashMap<u32, Queue, foldhash::fast::RandomState>,
+    /// The next decision's number on this shard (a decision names its connection by slot and
+    /// generation, and its operation by this number).
     next_seq: u64,
+}
+
+/// One connection's messages waiting, in arrival order.
+#[derive(Debug)]
+struct Queue {
+    generation: u32,
+    entries: VecDeque<Entry>,
 }
 
 #[derive(Debug)]
@@ -84,8 +92,9 @@ impl Shard {
         text: &[u8],
         decision: &Route<'_>,
     ) -> bool {
-        let Some(queued) = self.authz_queue(key).map(|q| q.entries.len()) else {
-            return false;
+        let queued = match self.authz.queues.is_empty() {
+            true => 0, // nobody on this shard waits: the common case, no lookup
+            false => self.authz_queue(key).map_or(0, |q| q.entries.len()),
         };
         let gate = gate(decision);
         if queued == 0 && gate.is_none() {
@@ -111,9 +120,13 @@ impl Shard {
                     self.over_bound(key, pid);
                     return true;
                 }
-                if let Some(queue) = self.authz_queue(key) {
-                    queue.entries.push_back(Entry { seq, state, text: text.into() });
+                let fresh = Queue { generation: key.generation, entries: VecDeque::new() };
+                let queue = self.authz.queues.entry(key.index).or_insert(fresh);
+                if queue.generation != key.generation {
+                    // A previous occupant's leftovers (its close already forgot them).
+                    *queue = Queue { generation: key.generation, entries: VecDeque::new() };
                 }
+                queue.entries.push_back(Entry { seq, state, text: text.into() });
                 true
             }
         }
@@ -154,10 +167,11 @@ impl Shard {
                 return; // closing: what waits goes with the session
             }
             let Some(queue) = self.authz_queue(key) else { return };
-            if queue.entries.front().is_none_or(|e| matches!(e.state, State::Waiting { .. })) {
-                if queue.entries.is_empty() {
-                    queue.entries = VecDeque::new(); // give the memory back
-                }
+            if queue.entries.is_empty() {
+                self.authz.queues.remove(&key.index); // give the memory back
+                return;
+            }
+            if queue.entries.front().is_some_and(|e| matches!(e.state, State::Waiting { .. })) {
                 return;
             }
             let Some(entry) = queue.entries.pop_front() else { return };
@@ -183,7 +197,7 @@ impl Shard {
         targets: Targets<'_>,
         pid: Option<&str>,
     ) -> (u64, State) {
-        let seq = self.next_decision(key);
+        let seq = self.next_decision();
         let answer = self.call_app(key, |app, conn| {
             let operation = Operation {
                 op,
@@ -229,7 +243,7 @@ impl Shard {
 
     /// Sends `op` to `authorize_url` on the backend pool; its answer comes back as a decision.
     fn ask_backend(&mut self, key: ConnKey, user: i64, op: BuiltinOp, targets: Targets<'_>) -> (u64, State) {
-        let seq = self.next_decision(key);
+        let seq = self.next_decision();
         #[cfg(feature = "backend")]
         if let Some(authorizer) = self.shared.authorizer.clone() {
             let claims = self.conn_mut(key).and_then(|c| c.session.as_deref()).map_or("", |s| &s.claims);
@@ -264,15 +278,21 @@ impl Shard {
         }
     }
 
-    fn next_decision(&mut self, key: ConnKey) -> u64 {
-        self.authz_queue(key).map_or(0, |q| {
-            q.next_seq += 1;
-            q.next_seq
-        })
+    fn next_decision(&mut self) -> u64 {
+        self.authz.next_seq += 1;
+        self.authz.next_seq
     }
 
     fn authz_queue(&mut self, key: ConnKey) -> Option<&mut Queue> {
-        self.conn_mut(key).and_then(|c| c.session.as_deref_mut()).map(|s| &mut s.authz)
+        self.authz.queues.get_mut(&key.index).filter(|q| q.generation == key.generation)
+    }
+
+    /// A connection is gone: what it had waiting goes with it (decisions arriving later find
+    /// nothing).
+    pub(super) fn forget_authorizations(&mut self, key: ConnKey) {
+        if self.authz.queues.get(&key.index).is_some_and(|q| q.generation == key.generation) {
+            self.authz.queues.remove(&key.index);
+        }
     }
 
     /// The connection's user and what it may do, as `on_text` reckons them.

@@ -62,8 +62,6 @@ pub struct Session {
     pub presence_budget: crate::core::ratelimit::TokenBucket,
     /// A `room_presence` answer is being gathered (one at a time per connection).
     pub roster_in_flight: bool,
-    /// Messages waiting for authorization decisions, in arrival order.
-    pub authz: super::authorize::Queue,
 }
 
 /// Why a frame was not queued.

@@ -238,7 +238,6 @@ impl Shard {
             opened_ms: Self::wall_ms(),
             presence_budget: TokenBucket::full(presence_rate, now),
             roster_in_flight: false,
-            authz: Default::default(),
         }));
         conn.last_active_s = (now / 1000) as u32;
         let pending = std::mem::take(&mut conn.inbuf);

@@ -113,6 +113,7 @@ impl Shard {
         // EPOLL_CTL_DEL would be one more syscall per connection for nothing.
         let mut conn = self.conns.remove(key.index as usize);
         self.fail_waits(&conn.waits);
+        self.forget_authorizations(key);
         let Some(session) = conn.session.take() else {
             log::trace!("dropped peer={conn_peer} phase={phase:?}: {reason}");
             return;

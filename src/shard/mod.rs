@@ -4,7 +4,7 @@
 //! `http`, `protocol` and `core`. See `LIFECYCLE.md` for the connection state machine.
 
 mod admin;
-pub mod authorize;
+mod authorize;
 mod callbacks;
 pub mod conn;
 mod deliver;
@@ -215,6 +215,8 @@ pub struct Shard {
     rates: limits::Rates,
     /// `room_presence` requests gathering member lists.
     rosters: Slab<rooms::Roster>,
+    /// Connections' messages waiting for authorization decisions.
+    authz: authorize::Pending,
     /// True while handling what a client asked for: sends that may be shed are shed when the
     /// receiving inbox is over `inbox_max_bytes`.
     client_work: bool,
@@ -273,6 +275,7 @@ impl Shard {
             },
             rates: limits::Rates::from(&shared.config),
             rosters: Slab::new(),
+            authz: Default::default(),
             client_work: false,
             shed: false,
             user_buckets: Default::default(),
