@@ -346,7 +346,7 @@ impl Handle {
     }
 
     /// Answers a deferred authorization of one of `conn`'s operations (see
-    /// `crate::app::authorize::Decision`); `refusal` `None` allows it.
+    /// the application layer's `Decision`); `refusal` `None` allows it.
     pub(crate) fn decide(
         &self,
         conn: ConnId,
