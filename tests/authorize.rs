@@ -543,3 +543,74 @@ fn a_bad_authorize_url_or_op_name_stops_start_up() {
         assert!(error.to_string().contains(key), "{error}");
     }
 }
+
+#[test]
+fn a_join_waiting_for_its_decision_is_not_overtaken_by_what_follows() {
+    // Joins wait 200 ms for a worker; the room broadcast behind it is allowed at once, and a
+    // generic_request is not an authorized operation at all: both wait their turn.
+    let mut app = Contacts::new(Mode::Deferred, Duration::from_millis(200), 2);
+    app.defer = |op| op == BuiltinOp::Join;
+    let server = start_app(app, |_| {});
+    let addr = server.local_addr();
+    let mut alice = connect(addr, 1, &[]);
+    let mut bob = connect(addr, 2, &[]);
+    alice.send_value(&json!({"type": "join", "pid": "a1", "payload": {"room": "dm:1:2"}}));
+    assert_ack(&alice.recv_json(), "a1", "joined");
+    bob.send_value(&json!({"type": "join", "pid": "b1", "payload": {"room": "dm:1:2"}}));
+    bob.send_value(
+        &json!({"type": "broadcast", "pid": "b2", "payload": {"room": "dm:1:2", "body": "first"}}),
+    );
+    bob.send_value(&json!({"type": "generic_request", "pid": "b3", "payload": {}}));
+    assert_ack(&bob.recv_json(), "b1", "joined");
+    assert_ack(&bob.recv_json(), "b2", "published");
+    assert_eq!(bob.recv_of_type("generic_response")["pid"], "b3");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = alice.recv_json();
+        if v["type"] == "room_message" {
+            assert_eq!(v["payload"]["body"], "first", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room_message for alice");
+    }
+}
+
+/// Allows every operation, from a worker, after a few milliseconds.
+struct AllowLater {
+    workers: Workers,
+}
+
+impl Application for AllowLater {
+    fn authorize(&self, _conn: &mut Conn<'_>, op: &Operation<'_>) -> Verdict {
+        let decision = op.defer();
+        let job = move || {
+            std::thread::sleep(Duration::from_millis(5));
+            decision.allow();
+        };
+        match self.workers.spawn(job) {
+            Ok(()) => Verdict::Later,
+            Err(_) => Verdict::forbidden(),
+        }
+    }
+}
+
+#[test]
+fn with_both_the_callback_decides_first_and_the_backend_after_it() {
+    let backend = AuthBackend::start(Duration::ZERO);
+    let mut config = test_config();
+    config.authorize_url = Some(backend.url());
+    let server = customws::start_with(config, Arc::new(AllowLater { workers: Workers::new(2, 64) })).unwrap();
+    let addr = server.local_addr();
+    let mut bob = connect(addr, 2, &[]);
+    let mut mallory = connect(addr, 3, &[]);
+    // The callback allows both; the backend refuses the non-contact.
+    mallory.send_value(&json!({"type": "join", "pid": "m1", "payload": {"room": "dm:1:2"}}));
+    bob.send_value(&json!({"type": "join", "pid": "b1", "payload": {"room": "dm:1:2"}}));
+    assert_error(&mallory.recv_json(), 403, "m1");
+    assert_ack(&bob.recv_json(), "b1", "joined");
+    let members: Vec<i64> = server.handle().room_members("dm:1:2").wait_timeout(WAIT).unwrap();
+    assert_eq!(members, vec![2]);
+    let asked: Vec<i64> =
+        backend.received.lock().unwrap().iter().filter_map(|r| r["userId"].as_i64()).collect();
+    assert_eq!(asked.len(), 2, "the backend was asked once per operation: {asked:?}");
+}
