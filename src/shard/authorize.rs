@@ -164,7 +164,7 @@ impl Shard {
     fn run_decided(&mut self, key: ConnKey) {
         loop {
             if !self.conn_mut(key).is_some_and(|c| c.phase == super::conn::Phase::Open) {
-                return; // closing: what waits goes with the session
+                return; // closing: nothing more runs; what waits goes when it is dropped
             }
             let Some(queue) = self.authz_queue(key) else { return };
             if queue.entries.is_empty() {
