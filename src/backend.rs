@@ -727,11 +727,180 @@ impl WarnLimiter {
     }
 }
 
+/// The authorization backend (`authorize_url`, `authorize_ops`): for a listed built-in
+/// client operation the shard builds
+///
+/// ```json
+/// {"op": "join", "userId": 7, "claims": {…}, "targets": ["dm:7:9"]}
+/// ```
+///
+/// (`targets`: user ids for `data_request`, `presence_subscribe` and a targeted
+/// `presence_update`; the room name for `join`, `room_broadcast` and `room_presence`; empty
+/// otherwise) and hands it with a [`Decision`](crate::app::authorize::Decision) to this pool
+/// (`backend_concurrency` threads, `backend_queue` waiting; full → 503 `authorization busy`).
+/// A worker POSTs it; a 2xx `{"allow": true}` runs the operation, `{"allow": false}` refuses
+/// it 403 `not authorized`. Anything else — a timeout (`backend_timeout`), a connection
+/// error, another status, a body that is not that object — refuses it 403 `authorization
+/// failed` (fail closed), with a rate-limited `warn` line and
+/// `customws_authorize_backend_failures_total`. The Rust callback runs first; the backend is
+/// asked only about what it allowed.
+pub struct Authorizer {
+    agent: ureq::Agent,
+    url: String,
+    ops: crate::protocol::router::OpSet,
+    workers: Workers,
+    warnings: WarnLimiter,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+impl Authorizer {
+    /// The authorizer of `config` (`authorize_url` set), starting its worker threads.
+    pub fn from_config(config: &Config) -> Option<Arc<Authorizer>> {
+        let url = config.authorize_url.as_deref()?.trim().to_owned();
+        let concurrency = config.backend_concurrency.max(1);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(config.backend_timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .max_idle_connections(concurrency)
+            .max_idle_connections_per_host(concurrency)
+            .user_agent(concat!("customws/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        // Validated with the configuration: an unknown name cannot get here.
+        let ops = crate::protocol::router::OpSet::from_names(&config.authorize_ops).unwrap_or_default();
+        let workers = Workers::new(concurrency, config.backend_queue);
+        Some(Arc::new(Authorizer {
+            agent,
+            url,
+            ops,
+            workers,
+            warnings: WarnLimiter::new(WARN_LINES_PER_SECOND),
+        }))
+    }
+
+    /// Whether `authorize_ops` lists `op`.
+    pub fn covers(&self, op: crate::protocol::router::BuiltinOp) -> bool {
+        self.ops.contains(op)
+    }
+
+    /// Queues the call for `body`; `decision` carries the answer back to the shard.
+    pub(crate) fn ask(
+        self: &Arc<Self>,
+        decision: crate::app::authorize::Decision,
+        body: String,
+        user: i64,
+    ) -> Result<(), crate::app::application::Busy> {
+        let me = Arc::clone(self);
+        let spawned = self.workers.spawn(move || match me.call(&body) {
+            Ok(allowed) => decision.answer(allowed),
+            Err(why) => {
+                crate::app::authorize::count(crate::app::authorize::Count::BackendFailed);
+                me.warn(user, &why);
+                decision.refuse(403, "authorization failed");
+            }
+        });
+        if spawned.is_err() {
+            self.warn(user, "queue full, refused 503");
+        }
+        spawned
+    }
+
+    /// POSTs `body`; the answer's `allow`, or why there is none.
+    fn call(&self, body: &str) -> Result<bool, String> {
+        #[derive(Deserialize)]
+        struct Answer {
+            allow: bool,
+        }
+        let mut response = self
+            .agent
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .send(body.as_bytes())
+            .map_err(|e| transport_failure(&e).message)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(format!("answered status {status}"));
+        }
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ERROR_BODY_BYTES)
+            .read_to_vec()
+            .map_err(|e| transport_failure(&e).message)?;
+        let answer: Answer =
+            serde_json::from_slice(&bytes).map_err(|e| format!("answer is not {{\"allow\": bool}}: {e}"))?;
+        Ok(answer.allow)
+    }
+
+    fn warn(&self, user: i64, what: &str) {
+        if let Some(suppressed) = self.warnings.admit() {
+            log::warn!(
+                "authorize_url {} for user {user}: {what}, refused ({suppressed} similar lines suppressed)",
+                self.url
+            );
+        }
+    }
+}
+
+/// `{"op", "userId", "claims", "targets"}` for `authorize_url`; claims that are not JSON text
+/// become `null`.
+pub(crate) fn authorize_body(
+    op: crate::protocol::router::BuiltinOp,
+    user: i64,
+    claims: &str,
+    targets: crate::app::authorize::Targets<'_>,
+) -> String {
+    use crate::app::authorize::Targets;
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Listed<'a> {
+        Users(&'a [i64]),
+        Room([&'a str; 1]),
+        None([(); 0]),
+    }
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        op: &'static str,
+        #[serde(rename = "userId")]
+        user_id: i64,
+        claims: Option<&'a RawValue>,
+        targets: Listed<'a>,
+    }
+    let targets = match targets {
+        Targets::Users(ids) => Listed::Users(ids),
+        Targets::Room(room) => Listed::Room([room]),
+        Targets::None => Listed::None([]),
+    };
+    let claims = serde_json::from_str::<&RawValue>(claims).ok();
+    let body = Body { op: op.name(), user_id: user, claims, targets };
+    serde_json::to_string(&body).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::ws::frame::frame_text as text;
+
+    #[test]
+    fn authorize_body_names_op_user_claims_and_targets() {
+        use crate::app::authorize::Targets;
+        use crate::protocol::router::BuiltinOp;
+        let body = authorize_body(BuiltinOp::Join, 7, r#"{"sub":"7"}"#, Targets::Room("dm:7:9"));
+        assert_eq!(body, r#"{"op":"join","userId":7,"claims":{"sub":"7"},"targets":["dm:7:9"]}"#);
+        let body = authorize_body(BuiltinOp::PresenceSubscribe, 1, "", Targets::Users(&[2, 3]));
+        assert_eq!(body, r#"{"op":"presence_subscribe","userId":1,"claims":null,"targets":[2,3]}"#);
+        let body = authorize_body(BuiltinOp::Broadcast, 1, "{}", Targets::None);
+        assert_eq!(body, r#"{"op":"broadcast","userId":1,"claims":{},"targets":[]}"#);
+    }
 
     #[test]
     fn request_body_splices_claims_and_message() {

@@ -178,6 +178,14 @@ pub struct Config {
     pub backend_concurrency: usize,
     /// Backend calls waiting for a worker (`backend_queue`).
     pub backend_queue: usize,
+    /// Backend asked before built-in client operations (`authorize_url`); unset = allow.
+    pub authorize_url: Option<String>,
+    /// Which built-in operations go to `authorize_url` (`authorize_ops`); same names as
+    /// `disabled_ops`; default all.
+    pub authorize_ops: Vec<String>,
+    /// Messages of one connection that may wait for authorization decisions
+    /// (`authorize_max_pending`); one more is refused 429.
+    pub authorize_max_pending: usize,
     /// Development mode: generate a secret and print ready-to-use tokens (`dev`).
     pub dev: bool,
     /// Broker of a multi-node cluster, `redis://host:port[/db]` or `nats://host:port`; unset
@@ -263,6 +271,12 @@ impl Default for Config {
             backend_timeout: Duration::from_secs(5),
             backend_concurrency: 16,
             backend_queue: 1024,
+            authorize_url: None,
+            authorize_ops: crate::protocol::router::BuiltinOp::ALL
+                .iter()
+                .map(|op| op.name().to_string())
+                .collect(),
+            authorize_max_pending: 16,
             dev: false,
             cluster: None,
             node_id: None,
@@ -407,6 +421,28 @@ impl Config {
                 "disabled_ops",
                 format!("disabled_ops: unknown operation {unknown:?}; known: {}", known.join(", ")),
             ));
+        }
+        if let Err(unknown) = crate::protocol::router::OpSet::from_names(&self.authorize_ops) {
+            let known: Vec<&str> =
+                crate::protocol::router::BuiltinOp::ALL.iter().map(|op| op.name()).collect();
+            return Err(invalid(
+                "authorize_ops",
+                format!("authorize_ops: unknown operation {unknown:?}; known: {}", known.join(", ")),
+            ));
+        }
+        if let Some(url) = &self.authorize_url {
+            let ok = url.trim().parse::<http::Uri>().is_ok_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                let reason = format!("authorize_url {url:?} is not an absolute http:// or https:// URL");
+                return Err(invalid("authorize_url", reason));
+            }
+        }
+        if self.authorize_url.is_some() && !cfg!(feature = "backend") {
+            let reason = "authorize_url needs the `backend` feature (the HTTP client)".to_string();
+            return Err(invalid("authorize_url", reason));
         }
         Ok(())
     }
@@ -690,6 +726,11 @@ keys! {
     backend_timeout: Dur => "Bound on one backend call; past it the client gets error_notification 504.",
     backend_concurrency: Count => "Backend calls in flight at once (worker threads).",
     backend_queue: Count => "Backend calls waiting for a worker; beyond it the client gets 503.",
+    authorize_url: OptText =>
+        "POST {op, userId, claims, targets} here before built-in client operations; a 2xx {\"allow\": bool} decides, anything else refuses (403). Unset = allow.",
+    authorize_ops: List => "Operations that authorize_url decides (names as disabled_ops); default all.",
+    authorize_max_pending: Count =>
+        "Messages of one connection waiting for authorization decisions; one more is refused 429.",
     dev: Flag => "Development mode: generate a secret and print ready-to-use tokens.",
     cluster: ClusterUrl =>
         "Broker joining the nodes of a cluster: redis://host:port[/db] or nats://host:port; unset = one node.",

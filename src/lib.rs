@@ -115,6 +115,7 @@ pub mod prelude {
         Admission, Application, Busy, Conn, ConnId, Disconnect, Handled, Rejection, UserData, Workers,
     };
     pub use crate::app::application::{Authentication, Defer, PendingAuth};
+    pub use crate::app::authorize::{BuiltinOp, Decision, Operation, Targets, Verdict};
     pub use crate::app::{AckReply, ClientReply, Handle, Joined, OutMessage, WaitError, Waiter};
     pub use crate::config::Config;
     pub use crate::http::auth::{AuthError, Identity, Roles};

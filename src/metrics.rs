@@ -191,6 +191,7 @@ impl Metrics {
             "Jobs on Workers pools that panicked (the thread lives on).",
             panics,
         ));
+        extra.extend(crate::app::authorize::counters());
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(self)));
         registry.register_collector(Box::new(ExtraCounters(extra)));

@@ -117,6 +117,8 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
         },
         trusted_proxies: config.trusted_proxy_ips(),
         draining: Default::default(),
+        #[cfg(feature = "backend")]
+        authorizer: crate::backend::Authorizer::from_config(&config),
         config,
     });
     // Bound before the shards run, so a busy `api_listen` leaves nothing running.

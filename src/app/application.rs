@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use crossbeam_channel::{Sender, TrySendError};
 
+use super::authorize::{Operation, Verdict};
 use super::handle::Handle;
 use super::ops::OutMessage;
 use crate::http::auth::{AuthError, Identity};
@@ -302,6 +303,16 @@ pub trait Application: Send + Sync + 'static {
     /// `raw` is the message's JSON text.
     fn on_message(&self, _conn: &mut Conn<'_>, _msg: &ClientMessage<'_>, _raw: &[u8]) -> Handled {
         Handled::No
+    }
+
+    /// Decides whether a built-in client operation runs: `data_request` (to a user, and
+    /// broadcast), `presence_subscribe`, `presence_update`, `join`, room `broadcast`,
+    /// `room_presence` (after `disabled_ops` and the built-in checks such as the broadcast
+    /// role). Answer [`Verdict::Allow`], [`Verdict::Refuse`], or [`Verdict::Later`] after
+    /// [`Operation::defer`] to decide from a worker. The default allows everything, at the
+    /// cost of this call. See [`crate::app::authorize`] for order, bounds and failures.
+    fn authorize(&self, _conn: &mut Conn<'_>, _op: &Operation<'_>) -> Verdict {
+        Verdict::Allow
     }
 
     /// A connection closed.

@@ -3,6 +3,7 @@
 //! that issues server-initiated operations from any thread and their vocabulary.
 
 pub mod application;
+pub mod authorize;
 pub mod handle {
     //! The application's handle (defined in [`crate::route::handle`]).
     pub use crate::route::handle::{Handle, Op, Waiter};

@@ -595,6 +595,20 @@ impl Handle {
         })
     }
 
+    /// Answers a deferred authorization of one of `conn`'s operations (see
+    /// the application layer's `Decision`); `refusal` `None` allows it.
+    pub(crate) fn decide(
+        &self,
+        conn: ConnId,
+        seq: u64,
+        refusal: Option<(u16, std::borrow::Cow<'static, str>)>,
+    ) {
+        let addr = conn.0;
+        if let Some(link) = self.fabric.links.get(addr.shard) {
+            link.send_now(OpMsg::Decided { key: addr.key, seq, refusal });
+        }
+    }
+
     /// Begins graceful shutdown (close 1001 everywhere, pending waits fail `ShuttingDown`).
     pub fn shutdown(&self) {
         for link in &self.fabric.links {

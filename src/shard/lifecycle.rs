@@ -114,6 +114,7 @@ impl Shard {
         self.auth_pending.remove(&key); // a client gone while its authentication ran
         self.shrink_conns();
         self.fail_waits(&conn.waits);
+        self.forget_authorizations(key);
         let Some(session) = conn.session.take() else {
             log::trace!("dropped peer={conn_peer} phase={phase:?}: {reason}");
             return;

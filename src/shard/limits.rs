@@ -82,11 +82,15 @@ impl Shard {
         false
     }
 
-    /// What a session keeps of a token's claims: all of them when the application reads them
-    /// or `presence_info_claim` takes one, else nothing (no allocation on idle connections).
+    /// What a session keeps of a token's claims: all of them when the application reads them,
+    /// `presence_info_claim` takes one or `authorize_url` is sent them, else nothing (no
+    /// allocation on idle connections).
     pub(super) fn kept_claims(&self, claims: Box<str>) -> Box<str> {
         let shared = &self.shared;
-        if shared.app.reads_claims() || shared.config.presence_info_claim.is_some() {
+        if shared.app.reads_claims()
+            || shared.config.presence_info_claim.is_some()
+            || shared.authorizer.is_some()
+        {
             claims
         } else {
             Box::default()

@@ -4,6 +4,7 @@
 //! `http`, `protocol` and `core`. See `LIFECYCLE.md` for the connection state machine.
 
 mod admin;
+mod authorize;
 mod callbacks;
 pub mod conn;
 mod deliver;
@@ -83,6 +84,9 @@ pub struct Shared {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Set first thing when a shutdown starts: `/ready` answers 503 from then on.
     pub draining: AtomicBool,
+    /// The `authorize_url` backend, when configured.
+    #[cfg(feature = "backend")]
+    pub authorizer: Option<Arc<crate::backend::Authorizer>>,
 }
 
 impl Shared {
@@ -214,6 +218,8 @@ pub struct Shard {
     rates: limits::Rates,
     /// `room_presence` requests gathering member lists.
     rosters: Slab<rooms::Roster>,
+    /// Connections' messages waiting for authorization decisions.
+    authz: authorize::Pending,
     /// True while handling what a client asked for: sends that may be shed are shed when the
     /// receiving inbox is over `inbox_max_bytes`.
     client_work: bool,
@@ -269,6 +275,7 @@ impl Shard {
             },
             rates: limits::Rates::from(&shared.config),
             rosters: Slab::new(),
+            authz: Default::default(),
             client_work: false,
             shed: false,
             auth_pending: Default::default(),

@@ -264,6 +264,9 @@ impl Shard {
                     return;
                 }
                 let decision = route(&msg, caps);
+                if !answers_wait && self.authorize_first(key, user, &msg, text, &decision) {
+                    return;
+                }
                 self.as_client_work(|s| s.execute(key, user, &msg, text, decision));
             }
             Err(e) => {

@@ -33,6 +33,7 @@ impl Shard {
                     conns.iter().map(|(seq, addr)| ConnInfo { shard: addr.shard, seq: *seq }).collect();
                 done.complete(Outcome::User(list));
             }
+            OpMsg::Decided { key, seq, refusal } => self.on_decided(key, seq, refusal),
             OpMsg::DisconnectUser { user, done } => {
                 let addrs: Vec<_> = self.directory.home_conns(user).iter().map(|(_, a)| *a).collect();
                 let count = addrs.len();

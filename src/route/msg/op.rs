@@ -1,5 +1,6 @@
 //! The application handle's operations on users, each answered through a [`Completion`].
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -73,6 +74,17 @@ pub enum OpMsg {
         /// Gets `Delivered(n)`: connections closed.
         done: Option<Completion>,
     },
+    /// To the connection's shard: the answer to a deferred authorization of one of the
+    /// connection's built-in operations (the application's `Decision`, or the authorization
+    /// backend's).
+    Decided {
+        /// The connection.
+        key: ConnKey,
+        /// The decision's number, unique on its shard.
+        seq: u64,
+        /// `None`: allowed; else refused with this code and message.
+        refusal: Option<(u16, Cow<'static, str>)>,
+    },
 }
 
 impl OpMsg {
@@ -85,6 +97,7 @@ impl OpMsg {
             | OpMsg::AwaitOn { .. }
             | OpMsg::QueryUser { .. }
             | OpMsg::DisconnectUser { .. } => 0,
+            OpMsg::Decided { refusal, .. } => refusal.as_ref().map_or(0, |(_, m)| m.len()),
         }
     }
 
@@ -96,7 +109,8 @@ impl OpMsg {
             | OpMsg::Await { .. }
             | OpMsg::AwaitOn { .. }
             | OpMsg::QueryUser { .. }
-            | OpMsg::DisconnectUser { .. } => None,
+            | OpMsg::DisconnectUser { .. }
+            | OpMsg::Decided { .. } => None,
         }
     }
 }
