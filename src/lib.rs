@@ -17,6 +17,18 @@
 //! not block: blocking work goes to a [`Workers`](prelude::Workers) pool, whose jobs answer
 //! the connection later by its id. [`prelude`] has everything this takes.
 //!
+//! The application is the authority over its users:
+//! - who connects: [`Application::authenticate`] (the fast path, e.g. the JWT check) or
+//!   [`Application::authenticate_deferred`] (a session-table lookup on a worker);
+//! - who may reach whom: [`Application::authorize`] sees every built-in client operation
+//!   (`data_request`, `presence_subscribe`, `join`, …) with its targets and allows, refuses, or
+//!   decides later from a worker;
+//! - who is there: [`Application::on_user_online`] / [`Application::on_user_offline`], once per
+//!   user transition across shards;
+//! - what the tier does for them: [`Handle`] sends, asks for acks and replies, and drives rooms
+//!   ([`Handle::join_room`]), presence watches ([`Handle::watch_presence`]) and presence
+//!   ([`Handle::set_presence`], [`Handle::presence_many`]) on the users' behalf.
+//!
 //! ```
 //! use std::sync::Arc;
 //!

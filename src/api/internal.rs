@@ -3,8 +3,8 @@
 //! `Connection: close` HTTP/1.1, no key: bind it to a private address.
 //!
 //! One accepting thread hands each connection to a short-lived thread (at most
-//! [`MAX_ACTIVE`] at once; more are closed unanswered) that reads one request head within
-//! [`IO_TIMEOUT`] and answers it. It keeps serving while the shards drain, so `/ready` shows
+//! `MAX_ACTIVE` at once; more are closed unanswered) that reads one request head within
+//! `IO_TIMEOUT` and answers it. It keeps serving while the shards drain, so `/ready` shows
 //! 503 for the whole shutdown; it stops after the shards.
 
 use std::io::{self, Read, Write};
