@@ -87,10 +87,11 @@ impl Shard {
     /// allocation on idle connections).
     pub(super) fn kept_claims(&self, claims: Box<str>) -> Box<str> {
         let shared = &self.shared;
-        if shared.app.reads_claims()
-            || shared.config.presence_info_claim.is_some()
-            || shared.authorizer.is_some()
-        {
+        #[cfg(feature = "backend")]
+        let authorizer = shared.authorizer.is_some();
+        #[cfg(not(feature = "backend"))]
+        let authorizer = false;
+        if shared.app.reads_claims() || shared.config.presence_info_claim.is_some() || authorizer {
             claims
         } else {
             Box::default()
