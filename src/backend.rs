@@ -261,16 +261,7 @@ impl BackendApp {
     pub fn with_options(options: BackendOptions) -> Result<Self, BackendError> {
         check_url(&options.url)?;
         let concurrency = options.concurrency.max(1);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(options.timeout))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .proxy(None)
-            .max_idle_connections(concurrency)
-            .max_idle_connections_per_host(concurrency)
-            .user_agent(concat!("customws/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = http_agent(options.timeout, concurrency);
         let forwarder = Arc::new(Forwarder {
             agent,
             url: options.url,
@@ -572,6 +563,21 @@ impl Webhook {
     }
 }
 
+/// The HTTP client every backend call uses: `timeout` for the whole call, statuses as answers
+/// (not errors), no redirects, no proxy, and as many idle connections as worker threads.
+fn http_agent(timeout: Duration, concurrency: usize) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .proxy(None)
+        .max_idle_connections(concurrency)
+        .max_idle_connections_per_host(concurrency)
+        .user_agent(concat!("customws/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
 /// `{"userId": user, "claims": claims, "message": message}`; claims that are not JSON text
 /// (an application's own identity) become `null`. `message` was parsed by the shard already.
 fn request_body(user: i64, claims: &str, message: &str) -> String {
@@ -763,16 +769,7 @@ impl Authorizer {
     pub fn from_config(config: &Config) -> Option<Arc<Authorizer>> {
         let url = config.authorize_url.as_deref()?.trim().to_owned();
         let concurrency = config.backend_concurrency.max(1);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(config.backend_timeout))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .proxy(None)
-            .max_idle_connections(concurrency)
-            .max_idle_connections_per_host(concurrency)
-            .user_agent(concat!("customws/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = http_agent(config.backend_timeout, concurrency);
         // Validated with the configuration: an unknown name cannot get here.
         let ops = crate::protocol::router::OpSet::from_names(&config.authorize_ops).unwrap_or_default();
         let workers = Workers::new(concurrency, config.backend_queue);
