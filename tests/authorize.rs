@@ -8,8 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -382,16 +381,11 @@ struct AuthBackend {
 
 impl AuthBackend {
     fn start(slow: Duration) -> AuthBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&received);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let log = Arc::clone(&log);
-                std::thread::spawn(move || serve(stream, &log, slow));
-            }
+        let addr = http_backend::serve_backend(move |request| {
+            log.lock().unwrap().push(request.body.clone());
+            (200, decide(&request.body, slow).into_bytes())
         });
         AuthBackend { addr, received }
     }
@@ -401,63 +395,27 @@ impl AuthBackend {
     }
 }
 
-fn serve(stream: TcpStream, log: &Mutex<Vec<Value>>, slow: Duration) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
+/// The backend's answer to `{op, userId, claims, targets}`.
+fn decide(request: &Value, slow: Duration) -> String {
+    let user = request["userId"].as_i64().unwrap_or(0);
+    match user {
+        4 => {
+            std::thread::sleep(slow);
+            r#"{"allow":true}"#.to_string()
         }
-        let mut length = 0;
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        log.lock().unwrap().push(request.clone());
-        let user = request["userId"].as_i64().unwrap_or(0);
-        let reply = match user {
-            4 => {
-                std::thread::sleep(slow);
-                r#"{"allow":true}"#.to_string()
-            }
-            5 => "{this is not json".to_string(),
-            _ => {
-                let op = request["op"].as_str().unwrap_or("");
-                let op = BuiltinOp::ALL.into_iter().find(|o| o.name() == op).expect("known op");
-                let targets = request["targets"].as_array().cloned().unwrap_or_default();
-                let ids: Vec<i64> = targets.iter().filter_map(Value::as_i64).collect();
-                let room = targets.iter().find_map(Value::as_str).map(str::to_owned);
-                let targets = match &room {
-                    Some(room) => Targets::Room(room),
-                    None if ids.is_empty() => Targets::None,
-                    None => Targets::Users(&ids),
-                };
-                json!({"allow": rule(user, op, &targets)}).to_string()
-            }
-        };
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            reply.len()
-        );
-        if writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(reply.as_bytes())).is_err() {
-            return;
+        5 => "{this is not json".to_string(),
+        _ => {
+            let op = request["op"].as_str().unwrap_or("");
+            let op = BuiltinOp::ALL.into_iter().find(|o| o.name() == op).expect("known op");
+            let targets = request["targets"].as_array().cloned().unwrap_or_default();
+            let ids: Vec<i64> = targets.iter().filter_map(Value::as_i64).collect();
+            let room = targets.iter().find_map(Value::as_str).map(str::to_owned);
+            let targets = match &room {
+                Some(room) => Targets::Room(room),
+                None if ids.is_empty() => Targets::None,
+                None => Targets::Users(&ids),
+            };
+            json!({"allow": rule(user, op, &targets)}).to_string()
         }
     }
 }

@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,13 +28,7 @@ const SLOW: Duration = Duration::from_millis(1200);
 // ---------------------------------------------------------------------------------------------
 
 /// One request the backend received.
-#[derive(Debug, Clone)]
-struct Received {
-    method: String,
-    path: String,
-    content_type: Option<String>,
-    body: Value,
-}
+type Received = http_backend::BackendRequest;
 
 struct TestBackend {
     addr: SocketAddr,
@@ -44,16 +37,11 @@ struct TestBackend {
 
 impl TestBackend {
     fn start() -> TestBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&received);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let log = Arc::clone(&log);
-                std::thread::spawn(move || serve_connection(stream, &log));
-            }
+        let addr = http_backend::serve_backend(move |request| {
+            log.lock().unwrap().push(request.clone());
+            behave(&request.body)
         });
         TestBackend { addr, received }
     }
@@ -64,54 +52,6 @@ impl TestBackend {
 
     fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
-    }
-}
-
-/// Serves keep-alive requests until the client goes away.
-fn serve_connection(stream: TcpStream, log: &Mutex<Vec<Received>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    loop {
-        let mut request_line = String::new();
-        match reader.read_line(&mut request_line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let mut parts = request_line.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned());
-        let mut content_length = 0usize;
-        let mut content_type = None;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                match name.trim().to_ascii_lowercase().as_str() {
-                    "content-length" => content_length = value.trim().parse().unwrap(),
-                    "content-type" => content_type = Some(value.trim().to_owned()),
-                    _ => {}
-                }
-            }
-        }
-        let mut body = vec![0u8; content_length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        log.lock().unwrap().push(Received { method, path, content_type, body: body.clone() });
-        let (status, reply) = behave(&body);
-        let head = format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            reply.len()
-        );
-        if writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(&reply)).is_err() {
-            return;
-        }
     }
 }
 

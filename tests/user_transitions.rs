@@ -6,8 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,60 +24,19 @@ const SLOW_HOOK_USER: i64 = 500;
 
 /// A keep-alive HTTP/1.1 server answering 204 to every POST and keeping its JSON body.
 fn start_hook_server() -> (String, Hooks) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/presence", listener.local_addr().unwrap());
     let hooks: Hooks = Arc::default();
     let log = Arc::clone(&hooks);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || serve(stream, &log));
-        }
-    });
-    (url, hooks)
-}
-
-fn serve(stream: TcpStream, log: &Mutex<HashMap<i64, Vec<Value>>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    loop {
-        let mut length = 0usize;
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let user = body["userId"].as_i64().unwrap_or(i64::MIN);
-        let slow = user == SLOW_HOOK_USER && body["event"] == "online";
-        log.lock().unwrap().entry(user).or_default().push(body);
+    let addr = http_backend::serve_backend(move |request| {
+        let user = request.body["userId"].as_i64().unwrap_or(i64::MIN);
+        let slow = user == SLOW_HOOK_USER && request.body["event"] == "online";
+        log.lock().unwrap().entry(user).or_default().push(request.body.clone());
         if slow {
             // Answered late: the user's offline call must wait for this one, not overtake it.
             std::thread::sleep(Duration::from_millis(20));
         }
-        if writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").is_err() {
-            return;
-        }
-    }
+        (204, Vec::new())
+    });
+    (format!("http://{addr}/presence"), hooks)
 }
 
 /// One user transition as the application saw it.
