@@ -8,7 +8,7 @@
 //! connection), a heartbeat follows every `heartbeat`, and a snapshot is published when any node
 //! asks (on joining, after a gap, after this node's broker link came back).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -76,6 +76,8 @@ pub struct Effects {
     pub changes: Vec<Change>,
     /// Bodies (encoded WebSocket frames) that arrived for local connections, with their subject.
     pub deliveries: Vec<(String, Bytes)>,
+    /// Broadcasts with exclusions that arrived: the sorted user ids to skip, and the frame.
+    pub broadcasts: Vec<(Vec<i64>, Bytes)>,
     /// Payloads that did not decode (dropped, counted).
     pub bad_messages: u64,
 }
@@ -97,6 +99,10 @@ pub struct Core {
     /// Subjects to leave once the records saying "count 0" are out: a sender never sees no
     /// receiver while this node's record still says it holds the user (a 503 instead of a 404).
     unsubscribe_after_flush: BTreeSet<String>,
+    /// User and room subjects asked for and not confirmed yet: their records are held back,
+    /// so that no node sees a user here (and answers 404 instead of sending) before a publish
+    /// on the user's subject would reach this node.
+    awaiting: HashSet<String>,
     snapshot_due: bool,
 }
 
@@ -116,6 +122,7 @@ impl Core {
             dirty_users: BTreeSet::new(),
             dirty_rooms: BTreeSet::new(),
             unsubscribe_after_flush: BTreeSet::new(),
+            awaiting: HashSet::new(),
             snapshot_due: true,
         }
     }
@@ -146,8 +153,32 @@ impl Core {
     /// and we may have missed others'. Ask everyone and republish.
     pub fn on_resubscribed(&mut self) -> Effects {
         let mut effects = Effects::default();
+        self.awaiting.clear();
         self.resync(&mut effects);
         effects
+    }
+
+    /// These subjects are in place on the broker: the records they held back go out at the
+    /// next tick.
+    pub fn on_subscribed(&mut self, subjects: &[String]) {
+        for subject in subjects {
+            self.awaiting.remove(subject);
+        }
+    }
+
+    /// The node is stopping: its whole state goes (an empty snapshot at the next tick), so
+    /// the other nodes see its users leave at once instead of after `node_ttl`.
+    pub fn leave(&mut self) {
+        self.users.clear();
+        self.rooms.clear();
+        self.dirty_users.clear();
+        self.dirty_rooms.clear();
+        self.snapshot_due = true;
+    }
+
+    /// Whether this node's own record of `user` or `room` subject waits for its subscription.
+    fn held_back(&self, subject: &str) -> bool {
+        !self.awaiting.is_empty() && self.awaiting.contains(subject)
     }
 
     fn resync(&mut self, effects: &mut Effects) {
@@ -186,8 +217,10 @@ impl Core {
     /// return before it just cancels the pending unsubscribe).
     fn transition(&mut self, subject: String, old: u32, new: u32, effects: &mut Effects) {
         if old == 0 && new > 0 && !self.unsubscribe_after_flush.remove(&subject) {
+            self.awaiting.insert(subject.clone());
             effects.actions.push(Action::Subscribe(vec![subject]));
         } else if old > 0 && new == 0 {
+            self.awaiting.remove(&subject);
             self.unsubscribe_after_flush.insert(subject);
         }
     }
@@ -195,6 +228,13 @@ impl Core {
     /// A [`Header::Deliver`] message carrying `frame`, to publish on a user, room or `all` subject.
     pub fn deliver_payload(&self, frame: &[u8]) -> Bytes {
         let header = Header::Deliver { origin: self.node.clone(), epoch: self.epoch };
+        wire::encode(&header, frame).unwrap_or_default()
+    }
+
+    /// A [`Header::DeliverExcept`] message carrying `frame`, to publish on the `all` subject.
+    pub fn broadcast_payload(&self, frame: &[u8], exclude: &[i64]) -> Bytes {
+        let header =
+            Header::DeliverExcept { origin: self.node.clone(), epoch: self.epoch, exclude: exclude.to_vec() };
         wire::encode(&header, frame).unwrap_or_default()
     }
 
@@ -233,6 +273,10 @@ impl Core {
                 effects.deliveries.push((subject.to_string(), message.body));
                 false
             }
+            Header::DeliverExcept { exclude, .. } => {
+                effects.broadcasts.push((exclude, message.body));
+                false
+            }
         };
         if sync {
             let header = Header::SyncReq { origin: self.node.clone(), epoch: self.epoch, target: origin };
@@ -248,21 +292,45 @@ impl Core {
         let records = if self.snapshot_due {
             self.dirty_users.clear();
             self.dirty_rooms.clear();
-            let mut all: Vec<Record> =
-                self.users.iter().map(|(u, &count)| Record::User { user: u.clone(), count }).collect();
-            all.extend(self.rooms.iter().map(|(r, &count)| Record::Room { room: r.clone(), count }));
+            let mut all: Vec<Record> = Vec::with_capacity(self.users.len() + self.rooms.len());
+            for (user, &count) in &self.users {
+                if self.held_back(&self.subjects.user(user)) {
+                    self.dirty_users.insert(user.clone());
+                } else {
+                    all.push(Record::User { user: user.clone(), count });
+                }
+            }
+            for (room, &count) in &self.rooms {
+                if self.held_back(&self.subjects.room(room)) {
+                    self.dirty_rooms.insert(room.clone());
+                } else {
+                    all.push(Record::Room { room: room.clone(), count });
+                }
+            }
             Some((true, all))
         } else if !self.dirty_users.is_empty() || !self.dirty_rooms.is_empty() {
-            let users = std::mem::take(&mut self.dirty_users).into_iter().map(|user| {
+            let mut changed: Vec<Record> = Vec::new();
+            let mut kept_users = BTreeSet::new();
+            for user in std::mem::take(&mut self.dirty_users) {
+                if self.held_back(&self.subjects.user(&user)) {
+                    kept_users.insert(user);
+                    continue;
+                }
                 let count = self.users.get(&user).copied().unwrap_or(0);
-                Record::User { user, count }
-            });
-            let mut changed: Vec<Record> = users.collect();
-            changed.extend(std::mem::take(&mut self.dirty_rooms).into_iter().map(|room| {
+                changed.push(Record::User { user, count });
+            }
+            let mut kept_rooms = BTreeSet::new();
+            for room in std::mem::take(&mut self.dirty_rooms) {
+                if self.held_back(&self.subjects.room(&room)) {
+                    kept_rooms.insert(room);
+                    continue;
+                }
                 let count = self.rooms.get(&room).copied().unwrap_or(0);
-                Record::Room { room, count }
-            }));
-            Some((false, changed))
+                changed.push(Record::Room { room, count });
+            }
+            self.dirty_users = kept_users;
+            self.dirty_rooms = kept_rooms;
+            if changed.is_empty() { None } else { Some((false, changed)) }
         } else {
             None
         };
@@ -350,6 +418,10 @@ mod tests {
                         continue;
                     }
                     Event::Resubscribed(_) => self.core.on_resubscribed(),
+                    Event::Subscribed(subjects) => {
+                        self.core.on_subscribed(&subjects);
+                        continue;
+                    }
                     _ => continue,
                 };
                 self.run(effects);

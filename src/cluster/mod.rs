@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod core;
+pub mod link;
 pub mod memory;
 #[cfg(feature = "cluster-nats")]
 pub mod nats;

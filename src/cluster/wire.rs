@@ -66,6 +66,16 @@ pub enum Header {
         /// Sending node's epoch.
         epoch: u64,
     },
+    /// A broadcast for every local connection of the receiving node except those of the
+    /// users in `exclude` (sorted); the body is the encoded frame.
+    DeliverExcept {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// Sorted user ids to skip.
+        exclude: Vec<i64>,
+    },
 }
 
 impl Header {
@@ -75,7 +85,8 @@ impl Header {
             Header::Heartbeat { origin, epoch, .. }
             | Header::Records { origin, epoch, .. }
             | Header::SyncReq { origin, epoch, .. }
-            | Header::Deliver { origin, epoch } => (origin, *epoch),
+            | Header::Deliver { origin, epoch }
+            | Header::DeliverExcept { origin, epoch, .. } => (origin, *epoch),
         }
     }
 }
@@ -196,6 +207,7 @@ mod tests {
             },
             Header::SyncReq { origin: "a".into(), epoch: 1, target: String::new() },
             Header::Deliver { origin: "a".into(), epoch: 1 },
+            Header::DeliverExcept { origin: "a".into(), epoch: 1, exclude: vec![-1, 3] },
         ]
     }
 

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::value::RawValue;
 
 use super::Fabric;
+use super::cluster::LinkMsg;
 use super::msg::{AdminMsg, DeliverMsg, OpMsg, PresenceMsg, RoomMsg, ShardMsg};
 use super::{AckReply, ClientReply, Completion, ConnInfo, OutMessage, Outcome, UserPresence, WaitError};
 use crate::core::Directory;
@@ -127,6 +128,7 @@ impl Handle {
             Op::Send { users, msg } => {
                 let frame = msg.frame(None);
                 for &user in users {
+                    self.to_other_nodes(|| LinkMsg::ToUser { user, frame: frame.clone(), reply: None });
                     let send = OpMsg::SendUser { user, frame: frame.clone(), done: Some(done.clone()) };
                     self.to_home(user, send);
                 }
@@ -137,6 +139,10 @@ impl Handle {
                 let mut sorted = exclude.to_vec();
                 sorted.sort_unstable();
                 let exclude: Arc<[i64]> = sorted.into();
+                self.to_other_nodes(|| LinkMsg::Broadcast {
+                    frame: frame.clone(),
+                    exclude: Arc::clone(&exclude),
+                });
                 for link in &self.fabric.links {
                     let exclude = Arc::clone(&exclude);
                     link.send_now(OpMsg::BroadcastExcept {
@@ -166,6 +172,7 @@ impl Handle {
                     meta.map(|m| m.get().as_bytes()),
                 );
                 let rooms: Arc<[Arc<str>]> = Arc::from(vec![Arc::from(room)]);
+                self.to_other_nodes(|| LinkMsg::Room { room: Arc::clone(&rooms[0]), frame: frame.clone() });
                 for link in &self.fabric.links {
                     let msg = RoomMsg::RoomDeliver {
                         rooms: Arc::clone(&rooms),
@@ -224,6 +231,15 @@ impl Handle {
         let timeout_ms = timeout.as_millis().min(u128::from(u64::MAX / 2)) as u64;
         self.to_home(user, OpMsg::Await { user, msg, kind, timeout_ms, done: done.clone() });
         1
+    }
+
+    /// With a cluster, hands `msg` to the broker link for the other nodes (the counts the
+    /// caller gets are this node's; a refusal — broker down, queue full — is counted in
+    /// `customws_cluster_unavailable_total`).
+    fn to_other_nodes(&self, msg: impl FnOnce() -> LinkMsg) {
+        if let Some(cluster) = &self.fabric.cluster {
+            let _ = cluster.try_send(msg());
+        }
     }
 
     fn to_home(&self, user: i64, msg: impl Into<ShardMsg>) {

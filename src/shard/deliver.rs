@@ -19,6 +19,7 @@ use crate::protocol::envelope::{
     Envelope, data_event, error_notification, presence_event, server_ack, write_str,
 };
 use crate::protocol::router::Route;
+use crate::route::cluster::LinkMsg;
 use crate::route::msg::{DeliverMsg, DirMsg, PresenceMsg, ShardMsg};
 use crate::route::{Outcome, UserPresence};
 use crate::ws::close;
@@ -35,6 +36,9 @@ impl Shard {
     ) {
         let pid = msg.pid.as_deref();
         match decision {
+            Route::P2p { target, payload } if self.shared.fabric.cluster.is_some() => {
+                self.p2p_across_nodes(key, target, data_event(user, payload), pid);
+            }
             Route::P2p { target, payload } => {
                 let delivered = self.deliver_to_users(&[target], data_event(user, payload));
                 match (pid, delivered) {
@@ -48,8 +52,17 @@ impl Shard {
                 }
             }
             Route::Broadcast { payload } => {
-                self.broadcast(data_event(user, payload), Some(self.addr(key)));
-                self.ack(key, pid, "broadcast");
+                let frame = data_event(user, payload);
+                let elsewhere = self.to_other_nodes(|| LinkMsg::Broadcast {
+                    frame: frame.clone(),
+                    exclude: Arc::from(Vec::new()),
+                });
+                self.broadcast(frame, Some(self.addr(key)));
+                match pid {
+                    Some(pid) if !elsewhere => self
+                        .reply(key, error_notification(Some(pid), 503, super::cluster::CLUSTER_UNAVAILABLE)),
+                    _ => self.ack(key, pid, "broadcast"),
+                }
             }
             Route::GenericEcho { payload } => {
                 if !self.offer_to_app(key, msg, text) {
@@ -308,7 +321,7 @@ impl Shard {
     /// Home shard: tells `user`'s watchers and the members of `rooms` — each receiving
     /// connection once, even when it is reached through several of them — or everyone, with
     /// `presence_scope = "all"`.
-    fn announce_presence(
+    pub(super) fn announce_presence(
         &mut self,
         user: i64,
         presence: &Presence,
@@ -480,8 +493,14 @@ impl Shard {
             };
             self.send_to(old.shard, msg);
         }
-        if opened.came_online {
+        if opened.came_online && self.held_elsewhere(user) {
+            // Online already, through another node: nothing to announce.
             ShardMetrics::inc(&self.metrics().users_current);
+            self.presence.set_info(user, info);
+            self.tell_link_user(user, true);
+        } else if opened.came_online {
+            ShardMetrics::inc(&self.metrics().users_current);
+            self.tell_link_user(user, true);
             let now = Self::wall_ms();
             self.presence.online(user, now);
             self.presence.set_info(user, info);
@@ -497,10 +516,13 @@ impl Shard {
             return;
         }
         ShardMetrics::dec(&self.metrics().users_current);
-        let info = self.presence.info(user);
-        self.presence.offline(user);
-        let presence = Presence { info, ..Presence::offline(Self::wall_ms()) };
-        self.announce_presence(user, &presence, Vec::new(), None);
+        self.tell_link_user(user, false);
+        if !self.held_elsewhere(user) {
+            let info = self.presence.info(user);
+            self.presence.offline(user);
+            let presence = Presence { info, ..Presence::offline(Self::wall_ms()) };
+            self.announce_presence(user, &presence, Vec::new(), None);
+        }
         let watched = self.presence.take_watching(user);
         self.for_each_home(watched, |targets| PresenceMsg::Unwatch { watcher: user, targets });
     }

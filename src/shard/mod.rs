@@ -5,6 +5,7 @@
 
 mod admin;
 mod callbacks;
+mod cluster;
 pub mod conn;
 mod deliver;
 mod handshake;
@@ -223,6 +224,8 @@ pub struct Shard {
         Arc<crate::core::ratelimit::SharedBucket>,
         foldhash::fast::RandomState,
     >,
+    /// Home shard, with a cluster: users homed here that another live node holds.
+    remote_users: std::collections::HashSet<i64, foldhash::fast::RandomState>,
 }
 
 impl Shard {
@@ -272,6 +275,7 @@ impl Shard {
             client_work: false,
             shed: false,
             user_buckets: Default::default(),
+            remote_users: Default::default(),
             shared,
         }
     }
@@ -569,6 +573,7 @@ impl Shard {
             ShardMsg::Room(msg) => self.on_room(msg),
             ShardMsg::Op(msg) => self.on_op(msg),
             ShardMsg::Admin(msg) => self.on_admin(msg),
+            ShardMsg::Cluster(msg) => self.on_cluster(msg),
             ShardMsg::Shutdown => self.begin_shutdown(),
         }
     }

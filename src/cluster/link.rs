@@ -1,0 +1,395 @@
+//! The broker link thread: one per node, the only thread that talks to the cluster's broker
+//! on the node's behalf. It owns the [`Broker`] and the sans-IO [`Core`], takes what the shards
+//! and the handle hand over ([`LinkMsg`], through the route layer's [`ClusterTx`]), what the
+//! broker reports ([`Event`]) and the time, and delivers what other nodes sent into the shards'
+//! inboxes ([`ClusterMsg`] and the ordinary delivery messages). Shards never block on it: data
+//! messages go through a bounded queue that refuses (503) when full or while the broker is
+//! down.
+//!
+//! Answers to a cross-node P2P (`delivered` / 404 / 503) come from the broker's receiver count
+//! for the user's subject (Redis `PUBLISH`'s reply, NATS request / "no responders") and the
+//! view: nobody received it and no live node holds the user → 404; nobody received it but the
+//! view lists a holder (a node killed and not yet expired, or resubscribing) → 503; the broker
+//! failed or said nothing within `cluster_timeout` → 503.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, select};
+
+use super::broker::{Broker, BrokerConfig, BrokerError, Event};
+use super::core::{Action, Core, CoreConfig, Effects};
+use super::subjects::Target;
+use super::view::{Change, Delivery};
+use crate::config::Config;
+use crate::core::Directory;
+use crate::protocol::envelope::{error_notification, server_ack};
+use crate::route::Fabric;
+use crate::route::cluster::{ClusterRx, LinkMsg, P2pReply};
+use crate::route::msg::{ClusterMsg, DeliverMsg, OpMsg};
+
+/// How often the link flushes state records, checks heartbeats and expires answers.
+const TICK: Duration = Duration::from_millis(10);
+/// Broker events that may wait for the link before the engine's IO thread blocks (and the
+/// broker's own limits — Redis's pubsub output buffer, NATS's slow consumer — cut us off).
+const EVENTS: usize = 65_536;
+/// Data messages that may wait in the link's queue (besides the byte bound).
+pub const DATA_SLOTS: usize = 65_536;
+
+/// A running link thread.
+#[derive(Debug)]
+pub struct LinkThread {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LinkThread {
+    /// Waits for the thread to end (after [`LinkMsg::Shutdown`]).
+    pub fn join(&mut self) {
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the cluster link thread panicked");
+        }
+    }
+}
+
+/// Connects to the broker (in the background) and starts the link thread for node `node`.
+pub fn start(
+    config: &Config,
+    node: &str,
+    fabric: Arc<Fabric>,
+    rx: ClusterRx,
+) -> Result<LinkThread, BrokerError> {
+    let broker_config = BrokerConfig::from_config(config, node)
+        .ok_or_else(|| BrokerError::Config("cluster is not set".to_string()))?;
+    let (events_tx, events) = crossbeam_channel::bounded(EVENTS);
+    let broker = super::connect(&broker_config, events_tx)?;
+    let core = Core::new(CoreConfig::new(
+        &config.cluster_prefix,
+        node,
+        config.cluster_heartbeat,
+        config.cluster_node_ttl,
+    ));
+    let mut link = Link {
+        core,
+        broker,
+        events,
+        rx,
+        fabric,
+        pending: HashMap::new(),
+        deadlines: VecDeque::new(),
+        next_token: 0,
+        room_counts: HashMap::new(),
+        timeout: config.cluster_timeout,
+        max_pending: config.cluster_max_pending.max(1),
+    };
+    let thread = std::thread::Builder::new()
+        .name("customws-cluster".to_string())
+        .spawn(move || link.run())
+        .map_err(|e| BrokerError::Config(format!("cannot start the cluster link thread: {e}")))?;
+    Ok(LinkThread { thread: Some(thread) })
+}
+
+/// A P2P waiting for the broker's receiver count.
+#[derive(Debug)]
+struct Pending {
+    user: i64,
+    reply: P2pReply,
+}
+
+struct Link {
+    core: Core,
+    broker: Box<dyn Broker>,
+    events: Receiver<Event>,
+    rx: ClusterRx,
+    fabric: Arc<Fabric>,
+    pending: HashMap<u64, Pending>,
+    /// Tokens in the order they were sent, with their deadline.
+    deadlines: VecDeque<(Instant, u64)>,
+    next_token: u64,
+    /// Members of each room on each shard of this node.
+    room_counts: HashMap<Arc<str>, Vec<u32>>,
+    timeout: Duration,
+    max_pending: usize,
+}
+
+impl Link {
+    fn run(&mut self) {
+        let effects = self.core.start();
+        self.apply(effects);
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.rx.state_rx) -> msg => match msg {
+                    Ok(LinkMsg::Shutdown) | Err(_) => break,
+                    Ok(msg) => self.on_link_msg(msg),
+                },
+                recv(self.rx.data_rx) -> msg => if let Ok(msg) = msg {
+                    self.rx.taken(&msg);
+                    self.on_link_msg(msg);
+                },
+                recv(self.events) -> event => if let Ok(event) = event {
+                    self.on_event(event);
+                },
+                default(wait) => {}
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                let effects = self.core.tick(now);
+                self.apply(effects);
+                self.expire_answers(now);
+            }
+        }
+        self.goodbye();
+    }
+
+    /// Publishes an empty snapshot, so the other nodes see this node's users leave at once,
+    /// and gives the engine a bounded moment to write it.
+    fn goodbye(&mut self) {
+        self.core.leave();
+        let effects = self.core.tick(Instant::now());
+        self.apply(effects);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.broker.is_up() && self.broker.stats().backlog_bytes > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (_, pending) in std::mem::take(&mut self.pending) {
+            self.answer(&pending.reply, Delivery::Unavailable, pending.user);
+        }
+    }
+
+    fn state(&self) -> &crate::route::cluster::ClusterState {
+        &self.rx.state
+    }
+
+    fn on_link_msg(&mut self, msg: LinkMsg) {
+        match msg {
+            LinkMsg::User { user, present } => {
+                let effects = self.core.set_user(&user.to_string(), u32::from(present));
+                self.apply(effects);
+            }
+            LinkMsg::RoomCount { room, shard, count } => {
+                let shards = self.fabric.links.len();
+                let counts = self.room_counts.entry(Arc::clone(&room)).or_insert_with(|| vec![0; shards]);
+                if let Some(slot) = counts.get_mut(shard) {
+                    *slot = count;
+                }
+                let total: u32 = counts.iter().sum();
+                if total == 0 {
+                    self.room_counts.remove(&room);
+                }
+                let effects = self.core.set_room(&room, total);
+                self.apply(effects);
+            }
+            LinkMsg::ToUser { user, frame, reply } => self.to_user(user, &frame, reply),
+            LinkMsg::Broadcast { frame, exclude } => {
+                let payload = if exclude.is_empty() {
+                    self.core.deliver_payload(&frame)
+                } else {
+                    self.core.broadcast_payload(&frame, &exclude)
+                };
+                let subject = self.core.subjects().all();
+                self.publish(&subject, payload);
+            }
+            LinkMsg::Room { room, frame } => {
+                let payload = self.core.deliver_payload(&frame);
+                let subject = self.core.subjects().room(&room);
+                self.publish(&subject, payload);
+            }
+            LinkMsg::Shutdown => {}
+        }
+    }
+
+    fn publish(&self, subject: &str, payload: Bytes) {
+        match self.broker.publish(subject, payload, None) {
+            Ok(()) => {
+                self.state().published_total.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.state().count_unavailable(),
+        }
+    }
+
+    /// A message to `user` on the other nodes: one publish on the user's subject.
+    fn to_user(&mut self, user: i64, frame: &[u8], reply: Option<P2pReply>) {
+        let name = user.to_string();
+        let subject = self.core.subjects().user(&name);
+        let payload = self.core.deliver_payload(frame);
+        let Some(reply) = reply else {
+            // Delivered on this node already (or nobody asked for an answer): other nodes get
+            // it only when the view says one of them holds the user.
+            if self.core.view().holders(&name) > 0 {
+                self.publish(&subject, payload);
+            }
+            return;
+        };
+        if self.pending.len() >= self.max_pending {
+            self.answer(&reply, Delivery::Unavailable, user);
+            return;
+        }
+        self.next_token += 1;
+        let token = self.next_token;
+        match self.broker.request(&subject, payload, token) {
+            Ok(()) => {
+                self.state().published_total.fetch_add(1, Ordering::Relaxed);
+                self.pending.insert(token, Pending { user, reply });
+                self.deadlines.push_back((Instant::now() + self.timeout, token));
+            }
+            Err(_) => self.answer(&reply, Delivery::Unavailable, user),
+        }
+    }
+
+    /// Answers still waiting for the broker after `cluster_timeout`: 503.
+    fn expire_answers(&mut self, now: Instant) {
+        while let Some(&(at, token)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if let Some(pending) = self.pending.remove(&token) {
+                self.answer(&pending.reply, Delivery::Unavailable, pending.user);
+            }
+        }
+        if self.pending.is_empty() {
+            self.deadlines.clear();
+        }
+    }
+
+    fn settle(&mut self, token: u64, receivers: Result<u32, BrokerError>) {
+        if let Some(pending) = self.pending.remove(&token) {
+            let delivery = self.core.decide(&pending.user.to_string(), receivers);
+            self.answer(&pending.reply, delivery, pending.user);
+        }
+    }
+
+    /// Tells the sender of a cross-node P2P how it went.
+    fn answer(&self, reply: &P2pReply, delivery: Delivery, user: i64) {
+        let frame = match delivery {
+            Delivery::Delivered => server_ack(&reply.pid, "delivered"),
+            Delivery::NotFound => {
+                error_notification(Some(&reply.pid), 404, &format!("user {user} is not connected"))
+            }
+            _ => {
+                self.state().count_unavailable();
+                error_notification(Some(&reply.pid), 503, "cluster unavailable: retry later")
+            }
+        };
+        let link = &self.fabric.links[reply.addr.shard];
+        link.send_now(DeliverMsg::DeliverConn { key: reply.addr.key, frame });
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Message { subject, payload } => {
+                self.state().received_total.fetch_add(1, Ordering::Relaxed);
+                let effects = self.core.on_message(Instant::now(), &subject, payload);
+                self.apply(effects);
+            }
+            Event::Receivers { token, n } => self.settle(token, Ok(n)),
+            Event::Failed { token, error } => self.settle(token, Err(error)),
+            Event::Up => log::info!("cluster broker reachable; resubscribing"),
+            Event::Resubscribed(n) => {
+                let effects = self.core.on_resubscribed();
+                self.apply(effects);
+                self.state().up.store(true, Ordering::Release);
+                log::info!(subjects = n; "cluster broker subscriptions in place; node {} is up", self.state().node);
+            }
+            Event::Subscribed(subjects) => self.core.on_subscribed(&subjects),
+            Event::Down(reason) => {
+                self.state().up.store(false, Ordering::Release);
+                self.state().down_total.fetch_add(1, Ordering::Relaxed);
+                log::warn!("cluster broker unreachable ({reason}): serving local traffic only");
+                for (_, pending) in std::mem::take(&mut self.pending) {
+                    self.answer(&pending.reply, Delivery::Unavailable, pending.user);
+                }
+                self.deadlines.clear();
+            }
+        }
+    }
+
+    /// Carries out what the core decided.
+    fn apply(&mut self, effects: Effects) {
+        let Effects { actions, changes, deliveries, broadcasts, bad_messages, .. } = effects;
+        if bad_messages > 0 {
+            self.state().bad_messages_total.fetch_add(bad_messages, Ordering::Relaxed);
+        }
+        for action in actions {
+            match action {
+                Action::Publish { subject, payload } => self.publish(&subject, payload),
+                Action::Subscribe(subjects) => self.broker.subscribe(subjects),
+                Action::Unsubscribe(subjects) => self.broker.unsubscribe(subjects),
+            }
+        }
+        let shards = self.fabric.links.len();
+        for change in changes {
+            match change {
+                Change::Online(user) | Change::Offline(user) if user.parse::<i64>().is_err() => {
+                    log::debug!("cluster: ignoring a record for user {user:?} (not an integer id)");
+                }
+                Change::Online(user) => {
+                    let user: i64 = user.parse().unwrap_or_default();
+                    let home = Directory::home_of(user, shards);
+                    self.fabric.links[home].send_now(ClusterMsg::RemoteUser { user, present: true });
+                }
+                Change::Offline(user) => {
+                    let user: i64 = user.parse().unwrap_or_default();
+                    let home = Directory::home_of(user, shards);
+                    self.fabric.links[home].send_now(ClusterMsg::RemoteUser { user, present: false });
+                }
+                Change::RoomCount { room, count } => {
+                    let room: Arc<str> = Arc::from(room);
+                    for link in &self.fabric.links {
+                        link.send_now(ClusterMsg::RemoteRoomCount { room: Arc::clone(&room), count });
+                    }
+                }
+                Change::NodeUp(node) => {
+                    self.state().nodes.store(self.core.view().nodes().len() as u64, Ordering::Relaxed);
+                    log::info!("cluster: node {node} joined");
+                }
+                Change::NodeDown(node) => {
+                    self.state().nodes.store(self.core.view().nodes().len() as u64, Ordering::Relaxed);
+                    self.state().node_down_total.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("cluster: node {node} left or went silent");
+                }
+            }
+        }
+        for (subject, frame) in deliveries {
+            match self.core.subjects().target(&subject) {
+                Target::User(user) => {
+                    if let Ok(user) = user.parse::<i64>() {
+                        let home = Directory::home_of(user, shards);
+                        self.fabric.links[home].send_now(ClusterMsg::ToUser { user, frame });
+                    }
+                }
+                Target::Room(room) => {
+                    // Any shard knows which shards have members (replicated counts).
+                    let room: Arc<str> = Arc::from(room);
+                    let shard =
+                        room.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into())) % shards;
+                    self.fabric.links[shard].send_now(ClusterMsg::ToRoom { room, frame });
+                }
+                Target::All => {
+                    for link in &self.fabric.links {
+                        link.send_now(DeliverMsg::Broadcast { frame: frame.clone(), except: None });
+                    }
+                }
+                Target::Other => log::debug!("cluster: delivery on {subject} ignored"),
+            }
+        }
+        for (exclude, frame) in broadcasts {
+            let exclude: Arc<[i64]> = exclude.into();
+            for link in &self.fabric.links {
+                link.send_now(OpMsg::BroadcastExcept {
+                    frame: frame.clone(),
+                    exclude: Arc::clone(&exclude),
+                    done: None,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The node's side of the cluster link, as the shards and the [`Handle`](super::Handle) see it:
+//! what they hand to the broker link thread ([`LinkMsg`]), the channels that carry it
+//! ([`ClusterTx`]), and the state the link publishes for them to read without blocking
+//! ([`ClusterState`]). The link thread itself lives in `cluster` (above this layer); this
+//! module names no broker.
+//!
+//! Two channels: state changes (a user's or a room's node-level transitions) go on an
+//! unbounded channel, since losing one would leave another node's view wrong and their number
+//! is bounded by the node's own connections and joins; data (P2P, broadcasts, room publishes)
+//! goes on a bounded channel, and a full channel refuses at once (503), so a slow broker
+//! never grows memory and never blocks a shard.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::core::directory::{ConnAddr, ShardId};
+
+/// Where a cross-node P2P answer goes: the sender's connection and its message's `pid`.
+#[derive(Debug, Clone)]
+pub struct P2pReply {
+    /// The sender's connection.
+    pub addr: ConnAddr,
+    /// The sender's `pid`.
+    pub pid: Box<str>,
+}
+
+/// What shards and the handle hand to the broker link thread.
+#[derive(Debug)]
+pub enum LinkMsg {
+    /// From the user's home shard: this node now holds (or no longer holds) connections of
+    /// `user` (node-level 0↔1 transitions only).
+    User {
+        /// The user.
+        user: i64,
+        /// Whether any connection of the user is open on this node.
+        present: bool,
+    },
+    /// Shard `shard` now has `count` members of `room`.
+    RoomCount {
+        /// The room.
+        room: Arc<str>,
+        /// The announcing shard.
+        shard: ShardId,
+        /// Its member count.
+        count: u32,
+    },
+    /// Deliver `frame` to `user`'s connections on the other nodes. With `reply`, the sender
+    /// is answered `delivered` / 404 / 503 from the broker's receiver count and the view;
+    /// without, it is published only when the view lists another node holding the user.
+    ToUser {
+        /// The receiving user.
+        user: i64,
+        /// The encoded frame.
+        frame: Bytes,
+        /// Whom to answer (a message with a `pid` to a user not connected on this node).
+        reply: Option<P2pReply>,
+    },
+    /// Deliver `frame` to every connection on the other nodes whose user is not in `exclude`
+    /// (sorted).
+    Broadcast {
+        /// The encoded frame.
+        frame: Bytes,
+        /// Sorted user ids to skip.
+        exclude: Arc<[i64]>,
+    },
+    /// Deliver `frame` to the members of `room` on the other nodes.
+    Room {
+        /// The room.
+        room: Arc<str>,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// The server is stopping: say goodbye and end the thread.
+    Shutdown,
+}
+
+impl LinkMsg {
+    /// Bytes this message holds while queued (for `cluster_queue_bytes`).
+    pub fn cost(&self) -> usize {
+        std::mem::size_of::<LinkMsg>()
+            + match self {
+                LinkMsg::ToUser { frame, .. } | LinkMsg::Room { frame, .. } => frame.len(),
+                LinkMsg::Broadcast { frame, exclude } => frame.len() + exclude.len() * 8,
+                LinkMsg::User { .. } | LinkMsg::RoomCount { .. } | LinkMsg::Shutdown => 0,
+            }
+    }
+}
+
+/// What the link thread publishes for everyone else to read: whether the broker is usable,
+/// and counters for `/metrics` and `/health`.
+#[derive(Debug)]
+pub struct ClusterState {
+    /// This node's id.
+    pub node: String,
+    /// The broker is reachable and this node's subscriptions are in place.
+    pub up: AtomicBool,
+    /// Bytes of data messages queued for the link thread.
+    pub queued_bytes: AtomicU64,
+    /// Bound on `queued_bytes` (`cluster_queue_bytes`).
+    pub queue_limit: u64,
+    /// Other live nodes in the view.
+    pub nodes: AtomicU64,
+    /// Times the broker became unreachable.
+    pub down_total: AtomicU64,
+    /// Cross-node operations refused or failed with 503 (broker down, queue full, no answer).
+    pub unavailable_total: AtomicU64,
+    /// Messages published on the broker.
+    pub published_total: AtomicU64,
+    /// Messages received from the broker.
+    pub received_total: AtomicU64,
+    /// Received messages that did not decode.
+    pub bad_messages_total: AtomicU64,
+    /// Nodes declared dead (heartbeats missing for `cluster_node_ttl`).
+    pub node_down_total: AtomicU64,
+}
+
+impl ClusterState {
+    /// A state for `node`, down until the link reports otherwise.
+    pub fn new(node: &str, queue_limit: u64) -> ClusterState {
+        ClusterState {
+            node: node.to_string(),
+            up: AtomicBool::new(false),
+            queued_bytes: AtomicU64::new(0),
+            queue_limit,
+            nodes: AtomicU64::new(0),
+            down_total: AtomicU64::new(0),
+            unavailable_total: AtomicU64::new(0),
+            published_total: AtomicU64::new(0),
+            received_total: AtomicU64::new(0),
+            bad_messages_total: AtomicU64::new(0),
+            node_down_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether cross-node operations can be attempted now.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Counts a cross-node operation answered 503.
+    pub fn count_unavailable(&self) {
+        self.unavailable_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as `(name, help, value)` for `/metrics`.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("customws_cluster_down", "Times the cluster broker became unreachable.", get(&self.down_total)),
+            (
+                "customws_cluster_unavailable",
+                "Cross-node operations answered 503 (broker down, link queue full, no answer).",
+                get(&self.unavailable_total),
+            ),
+            (
+                "customws_cluster_published",
+                "Messages published on the cluster broker.",
+                get(&self.published_total),
+            ),
+            (
+                "customws_cluster_received",
+                "Messages received from the cluster broker.",
+                get(&self.received_total),
+            ),
+            (
+                "customws_cluster_bad_messages",
+                "Messages from the cluster broker that did not decode.",
+                get(&self.bad_messages_total),
+            ),
+            (
+                "customws_cluster_node_down",
+                "Other nodes declared dead (heartbeats missing for cluster_node_ttl).",
+                get(&self.node_down_total),
+            ),
+        ]
+    }
+}
+
+/// Why a data message was not handed to the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRefusal {
+    /// The broker is unreachable.
+    Down,
+    /// The link's queue is over `cluster_queue_bytes`.
+    Full,
+}
+
+/// The sending side of the link: held by the [`Fabric`](super::Fabric) when `cluster` is set.
+#[derive(Debug)]
+pub struct ClusterTx {
+    state_tx: Sender<LinkMsg>,
+    data_tx: Sender<LinkMsg>,
+    /// What the link publishes.
+    pub state: Arc<ClusterState>,
+}
+
+/// The receiving side, for the link thread.
+#[derive(Debug)]
+pub struct ClusterRx {
+    /// State changes and shutdown (unbounded).
+    pub state_rx: Receiver<LinkMsg>,
+    /// Data messages (bounded).
+    pub data_rx: Receiver<LinkMsg>,
+    /// Shared with the senders.
+    pub state: Arc<ClusterState>,
+}
+
+impl ClusterRx {
+    /// The link thread took `msg` out of the data channel: its cost leaves the queue.
+    pub fn taken(&self, msg: &LinkMsg) {
+        self.state.queued_bytes.fetch_sub(msg.cost() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A link's two channels: `data_slots` bounds the data channel's messages, `queue_bytes` its
+/// bytes.
+pub fn cluster_channel(node: &str, data_slots: usize, queue_bytes: u64) -> (ClusterTx, ClusterRx) {
+    let state = Arc::new(ClusterState::new(node, queue_bytes));
+    let (state_tx, state_rx) = crossbeam_channel::unbounded();
+    let (data_tx, data_rx) = crossbeam_channel::bounded(data_slots.max(1));
+    (ClusterTx { state_tx, data_tx, state: Arc::clone(&state) }, ClusterRx { state_rx, data_rx, state })
+}
+
+impl ClusterTx {
+    /// Hands over a state change (never refused; dropped only when the link has stopped).
+    pub fn send_state(&self, msg: LinkMsg) {
+        let _ = self.state_tx.send(msg);
+    }
+
+    /// Hands over a data message without blocking, or refuses it: broker down, or the queue
+    /// over its bound (counted as unavailable either way).
+    pub fn try_send(&self, msg: LinkMsg) -> Result<(), LinkRefusal> {
+        if !self.state.is_up() {
+            self.state.count_unavailable();
+            return Err(LinkRefusal::Down);
+        }
+        let cost = msg.cost() as u64;
+        let before = self.state.queued_bytes.fetch_add(cost, Ordering::Relaxed);
+        if before > 0 && before + cost > self.state.queue_limit {
+            self.state.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+            self.state.count_unavailable();
+            return Err(LinkRefusal::Full);
+        }
+        match self.data_tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.state.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+                self.state.count_unavailable();
+                Err(LinkRefusal::Full)
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The shard's side of the cluster: what the broker link thread delivers (other nodes'
+//! messages and presence), and handing cross-node work to the link. Nothing here runs when
+//! `cluster` is unset (the fabric has no cluster link, and no other node sends anything).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::Shard;
+use crate::core::ConnKey;
+use crate::core::presence::Presence;
+use crate::protocol::envelope::{error_notification, server_ack};
+use crate::route::cluster::{LinkMsg, P2pReply};
+use crate::route::msg::ClusterMsg;
+
+/// What a client is told when a cross-node part of its request could not be attempted.
+pub(super) const CLUSTER_UNAVAILABLE: &str = "cluster unavailable: delivered on this node only; retry later";
+
+impl Shard {
+    /// Handles what the cluster link delivers.
+    pub(super) fn on_cluster(&mut self, msg: ClusterMsg) {
+        match msg {
+            ClusterMsg::ToUser { user, frame } => {
+                self.deliver_to_users(&[user], frame);
+            }
+            ClusterMsg::ToRoom { room, frame } => {
+                self.publish_to_rooms(Arc::from(vec![room]), frame, None, None);
+            }
+            ClusterMsg::RemoteUser { user, present } => self.remote_user(user, present),
+            ClusterMsg::RemoteRoomCount { room, count } => self.rooms.set_remote(&room, count),
+        }
+    }
+
+    /// Home shard: whether another live node holds `user` changed. The user is online while
+    /// this node or any other holds it; only a change of that union is announced, and only to
+    /// this node's watchers (every node tells its own).
+    fn remote_user(&mut self, user: i64, present: bool) {
+        let changed = if present { self.remote_users.insert(user) } else { self.remote_users.remove(&user) };
+        if !changed || self.directory.home_online(user) {
+            return;
+        }
+        let now = Self::wall_ms();
+        let presence = if present {
+            self.presence.online(user, now);
+            self.presence.get(user, now)
+        } else {
+            let info = self.presence.info(user);
+            self.presence.offline(user);
+            Presence { info, ..Presence::offline(now) }
+        };
+        self.announce_presence(user, &presence, Vec::new(), None);
+    }
+
+    /// Home shard: whether `user` is held by another live node (as the link last said).
+    pub(super) fn held_elsewhere(&self, user: i64) -> bool {
+        !self.remote_users.is_empty() && self.remote_users.contains(&user)
+    }
+
+    /// Home shard: this node's first connection of `user` opened, or its last closed.
+    pub(super) fn tell_link_user(&self, user: i64, present: bool) {
+        if let Some(cluster) = &self.shared.fabric.cluster {
+            cluster.send_state(LinkMsg::User { user, present });
+        }
+    }
+
+    /// A shard's member count of `room` changed: the link sums them into the node's record.
+    pub(super) fn tell_link_room(&self, room: &Arc<str>, count: u32) {
+        if let Some(cluster) = &self.shared.fabric.cluster {
+            cluster.send_state(LinkMsg::RoomCount { room: Arc::clone(room), shard: self.id, count });
+        }
+    }
+
+    /// Hands a data message for the other nodes to the link; true when there is no cluster or
+    /// the link took it, false when it was refused (broker down, queue full).
+    pub(super) fn to_other_nodes(&self, msg: impl FnOnce() -> LinkMsg) -> bool {
+        match &self.shared.fabric.cluster {
+            Some(cluster) => cluster.try_send(msg()).is_ok(),
+            None => true,
+        }
+    }
+
+    /// `data_request` to one user with a cluster: delivered here if the user has connections
+    /// on this node (and published to the user's subject only when another node holds it too);
+    /// otherwise the link publishes once on the user's subject and answers the sender
+    /// `delivered` / 404 / 503 from the broker's receiver count and its view.
+    pub(super) fn p2p_across_nodes(&mut self, key: ConnKey, target: i64, frame: Bytes, pid: Option<&str>) {
+        let Some(cluster) = self.shared.fabric.cluster.as_ref() else { return };
+        let local = self.directory.shards_of(target) != 0;
+        if local {
+            let up = cluster.state.is_up();
+            if up {
+                let _ = cluster.try_send(LinkMsg::ToUser { user: target, frame: frame.clone(), reply: None });
+            }
+            self.deliver_to_users(&[target], frame);
+            if let Some(pid) = pid {
+                let answer = if self.shed {
+                    error_notification(Some(pid), 503, "server busy: message shed; retry later")
+                } else {
+                    server_ack(pid, "delivered")
+                };
+                self.reply_frame(key, answer);
+            }
+            return;
+        }
+        let reply = pid.map(|pid| P2pReply { addr: self.addr(key), pid: pid.into() });
+        if cluster.try_send(LinkMsg::ToUser { user: target, frame, reply }).is_err()
+            && let Some(pid) = pid
+        {
+            self.reply_frame(key, error_notification(Some(pid), 503, "cluster unavailable; retry later"));
+        }
+    }
+
+    fn reply_frame(&mut self, key: ConnKey, frame: Bytes) {
+        self.sink.push(&mut self.conns, key, frame);
+    }
+}
