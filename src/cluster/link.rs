@@ -187,7 +187,7 @@ impl Link {
                 let effects = self.core.set_room(&room, total);
                 self.apply(effects);
             }
-            LinkMsg::ToUser { user, frame, reply } => self.to_user(user, &frame, reply),
+            LinkMsg::ToUser { user, frame, reply } => self.send_to_user(user, &frame, reply),
             LinkMsg::Broadcast { frame, exclude } => {
                 let payload = if exclude.is_empty() {
                     self.core.deliver_payload(&frame)
@@ -216,7 +216,7 @@ impl Link {
     }
 
     /// A message to `user` on the other nodes: one publish on the user's subject.
-    fn to_user(&mut self, user: i64, frame: &[u8], reply: Option<P2pReply>) {
+    fn send_to_user(&mut self, user: i64, frame: &[u8], reply: Option<P2pReply>) {
         let name = user.to_string();
         let subject = self.core.subjects().user(&name);
         let payload = self.core.deliver_payload(frame);
