@@ -228,6 +228,10 @@ impl Shard {
         let stamp = super::handshake::rfc3339(Self::wall_ms());
         let frame = presence_event(user, status, Some(&context), &stamp, info.as_deref());
         let except = Some(self.addr(key));
+        let _ = self.to_other_nodes(|| crate::route::cluster::LinkMsg::Room {
+            room: Arc::clone(room),
+            frame: frame.clone(),
+        });
         self.publish_to_rooms(Arc::from(vec![Arc::clone(room)]), frame, except, None);
     }
 
