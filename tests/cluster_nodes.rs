@@ -461,6 +461,67 @@ fn broker_stopped_and_started(engine: Engine) {
     assert_eq!(t.recv_of_type("data_event")["fromUserId"], 1);
 }
 
+fn server_ops_across_nodes(engine: Engine) {
+    let broker = Broker::start(engine);
+    let prefix = prefix("ops", engine);
+    let a = Node::start(&broker, &prefix, "a");
+    let b = Node::start(&broker, &prefix, "b");
+    a.wait_nodes(2);
+    let mut w = connect(a.ws, 1, &[]);
+    subscribe(&mut w, &[2], "s1");
+    let mut t = connect(b.ws, 2, &[]);
+    assert_eq!(next_presence(&mut w, 2), "online");
+    let api = a.api;
+    let post = move |path: &'static str, body: &'static str| {
+        std::thread::spawn(move || {
+            let text = http(api, "POST", path, Some(body)).expect("an API answer");
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text))
+        })
+    };
+
+    // Send-for-ack from A's API to user 2, whose connection is on B: the ack comes back to A.
+    let call = post(
+        "/api/v1/send",
+        r#"{"userId":2,"message":{"type":"ping","payload":{"n":1}},"ack":true,"timeoutMs":3000}"#,
+    );
+    let ping = t.recv_of_type("ping");
+    let pid = ping["pid"].as_str().expect("a server pid").to_string();
+    t.send_value(&json!({"type": "client_ack", "payload": {"acknowledgedPid": pid, "status": "read"}}));
+    let answer = call.join().unwrap();
+    assert_eq!(answer["ack"]["status"], "read", "{answer}");
+
+    // A request: the client's reply comes back to A's API caller.
+    let call = post(
+        "/api/v1/request",
+        r#"{"userId":2,"message":{"type":"question","payload":{"q":1}},"timeoutMs":3000}"#,
+    );
+    let question = t.recv_of_type("question");
+    let pid = question["pid"].as_str().expect("a server pid").to_string();
+    t.send_value(&json!({"pid": pid, "type": "answer", "payload": {"a": 2}}));
+    let answer = call.join().unwrap();
+    assert_eq!(answer["response"]["payload"]["a"], 2, "{answer}");
+
+    // Unanswered: a timeout, as on one node (504), not sooner than asked.
+    let asked = Instant::now();
+    let call = post("/api/v1/send", r#"{"userId":2,"message":{"type":"ping"},"ack":true,"timeoutMs":300}"#);
+    t.recv_of_type("ping");
+    let answer = call.join().unwrap();
+    assert!(answer["error"].is_string() || answer["error"].is_object(), "{answer}");
+    assert!(asked.elapsed() >= Duration::from_millis(300), "{:?}", asked.elapsed());
+
+    // A user connected nowhere: offline, not a wait.
+    let answer =
+        post("/api/v1/send", r#"{"userId":77,"message":{"type":"ping"},"ack":true,"timeoutMs":3000}"#)
+            .join()
+            .unwrap();
+    assert!(answer["error"].is_string() || answer["error"].is_object(), "{answer}");
+
+    // Disconnect from A's API closes the user's connection on B.
+    a.api("DELETE", "/api/v1/users/2/connections", None);
+    t.expect_close(1000);
+    assert_eq!(next_presence(&mut w, 2), "offline");
+}
+
 macro_rules! for_both_engines {
     ($($scenario:ident),* $(,)?) => {
         mod redis {
@@ -472,4 +533,9 @@ macro_rules! for_both_engines {
     };
 }
 
-for_both_engines!(p2p_broadcast_rooms_presence, node_killed, broker_stopped_and_started);
+for_both_engines!(
+    p2p_broadcast_rooms_presence,
+    node_killed,
+    broker_stopped_and_started,
+    server_ops_across_nodes
+);

@@ -105,6 +105,7 @@ pub(super) fn wait_failed(error: WaitError) -> Reply {
         WaitError::Offline => (404, "offline"),
         WaitError::Closed => (410, "closed"),
         WaitError::ShuttingDown => (503, "shutting_down"),
+        WaitError::Unavailable => (503, "cluster_unavailable"),
     };
     Reply::wait_error(status, reason, &error.to_string())
 }

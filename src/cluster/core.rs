@@ -16,7 +16,7 @@ use bytes::Bytes;
 use super::broker::BrokerError;
 use super::subjects::Subjects;
 use super::view::{Change, Delivery, View, decide};
-use super::wire::{self, Header, Record};
+use super::wire::{self, AwaitOutcome, Header, Record};
 
 /// Settings of one node.
 #[derive(Debug, Clone)]
@@ -78,8 +78,36 @@ pub struct Effects {
     pub deliveries: Vec<(String, Bytes)>,
     /// Broadcasts with exclusions that arrived: the sorted user ids to skip, and the frame.
     pub broadcasts: Vec<(Vec<i64>, Bytes)>,
+    /// Users whose connections on this node are to be closed (another node's API asked).
+    pub disconnects: Vec<i64>,
+    /// Waits another node asks this node to carry out.
+    pub awaits: Vec<RemoteAwait>,
+    /// Answers to waits this node asked another node to carry out: its id, the result.
+    pub await_done: Vec<(u64, AwaitOutcome)>,
     /// Payloads that did not decode (dropped, counted).
     pub bad_messages: u64,
+}
+
+/// A wait (send-for-ack or request) another node asks this one to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteAwait {
+    /// The asking node.
+    pub origin: String,
+    /// The asking node's id of the wait.
+    pub id: u64,
+    /// The receiving user.
+    pub user: i64,
+    /// A request rather than a send-for-ack.
+    pub request: bool,
+    /// The wait bound.
+    pub timeout_ms: u64,
+    /// The message's `type`.
+    pub kind: String,
+    /// The message's `fromUserId`.
+    pub from: Option<i64>,
+    /// The message's payload, raw JSON (empty: none).
+    pub payload: Bytes,
 }
 
 /// One node's cluster state machine.
@@ -231,6 +259,48 @@ impl Core {
         wire::encode(&header, frame).unwrap_or_default()
     }
 
+    /// Whether this node holds connections of `user` (as its shards last said).
+    pub fn holds(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// A [`Header::Disconnect`] message for `user`, to publish on the user's subject.
+    pub fn disconnect_payload(&self, user: i64) -> Bytes {
+        let header = Header::Disconnect { origin: self.node.clone(), epoch: self.epoch, user };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
+    /// A [`Header::Await`] message, to publish on the subject of a node holding `user`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn await_payload(
+        &self,
+        id: u64,
+        user: i64,
+        request: bool,
+        timeout_ms: u64,
+        kind: &str,
+        from: Option<i64>,
+        payload: &[u8],
+    ) -> Bytes {
+        let header = Header::Await {
+            origin: self.node.clone(),
+            epoch: self.epoch,
+            id,
+            user,
+            request,
+            timeout_ms,
+            kind: kind.to_string(),
+            from,
+        };
+        wire::encode(&header, payload).unwrap_or_default()
+    }
+
+    /// A [`Header::AwaitDone`] message, to publish on the asking node's subject.
+    pub fn await_done_payload(&self, id: u64, outcome: AwaitOutcome) -> Bytes {
+        let header = Header::AwaitDone { origin: self.node.clone(), epoch: self.epoch, id, outcome };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
     /// A [`Header::DeliverExcept`] message carrying `frame`, to publish on the `all` subject.
     pub fn broadcast_payload(&self, frame: &[u8], exclude: &[i64]) -> Bytes {
         let header =
@@ -275,6 +345,27 @@ impl Core {
             }
             Header::DeliverExcept { exclude, .. } => {
                 effects.broadcasts.push((exclude, message.body));
+                false
+            }
+            Header::Disconnect { user, .. } => {
+                effects.disconnects.push(user);
+                false
+            }
+            Header::Await { id, user, request, timeout_ms, kind, from, .. } => {
+                effects.awaits.push(RemoteAwait {
+                    origin: origin.clone(),
+                    id,
+                    user,
+                    request,
+                    timeout_ms,
+                    kind,
+                    from,
+                    payload: message.body,
+                });
+                false
+            }
+            Header::AwaitDone { id, outcome, .. } => {
+                effects.await_done.push((id, outcome));
                 false
             }
         };

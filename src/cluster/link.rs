@@ -19,18 +19,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, select};
+use crossbeam_channel::{Receiver, Sender, select};
 
 use super::broker::{Broker, BrokerConfig, BrokerError, Event};
 use super::core::{Action, Core, CoreConfig, Effects};
 use super::subjects::Target;
 use super::view::{Change, Delivery};
+use super::wire::AwaitOutcome;
 use crate::config::Config;
 use crate::core::Directory;
+use crate::core::pending::WaitKind;
 use crate::protocol::envelope::{error_notification, server_ack};
-use crate::route::Fabric;
 use crate::route::cluster::{ClusterRx, LinkMsg, P2pReply};
 use crate::route::msg::{ClusterMsg, DeliverMsg, OpMsg};
+use crate::route::{AckReply, ClientReply, Completion, Fabric, OutMessage, Outcome, WaitError};
 
 /// How often the link flushes state records, checks heartbeats and expires answers.
 const TICK: Duration = Duration::from_millis(10);
@@ -74,7 +76,15 @@ pub fn start(
         config.cluster_heartbeat,
         config.cluster_node_ttl,
     ));
+    let (outcomes_tx, outcomes) = crossbeam_channel::unbounded();
     let mut link = Link {
+        outcomes_tx,
+        outcomes,
+        serving: HashMap::new(),
+        next_serving: 0,
+        waiting: HashMap::new(),
+        wait_deadlines: VecDeque::new(),
+        next_wait: 0,
         core,
         broker,
         events,
@@ -101,7 +111,23 @@ struct Pending {
     reply: P2pReply,
 }
 
+/// A wait this node asked another node to carry out.
+struct Waiting {
+    done: Completion,
+    node: String,
+}
+
 struct Link {
+    /// Completions of waits this node carries out for other nodes report here.
+    outcomes_tx: Sender<(u64, Outcome)>,
+    outcomes: Receiver<(u64, Outcome)>,
+    /// Waits carried out here for another node: tag → (asking node, its id).
+    serving: HashMap<u64, (String, u64)>,
+    next_serving: u64,
+    /// Waits carried out by another node for a caller here, by id.
+    waiting: HashMap<u64, Waiting>,
+    wait_deadlines: VecDeque<(Instant, u64)>,
+    next_wait: u64,
     core: Core,
     broker: Box<dyn Broker>,
     events: Receiver<Event>,
@@ -136,6 +162,9 @@ impl Link {
                 recv(self.events) -> event => if let Ok(event) = event {
                     self.on_event(event);
                 },
+                recv(self.outcomes) -> outcome => if let Ok((tag, outcome)) = outcome {
+                    self.served(tag, outcome);
+                },
                 default(wait) => {}
             }
             let now = Instant::now();
@@ -162,6 +191,127 @@ impl Link {
         for (_, pending) in std::mem::take(&mut self.pending) {
             self.answer(&pending.reply, Delivery::Unavailable, pending.user);
         }
+        self.fail_waits(|_| true, WaitError::ShuttingDown);
+    }
+
+    /// Fails the waits on other nodes that `which` selects.
+    fn fail_waits(&mut self, which: impl Fn(&Waiting) -> bool, error: WaitError) {
+        let ids: Vec<u64> = self.waiting.iter().filter(|(_, w)| which(w)).map(|(id, _)| *id).collect();
+        for id in ids {
+            if let Some(waiting) = self.waiting.remove(&id) {
+                waiting.done.complete(Outcome::Failed(error));
+            }
+        }
+    }
+
+    /// A caller here waits for `user`'s client, whose connection is on another node: the
+    /// message goes to one node holding the user, which runs the wait and answers.
+    fn await_elsewhere(
+        &mut self,
+        user: i64,
+        msg: &OutMessage,
+        kind: WaitKind,
+        timeout_ms: u64,
+        done: Completion,
+    ) {
+        if done.same_channel(&self.outcomes_tx) {
+            // A wait another node asked us for, and the user has just left this node.
+            done.complete(Outcome::Failed(WaitError::Offline));
+            return;
+        }
+        let name = user.to_string();
+        let Some(node) = self.core.view().holder_nodes(&name).first().map(|n| n.to_string()) else {
+            done.complete(Outcome::Failed(WaitError::Offline));
+            return;
+        };
+        if self.waiting.len() >= self.max_pending {
+            done.complete(Outcome::Failed(WaitError::Unavailable));
+            return;
+        }
+        self.next_wait += 1;
+        let id = self.next_wait;
+        let payload = msg.payload.as_ref().map_or(&b""[..], |p| p.get().as_bytes());
+        let request = kind == WaitKind::Request;
+        let body =
+            self.core.await_payload(id, user, request, timeout_ms, &msg.kind, msg.from_user_id, payload);
+        let subject = self.core.subjects().node(&node);
+        if self.broker.publish(&subject, body, None).is_err() {
+            done.complete(Outcome::Failed(WaitError::Unavailable));
+            return;
+        }
+        self.state().published_total.fetch_add(1, Ordering::Relaxed);
+        self.waiting.insert(id, Waiting { done, node });
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms) + self.timeout;
+        self.wait_deadlines.push_back((deadline, id));
+    }
+
+    /// Another node asks us to run a wait on `user`'s connection here.
+    fn serve_await(&mut self, ask: super::core::RemoteAwait) {
+        let reply = |link: &Self, outcome: AwaitOutcome| {
+            let body = link.core.await_done_payload(ask.id, outcome);
+            link.publish(&link.core.subjects().node(&ask.origin), body);
+        };
+        if !self.core.holds(&ask.user.to_string()) {
+            return reply(self, AwaitOutcome::Offline);
+        }
+        if self.serving.len() >= self.max_pending {
+            return reply(self, AwaitOutcome::Unavailable);
+        }
+        let payload = if ask.payload.is_empty() {
+            None
+        } else {
+            match std::str::from_utf8(&ask.payload)
+                .ok()
+                .and_then(|p| serde_json::value::RawValue::from_string(p.to_string()).ok())
+            {
+                Some(raw) => Some(raw),
+                None => return reply(self, AwaitOutcome::Closed),
+            }
+        };
+        let msg = OutMessage { kind: ask.kind.clone(), payload, from_user_id: ask.from };
+        self.next_serving += 1;
+        let tag = self.next_serving;
+        self.serving.insert(tag, (ask.origin.clone(), ask.id));
+        let done = Completion::new(self.outcomes_tx.clone(), tag, None);
+        let kind = if ask.request { WaitKind::Request } else { WaitKind::Ack };
+        let home = Directory::home_of(ask.user, self.fabric.links.len());
+        let msg = OpMsg::Await { user: ask.user, msg: Arc::new(msg), kind, timeout_ms: ask.timeout_ms, done };
+        self.fabric.links[home].send_now(msg);
+    }
+
+    /// A wait run here for another node ended: tell that node.
+    fn served(&mut self, tag: u64, outcome: Outcome) {
+        let Some((origin, id)) = self.serving.remove(&tag) else { return };
+        let outcome = match outcome {
+            Outcome::Ack(AckReply { status, error }) => {
+                AwaitOutcome::Ack { status, error: error.map(|e| e.to_string()) }
+            }
+            Outcome::Reply(ClientReply { raw }) => AwaitOutcome::Reply(raw),
+            Outcome::Failed(WaitError::TimedOut) => AwaitOutcome::TimedOut,
+            Outcome::Failed(WaitError::Offline) => AwaitOutcome::Offline,
+            Outcome::Failed(WaitError::ShuttingDown) => AwaitOutcome::ShuttingDown,
+            Outcome::Failed(WaitError::Unavailable) => AwaitOutcome::Unavailable,
+            _ => AwaitOutcome::Closed,
+        };
+        let body = self.core.await_done_payload(id, outcome);
+        self.publish(&self.core.subjects().node(&origin), body);
+    }
+
+    /// Another node answers a wait asked from here.
+    fn await_done(&mut self, id: u64, outcome: AwaitOutcome) {
+        let Some(waiting) = self.waiting.remove(&id) else { return };
+        let outcome = match outcome {
+            AwaitOutcome::Ack { status, error } => {
+                Outcome::Ack(AckReply { status, error: error.and_then(|e| serde_json::from_str(&e).ok()) })
+            }
+            AwaitOutcome::Reply(raw) => Outcome::Reply(ClientReply { raw }),
+            AwaitOutcome::TimedOut => Outcome::Failed(WaitError::TimedOut),
+            AwaitOutcome::Offline => Outcome::Failed(WaitError::Offline),
+            AwaitOutcome::Closed => Outcome::Failed(WaitError::Closed),
+            AwaitOutcome::ShuttingDown => Outcome::Failed(WaitError::ShuttingDown),
+            AwaitOutcome::Unavailable => Outcome::Failed(WaitError::Unavailable),
+        };
+        waiting.done.complete(outcome);
     }
 
     fn state(&self) -> &crate::route::cluster::ClusterState {
@@ -201,6 +351,16 @@ impl Link {
                 let payload = self.core.deliver_payload(&frame);
                 let subject = self.core.subjects().room(&room);
                 self.publish(&subject, payload);
+            }
+            LinkMsg::Disconnect { user } => {
+                if self.core.view().holders(&user.to_string()) > 0 {
+                    let payload = self.core.disconnect_payload(user);
+                    let subject = self.core.subjects().user(&user.to_string());
+                    self.publish(&subject, payload);
+                }
+            }
+            LinkMsg::Await { user, msg, kind, timeout_ms, done } => {
+                self.await_elsewhere(user, &msg, kind, timeout_ms, done)
             }
             LinkMsg::Shutdown => {}
         }
@@ -258,6 +418,18 @@ impl Link {
         if self.pending.is_empty() {
             self.deadlines.clear();
         }
+        while let Some(&(at, id)) = self.wait_deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.wait_deadlines.pop_front();
+            if let Some(waiting) = self.waiting.remove(&id) {
+                waiting.done.complete(Outcome::Failed(WaitError::TimedOut));
+            }
+        }
+        if self.waiting.is_empty() {
+            self.wait_deadlines.clear();
+        }
     }
 
     fn settle(&mut self, token: u64, receivers: Result<u32, BrokerError>) {
@@ -308,13 +480,24 @@ impl Link {
                     self.answer(&pending.reply, Delivery::Unavailable, pending.user);
                 }
                 self.deadlines.clear();
+                self.fail_waits(|_| true, WaitError::Unavailable);
             }
         }
     }
 
     /// Carries out what the core decided.
     fn apply(&mut self, effects: Effects) {
-        let Effects { actions, changes, deliveries, broadcasts, bad_messages, .. } = effects;
+        let Effects {
+            actions,
+            changes,
+            deliveries,
+            broadcasts,
+            bad_messages,
+            disconnects,
+            awaits,
+            await_done,
+            ..
+        } = effects;
         if bad_messages > 0 {
             self.state().bad_messages_total.fetch_add(bad_messages, Ordering::Relaxed);
         }
@@ -355,6 +538,7 @@ impl Link {
                     self.state().nodes.store(self.core.view().nodes().len() as u64, Ordering::Relaxed);
                     self.state().node_down_total.fetch_add(1, Ordering::Relaxed);
                     log::warn!("cluster: node {node} left or went silent");
+                    self.fail_waits(|w| w.node == node, WaitError::Closed);
                 }
             }
         }
@@ -380,6 +564,16 @@ impl Link {
                 }
                 Target::Other => log::debug!("cluster: delivery on {subject} ignored"),
             }
+        }
+        for user in disconnects {
+            let home = Directory::home_of(user, shards);
+            self.fabric.links[home].send_now(OpMsg::DisconnectUser { user, done: None });
+        }
+        for ask in awaits {
+            self.serve_await(ask);
+        }
+        for (id, outcome) in await_done {
+            self.await_done(id, outcome);
         }
         for (exclude, frame) in broadcasts {
             let exclude: Arc<[i64]> = exclude.into();

@@ -108,6 +108,21 @@ impl View {
         self.holders.get(user).copied().unwrap_or(0)
     }
 
+    /// The live nodes (other than this one) holding `user`, sorted.
+    pub fn holder_nodes(&self, user: &str) -> Vec<&str> {
+        if self.holders(user) == 0 {
+            return Vec::new();
+        }
+        let mut out: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.users.get(user).is_some_and(|&n| n > 0))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Members of `room` on the other nodes.
     pub fn room_count(&self, room: &str) -> u64 {
         self.rooms.get(room).copied().unwrap_or(0)

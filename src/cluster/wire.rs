@@ -76,6 +76,73 @@ pub enum Header {
         /// Sorted user ids to skip.
         exclude: Vec<i64>,
     },
+    /// Close every connection of `user` on the receiving node (the API's disconnect).
+    Disconnect {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The user.
+        user: i64,
+    },
+    /// To the node holding `user`'s connection: send the message (type `kind`, payload = the
+    /// body, raw JSON, empty for none) to the user's newest connection there with a pid, wait
+    /// for the client's ack (or reply, with `request`) up to `timeout_ms`, and answer the origin
+    /// with [`Header::AwaitDone`] carrying `id`.
+    Await {
+        /// Sending node (where the caller waits).
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the wait.
+        id: u64,
+        /// The receiving user.
+        user: i64,
+        /// A request (answered by the client's reply) rather than a send-for-ack.
+        request: bool,
+        /// The wait bound.
+        timeout_ms: u64,
+        /// The message's `type`.
+        kind: String,
+        /// The message's `fromUserId`.
+        from: Option<i64>,
+    },
+    /// How a [`Header::Await`] ended, to its origin's node subject.
+    AwaitDone {
+        /// Sending node (where the client answered).
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the wait.
+        id: u64,
+        /// The result.
+        outcome: AwaitOutcome,
+    },
+}
+
+/// The result of a wait on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AwaitOutcome {
+    /// The client acknowledged: its `status` and `error` (raw JSON).
+    Ack {
+        /// `status`.
+        status: Option<String>,
+        /// `error`, raw JSON.
+        error: Option<String>,
+    },
+    /// The client replied: its whole message.
+    Reply(String),
+    /// No answer in time.
+    TimedOut,
+    /// The user has no connection there.
+    Offline,
+    /// The connection closed first.
+    Closed,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// The node could not take the wait (too many in flight).
+    Unavailable,
 }
 
 impl Header {
@@ -86,7 +153,10 @@ impl Header {
             | Header::Records { origin, epoch, .. }
             | Header::SyncReq { origin, epoch, .. }
             | Header::Deliver { origin, epoch }
-            | Header::DeliverExcept { origin, epoch, .. } => (origin, *epoch),
+            | Header::DeliverExcept { origin, epoch, .. }
+            | Header::Disconnect { origin, epoch, .. }
+            | Header::Await { origin, epoch, .. }
+            | Header::AwaitDone { origin, epoch, .. } => (origin, *epoch),
         }
     }
 }
@@ -208,6 +278,23 @@ mod tests {
             Header::SyncReq { origin: "a".into(), epoch: 1, target: String::new() },
             Header::Deliver { origin: "a".into(), epoch: 1 },
             Header::DeliverExcept { origin: "a".into(), epoch: 1, exclude: vec![-1, 3] },
+            Header::Disconnect { origin: "a".into(), epoch: 1, user: -9 },
+            Header::Await {
+                origin: "a".into(),
+                epoch: 1,
+                id: 7,
+                user: 42,
+                request: true,
+                timeout_ms: 500,
+                kind: "question".into(),
+                from: Some(1),
+            },
+            Header::AwaitDone {
+                origin: "b".into(),
+                epoch: 2,
+                id: 7,
+                outcome: AwaitOutcome::Ack { status: Some("read".into()), error: Some("{\"x\":1}".into()) },
+            },
         ]
     }
 

@@ -73,6 +73,26 @@ pub enum LinkMsg {
         /// The encoded frame.
         frame: Bytes,
     },
+    /// Close `user`'s connections on the other nodes (published only when the view lists
+    /// another node holding the user).
+    Disconnect {
+        /// The user.
+        user: i64,
+    },
+    /// From the user's home shard, which holds none of its connections: send `msg` to the
+    /// user's connection on another node and wait there for the client's ack or reply.
+    Await {
+        /// The receiving user.
+        user: i64,
+        /// What to send (the pid is added by the shard that owns the connection).
+        msg: Arc<crate::route::OutMessage>,
+        /// Ack or request.
+        kind: crate::core::pending::WaitKind,
+        /// Wait bound in milliseconds.
+        timeout_ms: u64,
+        /// Gets `Ack`, `Reply` or `Failed`.
+        done: crate::route::Completion,
+    },
     /// The server is stopping: say goodbye and end the thread.
     Shutdown,
 }
@@ -84,7 +104,13 @@ impl LinkMsg {
             + match self {
                 LinkMsg::ToUser { frame, .. } | LinkMsg::Room { frame, .. } => frame.len(),
                 LinkMsg::Broadcast { frame, exclude } => frame.len() + exclude.len() * 8,
-                LinkMsg::User { .. } | LinkMsg::RoomCount { .. } | LinkMsg::Shutdown => 0,
+                LinkMsg::Await { msg, .. } => {
+                    msg.kind.len() + msg.payload.as_ref().map_or(0, |p| p.get().len())
+                }
+                LinkMsg::User { .. }
+                | LinkMsg::RoomCount { .. }
+                | LinkMsg::Disconnect { .. }
+                | LinkMsg::Shutdown => 0,
             }
     }
 }
@@ -237,19 +263,29 @@ impl ClusterTx {
             self.state.count_unavailable();
             return Err(LinkRefusal::Down);
         }
+        self.try_send_or_return(msg).map_err(|_| LinkRefusal::Full)
+    }
+
+    /// As [`ClusterTx::try_send`], giving the message back when it is refused (so that what it
+    /// carries, a completion, can be answered).
+    pub fn try_send_or_return(&self, msg: LinkMsg) -> Result<(), LinkMsg> {
+        if !self.state.is_up() {
+            self.state.count_unavailable();
+            return Err(msg);
+        }
         let cost = msg.cost() as u64;
         let before = self.state.queued_bytes.fetch_add(cost, Ordering::Relaxed);
         if before > 0 && before + cost > self.state.queue_limit {
             self.state.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
             self.state.count_unavailable();
-            return Err(LinkRefusal::Full);
+            return Err(msg);
         }
         match self.data_tx.try_send(msg) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
                 self.state.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
                 self.state.count_unavailable();
-                Err(LinkRefusal::Full)
+                Err(msg)
             }
         }
     }

@@ -104,6 +104,10 @@ pub enum WaitError {
     /// The server is shutting down.
     #[error("server shutting down")]
     ShuttingDown,
+    /// The user is on another node and the cluster cannot reach it now (broker down, queue
+    /// full, or the node went away).
+    #[error("cluster unavailable")]
+    Unavailable,
 }
 
 /// What an operation produced.
@@ -152,6 +156,11 @@ impl Completion {
     /// A completion sending `(tag, outcome)` on `tx`, waking `waker` if given.
     pub fn new(tx: Sender<(u64, Outcome)>, tag: u64, waker: Option<Arc<Waker>>) -> Self {
         Completion { tx, tag, waker }
+    }
+
+    /// Whether this completion delivers on `tx`'s channel.
+    pub fn same_channel(&self, tx: &Sender<(u64, Outcome)>) -> bool {
+        self.tx.same_channel(tx)
     }
 
     /// Delivers the outcome. A receiver that went away is not an error: nobody waits any more.

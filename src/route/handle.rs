@@ -200,6 +200,7 @@ impl Handle {
                 1
             }
             Op::Disconnect { user } => {
+                self.to_other_nodes(|| LinkMsg::Disconnect { user });
                 self.to_home(user, OpMsg::DisconnectUser { user, done: Some(done.clone()) });
                 1
             }

@@ -110,6 +110,30 @@ impl Shard {
         }
     }
 
+    /// Home shard: a send-for-ack or request to a user with no connection on this node goes
+    /// to the link, which hands it to a node holding the user; the answer comes back to `done`.
+    pub(super) fn await_on_other_node(
+        &mut self,
+        user: i64,
+        msg: Arc<crate::route::OutMessage>,
+        kind: crate::core::pending::WaitKind,
+        timeout_ms: u64,
+        done: crate::route::Completion,
+    ) {
+        let Some(cluster) = self.shared.fabric.cluster.as_ref() else { return };
+        if !self.held_elsewhere(user) {
+            done.complete(crate::route::Outcome::Failed(crate::route::WaitError::Offline));
+            return;
+        }
+        match cluster.try_send_or_return(LinkMsg::Await { user, msg, kind, timeout_ms, done }) {
+            Ok(()) => {}
+            Err(LinkMsg::Await { done, .. }) => {
+                done.complete(crate::route::Outcome::Failed(crate::route::WaitError::Unavailable))
+            }
+            Err(_) => {}
+        }
+    }
+
     fn reply_frame(&mut self, key: ConnKey, frame: Bytes) {
         self.sink.push(&mut self.conns, key, frame);
     }

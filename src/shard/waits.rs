@@ -90,6 +90,9 @@ impl Shard {
     ) {
         let newest = self.directory.home_conns(user).iter().max_by_key(|(seq, _)| *seq).map(|(_, a)| *a);
         match newest {
+            None if self.shared.fabric.cluster.is_some() => {
+                self.await_on_other_node(user, msg, kind, timeout_ms, done)
+            }
             None => done.complete(Outcome::Failed(WaitError::Offline)),
             Some(addr) => {
                 self.send_to(addr.shard, OpMsg::AwaitOn { key: addr.key, msg, kind, timeout_ms, done })
