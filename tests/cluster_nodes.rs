@@ -268,7 +268,8 @@ fn prefix(test: &str, engine: Engine) -> String {
 fn next_presence(c: &mut Client, user: i64) -> String {
     loop {
         let v = c.recv_json();
-        if v["type"] == "presence_event" && v["payload"]["userId"] == user {
+        let about_a_room = v["payload"]["context"]["room"].is_string(); // joined / left
+        if v["type"] == "presence_event" && v["payload"]["userId"] == user && !about_a_room {
             return v["payload"]["status"].as_str().unwrap_or_default().to_string();
         }
     }
@@ -376,12 +377,20 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
         });
     }
     w.send_value(&json!({"type": "broadcast", "pid": "r1", "payload": {"room": "lobby", "body": {"x": 1}}}));
+    // The room's joined event for user 2 (from B) reaches w on A, before or after the ack.
+    let joined = |v: &Value| v["type"] == "presence_event" && v["payload"]["status"] == "joined";
+    let mut saw_joined = false;
     loop {
         let v = w.recv_json();
+        saw_joined |= joined(&v) && v["payload"]["userId"] == 2;
         if v["payload"]["acknowledgedPid"] == "r1" {
             assert_eq!(v["payload"]["status"], "published", "{v}");
             break;
         }
+    }
+    while !saw_joined {
+        let v = w.recv_json();
+        saw_joined = joined(&v) && v["payload"]["userId"] == 2;
     }
     let mut got = t.recv_json();
     while got["type"] != "room_message" {
