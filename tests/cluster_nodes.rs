@@ -166,6 +166,7 @@ impl Node {
             .args(["--cluster-heartbeat", &format!("{HEARTBEAT_MS}ms")])
             .args(["--cluster-node-ttl", &format!("{NODE_TTL_MS}ms")])
             .args(["--cluster-timeout", "1s"])
+            .args(["--transient-ttl", "300ms", "--presence-coalesce", "0s"])
             .env("CUSTOMWS_JWT_SECRET", common::SECRET)
             .env("CUSTOMWS_API_KEY", API_KEY)
             .stdin(Stdio::null())
@@ -339,6 +340,22 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
     let sent = metric(&a.metrics(), "customws_cluster_published_total") - published;
     // p1 and p2 (one publish each) plus a few heartbeats and records, never one per node.
     assert!(sent >= 2.0, "published {sent}");
+
+    // A status set on B reaches the watcher on A; a transient one (typing) expires back to it.
+    t.send_value(&json!({"pid": "st1", "type": "presence_update", "payload": {"status": "busy"}}));
+    assert_eq!(next_presence(&mut w, 2), "busy");
+    let typed = Instant::now();
+    t.send_value(&json!({"pid": "st2", "type": "presence_update", "payload": {"status": "typing"}}));
+    assert_eq!(next_presence(&mut w, 2), "typing");
+    assert_eq!(next_presence(&mut w, 2), "busy");
+    assert!(typed.elapsed() >= Duration::from_millis(300), "typing reverted after {:?}", typed.elapsed());
+    // A node that did not see the update stores it: a new watcher on A gets "busy" at once.
+    let mut w2 = connect(a.ws, 5, &[]);
+    assert_eq!(subscribe(&mut w2, &[2], "s5")[0]["payload"]["status"], "busy");
+    for pid in ["st1", "st2"] {
+        let v = t.recv_json();
+        assert_eq!(v["payload"]["acknowledgedPid"], pid, "{v}");
+    }
 
     // A client broadcast on A reaches B's connections (and A's), the sender excluded.
     let mut caster = connect(a.ws, 3, &["broadcast"]);

@@ -78,6 +78,8 @@ pub struct Effects {
     pub deliveries: Vec<(String, Bytes)>,
     /// Broadcasts with exclusions that arrived: the sorted user ids to skip, and the frame.
     pub broadcasts: Vec<(Vec<i64>, Bytes)>,
+    /// Presence statuses set on other nodes.
+    pub presences: Vec<RemotePresence>,
     /// Users whose connections on this node are to be closed (another node's API asked).
     pub disconnects: Vec<i64>,
     /// Waits another node asks this node to carry out.
@@ -86,6 +88,24 @@ pub struct Effects {
     pub await_done: Vec<(u64, AwaitOutcome)>,
     /// Payloads that did not decode (dropped, counted).
     pub bad_messages: u64,
+}
+
+/// A presence status set on another node (see [`Header::Presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemotePresence {
+    /// The user.
+    pub user: i64,
+    /// The status.
+    pub status: String,
+    /// Its context, raw JSON.
+    pub context: Option<String>,
+    /// When it was set, Unix milliseconds.
+    pub since_ms: u64,
+    /// The user's `presence_info_claim` value, raw JSON.
+    pub info: Option<String>,
+    /// Rooms whose members are told too.
+    pub rooms: Vec<String>,
 }
 
 /// A wait (send-for-ack or request) another node asks this one to carry out.
@@ -264,6 +284,22 @@ impl Core {
         self.users.contains_key(user)
     }
 
+    /// A [`Header::Presence`] message, to publish on the `all` subject.
+    pub fn presence_payload(&self, presence: RemotePresence) -> Bytes {
+        let RemotePresence { user, status, context, since_ms, info, rooms } = presence;
+        let header = Header::Presence {
+            origin: self.node.clone(),
+            epoch: self.epoch,
+            user,
+            status,
+            context,
+            since_ms,
+            info,
+            rooms,
+        };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
     /// A [`Header::Disconnect`] message for `user`, to publish on the user's subject.
     pub fn disconnect_payload(&self, user: i64) -> Bytes {
         let header = Header::Disconnect { origin: self.node.clone(), epoch: self.epoch, user };
@@ -349,6 +385,10 @@ impl Core {
             }
             Header::Disconnect { user, .. } => {
                 effects.disconnects.push(user);
+                false
+            }
+            Header::Presence { user, status, context, since_ms, info, rooms, .. } => {
+                effects.presences.push(RemotePresence { user, status, context, since_ms, info, rooms });
                 false
             }
             Header::Await { id, user, request, timeout_ms, kind, from, .. } => {

@@ -352,6 +352,19 @@ impl Link {
                 let subject = self.core.subjects().room(&room);
                 self.publish(&subject, payload);
             }
+            LinkMsg::Presence { user, presence, rooms } => {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                let payload = self.core.presence_payload(super::core::RemotePresence {
+                    user,
+                    status: presence.status.to_string(),
+                    context: presence.context.as_deref().map(text),
+                    since_ms: presence.since_ms,
+                    info: presence.info.as_deref().map(str::to_string),
+                    rooms: rooms.iter().map(|r| r.to_string()).collect(),
+                });
+                let subject = self.core.subjects().all();
+                self.publish(&subject, payload);
+            }
             LinkMsg::Disconnect { user } => {
                 if self.core.view().holders(&user.to_string()) > 0 {
                     let payload = self.core.disconnect_payload(user);
@@ -496,6 +509,7 @@ impl Link {
             disconnects,
             awaits,
             await_done,
+            presences,
             ..
         } = effects;
         if bad_messages > 0 {
@@ -564,6 +578,17 @@ impl Link {
                 }
                 Target::Other => log::debug!("cluster: delivery on {subject} ignored"),
             }
+        }
+        for p in presences {
+            let presence = crate::core::presence::Presence {
+                status: p.status.into(),
+                context: p.context.map(|c| c.into_bytes().into_boxed_slice()),
+                since_ms: p.since_ms,
+                info: p.info.map(Arc::from),
+            };
+            let rooms = p.rooms.into_iter().map(Arc::from).collect();
+            let home = Directory::home_of(p.user, shards);
+            self.fabric.links[home].send_now(ClusterMsg::Presence { user: p.user, presence, rooms });
         }
         for user in disconnects {
             let home = Directory::home_of(user, shards);

@@ -76,6 +76,26 @@ pub enum Header {
         /// Sorted user ids to skip.
         exclude: Vec<i64>,
     },
+    /// A user's presence status changed on its node (a `presence_update`, or a transient one
+    /// expiring): every node stores it and tells its own watchers and members of `rooms`.
+    Presence {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The user.
+        user: i64,
+        /// The status.
+        status: String,
+        /// Its context, raw JSON.
+        context: Option<String>,
+        /// When it was set, Unix milliseconds.
+        since_ms: u64,
+        /// The user's `presence_info_claim` value, raw JSON.
+        info: Option<String>,
+        /// Rooms whose members are told too.
+        rooms: Vec<String>,
+    },
     /// Close every connection of `user` on the receiving node (the API's disconnect).
     Disconnect {
         /// Sending node.
@@ -155,6 +175,7 @@ impl Header {
             | Header::Deliver { origin, epoch }
             | Header::DeliverExcept { origin, epoch, .. }
             | Header::Disconnect { origin, epoch, .. }
+            | Header::Presence { origin, epoch, .. }
             | Header::Await { origin, epoch, .. }
             | Header::AwaitDone { origin, epoch, .. } => (origin, *epoch),
         }
@@ -279,6 +300,16 @@ mod tests {
             Header::Deliver { origin: "a".into(), epoch: 1 },
             Header::DeliverExcept { origin: "a".into(), epoch: 1, exclude: vec![-1, 3] },
             Header::Disconnect { origin: "a".into(), epoch: 1, user: -9 },
+            Header::Presence {
+                origin: "a".into(),
+                epoch: 1,
+                user: 5,
+                status: "busy".into(),
+                context: Some("{}".into()),
+                since_ms: 9,
+                info: None,
+                rooms: vec!["lobby".into()],
+            },
             Header::Await {
                 origin: "a".into(),
                 epoch: 1,

@@ -73,6 +73,16 @@ pub enum LinkMsg {
         /// The encoded frame.
         frame: Bytes,
     },
+    /// From the user's home shard: its presence status changed here; the other nodes store it
+    /// and tell their watchers and the members of `rooms`.
+    Presence {
+        /// The user.
+        user: i64,
+        /// The new presence.
+        presence: crate::core::presence::Presence,
+        /// Rooms whose members are told too.
+        rooms: Vec<Arc<str>>,
+    },
     /// Close `user`'s connections on the other nodes (published only when the view lists
     /// another node holding the user).
     Disconnect {
@@ -104,6 +114,11 @@ impl LinkMsg {
             + match self {
                 LinkMsg::ToUser { frame, .. } | LinkMsg::Room { frame, .. } => frame.len(),
                 LinkMsg::Broadcast { frame, exclude } => frame.len() + exclude.len() * 8,
+                LinkMsg::Presence { presence, rooms, .. } => {
+                    presence.status.len()
+                        + presence.context.as_ref().map_or(0, |c| c.len())
+                        + rooms.iter().map(|r| 16 + r.len()).sum::<usize>()
+                }
                 LinkMsg::Await { msg, .. } => {
                     msg.kind.len() + msg.payload.as_ref().map_or(0, |p| p.get().len())
                 }

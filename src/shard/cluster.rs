@@ -28,7 +28,30 @@ impl Shard {
             }
             ClusterMsg::RemoteUser { user, present } => self.remote_user(user, present),
             ClusterMsg::RemoteRoomCount { room, count } => self.rooms.set_remote(&room, count),
+            ClusterMsg::Presence { user, presence, rooms } => self.remote_presence(user, presence, rooms),
         }
+    }
+
+    /// Home shard: the user's status changed on another node (where the update was made, and
+    /// stored; this node keeps a copy for its queries and snapshots and tells its own
+    /// watchers and room members).
+    fn remote_presence(&mut self, user: i64, presence: Presence, rooms: Vec<Arc<str>>) {
+        let rooms: Vec<Arc<str>> = rooms.iter().map(|r| self.rooms.intern(r)).collect();
+        self.announce_presence(user, &presence, rooms, None);
+        if self.transient.is_transient(&presence.status) {
+            self.presence.update_transient(user, presence);
+        } else {
+            self.presence.update(user, presence);
+        }
+    }
+
+    /// Home shard: `user`'s status changed here: the other nodes store it and tell theirs.
+    pub(super) fn presence_to_other_nodes(&self, user: i64, presence: &Presence, rooms: &[Arc<str>]) {
+        let _ = self.to_other_nodes(|| LinkMsg::Presence {
+            user,
+            presence: presence.clone(),
+            rooms: rooms.to_vec(),
+        });
     }
 
     /// Home shard: whether another live node holds `user` changed. The user is online while
@@ -132,6 +155,15 @@ impl Shard {
             }
             Err(_) => {}
         }
+    }
+
+    /// `frame` to every connection of `user` on this node and, with a cluster, on the others
+    /// (published only when the view lists another node holding the user).
+    pub(super) fn deliver_to_user_anywhere(&mut self, user: i64, frame: Bytes) {
+        if self.shared.fabric.cluster.is_some() {
+            let _ = self.to_other_nodes(|| LinkMsg::ToUser { user, frame: frame.clone(), reply: None });
+        }
+        self.deliver_to_users(&[user], frame);
     }
 
     fn reply_frame(&mut self, key: ConnKey, frame: Bytes) {

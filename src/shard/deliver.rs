@@ -288,10 +288,11 @@ impl Shard {
         match target {
             Some(target) => {
                 let presence = Presence { since_ms: now, ..self.presence.lasting(user, now) };
-                self.deliver_to_users(&[target], encode_presence(user, &presence));
+                self.deliver_to_user_anywhere(target, encode_presence(user, &presence));
             }
             None => {
                 if let Some(presence) = self.presence.revert(user, now) {
+                    self.presence_to_other_nodes(user, &presence, &rooms);
                     self.announce_presence(user, &presence, rooms, except);
                 }
             }
@@ -305,7 +306,7 @@ impl Shard {
                 // Delivered, not stored: the status is for this one user, not the user's
                 // public presence.
                 let presence = Presence { info: self.conn_info(key), ..presence };
-                self.deliver_to_users(&[target], encode_presence(user, &presence));
+                self.deliver_to_user_anywhere(target, encode_presence(user, &presence));
                 return;
             }
             // Announced by the home shard, which knows whether it changes anything (with
@@ -432,6 +433,7 @@ impl Shard {
                 // A client's update: its fan-out may be shed, counted but not reported: the
                 // update itself is stored (and, from another shard, acknowledged already).
                 presence.info = self.presence.info(user);
+                self.presence_to_other_nodes(user, &presence, &rooms);
                 let shed = self.shed;
                 self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
                 self.shed = shed;

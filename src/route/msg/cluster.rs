@@ -34,6 +34,16 @@ pub enum ClusterMsg {
         /// Whether another live node holds the user.
         present: bool,
     },
+    /// To the user's home shard: the user's presence status changed on another node: store it
+    /// and tell this node's watchers and members of `rooms`.
+    Presence {
+        /// The user.
+        user: i64,
+        /// The new presence.
+        presence: crate::core::presence::Presence,
+        /// Rooms whose members are told too.
+        rooms: Vec<Arc<str>>,
+    },
     /// To every shard: members of `room` on the other nodes, summed.
     RemoteRoomCount {
         /// The room.
@@ -50,6 +60,9 @@ impl ClusterMsg {
             ClusterMsg::ToUser { frame, .. } => frame.len(),
             ClusterMsg::ToRoom { frame, .. } => ROOM_REF + frame.len(),
             ClusterMsg::RemoteUser { .. } => 0,
+            ClusterMsg::Presence { presence, rooms, .. } => {
+                super::presence_cost(presence) + rooms.len() * ROOM_REF
+            }
             ClusterMsg::RemoteRoomCount { .. } => ROOM_REF,
         }
     }
@@ -61,6 +74,7 @@ impl ClusterMsg {
             ClusterMsg::ToUser { .. }
             | ClusterMsg::ToRoom { .. }
             | ClusterMsg::RemoteUser { .. }
+            | ClusterMsg::Presence { .. }
             | ClusterMsg::RemoteRoomCount { .. } => None,
         }
     }
