@@ -647,6 +647,49 @@ mod tests {
         assert_eq!(b.core.view().holders("6"), 1);
     }
 
+    /// The user records a tick publishes.
+    fn published_users(effects: &Effects) -> Vec<Record> {
+        let mut out = Vec::new();
+        for action in &effects.actions {
+            if let Action::Publish { payload, .. } = action
+                && let Ok(message) = wire::decode(payload.clone())
+                && let Header::Records { records, .. } = message.header
+            {
+                out.extend(records.into_iter().filter(|r| matches!(r, Record::User { .. })));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_users_record_waits_until_its_subscription_is_in_place() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut core =
+            Core::new(CoreConfig::new("t", "a", Duration::from_millis(100), Duration::from_millis(300)));
+        let _ = core.start();
+        let _ = core.on_resubscribed();
+        let _ = core.tick(ms(0));
+        let effects = core.set_user("42", 1);
+        assert_eq!(effects.actions, [Action::Subscribe(vec!["t.u.42".into()])]);
+        // Not confirmed yet: no node may learn that we hold 42 (it would send and get 0
+        // receivers), neither in a change nor in a snapshot asked meanwhile.
+        assert!(published_users(&core.tick(ms(10))).is_empty());
+        let _ = core.on_message(
+            ms(15),
+            "t.dir",
+            wire::encode(&Header::SyncReq { origin: "b".into(), epoch: 1, target: String::new() }, b"")
+                .unwrap(),
+        );
+        assert!(published_users(&core.tick(ms(20))).is_empty());
+        core.on_subscribed(&["t.u.42".into()]);
+        assert_eq!(published_users(&core.tick(ms(30))), [Record::User { user: "42".into(), count: 1 }]);
+        // A resubscription (broker back) confirms everything at once.
+        let _ = core.set_user("7", 2);
+        let _ = core.on_resubscribed();
+        assert!(published_users(&core.tick(ms(40))).contains(&Record::User { user: "7".into(), count: 2 }));
+    }
+
     #[test]
     fn garbage_and_own_messages_are_dropped() {
         let mut core = Core::new(CoreConfig::new("t", "a", Duration::from_secs(1), Duration::from_secs(3)));

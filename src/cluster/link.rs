@@ -95,6 +95,7 @@ pub fn start(
         next_token: 0,
         room_counts: HashMap::new(),
         timeout: config.cluster_timeout,
+        inbox_max: config.inbox_max_bytes as u64,
         max_pending: config.cluster_max_pending.max(1),
     };
     let thread = std::thread::Builder::new()
@@ -140,6 +141,8 @@ struct Link {
     /// Members of each room on each shard of this node.
     room_counts: HashMap<Arc<str>, Vec<u32>>,
     timeout: Duration,
+    /// `inbox_max_bytes`: deliveries from other nodes beyond it are shed.
+    inbox_max: u64,
     max_pending: usize,
 }
 
@@ -312,6 +315,17 @@ impl Link {
             AwaitOutcome::Unavailable => Outcome::Failed(WaitError::Unavailable),
         };
         waiting.done.complete(outcome);
+    }
+
+    /// Hands a delivery from another node to a shard, unless its inbox is over its bound
+    /// (then it is dropped and counted, as a shard sheds client work).
+    fn offer(&self, shard: usize, msg: impl Into<crate::route::ShardMsg>) {
+        let link = &self.fabric.links[shard];
+        if link.try_send(msg.into(), self.inbox_max).is_ok() {
+            link.wake();
+        } else {
+            self.state().shed_total.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn state(&self) -> &crate::route::cluster::ClusterState {
@@ -560,8 +574,7 @@ impl Link {
             match self.core.subjects().target(&subject) {
                 Target::User(user) => {
                     if let Ok(user) = user.parse::<i64>() {
-                        let home = Directory::home_of(user, shards);
-                        self.fabric.links[home].send_now(ClusterMsg::ToUser { user, frame });
+                        self.offer(Directory::home_of(user, shards), ClusterMsg::ToUser { user, frame });
                     }
                 }
                 Target::Room(room) => {
@@ -569,11 +582,11 @@ impl Link {
                     let room: Arc<str> = Arc::from(room);
                     let shard =
                         room.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into())) % shards;
-                    self.fabric.links[shard].send_now(ClusterMsg::ToRoom { room, frame });
+                    self.offer(shard, ClusterMsg::ToRoom { room, frame });
                 }
                 Target::All => {
-                    for link in &self.fabric.links {
-                        link.send_now(DeliverMsg::Broadcast { frame: frame.clone(), except: None });
+                    for shard in 0..shards {
+                        self.offer(shard, DeliverMsg::Broadcast { frame: frame.clone(), except: None });
                     }
                 }
                 Target::Other => log::debug!("cluster: delivery on {subject} ignored"),
@@ -602,12 +615,15 @@ impl Link {
         }
         for (exclude, frame) in broadcasts {
             let exclude: Arc<[i64]> = exclude.into();
-            for link in &self.fabric.links {
-                link.send_now(OpMsg::BroadcastExcept {
-                    frame: frame.clone(),
-                    exclude: Arc::clone(&exclude),
-                    done: None,
-                });
+            for shard in 0..shards {
+                self.offer(
+                    shard,
+                    OpMsg::BroadcastExcept {
+                        frame: frame.clone(),
+                        exclude: Arc::clone(&exclude),
+                        done: None,
+                    },
+                );
             }
         }
     }

@@ -156,6 +156,9 @@ pub struct ClusterState {
     pub bad_messages_total: AtomicU64,
     /// Nodes declared dead (heartbeats missing for `cluster_node_ttl`).
     pub node_down_total: AtomicU64,
+    /// Messages from other nodes dropped because the receiving shard's inbox was over
+    /// `inbox_max_bytes`.
+    pub shed_total: AtomicU64,
 }
 
 impl ClusterState {
@@ -173,6 +176,7 @@ impl ClusterState {
             received_total: AtomicU64::new(0),
             bad_messages_total: AtomicU64::new(0),
             node_down_total: AtomicU64::new(0),
+            shed_total: AtomicU64::new(0),
         }
     }
 
@@ -210,6 +214,11 @@ impl ClusterState {
                 "customws_cluster_bad_messages",
                 "Messages from the cluster broker that did not decode.",
                 get(&self.bad_messages_total),
+            ),
+            (
+                "customws_cluster_shed",
+                "Messages from other nodes dropped: the receiving shard's inbox was full.",
+                get(&self.shed_total),
             ),
             (
                 "customws_cluster_node_down",
