@@ -393,6 +393,15 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
                 .is_some_and(|list| list.iter().any(|r| r["room"] == "lobby" && r["members"] == 2))
         });
     }
+    // The API's member list and room presence of either node cover both nodes.
+    for node in [&a, &b] {
+        let listed = node.api("GET", "/api/v1/rooms/lobby", None);
+        assert_eq!(listed["members"], json!([1, 2]), "node {}: {listed}", node.name);
+        let presence = node.api("GET", "/api/v1/rooms/lobby/presence", None);
+        let ids: Vec<i64> =
+            presence["members"].as_array().unwrap().iter().map(|m| m["userId"].as_i64().unwrap()).collect();
+        assert_eq!(ids, [1, 2], "node {}: {presence}", node.name);
+    }
     w.send_value(&json!({"type": "broadcast", "pid": "r1", "payload": {"room": "lobby", "body": {"x": 1}}}));
     // The room's joined event for user 2 (from B) reaches w on A, before or after the ack.
     let joined = |v: &Value| v["type"] == "presence_event" && v["payload"]["status"] == "joined";
@@ -497,6 +506,13 @@ fn server_ops_across_nodes(engine: Engine) {
     subscribe(&mut w, &[2], "s1");
     let mut t = connect(b.ws, 2, &[]);
     assert_eq!(next_presence(&mut w, 2), "online");
+    // The API's user query on A counts the connection on B.
+    let user = a.api("GET", "/api/v1/users/2", None);
+    assert_eq!(
+        (&user["online"], &user["connections"], &user["presence"]["status"]),
+        (&json!(true), &json!(1), &json!("online")),
+        "{user}"
+    );
     let api = a.api;
     let post = move |path: &'static str, body: &'static str| {
         std::thread::spawn(move || {

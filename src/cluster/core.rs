@@ -80,6 +80,10 @@ pub struct Effects {
     pub broadcasts: Vec<(Vec<i64>, Bytes)>,
     /// Presence statuses set on other nodes.
     pub presences: Vec<RemotePresence>,
+    /// Other nodes asking for this node's members of a room: (asking node, its id, room).
+    pub member_requests: Vec<(String, u64, String)>,
+    /// Answers to this node's room member gathers: (id, user ids).
+    pub members: Vec<(u64, Vec<i64>)>,
     /// Users whose connections on this node are to be closed (another node's API asked).
     pub disconnects: Vec<i64>,
     /// Waits another node asks this node to carry out.
@@ -300,6 +304,20 @@ impl Core {
         wire::encode(&header, &[]).unwrap_or_default()
     }
 
+    /// A [`Header::MembersReq`] message, to publish on the room's subject.
+    pub fn members_request_payload(&self, id: u64, room: &str) -> Bytes {
+        let header =
+            Header::MembersReq { origin: self.node.clone(), epoch: self.epoch, id, room: room.to_string() };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
+    /// A [`Header::Members`] message, to publish on the asking node's subject.
+    pub fn members_payload(&self, id: u64, users: &[i64]) -> Bytes {
+        let header = Header::Members { origin: self.node.clone(), epoch: self.epoch, id };
+        let body: Vec<u8> = users.iter().flat_map(|u| u.to_le_bytes()).collect();
+        wire::encode(&header, &body).unwrap_or_default()
+    }
+
     /// A [`Header::Disconnect`] message for `user`, to publish on the user's subject.
     pub fn disconnect_payload(&self, user: i64) -> Bytes {
         let header = Header::Disconnect { origin: self.node.clone(), epoch: self.epoch, user };
@@ -385,6 +403,19 @@ impl Core {
             }
             Header::Disconnect { user, .. } => {
                 effects.disconnects.push(user);
+                false
+            }
+            Header::MembersReq { id, room, .. } => {
+                effects.member_requests.push((origin.clone(), id, room));
+                false
+            }
+            Header::Members { id, .. } => {
+                let users = message
+                    .body
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                    .collect();
+                effects.members.push((id, users));
                 false
             }
             Header::Presence { user, status, context, since_ms, info, rooms, .. } => {

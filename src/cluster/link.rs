@@ -78,6 +78,9 @@ pub fn start(
     ));
     let (outcomes_tx, outcomes) = crossbeam_channel::unbounded();
     let mut link = Link {
+        gathers: HashMap::new(),
+        gather_deadlines: VecDeque::new(),
+        collecting: HashMap::new(),
         outcomes_tx,
         outcomes,
         serving: HashMap::new(),
@@ -112,6 +115,22 @@ struct Pending {
     reply: P2pReply,
 }
 
+/// A room member gather this node started: what arrived so far, and how many nodes are
+/// still to answer.
+struct Gather {
+    done: Completion,
+    users: Vec<i64>,
+    left: usize,
+}
+
+/// Another node's member gather, collected here from every shard.
+struct Collect {
+    origin: String,
+    id: u64,
+    users: Vec<i64>,
+    left: usize,
+}
+
 /// A wait this node asked another node to carry out.
 struct Waiting {
     done: Completion,
@@ -119,6 +138,11 @@ struct Waiting {
 }
 
 struct Link {
+    /// Member gathers started here, by id (ids shared with `waiting`).
+    gathers: HashMap<u64, Gather>,
+    gather_deadlines: VecDeque<(Instant, u64)>,
+    /// Member gathers collected here for other nodes, by tag (tags shared with `serving`).
+    collecting: HashMap<u64, Collect>,
     /// Completions of waits this node carries out for other nodes report here.
     outcomes_tx: Sender<(u64, Outcome)>,
     outcomes: Receiver<(u64, Outcome)>,
@@ -195,6 +219,15 @@ impl Link {
             self.answer(&pending.reply, Delivery::Unavailable, pending.user);
         }
         self.fail_waits(|_| true, WaitError::ShuttingDown);
+        self.finish_gathers();
+    }
+
+    /// Completes every member gather with what arrived (the broker went away, or we stop).
+    fn finish_gathers(&mut self) {
+        for (_, gather) in std::mem::take(&mut self.gathers) {
+            gather.done.complete(Outcome::Members(gather.users));
+        }
+        self.gather_deadlines.clear();
     }
 
     /// Fails the waits on other nodes that `which` selects.
@@ -282,8 +315,70 @@ impl Link {
         self.fabric.links[home].send_now(msg);
     }
 
+    /// The handle asks for `room`'s members on the other nodes.
+    fn gather_members(&mut self, room: &str, done: Completion) {
+        let nodes = self.core.view().room_nodes(room);
+        if nodes == 0 || self.gathers.len() >= self.max_pending {
+            done.complete(Outcome::Members(Vec::new()));
+            return;
+        }
+        self.next_wait += 1;
+        let id = self.next_wait;
+        let payload = self.core.members_request_payload(id, room);
+        let subject = self.core.subjects().room(room);
+        if self.broker.publish(&subject, payload, None).is_err() {
+            done.complete(Outcome::Members(Vec::new()));
+            return;
+        }
+        self.state().published_total.fetch_add(1, Ordering::Relaxed);
+        self.gathers.insert(id, Gather { done, users: Vec::new(), left: nodes });
+        self.gather_deadlines.push_back((Instant::now() + self.timeout, id));
+    }
+
+    /// One node's members for gather `id`.
+    fn members_arrived(&mut self, id: u64, users: Vec<i64>) {
+        let Some(gather) = self.gathers.get_mut(&id) else { return };
+        gather.users.extend(users);
+        gather.left = gather.left.saturating_sub(1);
+        if gather.left == 0
+            && let Some(gather) = self.gathers.remove(&id)
+        {
+            gather.done.complete(Outcome::Members(gather.users));
+        }
+    }
+
+    /// Another node asks for this node's members of `room`: every shard lists its own.
+    fn collect_members(&mut self, origin: String, id: u64, room: &str) {
+        if self.collecting.len() >= self.max_pending {
+            let body = self.core.members_payload(id, &[]);
+            return self.publish(&self.core.subjects().node(&origin), body);
+        }
+        self.next_serving += 1;
+        let tag = self.next_serving;
+        let shards = self.fabric.links.len();
+        self.collecting.insert(tag, Collect { origin, id, users: Vec::new(), left: shards });
+        let room: Arc<str> = Arc::from(room);
+        for link in &self.fabric.links {
+            let done = Completion::new(self.outcomes_tx.clone(), tag, None);
+            link.send_now(crate::route::msg::RoomMsg::RoomMembers { room: Arc::clone(&room), done });
+        }
+    }
+
     /// A wait run here for another node ended: tell that node.
     fn served(&mut self, tag: u64, outcome: Outcome) {
+        if let Some(collect) = self.collecting.get_mut(&tag) {
+            if let Outcome::Members(users) = outcome {
+                collect.users.extend(users);
+            }
+            collect.left = collect.left.saturating_sub(1);
+            if collect.left == 0
+                && let Some(collect) = self.collecting.remove(&tag)
+            {
+                let body = self.core.members_payload(collect.id, &collect.users);
+                self.publish(&self.core.subjects().node(&collect.origin), body);
+            }
+            return;
+        }
         let Some((origin, id)) = self.serving.remove(&tag) else { return };
         let outcome = match outcome {
             Outcome::Ack(AckReply { status, error }) => {
@@ -389,6 +484,12 @@ impl Link {
             LinkMsg::Await { user, msg, kind, timeout_ms, done } => {
                 self.await_elsewhere(user, &msg, kind, timeout_ms, done)
             }
+            LinkMsg::QueryUser { user, mut local, done } => {
+                let remote = self.core.view().user_connections(&user.to_string());
+                local.extend((0..remote).map(|_| crate::route::ConnInfo { shard: usize::MAX, seq: 0 }));
+                done.complete(Outcome::User(local));
+            }
+            LinkMsg::RoomMembers { room, done } => self.gather_members(&room, done),
             LinkMsg::Shutdown => {}
         }
     }
@@ -457,6 +558,19 @@ impl Link {
         if self.waiting.is_empty() {
             self.wait_deadlines.clear();
         }
+        // A gather completes with what arrived (a node may have gone).
+        while let Some(&(at, id)) = self.gather_deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.gather_deadlines.pop_front();
+            if let Some(gather) = self.gathers.remove(&id) {
+                gather.done.complete(Outcome::Members(gather.users));
+            }
+        }
+        if self.gathers.is_empty() {
+            self.gather_deadlines.clear();
+        }
     }
 
     fn settle(&mut self, token: u64, receivers: Result<u32, BrokerError>) {
@@ -508,6 +622,7 @@ impl Link {
                 }
                 self.deadlines.clear();
                 self.fail_waits(|_| true, WaitError::Unavailable);
+                self.finish_gathers();
             }
         }
     }
@@ -524,6 +639,8 @@ impl Link {
             awaits,
             await_done,
             presences,
+            member_requests,
+            members,
             ..
         } = effects;
         if bad_messages > 0 {
@@ -602,6 +719,12 @@ impl Link {
             let rooms = p.rooms.into_iter().map(Arc::from).collect();
             let home = Directory::home_of(p.user, shards);
             self.fabric.links[home].send_now(ClusterMsg::Presence { user: p.user, presence, rooms });
+        }
+        for (origin, id, room) in member_requests {
+            self.collect_members(origin, id, &room);
+        }
+        for (id, users) in members {
+            self.members_arrived(id, users);
         }
         for user in disconnects {
             let home = Directory::home_of(user, shards);

@@ -108,6 +108,22 @@ impl View {
         self.holders.get(user).copied().unwrap_or(0)
     }
 
+    /// Connections of `user` on the other live nodes, as their records say.
+    pub fn user_connections(&self, user: &str) -> u64 {
+        if self.holders(user) == 0 {
+            return 0;
+        }
+        self.nodes.values().map(|node| u64::from(node.users.get(user).copied().unwrap_or(0))).sum()
+    }
+
+    /// How many other live nodes have members of `room`.
+    pub fn room_nodes(&self, room: &str) -> usize {
+        if self.room_count(room) == 0 {
+            return 0;
+        }
+        self.nodes.values().filter(|node| node.rooms.get(room).is_some_and(|&n| n > 0)).count()
+    }
+
     /// The live nodes (other than this one) holding `user`, sorted.
     pub fn holder_nodes(&self, user: &str) -> Vec<&str> {
         if self.holders(user) == 0 {

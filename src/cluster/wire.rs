@@ -96,6 +96,28 @@ pub enum Header {
         /// Rooms whose members are told too.
         rooms: Vec<String>,
     },
+    /// On a room's subject: every node with members of `room` answers the origin with a
+    /// [`Header::Members`] carrying the same `id`.
+    MembersReq {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the gather.
+        id: u64,
+        /// The room.
+        room: String,
+    },
+    /// One node's members of a room, for the gather `id`: the body is their user ids, 8 bytes
+    /// each, little-endian.
+    Members {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the gather.
+        id: u64,
+    },
     /// Close every connection of `user` on the receiving node (the API's disconnect).
     Disconnect {
         /// Sending node.
@@ -175,6 +197,8 @@ impl Header {
             | Header::Deliver { origin, epoch }
             | Header::DeliverExcept { origin, epoch, .. }
             | Header::Disconnect { origin, epoch, .. }
+            | Header::MembersReq { origin, epoch, .. }
+            | Header::Members { origin, epoch, .. }
             | Header::Presence { origin, epoch, .. }
             | Header::Await { origin, epoch, .. }
             | Header::AwaitDone { origin, epoch, .. } => (origin, *epoch),
@@ -300,6 +324,8 @@ mod tests {
             Header::Deliver { origin: "a".into(), epoch: 1 },
             Header::DeliverExcept { origin: "a".into(), epoch: 1, exclude: vec![-1, 3] },
             Header::Disconnect { origin: "a".into(), epoch: 1, user: -9 },
+            Header::MembersReq { origin: "a".into(), epoch: 1, id: 3, room: "lobby".into() },
+            Header::Members { origin: "b".into(), epoch: 1, id: 3 },
             Header::Presence {
                 origin: "a".into(),
                 epoch: 1,

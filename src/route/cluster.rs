@@ -103,6 +103,26 @@ pub enum LinkMsg {
         /// Gets `Ack`, `Reply` or `Failed`.
         done: crate::route::Completion,
     },
+    /// From the user's home shard, for a user another node holds too: add the user's
+    /// connections on the other nodes (from the view: one entry each, `shard` = `usize::MAX`)
+    /// to `local` and complete `done` with `User`.
+    QueryUser {
+        /// The user.
+        user: i64,
+        /// This node's connections of the user.
+        local: Vec<crate::route::ConnInfo>,
+        /// Gets `User`.
+        done: crate::route::Completion,
+    },
+    /// From the handle: the members of `room` on the other nodes (one request on the room's
+    /// subject, an answer from each node with members, or what arrived by `cluster_timeout`);
+    /// completes `done` with `Members`.
+    RoomMembers {
+        /// The room.
+        room: Arc<str>,
+        /// Gets `Members`.
+        done: crate::route::Completion,
+    },
     /// The server is stopping: say goodbye and end the thread.
     Shutdown,
 }
@@ -119,12 +139,14 @@ impl LinkMsg {
                         + presence.context.as_ref().map_or(0, |c| c.len())
                         + rooms.iter().map(|r| 16 + r.len()).sum::<usize>()
                 }
+                LinkMsg::QueryUser { local, .. } => local.len() * 16,
                 LinkMsg::Await { msg, .. } => {
                     msg.kind.len() + msg.payload.as_ref().map_or(0, |p| p.get().len())
                 }
                 LinkMsg::User { .. }
                 | LinkMsg::RoomCount { .. }
                 | LinkMsg::Disconnect { .. }
+                | LinkMsg::RoomMembers { .. }
                 | LinkMsg::Shutdown => 0,
             }
     }

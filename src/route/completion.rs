@@ -32,7 +32,8 @@ impl ClientReply {
 /// One connection of a user, as reported by [`Outcome::User`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// Owning shard.
+    /// Owning shard; `usize::MAX` for a connection on another node of a cluster (then `seq`
+    /// is 0).
     pub shard: usize,
     /// Global open order (higher is newer).
     pub seq: u64,

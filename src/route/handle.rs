@@ -189,7 +189,7 @@ impl Handle {
                 for link in &self.fabric.links {
                     link.send_now(RoomMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
                 }
-                self.fabric.links.len()
+                self.fabric.links.len() + self.members_elsewhere(room, done)
             }
             Op::Presence { user } => {
                 self.to_home(user, PresenceMsg::QueryPresence { user, done: done.clone() });
@@ -241,6 +241,18 @@ impl Handle {
         if let Some(cluster) = &self.fabric.cluster {
             let _ = cluster.try_send(msg());
         }
+    }
+
+    /// With a cluster, asks the link for `room`'s members on the other nodes: one more part
+    /// (all of them this node's when the link refuses: broker down, queue full).
+    fn members_elsewhere(&self, room: Arc<str>, done: &Completion) -> usize {
+        let Some(cluster) = &self.fabric.cluster else { return 0 };
+        if let Err(LinkMsg::RoomMembers { done, .. }) =
+            cluster.try_send_or_return(LinkMsg::RoomMembers { room, done: done.clone() })
+        {
+            done.complete(Outcome::Members(Vec::new()));
+        }
+        1
     }
 
     fn to_home(&self, user: i64, msg: impl Into<ShardMsg>) {

@@ -166,6 +166,25 @@ impl Shard {
         self.deliver_to_users(&[user], frame);
     }
 
+    /// Home shard: the user's connections; those on other nodes are added by the link (from
+    /// its view) when another node holds the user.
+    pub(super) fn query_user_across_nodes(
+        &self,
+        user: i64,
+        local: Vec<crate::route::ConnInfo>,
+        done: crate::route::Completion,
+    ) {
+        let Some(cluster) = self.shared.fabric.cluster.as_ref().filter(|_| self.held_elsewhere(user)) else {
+            done.complete(crate::route::Outcome::User(local));
+            return;
+        };
+        if let Err(LinkMsg::QueryUser { local, done, .. }) =
+            cluster.try_send_or_return(LinkMsg::QueryUser { user, local, done })
+        {
+            done.complete(crate::route::Outcome::User(local));
+        }
+    }
+
     fn reply_frame(&mut self, key: ConnKey, frame: Bytes) {
         self.sink.push(&mut self.conns, key, frame);
     }

@@ -31,7 +31,7 @@ impl Shard {
                 let conns = self.directory.home_conns(user);
                 let list =
                     conns.iter().map(|(seq, addr)| ConnInfo { shard: addr.shard, seq: *seq }).collect();
-                done.complete(Outcome::User(list));
+                self.query_user_across_nodes(user, list, done);
             }
             OpMsg::DisconnectUser { user, done } => {
                 let addrs: Vec<_> = self.directory.home_conns(user).iter().map(|(_, a)| *a).collect();
