@@ -89,7 +89,8 @@ need "$terminator" "$terminator"
 [ "$mode" = check ] && { need haproxy haproxy; need nginx nginx; }
 
 cluster=0
-if "$bin" --help | grep -q -- --cluster; then
+# grep reads all of --help (with -q it could stop early and the binary die of SIGPIPE).
+if "$bin" --help 2>/dev/null | grep -- --cluster >/dev/null; then
   need redis-server redis-server
   cluster=1
 fi

@@ -521,6 +521,12 @@ fn server_ops_across_nodes(engine: Engine) {
         })
     };
 
+    // A plain send from A's API to user 2 on B: delivered there, and counted.
+    let answer =
+        post("/api/v1/send", r#"{"userId":2,"message":{"type":"note","payload":{"n":0}}}"#).join().unwrap();
+    assert_eq!(answer["delivered"], 1, "{answer}");
+    assert_eq!(t.recv_of_type("note")["payload"]["n"], 0);
+
     // Send-for-ack from A's API to user 2, whose connection is on B: the ack comes back to A.
     let call = post(
         "/api/v1/send",

@@ -148,9 +148,11 @@ pub struct Core {
     rooms: HashMap<String, u32>,
     dirty_users: BTreeSet<String>,
     dirty_rooms: BTreeSet<String>,
-    /// Subjects to leave once the records saying "count 0" are out: a sender never sees no
-    /// receiver while this node's record still says it holds the user (a 503 instead of a 404).
-    unsubscribe_after_flush: BTreeSet<String>,
+    /// User and room subjects being left: their "count 0" records are held back until the
+    /// broker confirms, so that no node that has seen the user leave here gets a receiver here
+    /// (a false `delivered`); meanwhile senders get 0 receivers from a listed holder (503).
+    /// Snapshots meanwhile keep the record the node had before (the value here).
+    unsubscribing: HashMap<String, Record>,
     /// User and room subjects asked for and not confirmed yet: their records are held back,
     /// so that no node sees a user here (and answers 404 instead of sending) before a publish
     /// on the user's subject would reach this node.
@@ -173,7 +175,7 @@ impl Core {
             rooms: HashMap::new(),
             dirty_users: BTreeSet::new(),
             dirty_rooms: BTreeSet::new(),
-            unsubscribe_after_flush: BTreeSet::new(),
+            unsubscribing: HashMap::new(),
             awaiting: HashSet::new(),
             snapshot_due: true,
         }
@@ -206,6 +208,7 @@ impl Core {
     pub fn on_resubscribed(&mut self) -> Effects {
         let mut effects = Effects::default();
         self.awaiting.clear();
+        self.unsubscribing.clear();
         self.resync(&mut effects);
         effects
     }
@@ -215,6 +218,14 @@ impl Core {
     pub fn on_subscribed(&mut self, subjects: &[String]) {
         for subject in subjects {
             self.awaiting.remove(subject);
+        }
+    }
+
+    /// These subjects are gone from the broker: the "count 0" records they held back go out at
+    /// the next tick.
+    pub fn on_unsubscribed(&mut self, subjects: &[String]) {
+        for subject in subjects {
+            self.unsubscribing.remove(subject);
         }
     }
 
@@ -230,7 +241,8 @@ impl Core {
 
     /// Whether this node's own record of `user` or `room` subject waits for its subscription.
     fn held_back(&self, subject: &str) -> bool {
-        !self.awaiting.is_empty() && self.awaiting.contains(subject)
+        (!self.awaiting.is_empty() && self.awaiting.contains(subject))
+            || (!self.unsubscribing.is_empty() && self.unsubscribing.contains_key(subject))
     }
 
     fn resync(&mut self, effects: &mut Effects) {
@@ -246,7 +258,8 @@ impl Core {
         let mut effects = Effects::default();
         let old =
             if count == 0 { self.users.remove(user) } else { self.users.insert(user.to_string(), count) };
-        self.transition(self.subjects.user(user), old.unwrap_or(0), count, &mut effects);
+        let before = Record::User { user: user.to_string(), count: old.unwrap_or(0) };
+        self.transition(self.subjects.user(user), before, count, &mut effects);
         if old.unwrap_or(0) != count {
             self.dirty_users.insert(user.to_string());
         }
@@ -258,22 +271,28 @@ impl Core {
         let mut effects = Effects::default();
         let old =
             if count == 0 { self.rooms.remove(room) } else { self.rooms.insert(room.to_string(), count) };
-        self.transition(self.subjects.room(room), old.unwrap_or(0), count, &mut effects);
+        let before = Record::Room { room: room.to_string(), count: old.unwrap_or(0) };
+        self.transition(self.subjects.room(room), before, count, &mut effects);
         if old.unwrap_or(0) != count {
             self.dirty_rooms.insert(room.to_string());
         }
         effects
     }
 
-    /// Subscribes on 0 → n at once; unsubscribes on n → 0 after the next records flush (a
-    /// return before it just cancels the pending unsubscribe).
-    fn transition(&mut self, subject: String, old: u32, new: u32, effects: &mut Effects) {
-        if old == 0 && new > 0 && !self.unsubscribe_after_flush.remove(&subject) {
+    /// Subscribes on 0 → n, unsubscribes on n → 0, at once; the records wait for the broker's
+    /// confirmation (see `awaiting`, `unsubscribing`).
+    fn transition(&mut self, subject: String, before: Record, new: u32, effects: &mut Effects) {
+        let old = match &before {
+            Record::User { count, .. } | Record::Room { count, .. } => *count,
+        };
+        if old == 0 && new > 0 {
+            self.unsubscribing.remove(&subject);
             self.awaiting.insert(subject.clone());
             effects.actions.push(Action::Subscribe(vec![subject]));
         } else if old > 0 && new == 0 {
             self.awaiting.remove(&subject);
-            self.unsubscribe_after_flush.insert(subject);
+            self.unsubscribing.insert(subject.clone(), before);
+            effects.actions.push(Action::Unsubscribe(vec![subject]));
         }
     }
 
@@ -469,6 +488,14 @@ impl Core {
                     all.push(Record::Room { room: room.clone(), count });
                 }
             }
+            // Being left, not confirmed yet: still reported as they were.
+            for record in self.unsubscribing.values() {
+                match record {
+                    Record::User { user, .. } => self.dirty_users.insert(user.clone()),
+                    Record::Room { room, .. } => self.dirty_rooms.insert(room.clone()),
+                };
+                all.push(record.clone());
+            }
             Some((true, all))
         } else if !self.dirty_users.is_empty() || !self.dirty_rooms.is_empty() {
             let mut changed: Vec<Record> = Vec::new();
@@ -500,10 +527,6 @@ impl Core {
             self.snapshot_due = false;
             for header in wire::records_messages(&self.node, self.epoch, &mut self.seq, full, records) {
                 self.publish_dir(&header, &mut effects);
-            }
-            if !self.unsubscribe_after_flush.is_empty() {
-                let subjects = std::mem::take(&mut self.unsubscribe_after_flush).into_iter().collect();
-                effects.actions.push(Action::Unsubscribe(subjects));
             }
         }
         if self.next_beat.is_none_or(|at| now >= at) {
@@ -584,6 +607,10 @@ mod tests {
                         self.core.on_subscribed(&subjects);
                         continue;
                     }
+                    Event::Unsubscribed(subjects) => {
+                        self.core.on_unsubscribed(&subjects);
+                        continue;
+                    }
                     _ => continue,
                 };
                 self.run(effects);
@@ -655,17 +682,18 @@ mod tests {
         let online = b.changes.iter().filter(|c| matches!(c, Change::Online(_))).count();
         assert_eq!(online, 300);
         b.changes.clear();
-        // Leaving: the record (count 0) goes out first, then the unsubscribe; a return before
-        // the flush cancels it.
+        // Leaving: the unsubscribe goes out at once, the record (count 0) only once the broker
+        // confirms it (no node that saw 5 leave can still reach a here); a return meanwhile
+        // subscribes again.
         let effects = a.core.set_user("5", 0);
-        assert!(effects.actions.is_empty());
-        assert!(a.core.set_user("6", 0).actions.is_empty());
-        assert!(a.core.set_user("6", 1).actions.is_empty(), "still subscribed: no new SUBSCRIBE");
-        let effects = a.core.tick(t0 + Duration::from_millis(40));
-        let publish = effects.actions.iter().position(|a| matches!(a, Action::Publish { .. }));
-        let unsubscribe =
-            effects.actions.iter().position(|a| *a == Action::Unsubscribe(vec!["t.u.5".into()]));
-        assert!(publish.unwrap() < unsubscribe.unwrap(), "{:?}", effects.actions);
+        assert_eq!(effects.actions, [Action::Unsubscribe(vec!["t.u.5".into()])]);
+        let gone = Record::User { user: "5".into(), count: 0 };
+        assert!(!published_users(&a.core.tick(t0 + Duration::from_millis(30))).contains(&gone));
+        a.run(effects);
+        let effects = a.core.set_user("6", 0);
+        a.run(effects);
+        let effects = a.core.set_user("6", 1);
+        assert_eq!(effects.actions, [Action::Subscribe(vec!["t.u.6".into()])]);
         a.run(effects);
         pump_all(&mut [&mut a, &mut b], t0 + Duration::from_millis(50));
         assert_eq!(b.changes, [Change::Offline("5".into())]);

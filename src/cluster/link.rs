@@ -490,6 +490,30 @@ impl Link {
                 done.complete(Outcome::User(local));
             }
             LinkMsg::RoomMembers { room, done } => self.gather_members(&room, done),
+            LinkMsg::SendUser { user, frame, local, done } => {
+                let name = user.to_string();
+                let remote = self.core.view().user_connections(&name) as usize;
+                let outcome = if remote == 0 {
+                    Outcome::Delivered(local)
+                } else {
+                    let payload = self.core.deliver_payload(&frame);
+                    let subject = self.core.subjects().user(&name);
+                    match self.broker.publish(&subject, payload, None) {
+                        Ok(()) => {
+                            self.state().published_total.fetch_add(1, Ordering::Relaxed);
+                            Outcome::Delivered(local + remote)
+                        }
+                        Err(_) if local > 0 => Outcome::Delivered(local),
+                        Err(_) => {
+                            self.state().count_unavailable();
+                            Outcome::Failed(WaitError::Unavailable)
+                        }
+                    }
+                };
+                if let Some(done) = done {
+                    done.complete(outcome);
+                }
+            }
             LinkMsg::Shutdown => {}
         }
     }
@@ -613,6 +637,7 @@ impl Link {
                 log::info!(subjects = n; "cluster broker subscriptions in place; node {} is up", self.state().node);
             }
             Event::Subscribed(subjects) => self.core.on_subscribed(&subjects),
+            Event::Unsubscribed(subjects) => self.core.on_unsubscribed(&subjects),
             Event::Down(reason) => {
                 self.state().up.store(false, Ordering::Release);
                 self.state().down_total.fetch_add(1, Ordering::Relaxed);

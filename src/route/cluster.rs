@@ -58,6 +58,19 @@ pub enum LinkMsg {
         /// Whom to answer (a message with a `pid` to a user not connected on this node).
         reply: Option<P2pReply>,
     },
+    /// From the user's home shard (the handle's `send`), for a user another node holds too:
+    /// deliver `frame` there and complete `done` with `local` plus the user's connections on
+    /// the other nodes (from the view).
+    SendUser {
+        /// The receiving user.
+        user: i64,
+        /// The encoded frame.
+        frame: Bytes,
+        /// Connections it was queued on at this node.
+        local: usize,
+        /// Gets `Delivered(n)`.
+        done: Option<crate::route::Completion>,
+    },
     /// Deliver `frame` to every connection on the other nodes whose user is not in `exclude`
     /// (sorted).
     Broadcast {
@@ -132,7 +145,9 @@ impl LinkMsg {
     pub fn cost(&self) -> usize {
         std::mem::size_of::<LinkMsg>()
             + match self {
-                LinkMsg::ToUser { frame, .. } | LinkMsg::Room { frame, .. } => frame.len(),
+                LinkMsg::ToUser { frame, .. }
+                | LinkMsg::Room { frame, .. }
+                | LinkMsg::SendUser { frame, .. } => frame.len(),
                 LinkMsg::Broadcast { frame, exclude } => frame.len() + exclude.len() * 8,
                 LinkMsg::Presence { presence, rooms, .. } => {
                     presence.status.len()

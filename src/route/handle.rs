@@ -128,7 +128,6 @@ impl Handle {
             Op::Send { users, msg } => {
                 let frame = msg.frame(None);
                 for &user in users {
-                    self.to_other_nodes(|| LinkMsg::ToUser { user, frame: frame.clone(), reply: None });
                     let send = OpMsg::SendUser { user, frame: frame.clone(), done: Some(done.clone()) };
                     self.to_home(user, send);
                 }

@@ -185,6 +185,28 @@ impl Shard {
         }
     }
 
+    /// Home shard: the handle's `send` to a user another node holds too: the link publishes it
+    /// and completes with this node's count plus the others'. Refused (broker down): this
+    /// node's count, or 503 when the user has no connection here.
+    pub(super) fn send_user_elsewhere(
+        &self,
+        user: i64,
+        frame: Bytes,
+        local: usize,
+        done: Option<crate::route::Completion>,
+    ) {
+        let Some(cluster) = self.shared.fabric.cluster.as_ref() else { return };
+        if let Err(LinkMsg::SendUser { done: Some(done), .. }) =
+            cluster.try_send_or_return(LinkMsg::SendUser { user, frame, local, done })
+        {
+            done.complete(if local > 0 {
+                crate::route::Outcome::Delivered(local)
+            } else {
+                crate::route::Outcome::Failed(crate::route::WaitError::Unavailable)
+            });
+        }
+    }
+
     fn reply_frame(&mut self, key: ConnKey, frame: Bytes) {
         self.sink.push(&mut self.conns, key, frame);
     }

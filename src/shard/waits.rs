@@ -57,6 +57,10 @@ impl Shard {
         for addr in &addrs {
             self.send_to(addr.shard, DeliverMsg::DeliverConn { key: addr.key, frame: frame.clone() });
         }
+        if self.held_elsewhere(user) {
+            self.send_user_elsewhere(user, frame, addrs.len(), done);
+            return;
+        }
         if let Some(done) = done {
             done.complete(Outcome::Delivered(addrs.len()));
         }
