@@ -151,7 +151,18 @@ struct Node {
 }
 
 impl Node {
+    /// Starts node `name`; on a port taken meanwhile by another test's process (the node
+    /// exits at once), tries other free ports.
     fn start(broker: &Broker, prefix: &str, name: &str) -> Node {
+        for _ in 0..3 {
+            if let Some(node) = Node::try_start(broker, prefix, name) {
+                return node;
+            }
+        }
+        panic!("node {name} did not start on free ports three times");
+    }
+
+    fn try_start(broker: &Broker, prefix: &str, name: &str) -> Option<Node> {
         let dir = scratch(name);
         let (ws, internal, api) = (free_port(), free_port(), free_port());
         let at = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().unwrap() };
@@ -174,7 +185,7 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("run the customws binary");
-        let node = Node {
+        let mut node = Node {
             name: name.to_string(),
             ws: at(ws),
             internal: at(internal),
@@ -182,10 +193,24 @@ impl Node {
             dir,
             child: Some(child),
         };
-        wait_until(Duration::from_secs(15), &format!("node {name} up on the broker"), || {
-            node.health().is_some_and(|h| h["cluster"]["broker"] == "up")
-        });
-        node
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if node.health().is_some_and(|h| h["cluster"]["broker"] == "up") {
+                return Some(node);
+            }
+            if let Some(child) = node.child.as_mut()
+                && child.try_wait().unwrap().is_some()
+            {
+                eprintln!("node {name} exited at start: {}", node.log());
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {name} not up on the broker within 15 s:\n{}",
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn log(&self) -> String {
