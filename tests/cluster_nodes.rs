@@ -538,6 +538,11 @@ fn server_ops_across_nodes(engine: Engine) {
         (&json!(true), &json!(1), &json!("online")),
         "{user}"
     );
+    let second = connect(b.ws, 2, &[]);
+    let connections = |n: i64| a.api("GET", "/api/v1/users/2", None)["connections"] == n;
+    wait_until(Duration::from_secs(5), "A counts user 2's two connections on B", || connections(2));
+    second.close();
+    wait_until(Duration::from_secs(5), "A counts user 2's one connection on B", || connections(1));
     let api = a.api;
     let post = move |path: &'static str, body: &'static str| {
         std::thread::spawn(move || {

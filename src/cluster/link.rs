@@ -429,8 +429,8 @@ impl Link {
 
     fn on_link_msg(&mut self, msg: LinkMsg) {
         match msg {
-            LinkMsg::User { user, present } => {
-                let effects = self.core.set_user(&user.to_string(), u32::from(present));
+            LinkMsg::User { user, count } => {
+                let effects = self.core.set_user(&user.to_string(), count);
                 self.apply(effects);
             }
             LinkMsg::RoomCount { room, shard, count } => {

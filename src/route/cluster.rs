@@ -30,13 +30,13 @@ pub struct P2pReply {
 /// What shards and the handle hand to the broker link thread.
 #[derive(Debug)]
 pub enum LinkMsg {
-    /// From the user's home shard: this node now holds (or no longer holds) connections of
-    /// `user` (node-level 0↔1 transitions only).
+    /// From the user's home shard: this node now holds `count` connections of `user` (sent on
+    /// every open and close; records are coalesced per tick).
     User {
         /// The user.
         user: i64,
-        /// Whether any connection of the user is open on this node.
-        present: bool,
+        /// The user's connections on this node.
+        count: u32,
     },
     /// Shard `shard` now has `count` members of `room`.
     RoomCount {

@@ -79,10 +79,12 @@ impl Shard {
         !self.remote_users.is_empty() && self.remote_users.contains(&user)
     }
 
-    /// Home shard: this node's first connection of `user` opened, or its last closed.
-    pub(super) fn tell_link_user(&self, user: i64, present: bool) {
+    /// Home shard: a connection of `user` opened or closed: the link publishes the node's
+    /// count (coalesced per tick) and holds the user's subject while it is above 0.
+    pub(super) fn tell_link_user(&self, user: i64) {
         if let Some(cluster) = &self.shared.fabric.cluster {
-            cluster.send_state(LinkMsg::User { user, present });
+            let count = self.directory.home_conns(user).len() as u32;
+            cluster.send_state(LinkMsg::User { user, count });
         }
     }
 

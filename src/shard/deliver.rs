@@ -499,10 +499,8 @@ impl Shard {
             // Online already, through another node: nothing to announce.
             ShardMetrics::inc(&self.metrics().users_current);
             self.presence.set_info(user, info);
-            self.tell_link_user(user, true);
         } else if opened.came_online {
             ShardMetrics::inc(&self.metrics().users_current);
-            self.tell_link_user(user, true);
             let now = Self::wall_ms();
             self.presence.online(user, now);
             self.presence.set_info(user, info);
@@ -511,14 +509,16 @@ impl Shard {
         } else {
             self.presence.set_info(user, info); // the newest connection's
         }
+        self.tell_link_user(user);
     }
 
     fn home_closed(&mut self, user: i64, seq: u64) {
-        if !self.directory.home_close(user, seq) {
+        let last = self.directory.home_close(user, seq);
+        self.tell_link_user(user);
+        if !last {
             return;
         }
         ShardMetrics::dec(&self.metrics().users_current);
-        self.tell_link_user(user, false);
         if !self.held_elsewhere(user) {
             let info = self.presence.info(user);
             self.presence.offline(user);
