@@ -154,15 +154,20 @@ impl Node {
     /// Starts node `name`; on a port taken meanwhile by another test's process (the node
     /// exits at once), tries other free ports.
     fn start(broker: &Broker, prefix: &str, name: &str) -> Node {
+        Node::start_with(broker, prefix, name, &[])
+    }
+
+    /// As [`Node::start`], with extra command-line arguments.
+    fn start_with(broker: &Broker, prefix: &str, name: &str, extra: &[&str]) -> Node {
         for _ in 0..3 {
-            if let Some(node) = Node::try_start(broker, prefix, name) {
+            if let Some(node) = Node::try_start(broker, prefix, name, extra) {
                 return node;
             }
         }
         panic!("node {name} did not start on free ports three times");
     }
 
-    fn try_start(broker: &Broker, prefix: &str, name: &str) -> Option<Node> {
+    fn try_start(broker: &Broker, prefix: &str, name: &str, extra: &[&str]) -> Option<Node> {
         let dir = scratch(name);
         let (ws, internal, api) = (free_port(), free_port(), free_port());
         let at = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().unwrap() };
@@ -178,6 +183,7 @@ impl Node {
             .args(["--cluster-node-ttl", &format!("{NODE_TTL_MS}ms")])
             .args(["--cluster-timeout", "1s"])
             .args(["--transient-ttl", "300ms", "--presence-coalesce", "0s"])
+            .args(extra)
             .env("CUSTOMWS_JWT_SECRET", common::SECRET)
             .env("CUSTOMWS_API_KEY", API_KEY)
             .stdin(Stdio::null())
@@ -600,6 +606,28 @@ fn server_ops_across_nodes(engine: Engine) {
     assert_eq!(next_presence(&mut w, 2), "offline");
 }
 
+fn connections_per_user_across_nodes(engine: Engine) {
+    let broker = Broker::start(engine);
+    let prefix = prefix("peruser", engine);
+    let a = Node::start_with(&broker, &prefix, "a", &["--connections-per-user", "1"]);
+    let b = Node::start_with(&broker, &prefix, "b", &["--connections-per-user", "1"]);
+    a.wait_nodes(2);
+    let mut w = connect(a.ws, 1, &[]);
+    subscribe(&mut w, &[9], "s1");
+    let mut old = connect(b.ws, 9, &[]);
+    assert_eq!(next_presence(&mut w, 9), "online");
+    // The user's newer connection on A replaces the older one on B (4000), as on one node.
+    let mut new = connect(a.ws, 9, &[]);
+    old.expect_close(4000);
+    new.roundtrip("still-open");
+    // The user stays online throughout (no offline for the replaced connection).
+    w.roundtrip("no-presence-blip");
+    wait_until(Duration::from_secs(5), "A counts user 9's one connection", || {
+        a.api("GET", "/api/v1/users/9", None)["connections"] == 1
+    });
+    drop(b);
+}
+
 macro_rules! for_both_engines {
     ($($scenario:ident),* $(,)?) => {
         mod redis {
@@ -615,5 +643,6 @@ for_both_engines!(
     p2p_broadcast_rooms_presence,
     node_killed,
     broker_stopped_and_started,
-    server_ops_across_nodes
+    server_ops_across_nodes,
+    connections_per_user_across_nodes,
 );

@@ -84,6 +84,8 @@ pub struct Effects {
     pub member_requests: Vec<(String, u64, String)>,
     /// Answers to this node's room member gathers: (id, user ids).
     pub members: Vec<(u64, Vec<i64>)>,
+    /// `connections_per_user` evictions asked by other nodes: (user, before_ms, count).
+    pub evictions: Vec<(i64, u64, u32)>,
     /// Users whose connections on this node are to be closed (another node's API asked).
     pub disconnects: Vec<i64>,
     /// Waits another node asks this node to carry out.
@@ -337,6 +339,12 @@ impl Core {
         wire::encode(&header, &body).unwrap_or_default()
     }
 
+    /// A [`Header::Evict`] message, to publish on the user's subject.
+    pub fn evict_payload(&self, user: i64, before_ms: u64, count: u32) -> Bytes {
+        let header = Header::Evict { origin: self.node.clone(), epoch: self.epoch, user, before_ms, count };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
     /// A [`Header::Disconnect`] message for `user`, to publish on the user's subject.
     pub fn disconnect_payload(&self, user: i64) -> Bytes {
         let header = Header::Disconnect { origin: self.node.clone(), epoch: self.epoch, user };
@@ -422,6 +430,10 @@ impl Core {
             }
             Header::Disconnect { user, .. } => {
                 effects.disconnects.push(user);
+                false
+            }
+            Header::Evict { user, before_ms, count, .. } => {
+                effects.evictions.push((user, before_ms, count));
                 false
             }
             Header::MembersReq { id, room, .. } => {

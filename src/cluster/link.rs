@@ -99,6 +99,7 @@ pub fn start(
         room_counts: HashMap::new(),
         timeout: config.cluster_timeout,
         inbox_max: config.inbox_max_bytes as u64,
+        per_user: config.connections_per_user,
         max_pending: config.cluster_max_pending.max(1),
     };
     let thread = std::thread::Builder::new()
@@ -167,6 +168,8 @@ struct Link {
     timeout: Duration,
     /// `inbox_max_bytes`: deliveries from other nodes beyond it are shed.
     inbox_max: u64,
+    /// `connections_per_user` (0: no limit).
+    per_user: usize,
     max_pending: usize,
 }
 
@@ -474,6 +477,17 @@ impl Link {
                 let subject = self.core.subjects().all();
                 self.publish(&subject, payload);
             }
+            LinkMsg::Opened { user, at_ms, local } => {
+                let name = user.to_string();
+                let remote = self.core.view().user_connections(&name);
+                let limit = self.per_user as u64;
+                let excess = (u64::from(local) + remote).saturating_sub(limit).min(remote);
+                if limit > 0 && excess > 0 {
+                    let payload = self.core.evict_payload(user, at_ms, excess as u32);
+                    let subject = self.core.subjects().user(&name);
+                    self.publish(&subject, payload);
+                }
+            }
             LinkMsg::Disconnect { user } => {
                 if self.core.view().holders(&user.to_string()) > 0 {
                     let payload = self.core.disconnect_payload(user);
@@ -666,6 +680,7 @@ impl Link {
             presences,
             member_requests,
             members,
+            evictions,
             ..
         } = effects;
         if bad_messages > 0 {
@@ -750,6 +765,10 @@ impl Link {
         }
         for (id, users) in members {
             self.members_arrived(id, users);
+        }
+        for (user, before_ms, count) in evictions {
+            let home = Directory::home_of(user, shards);
+            self.fabric.links[home].send_now(ClusterMsg::Evict { user, before_ms, count });
         }
         for user in disconnects {
             let home = Directory::home_of(user, shards);

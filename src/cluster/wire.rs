@@ -118,6 +118,21 @@ pub enum Header {
         /// The origin's id of the gather.
         id: u64,
     },
+    /// `connections_per_user` across nodes: a connection of `user` opened at `before_ms` on
+    /// the origin, and the user holds `count` too many: every receiving node closes up to
+    /// `count` of its connections of the user opened before `before_ms`, oldest first.
+    Evict {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The user.
+        user: i64,
+        /// Only connections opened before this (Unix milliseconds) are closed.
+        before_ms: u64,
+        /// At most this many.
+        count: u32,
+    },
     /// Close every connection of `user` on the receiving node (the API's disconnect).
     Disconnect {
         /// Sending node.
@@ -197,6 +212,7 @@ impl Header {
             | Header::Deliver { origin, epoch }
             | Header::DeliverExcept { origin, epoch, .. }
             | Header::Disconnect { origin, epoch, .. }
+            | Header::Evict { origin, epoch, .. }
             | Header::MembersReq { origin, epoch, .. }
             | Header::Members { origin, epoch, .. }
             | Header::Presence { origin, epoch, .. }
@@ -324,6 +340,7 @@ mod tests {
             Header::Deliver { origin: "a".into(), epoch: 1 },
             Header::DeliverExcept { origin: "a".into(), epoch: 1, exclude: vec![-1, 3] },
             Header::Disconnect { origin: "a".into(), epoch: 1, user: -9 },
+            Header::Evict { origin: "a".into(), epoch: 1, user: 4, before_ms: 1_700_000_000_000, count: 1 },
             Header::MembersReq { origin: "a".into(), epoch: 1, id: 3, room: "lobby".into() },
             Header::Members { origin: "b".into(), epoch: 1, id: 3 },
             Header::Presence {

@@ -96,6 +96,17 @@ pub enum LinkMsg {
         /// Rooms whose members are told too.
         rooms: Vec<Arc<str>>,
     },
+    /// From the user's home shard, with `connections_per_user`: a connection of `user` opened
+    /// at `at_ms`; the node holds `local` of them. When the user's connections on every node
+    /// exceed the limit, the other nodes are asked to close the excess, oldest first.
+    Opened {
+        /// The user.
+        user: i64,
+        /// When the connection opened, Unix milliseconds.
+        at_ms: u64,
+        /// The user's connections on this node.
+        local: u32,
+    },
     /// Close `user`'s connections on the other nodes (published only when the view lists
     /// another node holding the user).
     Disconnect {
@@ -161,6 +172,7 @@ impl LinkMsg {
                 LinkMsg::User { .. }
                 | LinkMsg::RoomCount { .. }
                 | LinkMsg::Disconnect { .. }
+                | LinkMsg::Opened { .. }
                 | LinkMsg::RoomMembers { .. }
                 | LinkMsg::Shutdown => 0,
             }

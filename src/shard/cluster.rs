@@ -29,6 +29,7 @@ impl Shard {
             ClusterMsg::RemoteUser { user, present } => self.remote_user(user, present),
             ClusterMsg::RemoteRoomCount { room, count } => self.rooms.set_remote(&room, count),
             ClusterMsg::Presence { user, presence, rooms } => self.remote_presence(user, presence, rooms),
+            ClusterMsg::Evict { user, before_ms, count } => self.evict_for_other_node(user, before_ms, count),
         }
     }
 
@@ -72,6 +73,42 @@ impl Shard {
             Presence { info, ..Presence::offline(now) }
         };
         self.announce_presence(user, &presence, Vec::new(), None);
+    }
+
+    /// Home shard: another node opened a connection of `user` beyond `connections_per_user`:
+    /// close up to `count` of ours opened before it, oldest first, with 4000.
+    fn evict_for_other_node(&mut self, user: i64, before_ms: u64, count: u32) {
+        let victims: Vec<_> = self
+            .directory
+            .home_conns(user)
+            .iter()
+            .filter(|(seq, _)| self.opened_ms.get(seq).is_some_and(|&at| at < before_ms))
+            .take(count as usize)
+            .map(|(_, addr)| *addr)
+            .collect();
+        for addr in victims {
+            let msg = crate::route::msg::DirMsg::Close {
+                key: addr.key,
+                code: crate::ws::close::REPLACED,
+                reason: "replaced by a newer connection",
+            };
+            self.send_to(addr.shard, msg);
+        }
+    }
+
+    /// Home shard, with a cluster: a connection of `user` opened (its open time is kept for
+    /// evictions asked by other nodes; with `connections_per_user`, the link checks the
+    /// user's connections on every node).
+    pub(super) fn cluster_opened(&mut self, user: i64, seq: u64) {
+        let Some(cluster) = self.shared.fabric.cluster.as_ref() else { return };
+        let now = Self::wall_ms();
+        if self.limits.per_user > 0 {
+            self.opened_ms.insert(seq, now);
+            if self.held_elsewhere(user) {
+                let local = self.directory.home_conns(user).len() as u32;
+                let _ = cluster.try_send(LinkMsg::Opened { user, at_ms: now, local });
+            }
+        }
     }
 
     /// Home shard: whether `user` is held by another live node (as the link last said).

@@ -510,11 +510,15 @@ impl Shard {
             self.presence.set_info(user, info); // the newest connection's
         }
         self.tell_link_user(user);
+        self.cluster_opened(user, seq);
     }
 
     fn home_closed(&mut self, user: i64, seq: u64) {
         let last = self.directory.home_close(user, seq);
         self.tell_link_user(user);
+        if !self.opened_ms.is_empty() {
+            self.opened_ms.remove(&seq);
+        }
         if !last {
             return;
         }

@@ -226,6 +226,9 @@ pub struct Shard {
     >,
     /// Home shard, with a cluster: users homed here that another live node holds.
     remote_users: std::collections::HashSet<i64, foldhash::fast::RandomState>,
+    /// Home shard, with a cluster and `connections_per_user`: when each connection homed
+    /// here opened (Unix ms), by open order, for evictions other nodes ask for.
+    opened_ms: std::collections::HashMap<u64, u64, foldhash::fast::RandomState>,
 }
 
 impl Shard {
@@ -276,6 +279,7 @@ impl Shard {
             shed: false,
             user_buckets: Default::default(),
             remote_users: Default::default(),
+            opened_ms: Default::default(),
             shared,
         }
     }

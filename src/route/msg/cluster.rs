@@ -44,6 +44,16 @@ pub enum ClusterMsg {
         /// Rooms whose members are told too.
         rooms: Vec<Arc<str>>,
     },
+    /// To the user's home shard: close up to `count` of the user's connections here opened
+    /// before `before_ms`, oldest first (`connections_per_user` across nodes).
+    Evict {
+        /// The user.
+        user: i64,
+        /// Only connections opened before this, Unix milliseconds.
+        before_ms: u64,
+        /// At most this many.
+        count: u32,
+    },
     /// To every shard: members of `room` on the other nodes, summed.
     RemoteRoomCount {
         /// The room.
@@ -59,7 +69,7 @@ impl ClusterMsg {
         match self {
             ClusterMsg::ToUser { frame, .. } => frame.len(),
             ClusterMsg::ToRoom { frame, .. } => ROOM_REF + frame.len(),
-            ClusterMsg::RemoteUser { .. } => 0,
+            ClusterMsg::RemoteUser { .. } | ClusterMsg::Evict { .. } => 0,
             ClusterMsg::Presence { presence, rooms, .. } => {
                 super::presence_cost(presence) + rooms.len() * ROOM_REF
             }
@@ -74,6 +84,7 @@ impl ClusterMsg {
             ClusterMsg::ToUser { .. }
             | ClusterMsg::ToRoom { .. }
             | ClusterMsg::RemoteUser { .. }
+            | ClusterMsg::Evict { .. }
             | ClusterMsg::Presence { .. }
             | ClusterMsg::RemoteRoomCount { .. } => None,
         }
