@@ -401,7 +401,8 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
 
     // An API broadcast on A with an exclusion: user 2 (on B) is skipped, user 4 (on B) gets it.
     let answer = a.api("POST", "/api/v1/broadcast", Some(r#"{"message":{"type":"news"},"exclude":[2]}"#));
-    assert!(answer.is_object(), "{answer}");
+    // Counted on both nodes: users 1, 3 and 5 on A, 4 on B (2 excluded).
+    assert_eq!(answer["delivered"], 4, "{answer}");
     assert_eq!(u4.recv_of_type("news")["type"], "news");
     assert_eq!(w.recv_of_type("news")["type"], "news");
     t.roundtrip("after-news"); // nothing for user 2 before this answer
@@ -458,6 +459,15 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
         (Some("lobby"), Some(1)),
         "{got}"
     );
+
+    // The API's room publish on B reaches both nodes' members, and counts them.
+    let answer = b.api("POST", "/api/v1/rooms/lobby/publish", Some(r#"{"body":{"api":1}}"#));
+    assert_eq!(answer["delivered"], 2, "{answer}");
+    let mut got = w.recv_json();
+    while got["type"] != "room_message" {
+        got = w.recv_json();
+    }
+    assert_eq!(got["payload"]["body"], json!({"api": 1}), "{got}");
 
     // Offline on the last connection anywhere: user 2 leaves B, the watcher on A hears it.
     t.close();

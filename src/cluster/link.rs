@@ -459,6 +459,37 @@ impl Link {
                 let subject = self.core.subjects().all();
                 self.publish(&subject, payload);
             }
+            LinkMsg::Counted { room, frame, exclude, done } => {
+                let view = self.core.view();
+                let (subject, payload, reached) = match &room {
+                    Some(room) => {
+                        let reached = view.room_count(room);
+                        (self.core.subjects().room(room), self.core.deliver_payload(&frame), reached)
+                    }
+                    None => {
+                        let skipped: u64 =
+                            exclude.iter().map(|u| view.user_connections(&u.to_string())).sum();
+                        let reached = view.connections().saturating_sub(skipped);
+                        let payload = if exclude.is_empty() {
+                            self.core.deliver_payload(&frame)
+                        } else {
+                            self.core.broadcast_payload(&frame, &exclude)
+                        };
+                        (self.core.subjects().all(), payload, reached)
+                    }
+                };
+                let reached = match self.broker.publish(&subject, payload, None) {
+                    Ok(()) => {
+                        self.state().published_total.fetch_add(1, Ordering::Relaxed);
+                        reached as usize
+                    }
+                    Err(_) => {
+                        self.state().count_unavailable();
+                        0
+                    }
+                };
+                done.complete(Outcome::Delivered(reached));
+            }
             LinkMsg::Room { room, frame } => {
                 let payload = self.core.deliver_payload(&frame);
                 let subject = self.core.subjects().room(&room);

@@ -124,6 +124,11 @@ impl View {
         self.nodes.values().filter(|node| node.rooms.get(room).is_some_and(|&n| n > 0)).count()
     }
 
+    /// Connections on the other live nodes, all users.
+    pub fn connections(&self) -> u64 {
+        self.nodes.values().flat_map(|node| node.users.values()).map(|&n| u64::from(n)).sum()
+    }
+
     /// The live nodes (other than this one) holding `user`, sorted.
     pub fn holder_nodes(&self, user: &str) -> Vec<&str> {
         if self.holders(user) == 0 {

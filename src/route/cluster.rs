@@ -58,6 +58,19 @@ pub enum LinkMsg {
         /// Whom to answer (a message with a `pid` to a user not connected on this node).
         reply: Option<P2pReply>,
     },
+    /// The handle's broadcast (or room publish, with `room`): as [`LinkMsg::Broadcast`] /
+    /// [`LinkMsg::Room`], and `done` gets `Delivered(n)` with the connections it reaches on
+    /// the other nodes, as the view counts them.
+    Counted {
+        /// The room, or `None` for everyone.
+        room: Option<Arc<str>>,
+        /// The encoded frame.
+        frame: Bytes,
+        /// Sorted user ids to skip (broadcast only).
+        exclude: Arc<[i64]>,
+        /// Gets `Delivered(n)`.
+        done: crate::route::Completion,
+    },
     /// From the user's home shard (the handle's `send`), for a user another node holds too:
     /// deliver `frame` there and complete `done` with `local` plus the user's connections on
     /// the other nodes (from the view).
@@ -158,6 +171,7 @@ impl LinkMsg {
             + match self {
                 LinkMsg::ToUser { frame, .. }
                 | LinkMsg::Room { frame, .. }
+                | LinkMsg::Counted { frame, .. }
                 | LinkMsg::SendUser { frame, .. } => frame.len(),
                 LinkMsg::Broadcast { frame, exclude } => frame.len() + exclude.len() * 8,
                 LinkMsg::Presence { presence, rooms, .. } => {

@@ -138,10 +138,7 @@ impl Handle {
                 let mut sorted = exclude.to_vec();
                 sorted.sort_unstable();
                 let exclude: Arc<[i64]> = sorted.into();
-                self.to_other_nodes(|| LinkMsg::Broadcast {
-                    frame: frame.clone(),
-                    exclude: Arc::clone(&exclude),
-                });
+                let elsewhere = self.counted_elsewhere(None, &frame, &exclude, done);
                 for link in &self.fabric.links {
                     let exclude = Arc::clone(&exclude);
                     link.send_now(OpMsg::BroadcastExcept {
@@ -150,7 +147,7 @@ impl Handle {
                         done: Some(done.clone()),
                     });
                 }
-                self.fabric.links.len()
+                self.fabric.links.len() + elsewhere
             }
             Op::Ack { user, msg, timeout } => {
                 self.await_reply(user, msg, WaitKind::Ack, timeout.unwrap_or(self.fabric.ack_timeout), done)
@@ -171,7 +168,7 @@ impl Handle {
                     meta.map(|m| m.get().as_bytes()),
                 );
                 let rooms: Arc<[Arc<str>]> = Arc::from(vec![Arc::from(room)]);
-                self.to_other_nodes(|| LinkMsg::Room { room: Arc::clone(&rooms[0]), frame: frame.clone() });
+                let elsewhere = self.counted_elsewhere(Some(&rooms[0]), &frame, &[], done);
                 for link in &self.fabric.links {
                     let msg = RoomMsg::RoomDeliver {
                         rooms: Arc::clone(&rooms),
@@ -181,7 +178,7 @@ impl Handle {
                     };
                     link.send_now(msg);
                 }
-                self.fabric.links.len()
+                self.fabric.links.len() + elsewhere
             }
             Op::RoomMembers { room } => {
                 let room: Arc<str> = Arc::from(room);
@@ -240,6 +237,29 @@ impl Handle {
         if let Some(cluster) = &self.fabric.cluster {
             let _ = cluster.try_send(msg());
         }
+    }
+
+    /// With a cluster, hands a broadcast or room publish to the link for the other nodes: one
+    /// more part, `Delivered(n)` with what it reaches there (0 when the link refuses: broker
+    /// down, queue full).
+    fn counted_elsewhere(
+        &self,
+        room: Option<&Arc<str>>,
+        frame: &bytes::Bytes,
+        exclude: &[i64],
+        done: &Completion,
+    ) -> usize {
+        let Some(cluster) = &self.fabric.cluster else { return 0 };
+        let msg = LinkMsg::Counted {
+            room: room.cloned(),
+            frame: frame.clone(),
+            exclude: Arc::from(exclude),
+            done: done.clone(),
+        };
+        if let Err(LinkMsg::Counted { done, .. }) = cluster.try_send_or_return(msg) {
+            done.complete(Outcome::Delivered(0));
+        }
+        1
     }
 
     /// With a cluster, asks the link for `room`'s members on the other nodes: one more part
