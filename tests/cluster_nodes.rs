@@ -408,6 +408,18 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
     t.roundtrip("after-news"); // nothing for user 2 before this answer
 
     // Rooms: members on both nodes, the count seen on each node, a publish from A reaches B.
+    let counts = |node: &Node, n: i64| {
+        wait_until(
+            Duration::from_secs(5),
+            &format!("node {} counts {n} members of lobby", node.name),
+            || {
+                let rooms = node.api("GET", "/api/v1/rooms?limit=10", None);
+                rooms["rooms"]
+                    .as_array()
+                    .is_some_and(|list| list.iter().any(|r| r["room"] == "lobby" && r["members"] == n))
+            },
+        );
+    };
     for (c, pid) in [(&mut w, "j1"), (&mut t, "j2")] {
         c.send_value(&json!({"type": "join", "pid": pid, "payload": {"room": "lobby"}}));
         loop {
@@ -416,14 +428,14 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
                 break;
             }
         }
+        if pid == "j1" {
+            // B counts A's member once A's subscription to the room is in place (a join is
+            // acknowledged before that: a publish from another node meanwhile may miss it).
+            counts(&b, 1);
+        }
     }
     for node in [&a, &b] {
-        wait_until(Duration::from_secs(5), &format!("node {} counts 2 members of lobby", node.name), || {
-            let rooms = node.api("GET", "/api/v1/rooms?limit=10", None);
-            rooms["rooms"]
-                .as_array()
-                .is_some_and(|list| list.iter().any(|r| r["room"] == "lobby" && r["members"] == 2))
-        });
+        counts(node, 2);
     }
     // The API's member list and room presence of either node cover both nodes.
     for node in [&a, &b] {
@@ -638,6 +650,19 @@ fn connections_per_user_across_nodes(engine: Engine) {
     drop(b);
 }
 
+fn duplicate_node_id_is_reported(engine: Engine) {
+    let broker = Broker::start(engine);
+    let prefix = prefix("dup", engine);
+    let first = Node::start(&broker, &prefix, "same");
+    let second = Node::start(&broker, &prefix, "same");
+    for node in [&first, &second] {
+        wait_until(Duration::from_secs(5), "the duplicate node_id reported on /health", || {
+            node.health()
+                .is_some_and(|h| h["status"] == "DEGRADED" && h["cluster"]["duplicateNodeId"] == true)
+        });
+    }
+}
+
 macro_rules! for_both_engines {
     ($($scenario:ident),* $(,)?) => {
         mod redis {
@@ -655,4 +680,5 @@ for_both_engines!(
     broker_stopped_and_started,
     server_ops_across_nodes,
     connections_per_user_across_nodes,
+    duplicate_node_id_is_reported,
 );

@@ -94,6 +94,8 @@ pub struct Effects {
     pub await_done: Vec<(u64, AwaitOutcome)>,
     /// Payloads that did not decode (dropped, counted).
     pub bad_messages: u64,
+    /// A message from another live process with this node's `node_id` (another epoch).
+    pub duplicate: bool,
 }
 
 /// A presence status set on another node (see [`Header::Presence`]).
@@ -402,8 +404,9 @@ impl Core {
             effects.bad_messages += 1;
             return effects;
         };
-        let (origin, _) = message.header.origin();
+        let (origin, epoch) = message.header.origin();
         if origin == self.node {
+            effects.duplicate = epoch != self.epoch;
             return effects;
         }
         let origin = origin.to_string();

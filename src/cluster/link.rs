@@ -712,8 +712,16 @@ impl Link {
             member_requests,
             members,
             evictions,
+            duplicate: effects_duplicate,
             ..
         } = effects;
+        if effects_duplicate && !self.state().duplicate.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "cluster: another live process uses node_id {}: give every node its own node_id \
+                 (its messages are ignored here; /health reports it)",
+                self.state().node
+            );
+        }
         if bad_messages > 0 {
             self.state().bad_messages_total.fetch_add(bad_messages, Ordering::Relaxed);
         }

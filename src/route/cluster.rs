@@ -219,6 +219,8 @@ pub struct ClusterState {
     pub bad_messages_total: AtomicU64,
     /// Nodes declared dead (heartbeats missing for `cluster_node_ttl`).
     pub node_down_total: AtomicU64,
+    /// Another live process uses this node's `node_id` (heard on the broker).
+    pub duplicate: AtomicBool,
     /// Messages from other nodes dropped because the receiving shard's inbox was over
     /// `inbox_max_bytes`.
     pub shed_total: AtomicU64,
@@ -240,6 +242,7 @@ impl ClusterState {
             bad_messages_total: AtomicU64::new(0),
             node_down_total: AtomicU64::new(0),
             shed_total: AtomicU64::new(0),
+            duplicate: AtomicBool::new(false),
         }
     }
 

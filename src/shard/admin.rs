@@ -29,7 +29,10 @@ impl Shared {
                 "broker": if up { "up" } else { "down" },
                 "nodes": state.nodes.load(Ordering::Relaxed) + 1,
             });
-            if !up {
+            if state.duplicate.load(Ordering::Relaxed) {
+                health["cluster"]["duplicateNodeId"] = true.into();
+            }
+            if !up || state.duplicate.load(Ordering::Relaxed) {
                 health["status"] = "DEGRADED".into();
             }
         }
