@@ -89,7 +89,8 @@ need "$terminator" "$terminator"
 [ "$mode" = check ] && { need haproxy haproxy; need nginx nginx; }
 
 cluster=0
-if "$bin" --help | grep -q -- --cluster; then
+# grep reads all of --help (with -q it could stop early and the binary die of SIGPIPE).
+if "$bin" --help 2>/dev/null | grep -- --cluster >/dev/null; then
   need redis-server redis-server
   cluster=1
 fi
@@ -261,9 +262,16 @@ Ctrl-C stops everything.
 INFO
 
 # Run until a signal, or until one of the processes exits (then stop the rest and fail).
+# Polled: `wait -n PID…` misses a process that ended before it was called ("no such job")
+# and then waits for the others forever.
 set +e
-wait -n "${pids[@]}"
-for i in "${!pids[@]}"; do
-  kill -0 "${pids[$i]}" 2>/dev/null || echo "local.sh: ${names[$i]} exited" >&2
+while :; do
+  for i in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      echo "local.sh: ${names[$i]} exited" >&2
+      exit 1
+    fi
+  done
+  sleep 0.2 &
+  wait $!
 done
-exit 1

@@ -6,7 +6,7 @@
 //! `ARCHITECTURE.md` for the layers, bottom to top: `ws` (framing), `core` (directory,
 //! presence, timers) → `protocol` (envelopes, router), `http` (upgrade gate) → `route` (links,
 //! shard messages, the `Handle`) → `app` (what applications implement) → `shard` (event loop)
-//! → `api` → `server` (start/stop); `cluster` (the broker layer, not wired yet) beside them.
+//! → `api` → `server` (start/stop); `cluster` (the broker engines and the node's link thread, on `route`) beside them.
 //!
 //! # Getting started
 //!

@@ -42,6 +42,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The cluster's broker cannot be used (unknown scheme, or its link thread cannot start).
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::broker::BrokerError),
     /// More shards than the directory supports.
     #[error("shards must be between 1 and {MAX_SHARDS}, got {0}")]
     TooManyShards(usize),
@@ -55,6 +58,8 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
     api: Option<crate::api::ApiServer>,
     internal: Option<crate::api::internal::InternalServer>,
+    /// The cluster's broker link thread, when `cluster` is set.
+    link: Option<crate::cluster::link::LinkThread>,
 }
 
 /// Starts a server with the built-in behaviour only (JWT authentication, echo for
@@ -69,15 +74,19 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
     if let Some(path) = &config.api_key_file {
         config.api_key = Some(crate::http::keys::read_secret_file("api_key_file", path)?);
     }
-    if let Some(url) = &config.cluster {
-        // The broker layer (src/cluster) exists and is tested; routing through it is not
-        // wired into the shards yet. Say so rather than pretend to be one tier.
-        log::warn!(
-            "cluster = {} is configured, but this build does not route between nodes yet: \
-             running as a single node",
-            without_credentials(url)
-        );
-    }
+    // With `cluster`, the node's broker link: its channels now, its thread once the shards'
+    // links exist. Unset: no channel, no thread.
+    let node = config.node_id.clone().unwrap_or_else(crate::cluster::default_node_id);
+    let (cluster_tx, cluster_rx) = match &config.cluster {
+        Some(url) => {
+            log::info!("cluster node {node} on {}", without_credentials(url));
+            let queue = config.cluster_queue_bytes as u64;
+            let (tx, rx) =
+                crate::route::cluster::cluster_channel(&node, crate::cluster::link::DATA_SLOTS, queue);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let shards = config.effective_shards();
     if shards == 0 || shards > MAX_SHARDS {
         return Err(StartError::TooManyShards(shards));
@@ -104,6 +113,7 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
             links,
             ack_timeout: config.ack_timeout,
             request_timeout: config.request_timeout,
+            cluster: cluster_tx,
         }),
         metrics: Metrics::new(shards),
         started: Instant::now(),
@@ -131,6 +141,10 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
         ),
         None => None,
     };
+    let link = match cluster_rx {
+        Some(rx) => Some(crate::cluster::link::start(&shared.config, &node, Arc::clone(&shared.fabric), rx)?),
+        None => None,
+    };
     let mut threads = Vec::with_capacity(shards);
     for (id, part) in parts.into_iter().enumerate() {
         let shard = Shard::new(id, Arc::clone(&shared), part);
@@ -145,7 +159,7 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
         "listening on {local_addr} with {shards} shard{plural}, WebSocket path {}",
         shared.config.ws_path
     );
-    Ok(ServerHandle { shared, local_addr, threads, api, internal })
+    Ok(ServerHandle { shared, local_addr, threads, api, internal, link })
 }
 
 /// One `SO_REUSEPORT` socket per shard on the same address. With port 0 the first socket
@@ -245,7 +259,7 @@ impl ServerHandle {
 
     /// Prometheus text of the server's counters.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render_with(self.shared.app.counters())
+        self.shared.metrics.render_with(self.shared.counters())
     }
 
     fn join(&mut self) {
@@ -259,6 +273,12 @@ impl ServerHandle {
         }
         if let Some(mut internal) = self.internal.take() {
             internal.shutdown();
+        }
+        if let Some(mut link) = self.link.take() {
+            if let Some(cluster) = &self.shared.fabric.cluster {
+                cluster.send_state(crate::route::cluster::LinkMsg::Shutdown);
+            }
+            link.join();
         }
     }
 }

@@ -228,6 +228,9 @@ impl Node {
                     self.core.on_resubscribed()
                 }
                 other => {
+                    if let Event::Subscribed(subjects) = &other {
+                        self.core.on_subscribed(subjects);
+                    }
                     self.states.push(other);
                     continue;
                 }

@@ -127,6 +127,16 @@ impl Topology {
         answer.body["connections"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Waits until node `n` reports `user` online (connected there or on another node).
+    fn wait_online_at(&self, n: usize, user: i64) {
+        let api = self.addr(&format!("NODE{n}_API"));
+        let auth = format!("apikey {}", self.api_key);
+        wait_until(WAIT, &format!("node{n} reports user {user} online"), || {
+            let answer = call(api, "GET", &format!("/api/v1/users/{user}"), Some(&auth), None);
+            answer.body["presence"]["status"] == "online"
+        });
+    }
+
     /// The node (1 or 2) whose admin listing shows `user`, waiting until exactly one does.
     fn node_of(&self, user: i64) -> usize {
         let mut found = 0;
@@ -504,16 +514,20 @@ fn terminator_configurations_overwrite_x_forwarded_for_and_keep_the_host() {
     }
 }
 
-/// Enable once the cluster lands (delete the `#[ignore]` line): users on different nodes
-/// reach each other through the terminator.
+/// Users on different nodes reach each other through the terminator (the nodes share users
+/// over Redis).
 #[test]
-#[ignore = "needs the cluster (nodes sharing users over Redis)"]
 fn cross_node_p2p_through_the_terminator() {
     let topology = Topology::start("haproxy");
     assert!(topology.cluster(), "the binary has no --cluster flag: local.sh started two single nodes");
     let Spread { node, pair: [mut a, mut b], other_node: other, alone: mut c } =
         topology.users_on_both_nodes(3000);
     assert_ne!(node, other);
+    // Each node has heard of the other's users (presence online through the cluster) before
+    // they are sent to: a user who connected a moment ago elsewhere may not be known yet.
+    for (n, user) in [(node, c.0), (other, a.0), (other, b.0)] {
+        topology.wait_online_at(n, user);
+    }
     p2p_delivered(&mut a, &mut c, "cross-1");
     p2p_delivered(&mut c, &mut b, "cross-2");
     p2p_delivered(&mut a, &mut b, "same-node");

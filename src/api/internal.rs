@@ -105,7 +105,7 @@ fn route(method: &str, path: &str, accept: Option<&str>, shared: &Shared) -> Vec
     match (method, path) {
         ("GET", "/metrics") => {
             let format = crate::metrics::Format::negotiate(accept);
-            let text = shared.metrics.render_as(shared.app.counters(), format);
+            let text = shared.metrics.render_as(shared.counters(), format);
             response(200, format.content_type(), "", text.as_bytes())
         }
         ("GET", "/health") => response(200, "application/json", "", shared.health_json().as_bytes()),

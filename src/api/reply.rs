@@ -108,6 +108,7 @@ pub(super) fn wait_failed(error: WaitError) -> Reply {
         WaitError::Invalid(_) => (400, "invalid"),
         WaitError::Limit(_) => (429, "limit"),
         WaitError::OnShardThread => (500, "on_shard_thread"),
+        WaitError::Unavailable => (503, "cluster_unavailable"),
     };
     Reply::wait_error(status, reason, &error.to_string())
 }

@@ -49,6 +49,9 @@ pub enum Event {
     /// These subjects, asked for with [`Broker::subscribe`] while up, are now in place on the
     /// broker: messages published on them from now on reach this node.
     Subscribed(Vec<String>),
+    /// These subjects, given to [`Broker::unsubscribe`] while up, are gone from the broker:
+    /// messages published on them from now on do not reach this node.
+    Unsubscribed(Vec<String>),
     /// The broker became unreachable; publishes fail until [`Event::Up`].
     Down(String),
 }

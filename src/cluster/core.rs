@@ -8,7 +8,7 @@
 //! connection), a heartbeat follows every `heartbeat`, and a snapshot is published when any node
 //! asks (on joining, after a gap, after this node's broker link came back).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use bytes::Bytes;
 use super::broker::BrokerError;
 use super::subjects::Subjects;
 use super::view::{Change, Delivery, View, decide};
-use super::wire::{self, Header, Record};
+use super::wire::{self, AwaitOutcome, Header, Record};
 
 /// Settings of one node.
 #[derive(Debug, Clone)]
@@ -76,8 +76,66 @@ pub struct Effects {
     pub changes: Vec<Change>,
     /// Bodies (encoded WebSocket frames) that arrived for local connections, with their subject.
     pub deliveries: Vec<(String, Bytes)>,
+    /// Broadcasts with exclusions that arrived: the sorted user ids to skip, and the frame.
+    pub broadcasts: Vec<(Vec<i64>, Bytes)>,
+    /// Presence statuses set on other nodes.
+    pub presences: Vec<RemotePresence>,
+    /// Other nodes asking for this node's members of a room: (asking node, its id, room).
+    pub member_requests: Vec<(String, u64, String)>,
+    /// Answers to this node's room member gathers: (id, user ids).
+    pub members: Vec<(u64, Vec<i64>)>,
+    /// `connections_per_user` evictions asked by other nodes: (user, before_ms, count).
+    pub evictions: Vec<(i64, u64, u32)>,
+    /// Users whose connections on this node are to be closed (another node's API asked).
+    pub disconnects: Vec<i64>,
+    /// Waits another node asks this node to carry out.
+    pub awaits: Vec<RemoteAwait>,
+    /// Answers to waits this node asked another node to carry out: its id, the result.
+    pub await_done: Vec<(u64, AwaitOutcome)>,
     /// Payloads that did not decode (dropped, counted).
     pub bad_messages: u64,
+    /// A message from another live process with this node's `node_id` (another epoch).
+    pub duplicate: bool,
+}
+
+/// A presence status set on another node (see [`Header::Presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemotePresence {
+    /// The user.
+    pub user: i64,
+    /// The status.
+    pub status: String,
+    /// Its context, raw JSON.
+    pub context: Option<String>,
+    /// When it was set, Unix milliseconds.
+    pub since_ms: u64,
+    /// The user's `presence_info_claim` value, raw JSON.
+    pub info: Option<String>,
+    /// Rooms whose members are told too.
+    pub rooms: Vec<String>,
+}
+
+/// A wait (send-for-ack or request) another node asks this one to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteAwait {
+    /// The asking node.
+    pub origin: String,
+    /// The asking node's id of the wait.
+    pub id: u64,
+    /// The receiving user.
+    pub user: i64,
+    /// A request rather than a send-for-ack.
+    pub request: bool,
+    /// The wait bound.
+    pub timeout_ms: u64,
+    /// The message's `type`.
+    pub kind: String,
+    /// The message's `fromUserId`.
+    pub from: Option<i64>,
+    /// The message's payload, raw JSON (empty: none).
+    pub payload: Bytes,
 }
 
 /// One node's cluster state machine.
@@ -94,9 +152,15 @@ pub struct Core {
     rooms: HashMap<String, u32>,
     dirty_users: BTreeSet<String>,
     dirty_rooms: BTreeSet<String>,
-    /// Subjects to leave once the records saying "count 0" are out: a sender never sees no
-    /// receiver while this node's record still says it holds the user (a 503 instead of a 404).
-    unsubscribe_after_flush: BTreeSet<String>,
+    /// User and room subjects being left: their "count 0" records are held back until the
+    /// broker confirms, so that no node that has seen the user leave here gets a receiver here
+    /// (a false `delivered`); meanwhile senders get 0 receivers from a listed holder (503).
+    /// Snapshots meanwhile keep the record the node had before (the value here).
+    unsubscribing: HashMap<String, Record>,
+    /// User and room subjects asked for and not confirmed yet: their records are held back,
+    /// so that no node sees a user here (and answers 404 instead of sending) before a publish
+    /// on the user's subject would reach this node.
+    awaiting: HashSet<String>,
     snapshot_due: bool,
 }
 
@@ -115,7 +179,8 @@ impl Core {
             rooms: HashMap::new(),
             dirty_users: BTreeSet::new(),
             dirty_rooms: BTreeSet::new(),
-            unsubscribe_after_flush: BTreeSet::new(),
+            unsubscribing: HashMap::new(),
+            awaiting: HashSet::new(),
             snapshot_due: true,
         }
     }
@@ -146,8 +211,42 @@ impl Core {
     /// and we may have missed others'. Ask everyone and republish.
     pub fn on_resubscribed(&mut self) -> Effects {
         let mut effects = Effects::default();
+        self.awaiting.clear();
+        self.unsubscribing.clear();
         self.resync(&mut effects);
         effects
+    }
+
+    /// These subjects are in place on the broker: the records they held back go out at the
+    /// next tick.
+    pub fn on_subscribed(&mut self, subjects: &[String]) {
+        for subject in subjects {
+            self.awaiting.remove(subject);
+        }
+    }
+
+    /// These subjects are gone from the broker: the "count 0" records they held back go out at
+    /// the next tick.
+    pub fn on_unsubscribed(&mut self, subjects: &[String]) {
+        for subject in subjects {
+            self.unsubscribing.remove(subject);
+        }
+    }
+
+    /// The node is stopping: its whole state goes (an empty snapshot at the next tick), so
+    /// the other nodes see its users leave at once instead of after `node_ttl`.
+    pub fn leave(&mut self) {
+        self.users.clear();
+        self.rooms.clear();
+        self.dirty_users.clear();
+        self.dirty_rooms.clear();
+        self.snapshot_due = true;
+    }
+
+    /// Whether this node's own record of `user` or `room` subject waits for its subscription.
+    fn held_back(&self, subject: &str) -> bool {
+        (!self.awaiting.is_empty() && self.awaiting.contains(subject))
+            || (!self.unsubscribing.is_empty() && self.unsubscribing.contains_key(subject))
     }
 
     fn resync(&mut self, effects: &mut Effects) {
@@ -163,7 +262,8 @@ impl Core {
         let mut effects = Effects::default();
         let old =
             if count == 0 { self.users.remove(user) } else { self.users.insert(user.to_string(), count) };
-        self.transition(self.subjects.user(user), old.unwrap_or(0), count, &mut effects);
+        let before = Record::User { user: user.to_string(), count: old.unwrap_or(0) };
+        self.transition(self.subjects.user(user), before, count, &mut effects);
         if old.unwrap_or(0) != count {
             self.dirty_users.insert(user.to_string());
         }
@@ -175,26 +275,119 @@ impl Core {
         let mut effects = Effects::default();
         let old =
             if count == 0 { self.rooms.remove(room) } else { self.rooms.insert(room.to_string(), count) };
-        self.transition(self.subjects.room(room), old.unwrap_or(0), count, &mut effects);
+        let before = Record::Room { room: room.to_string(), count: old.unwrap_or(0) };
+        self.transition(self.subjects.room(room), before, count, &mut effects);
         if old.unwrap_or(0) != count {
             self.dirty_rooms.insert(room.to_string());
         }
         effects
     }
 
-    /// Subscribes on 0 → n at once; unsubscribes on n → 0 after the next records flush (a
-    /// return before it just cancels the pending unsubscribe).
-    fn transition(&mut self, subject: String, old: u32, new: u32, effects: &mut Effects) {
-        if old == 0 && new > 0 && !self.unsubscribe_after_flush.remove(&subject) {
+    /// Subscribes on 0 → n, unsubscribes on n → 0, at once; the records wait for the broker's
+    /// confirmation (see `awaiting`, `unsubscribing`).
+    fn transition(&mut self, subject: String, before: Record, new: u32, effects: &mut Effects) {
+        let old = match &before {
+            Record::User { count, .. } | Record::Room { count, .. } => *count,
+        };
+        if old == 0 && new > 0 {
+            self.unsubscribing.remove(&subject);
+            self.awaiting.insert(subject.clone());
             effects.actions.push(Action::Subscribe(vec![subject]));
         } else if old > 0 && new == 0 {
-            self.unsubscribe_after_flush.insert(subject);
+            self.awaiting.remove(&subject);
+            self.unsubscribing.insert(subject.clone(), before);
+            effects.actions.push(Action::Unsubscribe(vec![subject]));
         }
     }
 
     /// A [`Header::Deliver`] message carrying `frame`, to publish on a user, room or `all` subject.
     pub fn deliver_payload(&self, frame: &[u8]) -> Bytes {
         let header = Header::Deliver { origin: self.node.clone(), epoch: self.epoch };
+        wire::encode(&header, frame).unwrap_or_default()
+    }
+
+    /// Whether this node holds connections of `user` (as its shards last said).
+    pub fn holds(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// A [`Header::Presence`] message, to publish on the `all` subject.
+    pub fn presence_payload(&self, presence: RemotePresence) -> Bytes {
+        let RemotePresence { user, status, context, since_ms, info, rooms } = presence;
+        let header = Header::Presence {
+            origin: self.node.clone(),
+            epoch: self.epoch,
+            user,
+            status,
+            context,
+            since_ms,
+            info,
+            rooms,
+        };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
+    /// A [`Header::MembersReq`] message, to publish on the room's subject.
+    pub fn members_request_payload(&self, id: u64, room: &str) -> Bytes {
+        let header =
+            Header::MembersReq { origin: self.node.clone(), epoch: self.epoch, id, room: room.to_string() };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
+    /// A [`Header::Members`] message, to publish on the asking node's subject.
+    pub fn members_payload(&self, id: u64, users: &[i64]) -> Bytes {
+        let header = Header::Members { origin: self.node.clone(), epoch: self.epoch, id };
+        let body: Vec<u8> = users.iter().flat_map(|u| u.to_le_bytes()).collect();
+        wire::encode(&header, &body).unwrap_or_default()
+    }
+
+    /// A [`Header::Evict`] message, to publish on the user's subject.
+    pub fn evict_payload(&self, user: i64, before_ms: u64, count: u32) -> Bytes {
+        let header = Header::Evict { origin: self.node.clone(), epoch: self.epoch, user, before_ms, count };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
+    /// A [`Header::Disconnect`] message for `user`, to publish on the user's subject.
+    pub fn disconnect_payload(&self, user: i64) -> Bytes {
+        let header = Header::Disconnect { origin: self.node.clone(), epoch: self.epoch, user };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
+    /// A [`Header::Await`] message, to publish on the subject of a node holding `user`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn await_payload(
+        &self,
+        id: u64,
+        user: i64,
+        request: bool,
+        timeout_ms: u64,
+        kind: &str,
+        from: Option<i64>,
+        payload: &[u8],
+    ) -> Bytes {
+        let header = Header::Await {
+            origin: self.node.clone(),
+            epoch: self.epoch,
+            id,
+            user,
+            request,
+            timeout_ms,
+            kind: kind.to_string(),
+            from,
+        };
+        wire::encode(&header, payload).unwrap_or_default()
+    }
+
+    /// A [`Header::AwaitDone`] message, to publish on the asking node's subject.
+    pub fn await_done_payload(&self, id: u64, outcome: AwaitOutcome) -> Bytes {
+        let header = Header::AwaitDone { origin: self.node.clone(), epoch: self.epoch, id, outcome };
+        wire::encode(&header, &[]).unwrap_or_default()
+    }
+
+    /// A [`Header::DeliverExcept`] message carrying `frame`, to publish on the `all` subject.
+    pub fn broadcast_payload(&self, frame: &[u8], exclude: &[i64]) -> Bytes {
+        let header =
+            Header::DeliverExcept { origin: self.node.clone(), epoch: self.epoch, exclude: exclude.to_vec() };
         wire::encode(&header, frame).unwrap_or_default()
     }
 
@@ -211,8 +404,9 @@ impl Core {
             effects.bad_messages += 1;
             return effects;
         };
-        let (origin, _) = message.header.origin();
+        let (origin, epoch) = message.header.origin();
         if origin == self.node {
+            effects.duplicate = epoch != self.epoch;
             return effects;
         }
         let origin = origin.to_string();
@@ -233,6 +427,52 @@ impl Core {
                 effects.deliveries.push((subject.to_string(), message.body));
                 false
             }
+            Header::DeliverExcept { exclude, .. } => {
+                effects.broadcasts.push((exclude, message.body));
+                false
+            }
+            Header::Disconnect { user, .. } => {
+                effects.disconnects.push(user);
+                false
+            }
+            Header::Evict { user, before_ms, count, .. } => {
+                effects.evictions.push((user, before_ms, count));
+                false
+            }
+            Header::MembersReq { id, room, .. } => {
+                effects.member_requests.push((origin.clone(), id, room));
+                false
+            }
+            Header::Members { id, .. } => {
+                let users = message
+                    .body
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                    .collect();
+                effects.members.push((id, users));
+                false
+            }
+            Header::Presence { user, status, context, since_ms, info, rooms, .. } => {
+                effects.presences.push(RemotePresence { user, status, context, since_ms, info, rooms });
+                false
+            }
+            Header::Await { id, user, request, timeout_ms, kind, from, .. } => {
+                effects.awaits.push(RemoteAwait {
+                    origin: origin.clone(),
+                    id,
+                    user,
+                    request,
+                    timeout_ms,
+                    kind,
+                    from,
+                    payload: message.body,
+                });
+                false
+            }
+            Header::AwaitDone { id, outcome, .. } => {
+                effects.await_done.push((id, outcome));
+                false
+            }
         };
         if sync {
             let header = Header::SyncReq { origin: self.node.clone(), epoch: self.epoch, target: origin };
@@ -248,21 +488,53 @@ impl Core {
         let records = if self.snapshot_due {
             self.dirty_users.clear();
             self.dirty_rooms.clear();
-            let mut all: Vec<Record> =
-                self.users.iter().map(|(u, &count)| Record::User { user: u.clone(), count }).collect();
-            all.extend(self.rooms.iter().map(|(r, &count)| Record::Room { room: r.clone(), count }));
+            let mut all: Vec<Record> = Vec::with_capacity(self.users.len() + self.rooms.len());
+            for (user, &count) in &self.users {
+                if self.held_back(&self.subjects.user(user)) {
+                    self.dirty_users.insert(user.clone());
+                } else {
+                    all.push(Record::User { user: user.clone(), count });
+                }
+            }
+            for (room, &count) in &self.rooms {
+                if self.held_back(&self.subjects.room(room)) {
+                    self.dirty_rooms.insert(room.clone());
+                } else {
+                    all.push(Record::Room { room: room.clone(), count });
+                }
+            }
+            // Being left, not confirmed yet: still reported as they were.
+            for record in self.unsubscribing.values() {
+                match record {
+                    Record::User { user, .. } => self.dirty_users.insert(user.clone()),
+                    Record::Room { room, .. } => self.dirty_rooms.insert(room.clone()),
+                };
+                all.push(record.clone());
+            }
             Some((true, all))
         } else if !self.dirty_users.is_empty() || !self.dirty_rooms.is_empty() {
-            let users = std::mem::take(&mut self.dirty_users).into_iter().map(|user| {
+            let mut changed: Vec<Record> = Vec::new();
+            let mut kept_users = BTreeSet::new();
+            for user in std::mem::take(&mut self.dirty_users) {
+                if self.held_back(&self.subjects.user(&user)) {
+                    kept_users.insert(user);
+                    continue;
+                }
                 let count = self.users.get(&user).copied().unwrap_or(0);
-                Record::User { user, count }
-            });
-            let mut changed: Vec<Record> = users.collect();
-            changed.extend(std::mem::take(&mut self.dirty_rooms).into_iter().map(|room| {
+                changed.push(Record::User { user, count });
+            }
+            let mut kept_rooms = BTreeSet::new();
+            for room in std::mem::take(&mut self.dirty_rooms) {
+                if self.held_back(&self.subjects.room(&room)) {
+                    kept_rooms.insert(room);
+                    continue;
+                }
                 let count = self.rooms.get(&room).copied().unwrap_or(0);
-                Record::Room { room, count }
-            }));
-            Some((false, changed))
+                changed.push(Record::Room { room, count });
+            }
+            self.dirty_users = kept_users;
+            self.dirty_rooms = kept_rooms;
+            if changed.is_empty() { None } else { Some((false, changed)) }
         } else {
             None
         };
@@ -270,10 +542,6 @@ impl Core {
             self.snapshot_due = false;
             for header in wire::records_messages(&self.node, self.epoch, &mut self.seq, full, records) {
                 self.publish_dir(&header, &mut effects);
-            }
-            if !self.unsubscribe_after_flush.is_empty() {
-                let subjects = std::mem::take(&mut self.unsubscribe_after_flush).into_iter().collect();
-                effects.actions.push(Action::Unsubscribe(subjects));
             }
         }
         if self.next_beat.is_none_or(|at| now >= at) {
@@ -350,6 +618,14 @@ mod tests {
                         continue;
                     }
                     Event::Resubscribed(_) => self.core.on_resubscribed(),
+                    Event::Subscribed(subjects) => {
+                        self.core.on_subscribed(&subjects);
+                        continue;
+                    }
+                    Event::Unsubscribed(subjects) => {
+                        self.core.on_unsubscribed(&subjects);
+                        continue;
+                    }
                     _ => continue,
                 };
                 self.run(effects);
@@ -421,17 +697,18 @@ mod tests {
         let online = b.changes.iter().filter(|c| matches!(c, Change::Online(_))).count();
         assert_eq!(online, 300);
         b.changes.clear();
-        // Leaving: the record (count 0) goes out first, then the unsubscribe; a return before
-        // the flush cancels it.
+        // Leaving: the unsubscribe goes out at once, the record (count 0) only once the broker
+        // confirms it (no node that saw 5 leave can still reach a here); a return meanwhile
+        // subscribes again.
         let effects = a.core.set_user("5", 0);
-        assert!(effects.actions.is_empty());
-        assert!(a.core.set_user("6", 0).actions.is_empty());
-        assert!(a.core.set_user("6", 1).actions.is_empty(), "still subscribed: no new SUBSCRIBE");
-        let effects = a.core.tick(t0 + Duration::from_millis(40));
-        let publish = effects.actions.iter().position(|a| matches!(a, Action::Publish { .. }));
-        let unsubscribe =
-            effects.actions.iter().position(|a| *a == Action::Unsubscribe(vec!["t.u.5".into()]));
-        assert!(publish.unwrap() < unsubscribe.unwrap(), "{:?}", effects.actions);
+        assert_eq!(effects.actions, [Action::Unsubscribe(vec!["t.u.5".into()])]);
+        let gone = Record::User { user: "5".into(), count: 0 };
+        assert!(!published_users(&a.core.tick(t0 + Duration::from_millis(30))).contains(&gone));
+        a.run(effects);
+        let effects = a.core.set_user("6", 0);
+        a.run(effects);
+        let effects = a.core.set_user("6", 1);
+        assert_eq!(effects.actions, [Action::Subscribe(vec!["t.u.6".into()])]);
         a.run(effects);
         pump_all(&mut [&mut a, &mut b], t0 + Duration::from_millis(50));
         assert_eq!(b.changes, [Change::Offline("5".into())]);
@@ -442,6 +719,49 @@ mod tests {
         pump_all(&mut [&mut a, &mut b], t0 + Duration::from_millis(100));
         assert!(b.changes.is_empty(), "{:?}", b.changes);
         assert_eq!(b.core.view().holders("6"), 1);
+    }
+
+    /// The user records a tick publishes.
+    fn published_users(effects: &Effects) -> Vec<Record> {
+        let mut out = Vec::new();
+        for action in &effects.actions {
+            if let Action::Publish { payload, .. } = action
+                && let Ok(message) = wire::decode(payload.clone())
+                && let Header::Records { records, .. } = message.header
+            {
+                out.extend(records.into_iter().filter(|r| matches!(r, Record::User { .. })));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_users_record_waits_until_its_subscription_is_in_place() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut core =
+            Core::new(CoreConfig::new("t", "a", Duration::from_millis(100), Duration::from_millis(300)));
+        let _ = core.start();
+        let _ = core.on_resubscribed();
+        let _ = core.tick(ms(0));
+        let effects = core.set_user("42", 1);
+        assert_eq!(effects.actions, [Action::Subscribe(vec!["t.u.42".into()])]);
+        // Not confirmed yet: no node may learn that we hold 42 (it would send and get 0
+        // receivers), neither in a change nor in a snapshot asked meanwhile.
+        assert!(published_users(&core.tick(ms(10))).is_empty());
+        let _ = core.on_message(
+            ms(15),
+            "t.dir",
+            wire::encode(&Header::SyncReq { origin: "b".into(), epoch: 1, target: String::new() }, b"")
+                .unwrap(),
+        );
+        assert!(published_users(&core.tick(ms(20))).is_empty());
+        core.on_subscribed(&["t.u.42".into()]);
+        assert_eq!(published_users(&core.tick(ms(30))), [Record::User { user: "42".into(), count: 1 }]);
+        // A resubscription (broker back) confirms everything at once.
+        let _ = core.set_user("7", 2);
+        let _ = core.on_resubscribed();
+        assert!(published_users(&core.tick(ms(40))).contains(&Record::User { user: "7".into(), count: 2 }));
     }
 
     #[test]

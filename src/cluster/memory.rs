@@ -119,9 +119,14 @@ impl Broker for MemoryBroker {
     }
 
     fn unsubscribe(&self, subjects: Vec<String>) {
-        if let Some((_, set)) = self.hub.lock().clients.get_mut(&self.id) {
+        let mut state = self.hub.lock();
+        let up = state.up;
+        if let Some((shared, set)) = state.clients.get_mut(&self.id) {
             for subject in &subjects {
                 set.remove(subject);
+            }
+            if up {
+                shared.emit(Event::Unsubscribed(subjects));
             }
         }
     }

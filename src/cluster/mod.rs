@@ -1,5 +1,4 @@
-//! The cluster's broker layer (issue #11, step 2): several customws nodes joined through Redis
-//! or NATS. Not wired into the shards yet.
+//! The cluster (issue #11): several customws nodes joined through Redis or NATS into one tier.
 //!
 //! - [`subjects`]: subject names under the configured prefix.
 //! - [`wire`]: the inter-node message encoding (postcard header, raw frame body).
@@ -7,9 +6,12 @@
 //!   tests; `redis` and `nats` the engines (cargo features `cluster-redis`, `cluster-nats`).
 //! - [`view`], [`core`]: the sans-IO node: replicated per-node records, heartbeats,
 //!   online/offline transitions, node expiry, and the delivered/404/503 decision.
+//! - [`link`]: the node's link thread, between the shards (through the route layer's
+//!   `ClusterTx` and inboxes) and the broker.
 
 pub mod broker;
 pub mod core;
+pub mod link;
 pub mod memory;
 #[cfg(feature = "cluster-nats")]
 pub mod nats;

@@ -187,11 +187,19 @@ async fn run(
                 }
             }
             Cmd::Unsubscribe(subjects) => {
+                let mut removed = Vec::new();
                 for subject in subjects {
                     if let Some(task) = subs.remove(&subject) {
-                        // Dropping the subscriber (with the task) unsubscribes.
+                        // Dropping the subscriber (with the task) unsubscribes; waiting for the
+                        // aborted task queues the UNSUB before anything published after it.
                         task.abort();
+                        let _ = task.await;
+                        removed.push(subject);
                     }
+                }
+                // The flush's PONG follows the UNSUBs: the server has dropped them.
+                if !removed.is_empty() && client.flush().await.is_ok() && shared.is_up() {
+                    shared.emit(Event::Unsubscribed(removed));
                 }
             }
             Cmd::Connected => {

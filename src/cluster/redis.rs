@@ -260,6 +260,13 @@ impl Inner {
                 }
                 continue;
             }
+            if let Some(channel) = confirmation(&value, b"unsubscribe") {
+                if !resubscribing {
+                    self.shared
+                        .emit(Event::Unsubscribed(vec![String::from_utf8_lossy(channel).into_owned()]));
+                }
+                continue;
+            }
             let Some(channel) = confirmation(&value, b"subscribe") else { continue };
             pending = pending.saturating_sub(1);
             if resubscribing {

@@ -55,10 +55,51 @@ impl Subjects {
         format!("{}.probe.{}", self.prefix, self.node)
     }
 
+    /// What a received subject addresses: a user, a room, everyone, or something else (the
+    /// directory, a node, the probe).
+    pub fn target(&self, subject: &str) -> Target {
+        let Some(rest) = subject.strip_prefix(&self.prefix).and_then(|r| r.strip_prefix('.')) else {
+            return Target::Other;
+        };
+        if rest == "all" {
+            return Target::All;
+        }
+        let name = |tok: &str| untoken(tok);
+        match rest.split_once('.') {
+            Some(("u", tok)) => name(tok).map_or(Target::Other, Target::User),
+            Some(("r", tok)) => name(tok).map_or(Target::Other, Target::Room),
+            _ => Target::Other,
+        }
+    }
+
     /// Whether `subject` is a user subject under this prefix.
     pub fn is_user(&self, subject: &str) -> bool {
         subject.strip_prefix(&self.prefix).is_some_and(|rest| rest.starts_with(".u."))
     }
+}
+
+/// What a subject addresses (see [`Subjects::target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A user's subject, with the user id as written.
+    User(String),
+    /// A room's subject, with the room name.
+    Room(String),
+    /// The broadcast subject.
+    All,
+    /// Anything else.
+    Other,
+}
+
+/// The name a token stands for: the inverse of [`token`]; `None` for bad hex or UTF-8.
+fn untoken(tok: &str) -> Option<String> {
+    let Some(hex) = tok.strip_prefix('=') else { return Some(tok.to_string()) };
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
 }
 
 /// `name` as one subject token: itself when plain, else `=` + lowercase hex of its bytes.
@@ -90,6 +131,19 @@ mod tests {
         assert_eq!(s.room("lobby_1"), "customws.r.lobby_1");
         assert_eq!(s.probe(), "customws.probe.node-1");
         assert!(s.is_user(&s.user("x")) && !s.is_user(&s.room("x")));
+    }
+
+    #[test]
+    fn targets_are_read_back_from_subjects() {
+        let s = Subjects::new("p", "n");
+        assert_eq!(s.target(&s.user("42")), Target::User("42".into()));
+        assert_eq!(s.target(&s.user("-7")), Target::User("-7".into()));
+        assert_eq!(s.target(&s.room("caf\u{e9} a..b")), Target::Room("caf\u{e9} a..b".into()));
+        assert_eq!(s.target(&s.all()), Target::All);
+        assert_eq!(s.target(&s.dir()), Target::Other);
+        assert_eq!(s.target("q.u.1"), Target::Other);
+        assert_eq!(s.target("p.r.=zz"), Target::Other);
+        assert_eq!(s.target("p.r.=c3"), Target::Other);
     }
 
     #[test]

@@ -108,6 +108,42 @@ impl View {
         self.holders.get(user).copied().unwrap_or(0)
     }
 
+    /// Connections of `user` on the other live nodes, as their records say.
+    pub fn user_connections(&self, user: &str) -> u64 {
+        if self.holders(user) == 0 {
+            return 0;
+        }
+        self.nodes.values().map(|node| u64::from(node.users.get(user).copied().unwrap_or(0))).sum()
+    }
+
+    /// How many other live nodes have members of `room`.
+    pub fn room_nodes(&self, room: &str) -> usize {
+        if self.room_count(room) == 0 {
+            return 0;
+        }
+        self.nodes.values().filter(|node| node.rooms.get(room).is_some_and(|&n| n > 0)).count()
+    }
+
+    /// Connections on the other live nodes, all users.
+    pub fn connections(&self) -> u64 {
+        self.nodes.values().flat_map(|node| node.users.values()).map(|&n| u64::from(n)).sum()
+    }
+
+    /// The live nodes (other than this one) holding `user`, sorted.
+    pub fn holder_nodes(&self, user: &str) -> Vec<&str> {
+        if self.holders(user) == 0 {
+            return Vec::new();
+        }
+        let mut out: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.users.get(user).is_some_and(|&n| n > 0))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Members of `room` on the other nodes.
     pub fn room_count(&self, room: &str) -> u64 {
         self.rooms.get(room).copied().unwrap_or(0)

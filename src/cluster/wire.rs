@@ -66,6 +66,140 @@ pub enum Header {
         /// Sending node's epoch.
         epoch: u64,
     },
+    /// A broadcast for every local connection of the receiving node except those of the
+    /// users in `exclude` (sorted); the body is the encoded frame.
+    DeliverExcept {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// Sorted user ids to skip.
+        exclude: Vec<i64>,
+    },
+    /// A user's presence status changed on its node (a `presence_update`, or a transient one
+    /// expiring): every node stores it and tells its own watchers and members of `rooms`.
+    Presence {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The user.
+        user: i64,
+        /// The status.
+        status: String,
+        /// Its context, raw JSON.
+        context: Option<String>,
+        /// When it was set, Unix milliseconds.
+        since_ms: u64,
+        /// The user's `presence_info_claim` value, raw JSON.
+        info: Option<String>,
+        /// Rooms whose members are told too.
+        rooms: Vec<String>,
+    },
+    /// On a room's subject: every node with members of `room` answers the origin with a
+    /// [`Header::Members`] carrying the same `id`.
+    MembersReq {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the gather.
+        id: u64,
+        /// The room.
+        room: String,
+    },
+    /// One node's members of a room, for the gather `id`: the body is their user ids, 8 bytes
+    /// each, little-endian.
+    Members {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the gather.
+        id: u64,
+    },
+    /// `connections_per_user` across nodes: a connection of `user` opened at `before_ms` on
+    /// the origin, and the user holds `count` too many: every receiving node closes up to
+    /// `count` of its connections of the user opened before `before_ms`, oldest first.
+    Evict {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The user.
+        user: i64,
+        /// Only connections opened before this (Unix milliseconds) are closed.
+        before_ms: u64,
+        /// At most this many.
+        count: u32,
+    },
+    /// Close every connection of `user` on the receiving node (the API's disconnect).
+    Disconnect {
+        /// Sending node.
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The user.
+        user: i64,
+    },
+    /// To the node holding `user`'s connection: send the message (type `kind`, payload = the
+    /// body, raw JSON, empty for none) to the user's newest connection there with a pid, wait
+    /// for the client's ack (or reply, with `request`) up to `timeout_ms`, and answer the origin
+    /// with [`Header::AwaitDone`] carrying `id`.
+    Await {
+        /// Sending node (where the caller waits).
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the wait.
+        id: u64,
+        /// The receiving user.
+        user: i64,
+        /// A request (answered by the client's reply) rather than a send-for-ack.
+        request: bool,
+        /// The wait bound.
+        timeout_ms: u64,
+        /// The message's `type`.
+        kind: String,
+        /// The message's `fromUserId`.
+        from: Option<i64>,
+    },
+    /// How a [`Header::Await`] ended, to its origin's node subject.
+    AwaitDone {
+        /// Sending node (where the client answered).
+        origin: String,
+        /// Sending node's epoch.
+        epoch: u64,
+        /// The origin's id of the wait.
+        id: u64,
+        /// The result.
+        outcome: AwaitOutcome,
+    },
+}
+
+/// The result of a wait on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AwaitOutcome {
+    /// The client acknowledged: its `status` and `error` (raw JSON).
+    Ack {
+        /// `status`.
+        status: Option<String>,
+        /// `error`, raw JSON.
+        error: Option<String>,
+    },
+    /// The client replied: its whole message.
+    Reply(String),
+    /// No answer in time.
+    TimedOut,
+    /// The user has no connection there.
+    Offline,
+    /// The connection closed first.
+    Closed,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// The node could not take the wait (too many in flight).
+    Unavailable,
 }
 
 impl Header {
@@ -75,7 +209,15 @@ impl Header {
             Header::Heartbeat { origin, epoch, .. }
             | Header::Records { origin, epoch, .. }
             | Header::SyncReq { origin, epoch, .. }
-            | Header::Deliver { origin, epoch } => (origin, *epoch),
+            | Header::Deliver { origin, epoch }
+            | Header::DeliverExcept { origin, epoch, .. }
+            | Header::Disconnect { origin, epoch, .. }
+            | Header::Evict { origin, epoch, .. }
+            | Header::MembersReq { origin, epoch, .. }
+            | Header::Members { origin, epoch, .. }
+            | Header::Presence { origin, epoch, .. }
+            | Header::Await { origin, epoch, .. }
+            | Header::AwaitDone { origin, epoch, .. } => (origin, *epoch),
         }
     }
 }
@@ -196,6 +338,37 @@ mod tests {
             },
             Header::SyncReq { origin: "a".into(), epoch: 1, target: String::new() },
             Header::Deliver { origin: "a".into(), epoch: 1 },
+            Header::DeliverExcept { origin: "a".into(), epoch: 1, exclude: vec![-1, 3] },
+            Header::Disconnect { origin: "a".into(), epoch: 1, user: -9 },
+            Header::Evict { origin: "a".into(), epoch: 1, user: 4, before_ms: 1_700_000_000_000, count: 1 },
+            Header::MembersReq { origin: "a".into(), epoch: 1, id: 3, room: "lobby".into() },
+            Header::Members { origin: "b".into(), epoch: 1, id: 3 },
+            Header::Presence {
+                origin: "a".into(),
+                epoch: 1,
+                user: 5,
+                status: "busy".into(),
+                context: Some("{}".into()),
+                since_ms: 9,
+                info: None,
+                rooms: vec!["lobby".into()],
+            },
+            Header::Await {
+                origin: "a".into(),
+                epoch: 1,
+                id: 7,
+                user: 42,
+                request: true,
+                timeout_ms: 500,
+                kind: "question".into(),
+                from: Some(1),
+            },
+            Header::AwaitDone {
+                origin: "b".into(),
+                epoch: 2,
+                id: 7,
+                outcome: AwaitOutcome::Ack { status: Some("read".into()), error: Some("{\"x\":1}".into()) },
+            },
         ]
     }
 

@@ -40,12 +40,19 @@ pub struct RoomTable {
     shards: usize,
     local: HashMap<Arc<str>, Vec<ConnKey>, RandomState>,
     counts: HashMap<Arc<str>, Vec<u32>, RandomState>,
+    /// With a cluster: members on the other nodes, as the link last said.
+    remote: HashMap<Arc<str>, u64, RandomState>,
 }
 
 impl RoomTable {
     /// An empty table in a server of `shards` shards.
     pub fn new(shards: usize) -> Self {
-        RoomTable { shards: shards.max(1), local: HashMap::default(), counts: HashMap::default() }
+        RoomTable {
+            shards: shards.max(1),
+            local: HashMap::default(),
+            counts: HashMap::default(),
+            remote: HashMap::default(),
+        }
     }
 
     /// The shared name for `room` (one allocation per room, not per member).
@@ -99,9 +106,23 @@ impl RoomTable {
         self.counts.entry(Arc::clone(room)).or_insert_with(|| vec![0; shards])[shard] = count;
     }
 
-    /// Members of `room` on all shards, as announced.
+    /// Applies the members of `room` on the other nodes of a cluster.
+    pub fn set_remote(&mut self, room: &Arc<str>, count: u64) {
+        if count == 0 {
+            self.remote.remove(room);
+        } else {
+            self.remote.insert(Arc::clone(room), count);
+        }
+    }
+
+    /// Members of `room` on the other nodes of a cluster.
+    fn remote(&self, room: &str) -> usize {
+        if self.remote.is_empty() { 0 } else { self.remote.get(room).map_or(0, |&n| n as usize) }
+    }
+
+    /// Members of `room` on all shards (and, with a cluster, all nodes), as announced.
     pub fn total(&self, room: &str) -> usize {
-        self.counts.get(room).map_or(0, |c| c.iter().map(|&n| n as usize).sum())
+        self.counts.get(room).map_or(0, |c| c.iter().map(|&n| n as usize).sum()) + self.remote(room)
     }
 
     /// Bitmask of the shards with members of `room`.
@@ -111,14 +132,20 @@ impl RoomTable {
         })
     }
 
-    /// Every room with members anywhere, with its total on all shards, as announced.
+    /// Every room with members anywhere, with its total on all shards (and nodes), as
+    /// announced.
     pub fn totals(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.counts.iter().map(|(room, c)| (&**room, c.iter().map(|&n| n as usize).sum()))
+        let here = self
+            .counts
+            .iter()
+            .map(|(room, c)| (&**room, c.iter().map(|&n| n as usize).sum::<usize>() + self.remote(room)));
+        let elsewhere = self.remote.iter().filter(|(room, _)| !self.counts.contains_key(&***room));
+        here.chain(elsewhere.map(|(room, &n)| (&**room, n as usize)))
     }
 
     /// Number of rooms with members anywhere.
     pub fn rooms(&self) -> usize {
-        self.counts.len()
+        self.counts.len() + self.remote.keys().filter(|room| !self.counts.contains_key(&***room)).count()
     }
 
     /// Local members of any of `rooms`, each connection once.

@@ -32,7 +32,8 @@ impl ClientReply {
 /// One connection of a user, as reported by [`Outcome::User`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// Owning shard.
+    /// Owning shard; `usize::MAX` for a connection on another node of a cluster (then `seq`
+    /// is 0).
     pub shard: usize,
     /// Global open order (higher is newer).
     pub seq: u64,
@@ -118,6 +119,10 @@ pub enum WaitError {
     /// A limit stopped the operation (the watcher's watch list is full); nothing was done.
     #[error("limit reached: {0}")]
     Limit(&'static str),
+    /// The user is on another node and the cluster cannot reach it now (broker down, queue
+    /// full, or the node went away).
+    #[error("cluster unavailable")]
+    Unavailable,
 }
 
 /// The answer to [`Handle::join_room`](super::Handle::join_room): the user's connections that
@@ -212,6 +217,11 @@ impl Completion {
     /// A completion for a [`Waiter`](super::Waiter): also wakes the task that polls it.
     pub(crate) fn for_waiter(tx: Sender<(u64, Outcome)>, task: Arc<TaskSlot>) -> Self {
         Completion { tx, tag: 0, waker: None, task: Some(task) }
+    }
+
+    /// Whether this completion delivers on `tx`'s channel.
+    pub fn same_channel(&self, tx: &Sender<(u64, Outcome)>) -> bool {
+        self.tx.same_channel(tx)
     }
 
     /// Delivers the outcome. A receiver that went away is not an error: nobody waits any more.

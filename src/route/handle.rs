@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use serde_json::value::RawValue;
 
 use super::Fabric;
+use super::cluster::LinkMsg;
 use super::completion::TaskSlot;
 use super::msg::{AdminMsg, DeliverMsg, OpMsg, PresenceMsg, RoomMsg, ShardMsg};
 use super::{
@@ -210,6 +211,7 @@ impl Handle {
                 let mut sorted = exclude.to_vec();
                 sorted.sort_unstable();
                 let exclude: Arc<[i64]> = sorted.into();
+                let elsewhere = self.counted_elsewhere(None, &frame, &exclude, done);
                 for link in &self.fabric.links {
                     let exclude = Arc::clone(&exclude);
                     link.send_now(OpMsg::BroadcastExcept {
@@ -218,7 +220,7 @@ impl Handle {
                         done: Some(done.clone()),
                     });
                 }
-                self.fabric.links.len()
+                self.fabric.links.len() + elsewhere
             }
             Op::Ack { user, msg, timeout } => {
                 self.await_reply(user, msg, WaitKind::Ack, timeout.unwrap_or(self.fabric.ack_timeout), done)
@@ -239,6 +241,7 @@ impl Handle {
                     meta.map(|m| m.get().as_bytes()),
                 );
                 let rooms: Arc<[Arc<str>]> = Arc::from(vec![Arc::from(room)]);
+                let elsewhere = self.counted_elsewhere(Some(&rooms[0]), &frame, &[], done);
                 for link in &self.fabric.links {
                     let msg = RoomMsg::RoomDeliver {
                         rooms: Arc::clone(&rooms),
@@ -248,14 +251,14 @@ impl Handle {
                     };
                     link.send_now(msg);
                 }
-                self.fabric.links.len()
+                self.fabric.links.len() + elsewhere
             }
             Op::RoomMembers { room } => {
                 let room: Arc<str> = Arc::from(room);
                 for link in &self.fabric.links {
                     link.send_now(RoomMsg::RoomMembers { room: Arc::clone(&room), done: done.clone() });
                 }
-                self.fabric.links.len()
+                self.fabric.links.len() + self.members_elsewhere(room, done)
             }
             Op::Presence { user } => {
                 self.to_home(user, PresenceMsg::QueryPresence { user, done: done.clone() });
@@ -266,6 +269,7 @@ impl Handle {
                 1
             }
             Op::Disconnect { user } => {
+                self.to_other_nodes(|| LinkMsg::Disconnect { user });
                 self.to_home(user, OpMsg::DisconnectUser { user, done: Some(done.clone()) });
                 1
             }
@@ -367,6 +371,50 @@ impl Handle {
         let msg = Arc::new(msg.clone());
         let timeout_ms = timeout.as_millis().min(u128::from(u64::MAX / 2)) as u64;
         self.to_home(user, OpMsg::Await { user, msg, kind, timeout_ms, done: done.clone() });
+        1
+    }
+
+    /// With a cluster, hands `msg` to the broker link for the other nodes (the counts the
+    /// caller gets are this node's; a refusal — broker down, queue full — is counted in
+    /// `customws_cluster_unavailable_total`).
+    fn to_other_nodes(&self, msg: impl FnOnce() -> LinkMsg) {
+        if let Some(cluster) = &self.fabric.cluster {
+            let _ = cluster.try_send(msg());
+        }
+    }
+
+    /// With a cluster, hands a broadcast or room publish to the link for the other nodes: one
+    /// more part, `Delivered(n)` with what it reaches there (0 when the link refuses: broker
+    /// down, queue full).
+    fn counted_elsewhere(
+        &self,
+        room: Option<&Arc<str>>,
+        frame: &bytes::Bytes,
+        exclude: &[i64],
+        done: &Completion,
+    ) -> usize {
+        let Some(cluster) = &self.fabric.cluster else { return 0 };
+        let msg = LinkMsg::Counted {
+            room: room.cloned(),
+            frame: frame.clone(),
+            exclude: Arc::from(exclude),
+            done: done.clone(),
+        };
+        if let Err(LinkMsg::Counted { done, .. }) = cluster.try_send_or_return(msg) {
+            done.complete(Outcome::Delivered(0));
+        }
+        1
+    }
+
+    /// With a cluster, asks the link for `room`'s members on the other nodes: one more part
+    /// (all of them this node's when the link refuses: broker down, queue full).
+    fn members_elsewhere(&self, room: Arc<str>, done: &Completion) -> usize {
+        let Some(cluster) = &self.fabric.cluster else { return 0 };
+        if let Err(LinkMsg::RoomMembers { done, .. }) =
+            cluster.try_send_or_return(LinkMsg::RoomMembers { room, done: done.clone() })
+        {
+            done.complete(Outcome::Members(Vec::new()));
+        }
         1
     }
 

@@ -6,6 +6,7 @@
 //! and `ws` only (`tests/layers.rs` checks it), so that both the shards and whatever else
 //! sends to them build on it without importing each other.
 
+pub mod cluster;
 pub mod completion;
 pub mod handle;
 pub mod link;
@@ -30,6 +31,8 @@ pub struct Fabric {
     pub ack_timeout: std::time::Duration,
     /// Default wait for a client's reply to a request.
     pub request_timeout: std::time::Duration,
+    /// The cluster's broker link, when `cluster` is set (`None`: one node).
+    pub cluster: Option<cluster::ClusterTx>,
 }
 
 impl std::fmt::Debug for Fabric {

@@ -13,13 +13,39 @@ use crate::route::{Completion, ConnSummary, Outcome, RoomCount};
 impl Shared {
     /// The `/health` body: status, time, uptime and open connections. Cheap: a few atomics.
     pub fn health_json(&self) -> String {
-        serde_json::json!({
+        let mut health = serde_json::json!({
             "status": "OK",
             "timestamp": rfc3339(Shard::wall_ms()),
             "uptime": self.started.elapsed().as_secs(),
             "connections": self.metrics.sum(|s| &s.connections_current),
-        })
-        .to_string()
+        });
+        // With a cluster: `"cluster": {"node", "broker": "up"|"down", "nodes"}`; while the
+        // broker is down the node serves local traffic only and `status` is "DEGRADED".
+        if let Some(cluster) = &self.fabric.cluster {
+            let state = &cluster.state;
+            let up = state.is_up();
+            health["cluster"] = serde_json::json!({
+                "node": state.node,
+                "broker": if up { "up" } else { "down" },
+                "nodes": state.nodes.load(Ordering::Relaxed) + 1,
+            });
+            if state.duplicate.load(Ordering::Relaxed) {
+                health["cluster"]["duplicateNodeId"] = true.into();
+            }
+            if !up || state.duplicate.load(Ordering::Relaxed) {
+                health["status"] = "DEGRADED".into();
+            }
+        }
+        health.to_string()
+    }
+
+    /// The application's counters, plus the cluster's when `cluster` is set (for `/metrics`).
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut counters = self.app.counters();
+        if let Some(cluster) = &self.fabric.cluster {
+            counters.extend(cluster.state.counters());
+        }
+        counters
     }
 
     /// The `/ready` answer: `200 {"ready":true}`, or `503 {"ready":false}` once a shutdown has

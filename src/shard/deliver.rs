@@ -19,6 +19,7 @@ use crate::protocol::envelope::{
     Envelope, data_event, error_notification, presence_event, server_ack, write_str,
 };
 use crate::protocol::router::Route;
+use crate::route::cluster::LinkMsg;
 use crate::route::msg::{DeliverMsg, DirMsg, PresenceMsg, ShardMsg};
 use crate::route::{Outcome, UserPresence};
 use crate::ws::close;
@@ -35,6 +36,9 @@ impl Shard {
     ) {
         let pid = msg.pid.as_deref();
         match decision {
+            Route::P2p { target, payload } if self.shared.fabric.cluster.is_some() => {
+                self.p2p_across_nodes(key, target, data_event(user, payload), pid);
+            }
             Route::P2p { target, payload } => {
                 let delivered = self.deliver_to_users(&[target], data_event(user, payload));
                 match (pid, delivered) {
@@ -48,8 +52,17 @@ impl Shard {
                 }
             }
             Route::Broadcast { payload } => {
-                self.broadcast(data_event(user, payload), Some(self.addr(key)));
-                self.ack(key, pid, "broadcast");
+                let frame = data_event(user, payload);
+                let elsewhere = self.to_other_nodes(|| LinkMsg::Broadcast {
+                    frame: frame.clone(),
+                    exclude: Arc::from(Vec::new()),
+                });
+                self.broadcast(frame, Some(self.addr(key)));
+                match pid {
+                    Some(pid) if !elsewhere => self
+                        .reply(key, error_notification(Some(pid), 503, super::cluster::CLUSTER_UNAVAILABLE)),
+                    _ => self.ack(key, pid, "broadcast"),
+                }
             }
             Route::GenericEcho { payload } => {
                 if !self.offer_to_app(key, msg, text) {
@@ -275,10 +288,11 @@ impl Shard {
         match target {
             Some(target) => {
                 let presence = Presence { since_ms: now, ..self.presence.lasting(user, now) };
-                self.deliver_to_users(&[target], encode_presence(user, &presence));
+                self.deliver_to_user_anywhere(target, encode_presence(user, &presence));
             }
             None => {
                 if let Some(presence) = self.presence.revert(user, now) {
+                    self.presence_to_other_nodes(user, &presence, &rooms);
                     self.announce_presence(user, &presence, rooms, except);
                 }
             }
@@ -292,7 +306,7 @@ impl Shard {
                 // Delivered, not stored: the status is for this one user, not the user's
                 // public presence.
                 let presence = Presence { info: self.conn_info(key), ..presence };
-                self.deliver_to_users(&[target], encode_presence(user, &presence));
+                self.deliver_to_user_anywhere(target, encode_presence(user, &presence));
                 return;
             }
             // Announced by the home shard, which knows whether it changes anything (with
@@ -308,7 +322,7 @@ impl Shard {
     /// Home shard: tells `user`'s watchers and the members of `rooms` — each receiving
     /// connection once, even when it is reached through several of them — or everyone, with
     /// `presence_scope = "all"`.
-    fn announce_presence(
+    pub(super) fn announce_presence(
         &mut self,
         user: i64,
         presence: &Presence,
@@ -420,6 +434,7 @@ impl Shard {
                 // A client's update: its fan-out may be shed, counted but not reported: the
                 // update itself is stored (and, from another shard, acknowledged already).
                 presence.info = self.presence.info(user);
+                self.presence_to_other_nodes(user, &presence, &rooms);
                 let shed = self.shed;
                 self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
                 self.shed = shed;
@@ -490,7 +505,11 @@ impl Shard {
             };
             self.send_to(old.shard, msg);
         }
-        if opened.came_online {
+        if opened.came_online && self.held_elsewhere(user) {
+            // Online already, through another node: nothing to announce.
+            ShardMetrics::inc(&self.metrics().users_current);
+            self.presence.set_info(user, info);
+        } else if opened.came_online {
             ShardMetrics::inc(&self.metrics().users_current);
             let now = Self::wall_ms();
             self.presence.online(user, now);
@@ -501,18 +520,27 @@ impl Shard {
         } else {
             self.presence.set_info(user, info); // the newest connection's
         }
+        self.tell_link_user(user);
+        self.cluster_opened(user, seq);
     }
 
     fn home_closed(&mut self, user: i64, seq: u64) {
-        if !self.directory.home_close(user, seq) {
+        let last = self.directory.home_close(user, seq);
+        self.tell_link_user(user);
+        if !self.opened_ms.is_empty() {
+            self.opened_ms.remove(&seq);
+        }
+        if !last {
             return;
         }
         ShardMetrics::dec(&self.metrics().users_current);
-        let info = self.presence.info(user);
         let now = Self::wall_ms();
-        self.presence.offline(user, now);
-        let presence = Presence { info, ..Presence::offline(now) };
-        self.announce_presence(user, &presence, Vec::new(), None);
+        if !self.held_elsewhere(user) {
+            let info = self.presence.info(user);
+            self.presence.offline(user, now);
+            let presence = Presence { info, ..Presence::offline(now) };
+            self.announce_presence(user, &presence, Vec::new(), None);
+        }
         let watched = self.presence.take_watching(user);
         self.for_each_home(watched, |targets| PresenceMsg::Unwatch { watcher: user, targets });
         self.notify_user_transition(user, false, now);

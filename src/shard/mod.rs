@@ -6,6 +6,7 @@
 mod admin;
 mod authorize;
 mod callbacks;
+mod cluster;
 pub mod conn;
 mod deliver;
 mod handshake;
@@ -228,6 +229,11 @@ pub struct Shard {
     /// Handshakes waiting for the application's deferred authentication (at most
     /// `auth_max_pending`), with what their upgrade needs.
     auth_pending: std::collections::HashMap<ConnKey, handshake::AwaitedAuth, foldhash::fast::RandomState>,
+    /// Home shard, with a cluster: users homed here that another live node holds.
+    remote_users: std::collections::HashSet<i64, foldhash::fast::RandomState>,
+    /// Home shard, with a cluster and `connections_per_user`: when each connection homed
+    /// here opened (Unix ms), by open order, for evictions other nodes ask for.
+    opened_ms: std::collections::HashMap<u64, u64, foldhash::fast::RandomState>,
 }
 
 impl Shard {
@@ -279,6 +285,8 @@ impl Shard {
             client_work: false,
             shed: false,
             auth_pending: Default::default(),
+            remote_users: Default::default(),
+            opened_ms: Default::default(),
             shared,
         }
     }
@@ -578,6 +586,7 @@ impl Shard {
             ShardMsg::Room(msg) => self.on_room(msg),
             ShardMsg::Op(msg) => self.on_op(msg),
             ShardMsg::Admin(msg) => self.on_admin(msg),
+            ShardMsg::Cluster(msg) => self.on_cluster(msg),
             ShardMsg::Shutdown => self.begin_shutdown(),
         }
     }

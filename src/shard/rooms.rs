@@ -146,6 +146,7 @@ impl Shard {
     }
 
     fn announce_room_count(&mut self, room: &Arc<str>, count: u32) {
+        self.tell_link_room(room, count);
         for shard in 0..self.shards() {
             self.send_to(shard, RoomMsg::RoomCount { room: Arc::clone(room), shard: self.id, count });
         }
@@ -172,7 +173,12 @@ impl Shard {
         let body = publish.body.get().as_bytes();
         let meta = publish.meta.map(|m| m.get().as_bytes());
         let frame = room_message(Some(user), &room, Self::wall_ms(), body, meta);
+        let elsewhere = self.to_other_nodes(|| crate::route::cluster::LinkMsg::Room {
+            room: Arc::clone(&room),
+            frame: frame.clone(),
+        });
         self.publish_to_rooms(Arc::from(vec![room]), frame, Some(self.addr(key)), None);
+        self.shed |= !elsewhere; // members on other nodes did not get it: 503
         if let Some(pid) = pid {
             let answer = if self.shed {
                 // Some shards' members did not get it: their inboxes were full.
@@ -242,6 +248,10 @@ impl Shard {
         let stamp = super::handshake::rfc3339(Self::wall_ms());
         let frame = presence_event(user, status, Some(&context), &stamp, info.as_deref());
         let except = Some(self.addr(key));
+        let _ = self.to_other_nodes(|| crate::route::cluster::LinkMsg::Room {
+            room: Arc::clone(room),
+            frame: frame.clone(),
+        });
         self.publish_to_rooms(Arc::from(vec![Arc::clone(room)]), frame, except, None);
     }
 

@@ -31,7 +31,7 @@ impl Shard {
                 let conns = self.directory.home_conns(user);
                 let list =
                     conns.iter().map(|(seq, addr)| ConnInfo { shard: addr.shard, seq: *seq }).collect();
-                done.complete(Outcome::User(list));
+                self.query_user_across_nodes(user, list, done);
             }
             OpMsg::Decided { key, seq, refusal } => self.on_decided(key, seq, refusal),
             OpMsg::DisconnectUser { user, done } => {
@@ -57,6 +57,10 @@ impl Shard {
         let addrs: Vec<_> = self.directory.home_conns(user).iter().map(|(_, a)| *a).collect();
         for addr in &addrs {
             self.send_to(addr.shard, DeliverMsg::DeliverConn { key: addr.key, frame: frame.clone() });
+        }
+        if self.held_elsewhere(user) {
+            self.send_user_elsewhere(user, frame, addrs.len(), done);
+            return;
         }
         if let Some(done) = done {
             done.complete(Outcome::Delivered(addrs.len()));
@@ -91,6 +95,9 @@ impl Shard {
     ) {
         let newest = self.directory.home_conns(user).iter().max_by_key(|(seq, _)| *seq).map(|(_, a)| *a);
         match newest {
+            None if self.shared.fabric.cluster.is_some() => {
+                self.await_on_other_node(user, msg, kind, timeout_ms, done)
+            }
             None => done.complete(Outcome::Failed(WaitError::Offline)),
             Some(addr) => {
                 self.send_to(addr.shard, OpMsg::AwaitOn { key: addr.key, msg, kind, timeout_ms, done })

@@ -7,6 +7,7 @@
 //! a catch-all arm, so a new message nobody handles does not compile.
 
 mod admin;
+mod cluster;
 mod deliver;
 mod dir;
 mod op;
@@ -14,6 +15,7 @@ mod presence;
 mod room;
 
 pub use admin::AdminMsg;
+pub use cluster::ClusterMsg;
 pub use deliver::DeliverMsg;
 pub use dir::{AuthAnswer, DirMsg};
 pub use op::OpMsg;
@@ -38,6 +40,8 @@ pub enum ShardMsg {
     Op(OpMsg),
     /// The admin page's listings.
     Admin(AdminMsg),
+    /// From the cluster's broker link: other nodes' messages and state.
+    Cluster(ClusterMsg),
     /// Begin graceful shutdown.
     Shutdown,
 }
@@ -67,6 +71,7 @@ impl ShardMsg {
                 ShardMsg::Room(msg) => msg.held(),
                 ShardMsg::Op(msg) => msg.held(),
                 ShardMsg::Admin(msg) => msg.held(),
+                ShardMsg::Cluster(msg) => msg.held(),
                 ShardMsg::Shutdown => 0,
             }
     }
@@ -82,6 +87,7 @@ impl ShardMsg {
             ShardMsg::Room(msg) => msg.shed_kind(),
             ShardMsg::Op(msg) => msg.shed_kind(),
             ShardMsg::Admin(msg) => msg.shed_kind(),
+            ShardMsg::Cluster(msg) => msg.shed_kind(),
             ShardMsg::Shutdown => None,
         }
     }
