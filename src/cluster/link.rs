@@ -1,6 +1,6 @@
 //! The broker link thread: one per node, the only thread that talks to the cluster's broker
 //! on the node's behalf. It owns the [`Broker`] and the sans-IO [`Core`], takes what the shards
-//! and the handle hand over ([`LinkMsg`], through the route layer's [`ClusterTx`]), what the
+//! and the handle hand over ([`LinkMsg`], through the route layer's [`ClusterTx`](crate::route::cluster::ClusterTx)), what the
 //! broker reports ([`Event`]) and the time, and delivers what other nodes sent into the shards'
 //! inboxes ([`ClusterMsg`] and the ordinary delivery messages). Shards never block on it: data
 //! messages go through a bounded queue that refuses (503) when full or while the broker is

@@ -2,7 +2,7 @@
 //!
 //! - [`subjects`]: subject names under the configured prefix.
 //! - [`wire`]: the inter-node message encoding (postcard header, raw frame body).
-//! - [`broker`]: the [`Broker`](broker::Broker) abstraction; [`memory`] an in-process hub for
+//! - [`broker`]: the [`broker::Broker`] abstraction; [`memory`] an in-process hub for
 //!   tests; `redis` and `nats` the engines (cargo features `cluster-redis`, `cluster-nats`).
 //! - [`view`], [`core`]: the sans-IO node: replicated per-node records, heartbeats,
 //!   online/offline transitions, node expiry, and the delivered/404/503 decision.

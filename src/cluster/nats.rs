@@ -1,6 +1,6 @@
 //! The NATS engine, on `async-nats` with a `current_thread` tokio runtime confined to one thread
 //! (`cluster-nats`), off the data path: callers hand commands over through an unbounded tokio
-//! channel whose content is bounded in bytes by [`Shared`] (shed beyond
+//! channel whose content is bounded in bytes by `Shared` (shed beyond
 //! [`BrokerConfig::queue_bytes`], refused at once while down).
 //!
 //! NATS core publishes do not say how many received them, so a publish or request that wants a
