@@ -472,6 +472,24 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
         "{got}"
     );
 
+    // A member's room_presence on either node lists the members of both nodes.
+    for (c, pid) in [(&mut w, "rp1"), (&mut t, "rp2")] {
+        c.send_value(&json!({"type": "room_presence", "pid": pid, "payload": {"room": "lobby"}}));
+        let page = loop {
+            let v = c.recv_json();
+            if v["type"] == "room_presence" && v["pid"] == pid {
+                break v;
+            }
+            assert_ne!(v["error"]["originalPid"], pid, "{v}");
+        };
+        let members = page["payload"]["members"].as_array().unwrap();
+        let ids: Vec<i64> = members.iter().map(|m| m["userId"].as_i64().unwrap()).collect();
+        assert_eq!(ids, [1, 2], "user {}: {page}", c.user_id);
+        let statuses: Vec<&str> = members.iter().map(|m| m["status"].as_str().unwrap()).collect();
+        assert_eq!(statuses, ["online", "busy"], "{page}"); // 2 set `busy` on B above
+        assert_eq!(page["payload"]["next"], Value::Null, "{page}");
+    }
+
     // The API's room publish on B reaches both nodes' members, and counts them.
     let answer = b.api("POST", "/api/v1/rooms/lobby/publish", Some(r#"{"body":{"api":1}}"#));
     assert_eq!(answer["delivered"], 2, "{answer}");

@@ -119,9 +119,17 @@ struct Pending {
 /// A room member gather this node started: what arrived so far, and how many nodes are
 /// still to answer.
 struct Gather {
-    done: Completion,
+    done: GatherReply,
     users: Vec<i64>,
     left: usize,
+}
+
+/// Who gets a gather's members.
+enum GatherReply {
+    /// The handle (or the API): `Members` with every id that arrived.
+    Handle(Completion),
+    /// A shard's `room_presence` roster: ids above `after`, at most `limit`, sorted.
+    Roster { shard: crate::core::directory::ShardId, roster: u32, after: i64, limit: u32 },
 }
 
 /// Another node's member gather, collected here from every shard.
@@ -228,7 +236,7 @@ impl Link {
     /// Completes every member gather with what arrived (the broker went away, or we stop).
     fn finish_gathers(&mut self) {
         for (_, gather) in std::mem::take(&mut self.gathers) {
-            gather.done.complete(Outcome::Members(gather.users));
+            self.finish_gather(gather);
         }
         self.gather_deadlines.clear();
     }
@@ -318,11 +326,11 @@ impl Link {
         self.fabric.links[home].send_now(msg);
     }
 
-    /// The handle asks for `room`'s members on the other nodes.
-    fn gather_members(&mut self, room: &str, done: Completion) {
+    /// The handle (or a shard's roster) asks for `room`'s members on the other nodes.
+    fn gather_members(&mut self, room: &str, done: GatherReply) {
         let nodes = self.core.view().room_nodes(room);
         if nodes == 0 || self.gathers.len() >= self.max_pending {
-            done.complete(Outcome::Members(Vec::new()));
+            self.finish_gather(Gather { done, users: Vec::new(), left: 0 });
             return;
         }
         self.next_wait += 1;
@@ -330,12 +338,29 @@ impl Link {
         let payload = self.core.members_request_payload(id, room);
         let subject = self.core.subjects().room(room);
         if self.broker.publish(&subject, payload, None).is_err() {
-            done.complete(Outcome::Members(Vec::new()));
+            self.finish_gather(Gather { done, users: Vec::new(), left: 0 });
             return;
         }
         self.state().published_total.fetch_add(1, Ordering::Relaxed);
         self.gathers.insert(id, Gather { done, users: Vec::new(), left: nodes });
         self.gather_deadlines.push_back((Instant::now() + self.timeout, id));
+    }
+
+    /// Hands a gather's members to whoever asked.
+    fn finish_gather(&self, gather: Gather) {
+        match gather.done {
+            GatherReply::Handle(done) => done.complete(Outcome::Members(gather.users)),
+            GatherReply::Roster { shard, roster, after, limit } => {
+                let mut users = gather.users;
+                users.retain(|&user| user > after);
+                users.sort_unstable();
+                users.dedup();
+                users.truncate(limit as usize);
+                if let Some(link) = self.fabric.links.get(shard) {
+                    link.send_now(crate::route::msg::RoomMsg::RosterPart { roster, users });
+                }
+            }
+        }
     }
 
     /// One node's members for gather `id`.
@@ -346,7 +371,7 @@ impl Link {
         if gather.left == 0
             && let Some(gather) = self.gathers.remove(&id)
         {
-            gather.done.complete(Outcome::Members(gather.users));
+            self.finish_gather(gather);
         }
     }
 
@@ -534,7 +559,11 @@ impl Link {
                 local.extend((0..remote).map(|_| crate::route::ConnInfo { shard: usize::MAX, seq: 0 }));
                 done.complete(Outcome::User(local));
             }
-            LinkMsg::RoomMembers { room, done } => self.gather_members(&room, done),
+            LinkMsg::RoomMembers { room, done } => self.gather_members(&room, GatherReply::Handle(done)),
+            LinkMsg::RosterMembers { room, after, limit, reply_shard, roster } => {
+                let done = GatherReply::Roster { shard: reply_shard, roster, after, limit };
+                self.gather_members(&room, done);
+            }
             LinkMsg::SendUser { user, frame, local, done } => {
                 let name = user.to_string();
                 let remote = self.core.view().user_connections(&name) as usize;
@@ -634,7 +663,7 @@ impl Link {
             }
             self.gather_deadlines.pop_front();
             if let Some(gather) = self.gathers.remove(&id) {
-                gather.done.complete(Outcome::Members(gather.users));
+                self.finish_gather(gather);
             }
         }
         if self.gathers.is_empty() {

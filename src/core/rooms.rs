@@ -116,7 +116,8 @@ impl RoomTable {
     }
 
     /// Members of `room` on the other nodes of a cluster.
-    fn remote(&self, room: &str) -> usize {
+    /// Members of `room` on the other nodes of a cluster (as their records last said).
+    pub fn remote(&self, room: &str) -> usize {
         if self.remote.is_empty() { 0 } else { self.remote.get(room).map_or(0, |&n| n as usize) }
     }
 

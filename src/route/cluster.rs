@@ -160,6 +160,22 @@ pub enum LinkMsg {
         /// Gets `Members`.
         done: crate::route::Completion,
     },
+    /// A client's `room_presence` on shard `reply_shard`: gather `room`'s members on the other
+    /// nodes (as [`LinkMsg::RoomMembers`]) and hand the user ids above `after`, at most `limit`
+    /// of them, sorted, to that shard's roster `roster` as a `RosterPart` (none when the broker
+    /// is down or nothing arrives by `cluster_timeout`: the page then lists this node's members).
+    RosterMembers {
+        /// The room.
+        room: Arc<str>,
+        /// Only user ids greater than this (the page's cursor).
+        after: i64,
+        /// At most this many ids.
+        limit: u32,
+        /// The asking shard.
+        reply_shard: ShardId,
+        /// The asking shard's roster entry.
+        roster: u32,
+    },
     /// The server is stopping: say goodbye and end the thread.
     Shutdown,
 }
@@ -188,6 +204,7 @@ impl LinkMsg {
                 | LinkMsg::Disconnect { .. }
                 | LinkMsg::Opened { .. }
                 | LinkMsg::RoomMembers { .. }
+                | LinkMsg::RosterMembers { .. }
                 | LinkMsg::Shutdown => 0,
             }
     }

@@ -14,6 +14,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::envelope::{
     Envelope, RoomPublish, error_notification, presence_event, room_message, server_ack,
 };
+use crate::route::cluster::LinkMsg;
 use crate::route::msg::{RoomMsg, ShardMsg};
 use crate::route::{Completion, Outcome};
 
@@ -283,12 +284,14 @@ impl Shard {
             return;
         }
         let mut rest = self.rooms.shards_of(&room) | 1 << self.id;
+        // With a cluster, the members on other nodes are one more part, gathered by the link.
+        let elsewhere = self.rooms.remote(&room) > 0 && self.shared.fabric.cluster.is_some();
         let roster = Roster {
             reply: key,
             room: Arc::clone(&room),
             pid: pid.map(Into::into),
             limit,
-            remaining: rest.count_ones(),
+            remaining: rest.count_ones() + u32::from(elsewhere),
             failed: false,
             users: Vec::new(),
             entries: Vec::new(),
@@ -309,6 +312,13 @@ impl Shard {
             };
             if !self.try_send_to(shard, msg) {
                 self.roster_part(roster, Vec::new(), true);
+            }
+        }
+        if elsewhere {
+            let msg = LinkMsg::RosterMembers { room, after, limit: ask, reply_shard: self.id, roster };
+            if !self.to_other_nodes(|| msg) {
+                // The broker is down or the link is full: the page lists this node's members.
+                self.roster_part(roster, Vec::new(), false);
             }
         }
     }
