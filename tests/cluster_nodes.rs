@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 /// Node heartbeat and time-to-live used by every node here.
 const HEARTBEAT_MS: u64 = 100;
 const NODE_TTL_MS: u64 = 400;
+/// An extra argument for [`Node::start_with`]: serve `/metrics` and `/health` on the public port.
+const PUBLIC_METRICS: &str = "(public metrics)";
 const API_KEY: &str = "cluster-test-key";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -169,12 +171,19 @@ impl Node {
 
     fn try_start(broker: &Broker, prefix: &str, name: &str, extra: &[&str]) -> Option<Node> {
         let dir = scratch(name);
-        let (ws, internal, api) = (free_port(), free_port(), free_port());
+        // `PUBLIC_METRICS` among the extras: no `internal_listen` (`/metrics` and `/health` on
+        // the WebSocket port, the default).
+        let public = extra.contains(&PUBLIC_METRICS);
+        let extra: Vec<&str> = extra.iter().copied().filter(|&arg| arg != PUBLIC_METRICS).collect();
+        let (ws, api) = (free_port(), free_port());
+        let internal = if public { ws } else { free_port() };
         let at = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().unwrap() };
         let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let internal_args =
+            if public { vec![] } else { vec!["--internal-listen".to_string(), at(internal).to_string()] };
         let child = Command::new(env!("CARGO_BIN_EXE_customws"))
             .args(["--listen", &at(ws).to_string()])
-            .args(["--internal-listen", &at(internal).to_string()])
+            .args(&internal_args)
             .args(["--api-listen", &at(api).to_string()])
             .args(["--shards", "2", "--rate-limit", "0", "--rate-limit-bytes", "0"])
             .args(["--shutdown-timeout", "2s", "--log-level", "info"])
@@ -183,7 +192,7 @@ impl Node {
             .args(["--cluster-node-ttl", &format!("{NODE_TTL_MS}ms")])
             .args(["--cluster-timeout", "1s"])
             .args(["--transient-ttl", "300ms", "--presence-coalesce", "0s"])
-            .args(extra)
+            .args(&extra)
             .env("CUSTOMWS_JWT_SECRET", common::SECRET)
             .env("CUSTOMWS_API_KEY", API_KEY)
             .stdin(Stdio::null())
@@ -546,7 +555,9 @@ fn node_killed(engine: Engine) {
 fn broker_stopped_and_started(engine: Engine) {
     let mut broker = Broker::start(engine);
     let prefix = prefix("restart", engine);
-    let a = Node::start(&broker, &prefix, "a");
+    // A serves /metrics and /health on its public port (no internal_listen): the cluster's
+    // state and counters are there too.
+    let a = Node::start_with(&broker, &prefix, "a", &[PUBLIC_METRICS]);
     let b = Node::start(&broker, &prefix, "b");
     a.wait_nodes(2);
     let mut w = connect(a.ws, 1, &[]);

@@ -79,7 +79,7 @@ impl Shard {
                     }
                     Decision::Metrics => {
                         let format = Format::negotiate(request.accept.as_deref());
-                        let text = self.shared.metrics.render_as(self.shared.app.counters(), format);
+                        let text = self.shared.metrics.render_as(self.shared.counters(), format);
                         self.respond(key, 200, format.content_type(), text.as_bytes());
                     }
                     Decision::Page(page) => self.respond(key, page.status, page.content_type, &page.body),
