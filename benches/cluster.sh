@@ -250,6 +250,7 @@ if selected "$RUN"; then
                 --expect-total "$total" --rate "$TIER_RATE" --p2p-secs "$TIER_SECS"
                 --url "${NODE_URLS[$i]}" --server-pid "${NODE_PIDS[$i]}" --urls "$urls"
                 --src-ips 4 --src-ip-offset $((i * 4)) --secret "$SECRET" --timeout-secs "$TIER_TIMEOUT"
+                --broker-pid "$BROKER_PID"
                 --expect-wait-secs $((TIER_TIMEOUT - 60)))
             log "=== $RUN process $i: loadgen ${args[*]}"
             timeout -k 10 $((TIER_TIMEOUT + 60)) "$BIN/loadgen" "${args[@]}" \

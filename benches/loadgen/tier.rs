@@ -165,6 +165,8 @@ pub(crate) fn tier(ctx: &mut Ctx) -> Result<Value, String> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (first as u64).wrapping_mul(0x1000_0000_01b3));
     let others = (total_users - n as i64) as u64;
     progress!("tier: P2P for {p2p_secs}s at {rate}/s to random users on other nodes");
+    let p2p_cpu0 = ctx.server.cpu();
+    let broker0 = ctx.broker.as_ref().map(|b| b.cpu());
     let t0 = Instant::now();
     let mut sent = 0usize;
     let mut frame = Vec::with_capacity(size + 128);
@@ -192,6 +194,14 @@ pub(crate) fn tier(ctx: &mut Ctx) -> Result<Value, String> {
     while answered(&h) < sent as u64 && Instant::now() < end && !ctx.timed_out() {
         eng.poll_once(&mut h, Duration::from_millis(10));
     }
+    let p2p_wall = t0.elapsed().as_secs_f64();
+    let p2p_cpu1 = ctx.server.cpu();
+    let broker1 = ctx.broker.as_ref().map(|b| b.cpu());
+    let p2p_node_us = ctx.server.sched_us(p2p_cpu0, p2p_cpu1);
+    let p2p_broker_us = match (&ctx.broker, broker0, broker1) {
+        (Some(b), Some(a0), Some(a1)) => b.sched_us(a0, a1),
+        _ => None,
+    };
     // Messages the other processes are still sending to this one's users.
     pump(ctx, &mut eng, &mut h, Duration::from_secs_f64(tail));
     let open_after = eng.open;
@@ -249,6 +259,10 @@ pub(crate) fn tier(ctx: &mut Ctx) -> Result<Value, String> {
         "error_notifications": h.errored,
         "bad_or_duplicate_acks": h.bad_ack,
         "received": h.received,
+        "p2p_wall_secs": r3(p2p_wall),
+        "p2p_node_sched_us": p2p_node_us.map(r3),
+        "p2p_node_sched_us_per_msg_sent_or_received": p2p_node_us.map(|c| r3(c / (sent as u64 + h.received).max(1) as f64)),
+        "p2p_broker_sched_us": p2p_broker_us.map(r3),
         "ack_rtt": hist_json(&h.rtt),
         "delivery_latency": hist_json(&h.deliv),
         "client": h.common.json(),
