@@ -1098,7 +1098,10 @@ fn run() -> Result<(), String> {
     let nodes: Vec<Server> = if urls.is_empty() {
         vec![server.clone()]
     } else {
-        urls.iter().enumerate().map(|(i, &addr)| Server { pid: pids.get(i).cloned(), clk_tck, addr }).collect()
+        urls.iter()
+            .enumerate()
+            .map(|(i, &addr)| Server { pid: pids.get(i).cloned(), clk_tck, addr })
+            .collect()
     };
     for n in &nodes {
         if let Some(p) = &n.pid

@@ -176,7 +176,11 @@ impl Engine {
 
     /// An engine whose connections go to any of `servers` (the nodes of a cluster), chosen per
     /// connection by [`Engine::connect_to`]; [`Engine::connect`] uses the first.
-    pub(crate) fn with_servers(servers: Vec<SocketAddr>, path: &str, src_ips: Vec<Ipv4Addr>) -> io::Result<Self> {
+    pub(crate) fn with_servers(
+        servers: Vec<SocketAddr>,
+        path: &str,
+        src_ips: Vec<Ipv4Addr>,
+    ) -> io::Result<Self> {
         assert!(!servers.is_empty(), "at least one server");
         Ok(Engine {
             poll: Poll::new()?,

@@ -143,7 +143,8 @@ pub(crate) fn tier(ctx: &mut Ctx) -> Result<Value, String> {
     let rss_before = ctx.server.rss();
     let cpu0 = ctx.server.cpu();
     progress!("tier: opening {n} connections to {} as users {first}..={last}", ctx.server.addr);
-    let est = establish(ctx, &mut eng, &mut h, n, conc, |i| (ctx.minter.token(first + i as i64, &[]), i as u32));
+    let est =
+        establish(ctx, &mut eng, &mut h, n, conc, |i| (ctx.minter.token(first + i as i64, &[]), i as u32));
     progress!("tier: {} upgraded, {} failed in {:.2}s", est.ok, est.failed, est.secs);
     if est.ok < n as u64 {
         ctx.problems.push(format!("only {} of {n} connections upgraded", est.ok));
@@ -182,7 +183,9 @@ pub(crate) fn tier(ctx: &mut Ctx) -> Result<Value, String> {
             h.send_us[sent] = t;
             let p = payload_at(size, sent as u64, t);
             frame.clear();
-            let msg = format!("{{\"type\":\"data_request\",\"targetUserId\":{target},\"pid\":\"t{sent}\",\"payload\":{p}}}");
+            let msg = format!(
+                "{{\"type\":\"data_request\",\"targetUserId\":{target},\"pid\":\"t{sent}\",\"payload\":{p}}}"
+            );
             push_text(&mut frame, msg.as_bytes());
             eng.send_raw(from, &frame);
             sent += 1;
