@@ -15,6 +15,7 @@
 #   redis-tier                                TIER_NODES nodes × TIER_CONNS connections on one
 #                                             Redis, one loadgen process per node, P2P between
 #                                             random users on different nodes (loadgen `tier`)
+#   nats-tier                                 the same on one nats-server (only when in ONLY)
 # Environment: TIMEOUT (per loadgen run, s; 120), SRC_IPS (8), TIER_NODES (6), TIER_CONNS (17000),
 # TIER_RATE (P2P messages/s per loadgen process; 200), TIER_SECS (P2P seconds; 10),
 # TIER_TIMEOUT (s; 600), SHARDS (per node; 2), LOG_LEVEL (warn).
@@ -231,12 +232,15 @@ pair_run nats-p2p-1 nats 2 "${P2P1[@]}"
 pair_run nats-p2p-16 nats 2 "${P2P16[@]}"
 pair_run nats-bcast nats 2 "${BCAST[@]}"
 
-# ---- the tier: TIER_NODES × TIER_CONNS on one Redis ---------------------------------------------
-RUN=redis-tier
+# ---- the tier: TIER_NODES × TIER_CONNS on one Redis (nats-tier: on one nats-server) -------------
+for TIER_ENGINE in redis nats; do
+RUN=$TIER_ENGINE-tier
+# nats-tier only when named in ONLY.
+[[ $TIER_ENGINE == nats && " $ONLY " != *" nats-tier "* ]] && continue
 if selected "$RUN"; then
     LOAD=$(loadavg)
     ok=1
-    start_broker redis || ok=0
+    start_broker "$TIER_ENGINE" || ok=0
     for i in $(seq "$TIER_NODES"); do
         [[ $ok == 1 ]] && { start_node "n$i" "$BROKER_URL" || ok=0; }
     done
@@ -284,10 +288,11 @@ if selected "$RUN"; then
             tail -n 2 "$LOGDIR/$RUN-$i.err" >&2
             record "$LOGDIR/$RUN-$i.json" "$i"
         done
-        redis-cli -u "$BROKER_URL" info >"$LOGDIR/$RUN-redis-info.txt" 2>&1
+        [[ $TIER_ENGINE == redis ]] && redis-cli -u "$BROKER_URL" info >"$LOGDIR/$RUN-redis-info.txt" 2>&1
     fi
     stop_all
 fi
+done
 
 # ---- summary ----------------------------------------------------------------------------------
 log "results: $OUT (logs in $LOGDIR)"
