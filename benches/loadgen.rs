@@ -26,7 +26,8 @@
 //!             summed over the nodes; server CPU is summed over the pids, and each node's and
 //!             the broker's (redis-server, nats-server) are reported apart.
 //!   tier      --conns N --user-offset K --total-users U --expect-total T [--p2p-secs 10]
-//!             [--rate 200] [--tail-secs 3] [--hold-secs 2] [--expect-wait-secs 300]
+//!             [--rate 200] [--size 100] [--settle-secs 3] [--tail-secs 3] [--hold-secs 2]
+//!             [--expect-wait-secs 300]
 //!             (one process of several, each holding N connections on its --url node, users
 //!             K..K+N-1 of 1..=U; once /health over all --urls reports T, P2P with ack to random
 //!             users outside K..K+N-1, i.e. on other nodes; see benches/cluster.sh)
