@@ -20,6 +20,17 @@
 //!             --ids users while reconnecting; a P2P pair's latency and the server's RSS growth;
 //!             server: rate limits on, --room-presence-max-members 0 --max-room-members 1000000)
 //!   report    --file FILE.jsonl   (Markdown table of a benches/run.sh results file)
+//! several nodes of one tier (cluster): --urls A,B,… [--server-pids P1,P2,…] [--broker-pid PID]
+//!             p2p: senders on the first node, receivers on the second; broadcast: receivers
+//!             spread over the nodes round-robin, the sender on the first; /health counts are
+//!             summed over the nodes; server CPU is summed over the pids, and each node's and
+//!             the broker's (redis-server, nats-server) are reported apart.
+//!   tier      --conns N --user-offset K --total-users U --expect-total T [--p2p-secs 10]
+//!             [--rate 200] [--size 100] [--settle-secs 3] [--tail-secs 3] [--hold-secs 2]
+//!             [--expect-wait-secs 300]
+//!             (one process of several, each holding N connections on its --url node, users
+//!             K..K+N-1 of 1..=U; once /health over all --urls reports T, P2P with ack to random
+//!             users outside K..K+N-1, i.e. on other nodes; see benches/cluster.sh)
 //! common: --src-ips K (127.0.0.2 ..= 127.0.0.(K+1), default 8) --timeout-secs T (default 60)
 //!         --clk-tck 100 --path /ws --no-metrics 1
 //!         --user-offset K (density, handshake, request: user ids K, K+1, …; default 1)
@@ -82,6 +93,8 @@ mod hostile;
 mod request;
 #[path = "loadgen/rooms.rs"]
 mod rooms;
+#[path = "loadgen/tier.rs"]
+mod tier;
 
 /// A server → client message, only the fields the scenarios look at.
 #[derive(Deserialize)]
@@ -189,12 +202,93 @@ struct Ctx {
     path: String,
     metrics: bool,
     problems: Vec<String>,
+    /// Every node of the tier (`--urls`, `--server-pids`); `[server]` when one.
+    nodes: Vec<Server>,
+    /// The broker process (`--broker-pid`).
+    broker: Option<Server>,
 }
 
 impl Ctx {
+    /// An engine whose `connect` goes to the first node and `connect_to(k, …)` to node k.
     fn engine(&self) -> Engine {
-        Engine::new(self.server.addr, &self.path, util::src_ips(self.src_ips, self.src_ip_offset))
-            .expect("mio poll")
+        Engine::with_servers(
+            self.nodes.iter().map(|n| n.addr).collect(),
+            &self.path,
+            util::src_ips(self.src_ips, self.src_ip_offset),
+        )
+        .expect("mio poll")
+    }
+
+    /// `/health` connections summed over every node (`None` when one does not answer).
+    fn health_connections(&self) -> Option<u64> {
+        self.nodes.iter().map(Server::health_connections).sum()
+    }
+
+    /// CPU marks of every node, then of the broker.
+    fn cpu_all(&self) -> Vec<util::CpuMark> {
+        let mut v: Vec<_> = self.nodes.iter().map(Server::cpu).collect();
+        v.push(self.broker.as_ref().map(Server::cpu).unwrap_or_default());
+        v
+    }
+
+    /// Server CPU (µs, clock ticks) summed over the nodes between two [`Ctx::cpu_all`] marks.
+    fn nodes_cpu_us(&self, a: &[util::CpuMark], b: &[util::CpuMark]) -> Option<f64> {
+        self.nodes.iter().enumerate().map(|(i, n)| n.cpu_us(a[i], b[i])).sum()
+    }
+
+    /// Server CPU (µs, schedstat) summed over the nodes.
+    fn nodes_sched_us(&self, a: &[util::CpuMark], b: &[util::CpuMark]) -> Option<f64> {
+        self.nodes.iter().enumerate().map(|(i, n)| n.sched_us(a[i], b[i])).sum()
+    }
+
+    /// Per node and broker: CPU between the marks, and per unit of `work[k]` (the node's
+    /// deliveries or messages); all nodes' per `total`; the broker's per `broker_work`.
+    fn cluster_json(
+        &self,
+        a: &[util::CpuMark],
+        b: &[util::CpuMark],
+        (unit, work, total): (&str, &[u64], u64),
+        (broker_unit, broker_work): (&str, u64),
+    ) -> Value {
+        let per = |us: Option<f64>, n: u64| us.map(|c| r3(c / n.max(1) as f64));
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let w = work.get(i).copied().unwrap_or(0);
+                let (cpu, sched) = (n.cpu_us(a[i], b[i]), n.sched_us(a[i], b[i]));
+                json!({
+                    "url": n.addr.to_string(),
+                    "pid": n.pid,
+                    unit: w,
+                    "cpu_us": cpu,
+                    "sched_us": sched.map(r3),
+                    format!("sched_us_per_{unit}"): per(sched, w),
+                    "rss_bytes": n.rss(),
+                })
+            })
+            .collect();
+        let k = self.nodes.len();
+        let broker = self.broker.as_ref().map(|br| {
+            let sched = br.sched_us(a[k], b[k]);
+            json!({
+                "pid": br.pid,
+                "cpu_us": br.cpu_us(a[k], b[k]),
+                "sched_us": sched.map(r3),
+                format!("sched_us_per_{broker_unit}"): per(sched, broker_work),
+                broker_unit: broker_work,
+                "rss_bytes": br.rss(),
+            })
+        });
+        let sched = self.nodes_sched_us(a, b);
+        json!({
+            "nodes": nodes,
+            "broker": broker,
+            "nodes_sched_us": sched.map(r3),
+            format!("nodes_sched_us_per_{unit}"): per(sched, total),
+            format!("{unit}s"): total,
+        })
     }
 
     fn metrics(&self) -> Option<BTreeMap<String, f64>> {
@@ -222,6 +316,21 @@ fn establish<H: Handler>(
     conc: usize,
     mut spec: impl FnMut(usize) -> (String, u32),
 ) -> Established {
+    establish_on(ctx, eng, h, n, conc, |i| {
+        let (tok, tag) = spec(i);
+        (tok, tag, 0)
+    })
+}
+
+/// [`establish`] where `spec(i)` also names the node (index into `--urls`) of the i-th.
+fn establish_on<H: Handler>(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    h: &mut H,
+    n: usize,
+    conc: usize,
+    mut spec: impl FnMut(usize) -> (String, u32, usize),
+) -> Established {
     let t0 = Instant::now();
     let ok0 = eng.stats.handshakes_ok;
     let failed0 = eng.failed;
@@ -229,9 +338,9 @@ fn establish<H: Handler>(
     let mut last_report = Instant::now();
     while (next < n || eng.pending > 0) && !ctx.timed_out() {
         while next < n && eng.pending < conc {
-            let (tok, tag) = spec(next);
+            let (tok, tag, node) = spec(next);
             next += 1;
-            let _ = eng.connect(&tok, tag);
+            let _ = eng.connect_to(node, &tok, tag);
         }
         eng.poll_once(h, Duration::from_millis(2));
         if last_report.elapsed() > Duration::from_secs(1) {
@@ -273,7 +382,7 @@ fn wait_health<H: Handler>(
     let end = t0 + limit;
     let mut last = None;
     loop {
-        last = ctx.server.health_connections().or(last);
+        last = ctx.health_connections().or(last);
         if last.is_some_and(&pred) {
             return (last, true, t0.elapsed().as_secs_f64());
         }
@@ -479,12 +588,13 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
         sender_user,
         common: Common::default(),
     };
-    progress!("broadcast: opening {r} receivers + 1 sender");
-    let est = establish(ctx, &mut eng, &mut h, r + 1, conc, |i| {
+    let n_nodes = ctx.nodes.len();
+    progress!("broadcast: opening {r} receivers + 1 sender (receivers over {n_nodes} node(s))");
+    let est = establish_on(ctx, &mut eng, &mut h, r + 1, conc, |i| {
         if i < r {
-            (ctx.minter.token(i as i64 + 1, &[]), i as u32)
+            (ctx.minter.token(i as i64 + 1, &[]), i as u32, i % n_nodes)
         } else {
-            (ctx.minter.token(sender_user, &["broadcast"]), r as u32)
+            (ctx.minter.token(sender_user, &["broadcast"]), r as u32, 0)
         }
     });
     if est.ok < (r + 1) as u64 {
@@ -494,7 +604,8 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
     if !reached {
         ctx.problems.push(format!("/health reported {seen:?} connections, expected {}", est.ok));
     }
-    pump(ctx, &mut eng, &mut h, Duration::from_millis(300));
+    // Several nodes: let every node learn of the others' users and rooms first.
+    pump(ctx, &mut eng, &mut h, Duration::from_millis(if n_nodes > 1 { 1500 } else { 300 }));
     // The sender is the connection tagged `r`.
     let sender_id = (0..eng.capacity())
         .find(|&id| eng.is_open(id) && eng.tag(id) == Some(r as u32))
@@ -502,6 +613,7 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
     let m0 = ctx.metrics();
     let rss0 = ctx.server.rss();
     let cpu0 = ctx.server.cpu();
+    let all0 = ctx.cpu_all();
     let self0 = util::self_cpu_us(ctx.server.clk_tck);
     let per_round = (est.ok.saturating_sub(1)) * m as u64;
     let expected = per_round * rounds as u64;
@@ -550,6 +662,7 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
         }
     }
     let cpu1 = ctx.server.cpu();
+    let all1 = ctx.cpu_all();
     let self1 = util::self_cpu_us(ctx.server.clk_tck);
     let rss1 = ctx.server.rss();
     let wall = h.last_at.map(|t| t.duration_since(t0).as_secs_f64()).unwrap_or(t0.elapsed().as_secs_f64());
@@ -562,7 +675,13 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
     if h.total > expected {
         ctx.problems.push(format!("{} deliveries more than expected", h.total - expected));
     }
-    let cpu_us = ctx.server.cpu_us(cpu0, cpu1);
+    let cpu_us = if n_nodes > 1 { ctx.nodes_cpu_us(&all0, &all1) } else { ctx.server.cpu_us(cpu0, cpu1) };
+    let mut per_node = vec![0u64; n_nodes];
+    for (i, c) in h.counts.iter().enumerate() {
+        per_node[i % n_nodes] += u64::from(*c);
+    }
+    let publishes = (m * round_secs.len()) as u64;
+    let cluster = ctx.cluster_json(&all0, &all1, ("delivery", &per_node, h.total), ("publish", publishes));
     let min = h.counts.iter().min().copied().unwrap_or(0);
     let max = h.counts.iter().max().copied().unwrap_or(0);
     let short = h.counts.iter().filter(|&&c| (c as usize) < m * rounds).count();
@@ -588,6 +707,7 @@ fn broadcast(ctx: &mut Ctx) -> Result<Value, String> {
         "server_cpu_us_per_delivery": cpu_us.map(|c| r3(c / (h.total.max(1)) as f64)),
         "server_cpu_us_per_delivery_expected": cpu_us.map(|c| r3(c / (expected.max(1)) as f64)),
         "loadgen_cpu_us": match (self0, self1) { (Some(a), Some(b)) => Some(b - a), _ => None },
+        "cluster": cluster,
         "latency_note": "send timestamp taken when the whole burst of M was queued (per round)",
         "latency": hist_json(&h.lat),
         "rss_before_bytes": rss0,
@@ -747,10 +867,17 @@ fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
         common: Common::default(),
     };
     progress!("p2p: opening {pairs} pairs");
-    // Receivers first, so that no message targets a user not yet connected.
-    let est = establish(ctx, &mut eng, &mut h, 2 * pairs, conc, |i| {
-        let user = if i < pairs { 2 * (i as i64 + 1) + 1 } else { 2 * ((i - pairs) as i64 + 1) };
-        (ctx.minter.token(user, &[]), user as u32)
+    // Receivers first, so that no message targets a user not yet connected. Several nodes:
+    // senders on the first, receivers on the second.
+    let n_nodes = ctx.nodes.len();
+    let est = establish_on(ctx, &mut eng, &mut h, 2 * pairs, conc, |i| {
+        if i < pairs {
+            let user = 2 * (i as i64 + 1) + 1;
+            (ctx.minter.token(user, &[]), user as u32, 1 % n_nodes)
+        } else {
+            let user = 2 * ((i - pairs) as i64 + 1);
+            (ctx.minter.token(user, &[]), user as u32, 0)
+        }
     });
     if est.ok < 2 * pairs as u64 {
         ctx.problems.push(format!("only {} of {} connections upgraded", est.ok, 2 * pairs));
@@ -759,7 +886,8 @@ fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
     if !reached {
         ctx.problems.push(format!("/health reported {seen:?} connections, expected {}", est.ok));
     }
-    pump(ctx, &mut eng, &mut h, Duration::from_millis(300));
+    // Several nodes: the senders' node must have learnt the receivers are online elsewhere.
+    pump(ctx, &mut eng, &mut h, Duration::from_millis(if n_nodes > 1 { 1500 } else { 300 }));
     let mut senders = Vec::new();
     for id in 0..eng.capacity() {
         if let Some(tag) = eng.tag(id)
@@ -771,6 +899,7 @@ fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
     }
     let m0 = ctx.metrics();
     let cpu0 = ctx.server.cpu();
+    let all0 = ctx.cpu_all();
     let self0 = util::self_cpu_us(ctx.server.clk_tck);
     let t0 = Instant::now();
     for &(id, idx) in &senders {
@@ -794,6 +923,7 @@ fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
     );
     let wall = t0.elapsed().as_secs_f64();
     let cpu1 = ctx.server.cpu();
+    let all1 = ctx.cpu_all();
     let self1 = util::self_cpu_us(ctx.server.clk_tck);
     pump(ctx, &mut eng, &mut h, Duration::from_millis(200));
     let m1 = ctx.metrics();
@@ -809,8 +939,15 @@ fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
     if h.total_received < want {
         ctx.problems.push(format!("{} of {want} deliveries missing", want - h.total_received));
     }
-    let cpu_us = ctx.server.cpu_us(cpu0, cpu1);
+    let cpu_us = if n_nodes > 1 { ctx.nodes_cpu_us(&all0, &all1) } else { ctx.server.cpu_us(cpu0, cpu1) };
     let msgs = h.total_acked.max(1) as f64;
+    // Each message costs the senders' node (read, publish, ack) and the receivers' (deliver).
+    let mut work = vec![0u64; n_nodes];
+    work[0] = h.total_acked;
+    if n_nodes > 1 {
+        work[1] = h.total_acked;
+    }
+    let cluster = ctx.cluster_json(&all0, &all1, ("msg", &work, h.total_acked), ("msg", h.total_acked));
     let out = json!({
         "pairs": pairs,
         "inflight": inflight,
@@ -831,6 +968,7 @@ fn p2p(ctx: &mut Ctx) -> Result<Value, String> {
         "server_cpu_us": cpu_us,
         "server_cpu_us_per_msg": cpu_us.map(|c| r3(c / msgs)),
         "loadgen_cpu_us": match (self0, self1) { (Some(a), Some(b)) => Some(b - a), _ => None },
+        "cluster": cluster,
         "ack_rtt": hist_json(&h.rtt),
         "delivery_latency": hist_json(&h.deliv),
         "server_metrics_delta": util::metrics_delta(&m0, &m1),
@@ -920,7 +1058,24 @@ fn run() -> Result<(), String> {
         let file = args.str("file").ok_or("usage: loadgen report --file FILE.jsonl")?;
         return report::report(file);
     }
-    let addr = util::parse_url(args.str("url").unwrap_or("127.0.0.1:8082"))?;
+    // Several nodes: --urls A,B,… with --server-pids aligned; --url and --server-pid default to
+    // the first of each.
+    let urls: Vec<std::net::SocketAddr> = match args.str("urls") {
+        Some(list) => list.split(',').map(util::parse_url).collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    let pids: Vec<String> = args
+        .str("server-pids")
+        .map(|l| l.split(',').filter(|p| !p.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
+    if !pids.is_empty() && pids.len() != urls.len() {
+        return Err("--server-pids needs one pid per --urls entry".into());
+    }
+    let addr = match (args.str("url"), urls.first()) {
+        (Some(u), _) => util::parse_url(u)?,
+        (None, Some(a)) => *a,
+        (None, None) => util::parse_url("127.0.0.1:8082")?,
+    };
     let clk_tck: u64 = args.num("clk-tck", 100)?;
     let timeout: f64 = args.num("timeout-secs", 60.0)?;
     let src_ips: usize = args.num("src-ips", 8)?;
@@ -936,7 +1091,27 @@ fn run() -> Result<(), String> {
         return Err("--user-offset: user ids start at 1".into());
     }
     let secret = args.str("secret").unwrap_or("secret").to_string();
-    let server = Server { pid: args.str("server-pid").map(str::to_string), clk_tck, addr };
+    let server_pid = args.str("server-pid").map(str::to_string).or_else(|| {
+        // The pid of --url among --urls.
+        urls.iter().position(|u| *u == addr).and_then(|i| pids.get(i).cloned())
+    });
+    let server = Server { pid: server_pid, clk_tck, addr };
+    let nodes: Vec<Server> = if urls.is_empty() {
+        vec![server.clone()]
+    } else {
+        urls.iter()
+            .enumerate()
+            .map(|(i, &addr)| Server { pid: pids.get(i).cloned(), clk_tck, addr })
+            .collect()
+    };
+    for n in &nodes {
+        if let Some(p) = &n.pid
+            && util::proc_cpu_ticks(p).is_none()
+        {
+            return Err(format!("no process {p}"));
+        }
+    }
+    let broker = args.str("broker-pid").map(|p| Server { pid: Some(p.to_string()), clk_tck, addr });
     if let Some(p) = &server.pid
         && util::proc_cpu_ticks(p).is_none()
     {
@@ -956,6 +1131,8 @@ fn run() -> Result<(), String> {
         src_ip_offset,
         user_offset,
         problems: Vec::new(),
+        nodes,
+        broker,
     };
     let result: Value = match scenario.as_str() {
         "density" => density(&mut ctx),
@@ -966,6 +1143,7 @@ fn run() -> Result<(), String> {
         "presence" => rooms::presence(&mut ctx),
         "request" => request::request(&mut ctx),
         "hostile" => hostile::hostile(&mut ctx),
+        "tier" => tier::tier(&mut ctx),
         other => Err(format!("unknown scenario {other:?}")),
     }?;
     if ctx.timed_out() {

@@ -152,8 +152,8 @@ pub(crate) struct Engine {
     ready: Vec<(usize, bool, bool)>,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
-    server: SocketAddr,
-    host: String,
+    /// The servers connections go to (several nodes of one tier: [`Engine::connect_to`]).
+    servers: Vec<SocketAddr>,
     path: String,
     src_ips: Vec<Ipv4Addr>,
     next_src: usize,
@@ -171,14 +171,24 @@ pub(crate) struct Engine {
 
 impl Engine {
     pub(crate) fn new(server: SocketAddr, path: &str, src_ips: Vec<Ipv4Addr>) -> io::Result<Self> {
+        Self::with_servers(vec![server], path, src_ips)
+    }
+
+    /// An engine whose connections go to any of `servers` (the nodes of a cluster), chosen per
+    /// connection by [`Engine::connect_to`]; [`Engine::connect`] uses the first.
+    pub(crate) fn with_servers(
+        servers: Vec<SocketAddr>,
+        path: &str,
+        src_ips: Vec<Ipv4Addr>,
+    ) -> io::Result<Self> {
+        assert!(!servers.is_empty(), "at least one server");
         Ok(Engine {
             poll: Poll::new()?,
             events: Events::with_capacity(4096),
             ready: Vec::with_capacity(4096),
             conns: Vec::new(),
             free: Vec::new(),
-            server,
-            host: server.to_string(),
+            servers,
             path: path.to_string(),
             src_ips,
             next_src: 0,
@@ -194,8 +204,14 @@ impl Engine {
     /// Starts a connection authenticating with `token`; the upgrade request is sent once TCP
     /// connects. Returns the connection id.
     pub(crate) fn connect(&mut self, token: &str, tag: u32) -> io::Result<usize> {
+        self.connect_to(0, token, tag)
+    }
+
+    /// [`Engine::connect`] to server `node` (modulo the number of servers).
+    pub(crate) fn connect_to(&mut self, node: usize, token: &str, tag: u32) -> io::Result<usize> {
         self.stats.connects_started += 1;
-        match self.try_connect(token, tag) {
+        let server = self.servers[node % self.servers.len()];
+        match self.try_connect(server, token, tag) {
             Ok(id) => {
                 self.pending += 1;
                 Ok(id)
@@ -208,7 +224,7 @@ impl Engine {
         }
     }
 
-    fn try_connect(&mut self, token: &str, tag: u32) -> io::Result<usize> {
+    fn try_connect(&mut self, server: SocketAddr, token: &str, tag: u32) -> io::Result<usize> {
         let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
         sock.set_nonblocking(true)?;
         sock.set_tcp_nodelay(true)?;
@@ -217,7 +233,7 @@ impl Engine {
             self.next_src += 1;
             sock.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into())?;
         }
-        match sock.connect(&self.server.into()) {
+        match sock.connect(&server.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(115) || e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -244,7 +260,7 @@ impl Engine {
             wbuf,
             "GET {}?token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            self.path, token, self.host, key
+            self.path, token, server, key
         )?;
         self.conns[id] = Some(Conn {
             sock: stream,

@@ -102,6 +102,7 @@ pub(crate) fn proc_status_bytes(pid: &str, field: &str) -> Option<u64> {
 }
 
 /// Server CPU/RSS probe (all `None` without `--server-pid`).
+#[derive(Clone)]
 pub(crate) struct Server {
     pub(crate) pid: Option<String>,
     pub(crate) clk_tck: u64,
@@ -109,7 +110,7 @@ pub(crate) struct Server {
 }
 
 /// A CPU reading of the server process.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub(crate) struct CpuMark {
     ticks: Option<u64>,
     /// Sum of the threads' run time from /proc/PID/task/*/schedstat, in ns (not tick-sampled;
