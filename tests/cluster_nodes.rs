@@ -666,8 +666,9 @@ fn server_ops_across_nodes(engine: Engine) {
             .unwrap();
     assert!(answer["error"].is_string() || answer["error"].is_object(), "{answer}");
 
-    // Disconnect from A's API closes the user's connection on B.
-    a.api("DELETE", "/api/v1/users/2/connections", None);
+    // Disconnect from A's API closes the user's connection on B, and counts it.
+    let answer = a.api("DELETE", "/api/v1/users/2/connections", None);
+    assert_eq!(answer["disconnected"], 1, "{answer}");
     t.expect_close(1000);
     assert_eq!(next_presence(&mut w, 2), "offline");
 }

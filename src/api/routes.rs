@@ -612,7 +612,12 @@ impl Tally {
                 self.queried(*user)?
             }
             (Kind::Disconnect, Outcome::Delivered(n)) => {
-                Reply::ok(serde_json::json!({ "disconnected": n }).to_string())
+                // This node's connections, then (with a cluster) the other nodes'.
+                self.delivered += n;
+                if self.left > 0 {
+                    return None;
+                }
+                Reply::ok(serde_json::json!({ "disconnected": self.delivered }).to_string())
             }
             (Kind::Members { room }, Outcome::Members(users)) => {
                 self.members.extend(users);

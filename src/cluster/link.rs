@@ -544,12 +544,15 @@ impl Link {
                     self.publish(&subject, payload);
                 }
             }
-            LinkMsg::Disconnect { user } => {
-                if self.core.view().holders(&user.to_string()) > 0 {
+            LinkMsg::Disconnect { user, done } => {
+                let name = user.to_string();
+                let remote = self.core.view().user_connections(&name) as usize;
+                if self.core.view().holders(&name) > 0 {
                     let payload = self.core.disconnect_payload(user);
-                    let subject = self.core.subjects().user(&user.to_string());
+                    let subject = self.core.subjects().user(&name);
                     self.publish(&subject, payload);
                 }
+                done.complete(Outcome::Delivered(remote));
             }
             LinkMsg::Await { user, msg, kind, timeout_ms, done } => {
                 self.await_elsewhere(user, &msg, kind, timeout_ms, done)

@@ -121,10 +121,13 @@ pub enum LinkMsg {
         local: u32,
     },
     /// Close `user`'s connections on the other nodes (published only when the view lists
-    /// another node holding the user).
+    /// another node holding the user); `done` gets `Delivered(n)` with the connections the
+    /// view counts there.
     Disconnect {
         /// The user.
         user: i64,
+        /// Gets `Delivered(n)`.
+        done: crate::route::Completion,
     },
     /// From the user's home shard, which holds none of its connections: send `msg` to the
     /// user's connection on another node and wait there for the client's ack or reply.

@@ -269,9 +269,8 @@ impl Handle {
                 1
             }
             Op::Disconnect { user } => {
-                self.to_other_nodes(|| LinkMsg::Disconnect { user });
                 self.to_home(user, OpMsg::DisconnectUser { user, done: Some(done.clone()) });
-                1
+                1 + self.disconnect_elsewhere(user, done)
             }
             Op::AdminConnections { after, user, limit } => {
                 // One user's connections are all on the shards its directory names; asking
@@ -377,10 +376,16 @@ impl Handle {
     /// With a cluster, hands `msg` to the broker link for the other nodes (the counts the
     /// caller gets are this node's; a refusal — broker down, queue full — is counted in
     /// `customws_cluster_unavailable_total`).
-    fn to_other_nodes(&self, msg: impl FnOnce() -> LinkMsg) {
-        if let Some(cluster) = &self.fabric.cluster {
-            let _ = cluster.try_send(msg());
+    /// With a cluster, closes `user`'s connections on the other nodes: one more part,
+    /// `Delivered(n)` with the connections the view counts there (0 when the link refuses).
+    fn disconnect_elsewhere(&self, user: i64, done: &Completion) -> usize {
+        let Some(cluster) = &self.fabric.cluster else { return 0 };
+        if let Err(LinkMsg::Disconnect { done, .. }) =
+            cluster.try_send_or_return(LinkMsg::Disconnect { user, done: done.clone() })
+        {
+            done.complete(Outcome::Delivered(0));
         }
+        1
     }
 
     /// With a cluster, hands a broadcast or room publish to the link for the other nodes: one
