@@ -93,7 +93,15 @@ pub struct Opened {
 pub struct Directory {
     local: HashMap<i64, LocalConns, RandomState>,
     replica: HashMap<i64, u64, RandomState>,
-    homed: HashMap<i64, HomeConns, RandomState>,
+    homed: HashMap<i64, Homed, RandomState>,
+}
+
+/// A user homed on this shard: its connections, and when it came online (its presence, when
+/// the default one, is `online` since then: the presence table keeps no entry for it).
+#[derive(Debug)]
+struct Homed {
+    since_ms: u64,
+    conns: HomeConns,
 }
 
 impl Directory {
@@ -168,18 +176,19 @@ impl Directory {
         self.replica.len()
     }
 
-    /// Home shard only: a connection of `user` opened; `seq` orders connections globally.
-    pub fn home_open(&mut self, user: i64, seq: u64, addr: ConnAddr, per_user: usize) -> Opened {
+    /// Home shard only: a connection of `user` opened at `now_ms` (Unix ms); `seq` orders
+    /// connections globally.
+    pub fn home_open(&mut self, user: i64, seq: u64, addr: ConnAddr, per_user: usize, now_ms: u64) -> Opened {
         use std::collections::hash_map::Entry;
         let mut conns = match self.homed.entry(user) {
             Entry::Vacant(vacant) => {
                 // A first connection is within any `connections_per_user` (0 is no limit).
-                vacant.insert(HomeConns::One((seq, addr)));
+                vacant.insert(Homed { since_ms: now_ms, conns: HomeConns::One((seq, addr)) });
                 return Opened { came_online: true, evict: Vec::new() };
             }
             Entry::Occupied(occupied) => occupied,
         };
-        let mut list = conns.get().as_slice().to_vec();
+        let mut list = conns.get().conns.as_slice().to_vec();
         let at = list.partition_point(|(s, _)| *s < seq);
         list.insert(at, (seq, addr));
         let excess = if per_user == 0 { 0 } else { list.len().saturating_sub(per_user) };
@@ -187,14 +196,14 @@ impl Directory {
         if list.is_empty() {
             conns.remove();
         } else {
-            *conns.get_mut() = HomeConns::from_vec(list);
+            conns.get_mut().conns = HomeConns::from_vec(list);
         }
         Opened { came_online: false, evict }
     }
 
     /// Home shard only: a connection of `user` closed; true when the user is now offline.
     pub fn home_close(&mut self, user: i64, seq: u64) -> bool {
-        let Some(conns) = self.homed.get_mut(&user) else {
+        let Some(Homed { conns, .. }) = self.homed.get_mut(&user) else {
             return false;
         };
         if !conns.as_slice().iter().any(|(s, _)| *s == seq) {
@@ -212,7 +221,12 @@ impl Directory {
 
     /// Home shard only: `user`'s connections, oldest first, with their open order.
     pub fn home_conns(&self, user: i64) -> &[(u64, ConnAddr)] {
-        self.homed.get(&user).map_or(&[], HomeConns::as_slice)
+        self.homed.get(&user).map_or(&[], |homed| homed.conns.as_slice())
+    }
+
+    /// Home shard only: when `user` came online (its first connection opened), if it is online.
+    pub fn home_since(&self, user: i64) -> Option<u64> {
+        self.homed.get(&user).map(|homed| homed.since_ms)
     }
 
     /// Home shard only: whether `user` has any connection.
@@ -261,23 +275,25 @@ mod tests {
     #[test]
     fn home_list_reports_online_offline_and_evicts_oldest() {
         let mut dir = Directory::default();
-        let first = dir.home_open(9, 10, addr(0, 1), 1);
+        let first = dir.home_open(9, 10, addr(0, 1), 1, 100);
         assert_eq!(first, Opened { came_online: true, evict: vec![] });
-        let second = dir.home_open(9, 11, addr(1, 4), 1);
+        let second = dir.home_open(9, 11, addr(1, 4), 1, 200);
         assert_eq!(second, Opened { came_online: false, evict: vec![addr(0, 1)] });
         // The evicted connection's close arrives later: not the last one, no offline.
         assert!(!dir.home_close(9, 10));
         assert!(dir.home_online(9));
+        assert_eq!(dir.home_since(9), Some(100), "online since the first connection, still open or not");
         assert!(dir.home_close(9, 11));
         assert!(!dir.home_online(9));
+        assert_eq!(dir.home_since(9), None);
     }
 
     #[test]
     fn unlimited_keeps_all_and_out_of_order_seq_sorted() {
         let mut dir = Directory::default();
-        dir.home_open(1, 5, addr(0, 1), 0);
-        dir.home_open(1, 3, addr(1, 2), 2);
-        let third = dir.home_open(1, 9, addr(0, 3), 2);
+        dir.home_open(1, 5, addr(0, 1), 0, 0);
+        dir.home_open(1, 3, addr(1, 2), 2, 0);
+        let third = dir.home_open(1, 9, addr(0, 3), 2, 0);
         assert_eq!(third.evict, vec![addr(1, 2)], "the lowest sequence is the oldest");
     }
 
