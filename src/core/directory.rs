@@ -1,15 +1,21 @@
 //! Who is connected where, from one shard's point of view.
 //!
-//! Three tables, none shared between threads:
-//! - **local**: user → this shard's connections of that user (exact).
-//! - **replica**: user → bitmask of shards holding at least one connection of that user. Each
-//!   shard announces its own 0↔1 transitions to every shard, so routing a message to a user
-//!   needs no lock and no round trip; the replica lags by one channel hop.
+//! Per user, none of it shared between threads:
+//! - **replica**: the shards holding at least one connection of the user. Each shard announces
+//!   its own 0↔1 transitions to every shard, so routing a message to a user needs no lock and
+//!   no round trip; the replica lags by one channel hop.
+//! - **local**: this shard's connections of that user (exact).
 //! - **homed**: for users whose *home shard* (`user mod shards`) is this one, the ordered list
-//!   of all their connections on every shard. It is the single authority for online/offline
-//!   transitions and for `connections_per_user` eviction.
+//!   of all their connections on every shard, and when the user came online. It is the single
+//!   authority for online/offline transitions and for `connections_per_user` eviction.
+//!
+//! The replica and the local connections are one record per user (every shard holds one for
+//! every connected user: 24 bytes with its key, the common single local connection inline);
+//! the home list is a second table, on the home shard only (40 bytes with its key, one
+//! connection inline).
 
 use std::collections::HashMap;
+use std::ops::Deref;
 
 use foldhash::fast::RandomState;
 
@@ -38,43 +44,73 @@ pub struct ConnAddr {
     pub key: ConnKey,
 }
 
-/// One user's connections on this shard; one inline, more on the heap.
+/// `UserRecord::local` when the user has no connection on this shard (no slab index is
+/// `u32::MAX`: the slab is bounded far below it).
+const NO_LOCAL: ConnKey = ConnKey { index: u32::MAX, generation: 0 };
+/// `UserRecord::local` when the user has two or more connections on this shard: they are in
+/// `Directory::local_many`.
+const MANY_LOCAL: ConnKey = ConnKey { index: u32::MAX, generation: 1 };
+
+/// One user as this shard knows it: the replica mask and this shard's connection (16 bytes).
 #[derive(Debug)]
-enum LocalConns {
-    One(ConnKey),
-    Many(Vec<ConnKey>),
+struct UserRecord {
+    /// Shards holding at least one connection of the user, as announced (0: none).
+    shards: u64,
+    /// This shard's one connection of the user, or [`NO_LOCAL`] / [`MANY_LOCAL`].
+    local: ConnKey,
 }
 
-impl LocalConns {
-    fn as_slice(&self) -> &[ConnKey] {
+/// One user homed on this shard: when it came online (its presence, when the default one, is
+/// `online` since then: the presence table keeps no entry for it) and its connections, one
+/// inline (32 bytes), more on the heap.
+#[derive(Debug)]
+enum Homed {
+    One { since_ms: u64, seq: u64, key: ConnKey, shard: u32 },
+    Many { since_ms: u64, conns: Box<Vec<(u64, ConnAddr)>> },
+}
+
+impl Homed {
+    fn since_ms(&self) -> u64 {
         match self {
-            LocalConns::One(key) => std::slice::from_ref(key),
-            LocalConns::Many(keys) => keys,
+            Homed::One { since_ms, .. } | Homed::Many { since_ms, .. } => *since_ms,
         }
     }
-}
 
-/// One user's connections as the home shard lists them (open order, address), oldest first;
-/// one inline, more on the heap (most users have one connection: no allocation per user).
-#[derive(Debug)]
-enum HomeConns {
-    One((u64, ConnAddr)),
-    Many(Vec<(u64, ConnAddr)>),
-}
-
-impl HomeConns {
-    fn as_slice(&self) -> &[(u64, ConnAddr)] {
+    fn list(&self) -> HomeList<'_> {
         match self {
-            HomeConns::One(conn) => std::slice::from_ref(conn),
-            HomeConns::Many(conns) => conns,
+            Homed::One { seq, key, shard, .. } => {
+                HomeList::One([(*seq, ConnAddr { shard: *shard as ShardId, key: *key })])
+            }
+            Homed::Many { conns, .. } => HomeList::Many(conns),
         }
     }
 
     /// `conns` (not empty) stored in the smallest form.
-    fn from_vec(conns: Vec<(u64, ConnAddr)>) -> Self {
+    fn new(since_ms: u64, conns: Vec<(u64, ConnAddr)>) -> Self {
         match conns.as_slice() {
-            [one] => HomeConns::One(*one),
-            _ => HomeConns::Many(conns),
+            [(seq, addr)] => Homed::One { since_ms, seq: *seq, key: addr.key, shard: addr.shard as u32 },
+            _ => Homed::Many { since_ms, conns: Box::new(conns) },
+        }
+    }
+}
+
+/// A user's connections as its home shard lists them (open order, address), oldest first; a
+/// slice (the one connection a user usually has is copied out of its compact record).
+#[derive(Debug, Clone)]
+pub enum HomeList<'a> {
+    /// The user's only connection.
+    One([(u64, ConnAddr); 1]),
+    /// Several connections, or none.
+    Many(&'a [(u64, ConnAddr)]),
+}
+
+impl Deref for HomeList<'_> {
+    type Target = [(u64, ConnAddr)];
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            HomeList::One(one) => one,
+            HomeList::Many(many) => many,
         }
     }
 }
@@ -91,17 +127,12 @@ pub struct Opened {
 /// One shard's view of the user directory.
 #[derive(Debug, Default)]
 pub struct Directory {
-    local: HashMap<i64, LocalConns, RandomState>,
-    replica: HashMap<i64, u64, RandomState>,
+    users: HashMap<i64, UserRecord, RandomState>,
+    /// This shard's connections of the users whose record says [`MANY_LOCAL`].
+    local_many: HashMap<i64, Vec<ConnKey>, RandomState>,
+    /// Records with a non-zero replica mask.
+    online: usize,
     homed: HashMap<i64, Homed, RandomState>,
-}
-
-/// A user homed on this shard: its connections, and when it came online (its presence, when
-/// the default one, is `online` since then: the presence table keeps no entry for it).
-#[derive(Debug)]
-struct Homed {
-    since_ms: u64,
-    conns: HomeConns,
 }
 
 impl Directory {
@@ -112,15 +143,19 @@ impl Directory {
 
     /// Records a local connection; true when it is the user's first on this shard.
     pub fn add_local(&mut self, user: i64, key: ConnKey) -> bool {
-        match self.local.get_mut(&user) {
-            None => {
-                self.local.insert(user, LocalConns::One(key));
+        let record = self.users.entry(user).or_insert(UserRecord { shards: 0, local: NO_LOCAL });
+        match record.local {
+            NO_LOCAL => {
+                record.local = key;
                 true
             }
-            Some(entry) => {
-                let mut keys = entry.as_slice().to_vec();
-                keys.push(key);
-                *entry = LocalConns::Many(keys);
+            MANY_LOCAL => {
+                self.local_many.entry(user).or_default().push(key);
+                false
+            }
+            one => {
+                record.local = MANY_LOCAL;
+                self.local_many.insert(user, vec![one, key]);
                 false
             }
         }
@@ -128,105 +163,138 @@ impl Directory {
 
     /// Forgets a local connection; true when it was the user's last on this shard.
     pub fn remove_local(&mut self, user: i64, key: ConnKey) -> bool {
-        let Some(entry) = self.local.get_mut(&user) else {
+        use std::collections::hash_map::Entry;
+        let Entry::Occupied(mut record) = self.users.entry(user) else {
             return false;
         };
-        let remaining: Vec<ConnKey> = entry.as_slice().iter().copied().filter(|k| *k != key).collect();
-        match remaining.len() {
-            0 => {
-                self.local.remove(&user);
-                true
+        let local = record.get().local;
+        if local == MANY_LOCAL {
+            let Some(keys) = self.local_many.get_mut(&user) else { return false };
+            keys.retain(|k| *k != key);
+            if let [one] = keys.as_slice() {
+                record.get_mut().local = *one;
+                self.local_many.remove(&user);
             }
-            1 => {
-                *entry = LocalConns::One(remaining[0]);
-                false
-            }
-            _ => {
-                *entry = LocalConns::Many(remaining);
-                false
-            }
+            return false;
         }
+        if local != key || key == NO_LOCAL {
+            return false;
+        }
+        if record.get().shards == 0 {
+            record.remove();
+        } else {
+            record.get_mut().local = NO_LOCAL;
+        }
+        true
     }
 
     /// This shard's connections of `user`.
     pub fn local(&self, user: i64) -> &[ConnKey] {
-        self.local.get(&user).map_or(&[], LocalConns::as_slice)
+        match self.users.get(&user) {
+            None => &[],
+            Some(UserRecord { local: NO_LOCAL, .. }) => &[],
+            Some(UserRecord { local: MANY_LOCAL, .. }) => {
+                self.local_many.get(&user).map_or(&[], Vec::as_slice)
+            }
+            Some(record) => std::slice::from_ref(&record.local),
+        }
     }
 
     /// Applies a shard's announcement that it now has (or no longer has) `user`.
     pub fn set_replica(&mut self, user: i64, shard: ShardId, present: bool) {
+        use std::collections::hash_map::Entry;
         let bit = 1u64 << shard;
-        if present {
-            *self.replica.entry(user).or_insert(0) |= bit;
-        } else if let Some(mask) = self.replica.get_mut(&user) {
-            *mask &= !bit;
-            if *mask == 0 {
-                self.replica.remove(&user);
+        match self.users.entry(user) {
+            Entry::Vacant(vacant) => {
+                if present {
+                    vacant.insert(UserRecord { shards: bit, local: NO_LOCAL });
+                    self.online += 1;
+                }
+            }
+            Entry::Occupied(mut occupied) => {
+                let record = occupied.get_mut();
+                let before = record.shards;
+                if present {
+                    record.shards |= bit;
+                } else {
+                    record.shards &= !bit;
+                }
+                match (before != 0, record.shards != 0) {
+                    (false, true) => self.online += 1,
+                    (true, false) => {
+                        self.online -= 1;
+                        if record.local == NO_LOCAL {
+                            occupied.remove();
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
     }
 
     /// Bitmask of the shards holding `user` (as far as this shard knows).
     pub fn shards_of(&self, user: i64) -> u64 {
-        self.replica.get(&user).copied().unwrap_or(0)
+        self.users.get(&user).map_or(0, |record| record.shards)
     }
 
     /// Number of users with at least one connection (this shard's replica view).
     pub fn users_online(&self) -> usize {
-        self.replica.len()
+        self.online
     }
 
     /// Home shard only: a connection of `user` opened at `now_ms` (Unix ms); `seq` orders
     /// connections globally.
     pub fn home_open(&mut self, user: i64, seq: u64, addr: ConnAddr, per_user: usize, now_ms: u64) -> Opened {
         use std::collections::hash_map::Entry;
-        let mut conns = match self.homed.entry(user) {
+        let mut homed = match self.homed.entry(user) {
             Entry::Vacant(vacant) => {
                 // A first connection is within any `connections_per_user` (0 is no limit).
-                vacant.insert(Homed { since_ms: now_ms, conns: HomeConns::One((seq, addr)) });
+                vacant.insert(Homed::new(now_ms, vec![(seq, addr)]));
                 return Opened { came_online: true, evict: Vec::new() };
             }
             Entry::Occupied(occupied) => occupied,
         };
-        let mut list = conns.get().conns.as_slice().to_vec();
+        let since_ms = homed.get().since_ms();
+        let mut list = homed.get().list().to_vec();
         let at = list.partition_point(|(s, _)| *s < seq);
         list.insert(at, (seq, addr));
         let excess = if per_user == 0 { 0 } else { list.len().saturating_sub(per_user) };
         let evict = list.drain(..excess).map(|(_, addr)| addr).collect();
         if list.is_empty() {
-            conns.remove();
+            homed.remove();
         } else {
-            conns.get_mut().conns = HomeConns::from_vec(list);
+            *homed.get_mut() = Homed::new(since_ms, list);
         }
         Opened { came_online: false, evict }
     }
 
     /// Home shard only: a connection of `user` closed; true when the user is now offline.
     pub fn home_close(&mut self, user: i64, seq: u64) -> bool {
-        let Some(Homed { conns, .. }) = self.homed.get_mut(&user) else {
+        let Some(homed) = self.homed.get_mut(&user) else {
             return false;
         };
-        if !conns.as_slice().iter().any(|(s, _)| *s == seq) {
+        let list = homed.list();
+        if !list.iter().any(|(s, _)| *s == seq) {
             return false;
         }
-        let remaining: Vec<(u64, ConnAddr)> =
-            conns.as_slice().iter().copied().filter(|(s, _)| *s != seq).collect();
+        let remaining: Vec<(u64, ConnAddr)> = list.iter().copied().filter(|(s, _)| *s != seq).collect();
         if remaining.is_empty() {
             self.homed.remove(&user);
             return true;
         }
-        *conns = HomeConns::from_vec(remaining);
+        *homed = Homed::new(homed.since_ms(), remaining);
         false
     }
 
     /// Home shard only: `user`'s connections, oldest first, with their open order.
-    pub fn home_conns(&self, user: i64) -> &[(u64, ConnAddr)] {
-        self.homed.get(&user).map_or(&[], |homed| homed.conns.as_slice())
+    pub fn home_conns(&self, user: i64) -> HomeList<'_> {
+        self.homed.get(&user).map_or(HomeList::Many(&[]), Homed::list)
     }
 
     /// Home shard only: when `user` came online (its first connection opened), if it is online.
     pub fn home_since(&self, user: i64) -> Option<u64> {
-        self.homed.get(&user).map(|homed| homed.since_ms)
+        self.homed.get(&user).map(Homed::since_ms)
     }
 
     /// Home shard only: whether `user` has any connection.
@@ -302,5 +370,67 @@ mod tests {
         assert_eq!(Directory::home_of(-3, 2), 1);
         assert_eq!(Directory::home_of(4, 2), 0);
         assert_eq!(Directory::home_of(4, 0), 0);
+    }
+
+    #[test]
+    fn local_and_replica_share_one_record_dropped_when_both_are_empty() {
+        let mut dir = Directory::default();
+        assert!(dir.add_local(7, key(1)));
+        assert_eq!((dir.shards_of(7), dir.users_online()), (0, 0), "the announcement has not arrived");
+        dir.set_replica(7, 0, true);
+        dir.set_replica(7, 1, true);
+        assert_eq!((dir.shards_of(7), dir.users_online(), dir.local(7)), (0b11, 1, &[key(1)][..]));
+        assert!(!dir.add_local(7, key(2)));
+        assert!(!dir.add_local(7, key(3)));
+        assert!(!dir.remove_local(7, key(2)));
+        assert_eq!(dir.local(7), &[key(1), key(3)]);
+        assert!(!dir.remove_local(7, key(1)));
+        assert_eq!(dir.local(7), &[key(3)]);
+        assert!(dir.local_many.is_empty(), "one connection is inline again");
+        assert!(dir.remove_local(7, key(3)));
+        assert!(!dir.remove_local(7, key(3)));
+        assert_eq!(dir.users.len(), 1, "the replica still lists the user");
+        dir.set_replica(7, 0, false);
+        dir.set_replica(7, 1, false);
+        assert_eq!((dir.users.len(), dir.users_online()), (0, 0));
+        // Removed locally after the replica already dropped it.
+        dir.set_replica(8, 0, true);
+        assert!(dir.add_local(8, key(4)));
+        dir.set_replica(8, 0, false);
+        assert_eq!(dir.users_online(), 0);
+        assert!(dir.remove_local(8, key(4)));
+        assert!(dir.users.is_empty());
+        dir.set_replica(9, 0, false);
+        assert!(dir.users.is_empty(), "an absence announced for an unknown user keeps nothing");
+    }
+
+    #[test]
+    fn home_list_keeps_since_and_order_through_its_forms() {
+        let mut dir = Directory::default();
+        dir.home_open(1, 5, addr(1, 1), 0, 100);
+        assert!(matches!(dir.home_conns(1), HomeList::One(_)));
+        dir.home_open(1, 3, addr(0, 2), 0, 200);
+        dir.home_open(1, 9, addr(1, 3), 0, 300);
+        assert_eq!(&*dir.home_conns(1), &[(3, addr(0, 2)), (5, addr(1, 1)), (9, addr(1, 3))]);
+        assert!(!dir.home_close(1, 3));
+        assert!(!dir.home_close(1, 9));
+        assert_eq!(&*dir.home_conns(1), &[(5, addr(1, 1))]);
+        assert!(matches!(dir.home_conns(1), HomeList::One(_)), "one connection is inline again");
+        assert_eq!(dir.home_since(1), Some(100));
+        assert!(dir.home_close(1, 5));
+        assert!(dir.home_conns(1).is_empty());
+    }
+
+    /// Bytes per connected user in the directory's tables (`-- --nocapture` prints them). With
+    /// one user per connection and hashbrown's load between 7/16 and 7/8, each entry costs its
+    /// size plus one control byte, times up to 2.3.
+    #[test]
+    fn idle_connection_layout_per_user() {
+        use std::mem::size_of;
+        let record = size_of::<(i64, UserRecord)>();
+        let homed = size_of::<(i64, Homed)>();
+        println!("directory entry per user and shard: {record} B; home-list entry: {homed} B");
+        assert!(record <= 24, "{record}");
+        assert!(homed <= 40, "{homed}");
     }
 }
