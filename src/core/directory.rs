@@ -66,7 +66,7 @@ struct UserRecord {
 #[derive(Debug)]
 enum Homed {
     One { since_ms: u64, seq: u64, key: ConnKey, shard: u32 },
-    Many { since_ms: u64, conns: Box<Vec<(u64, ConnAddr)>> },
+    Many { since_ms: u64, conns: Box<[(u64, ConnAddr)]> },
 }
 
 impl Homed {
@@ -89,7 +89,7 @@ impl Homed {
     fn new(since_ms: u64, conns: Vec<(u64, ConnAddr)>) -> Self {
         match conns.as_slice() {
             [(seq, addr)] => Homed::One { since_ms, seq: *seq, key: addr.key, shard: addr.shard as u32 },
-            _ => Homed::Many { since_ms, conns: Box::new(conns) },
+            _ => Homed::Many { since_ms, conns: conns.into_boxed_slice() },
         }
     }
 }
