@@ -182,6 +182,7 @@ impl Directory {
         }
         if record.get().shards == 0 {
             record.remove();
+            shrink_if_sparse(&mut self.users);
         } else {
             record.get_mut().local = NO_LOCAL;
         }
@@ -225,6 +226,7 @@ impl Directory {
                         self.online -= 1;
                         if record.local == NO_LOCAL {
                             occupied.remove();
+                            shrink_if_sparse(&mut self.users);
                         }
                     }
                     _ => {}
@@ -281,6 +283,7 @@ impl Directory {
         let remaining: Vec<(u64, ConnAddr)> = list.iter().copied().filter(|(s, _)| *s != seq).collect();
         if remaining.is_empty() {
             self.homed.remove(&user);
+            shrink_if_sparse(&mut self.homed);
             return true;
         }
         *homed = Homed::new(homed.since_ms(), remaining);
@@ -300,6 +303,20 @@ impl Directory {
     /// Home shard only: whether `user` has any connection.
     pub fn home_online(&self, user: i64) -> bool {
         self.homed.contains_key(&user)
+    }
+}
+
+/// Tables under this capacity are never shrunk.
+const SHRINK_MIN_CAPACITY: usize = 1024;
+
+/// Gives back a table's memory once it is under a quarter full (a hash table keeps its
+/// largest capacity otherwise: after 15,000 disconnects the user records would hold ~800 KB
+/// per shard for nobody). Halving the length again is needed before the next rehash, so the
+/// cost stays amortised O(1) per removal.
+fn shrink_if_sparse<V>(map: &mut HashMap<i64, V, RandomState>) {
+    let (len, capacity) = (map.len(), map.capacity());
+    if capacity >= SHRINK_MIN_CAPACITY && len < capacity / 4 {
+        map.shrink_to(len * 2);
     }
 }
 
@@ -419,6 +436,27 @@ mod tests {
         assert_eq!(dir.home_since(1), Some(100));
         assert!(dir.home_close(1, 5));
         assert!(dir.home_conns(1).is_empty());
+    }
+
+    #[test]
+    fn tables_shrink_after_mass_disconnects() {
+        let mut dir = Directory::default();
+        for user in 0..20_000 {
+            dir.add_local(user, key(user as u32));
+            dir.set_replica(user, 0, true);
+            dir.home_open(user, user as u64, addr(0, user as u32), 0, 0);
+        }
+        let (users, homed) = (dir.users.capacity(), dir.homed.capacity());
+        assert!(users >= 20_000 && homed >= 20_000);
+        for user in 0..19_990 {
+            dir.set_replica(user, 0, false);
+            assert!(dir.remove_local(user, key(user as u32)));
+            assert!(dir.home_close(user, user as u64));
+        }
+        assert!(dir.users.capacity() < SHRINK_MIN_CAPACITY, "{}", dir.users.capacity());
+        assert!(dir.homed.capacity() < SHRINK_MIN_CAPACITY, "{}", dir.homed.capacity());
+        assert_eq!((dir.users.len(), dir.homed.len(), dir.users_online()), (10, 10, 10));
+        assert_eq!(dir.local(19_995), &[key(19_995)]);
     }
 
     /// Bytes per connected user in the directory's tables (`-- --nocapture` prints them). With
