@@ -370,14 +370,14 @@ impl World {
         list.push((seq, id));
         let excess = if self.per_user == 0 { 0 } else { list.len().saturating_sub(self.per_user) };
         let evicted: Vec<(u64, u32)> = list.drain(..excess).collect();
-        let opened = self.shards[home].dir.home_open(user, seq, addr, self.per_user);
+        let opened = self.shards[home].dir.home_open(user, seq, addr, self.per_user, self.now);
         assert_eq!(opened.came_online, came_online, "came_online for user {user}");
         let expected: Vec<ConnKey> =
             evicted.iter().map(|(_, id)| self.conns.iter().find(|c| c.id == *id).unwrap().key).collect();
         let got: Vec<ConnKey> = opened.evict.iter().map(|a| a.key).collect();
         assert_eq!(got, expected, "eviction must take the oldest connections of user {user}");
         if came_online {
-            self.shards[home].presence.online(user, self.now);
+            self.shards[home].presence.online(user);
             self.status.insert(user, "online".into());
             self.lasting.remove(&user);
             self.assert_watchers(user);
@@ -606,7 +606,8 @@ impl World {
         let presence =
             Presence { status: status.into(), context: context.map(Into::into), since_ms: self.now, info: None };
         if self.policy.is_transient(status) {
-            self.shards[home].presence.update_transient(user, presence);
+            let online = self.shards[home].dir.home_since(user);
+            self.shards[home].presence.update_transient(user, presence, online);
             if let Some(current) = self.status.get(&user).cloned() {
                 self.lasting.entry(user).or_insert(current);
                 self.status.insert(user, status.into());
@@ -617,7 +618,7 @@ impl World {
             self.lasting.remove(&user);
         }
         self.assert_watchers(user);
-        let stored = self.shards[home].presence.get(user, self.now);
+        let stored = self.shards[home].presence.get(user, self.now, self.shards[home].dir.home_since(user));
         assert_eq!(&*stored.status, self.status.get(&user).map_or("offline", String::as_str));
     }
 
@@ -628,7 +629,7 @@ impl World {
         let home = &self.shards[Directory::home_of(user, self.shards.len())];
         let got: Vec<i64> = home.presence.watchers_of(user).collect();
         assert_eq!(sorted(got), expected, "watchers of user {user}");
-        let status = home.presence.get(user, self.now).status;
+        let status = home.presence.get(user, self.now, home.dir.home_since(user)).status;
         assert_eq!(&*status, self.status.get(&user).map_or("offline", String::as_str), "presence of {user}");
     }
 
@@ -757,9 +758,10 @@ impl World {
         // The home shard answers with the user's lasting status, whichever connection set it.
         let user = conn.user;
         let home = Directory::home_of(user, self.shards.len());
+        let online = self.shards[home].dir.home_since(user);
         let home = &mut self.shards[home].presence;
         let lasting = self.lasting.get(&user).or(self.status.get(&user)).map_or("offline", String::as_str);
-        assert_eq!(&*home.lasting(user, now).status, lasting, "lasting status of {user}");
+        assert_eq!(&*home.lasting(user, now, online).status, lasting, "lasting status of {user}");
         if target.is_none() {
             // Stored and announced again, unless a lasting status replaced the transient one.
             let reverted = home.revert(user, now).map(|p| p.status.into_string());

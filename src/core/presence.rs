@@ -46,10 +46,18 @@ pub struct Presence {
     pub info: Option<Arc<str>>,
 }
 
+/// The default status of a connected user.
+const ONLINE: &str = "online";
+
 impl Presence {
     /// The presence reported for a user with no connection.
     pub fn offline(now_ms: u64) -> Self {
         Presence { status: "offline".into(), context: None, since_ms: now_ms, info: None }
+    }
+
+    /// The default presence of a connected user, online since `since_ms`.
+    pub fn online(since_ms: u64) -> Self {
+        Presence { status: ONLINE.into(), context: None, since_ms, info: None }
     }
 }
 
@@ -67,6 +75,9 @@ pub enum WatchAdmission {
 /// 10k-user watch list cost O(1) per change, not a scan.
 #[derive(Debug, Default)]
 pub struct PresenceTable {
+    /// Users whose status is not the default one: a user online in status `online` with no
+    /// context, since its first connection opened, has no entry (the directory's home list
+    /// knows it is online and since when: see the `online` argument of the methods).
     current: HashMap<i64, Presence, RandomState>,
     /// While a transient status is current: the lasting one it replaced, which returns when
     /// the transient one expires.
@@ -105,10 +116,17 @@ impl PresenceTable {
     }
 
     /// Stores a transient status (typing): the lasting one it replaces is kept for
-    /// [`PresenceTable::revert`]. Ignored for a user with no stored status (offline).
-    pub fn update_transient(&mut self, user: i64, presence: Presence) {
-        let Some(current) = self.current.get_mut(&user) else { return };
-        let previous = std::mem::replace(current, presence);
+    /// [`PresenceTable::revert`]. Ignored for an offline user (`online` is `None` and no status
+    /// is stored). `online`: when the user came online, if it is (the directory knows).
+    pub fn update_transient(&mut self, user: i64, presence: Presence, online: Option<u64>) {
+        let previous = match self.current.get_mut(&user) {
+            Some(current) => std::mem::replace(current, presence),
+            None => {
+                let Some(since_ms) = online else { return };
+                self.current.insert(user, presence);
+                Presence::online(since_ms)
+            }
+        };
         self.lasting.entry(user).or_insert(previous);
     }
 
@@ -123,18 +141,20 @@ impl PresenceTable {
     }
 
     /// The user's last lasting status (offline when unknown), whatever transient status is
-    /// current.
-    pub fn lasting(&self, user: i64, now_ms: u64) -> Presence {
+    /// current. `online`: when the user came online, if it is.
+    pub fn lasting(&self, user: i64, now_ms: u64, online: Option<u64>) -> Presence {
         match self.lasting.get(&user) {
             Some(lasting) => Presence { info: self.info(user), ..lasting.clone() },
-            None => self.get(user, now_ms),
+            None => self.get(user, now_ms, online),
         }
     }
 
-    /// The user's first connection opened.
-    pub fn online(&mut self, user: i64, now_ms: u64) {
+    /// The user's first connection opened: its status is the default one (`online` since the
+    /// time the directory keeps), which takes no entry here.
+    pub fn online(&mut self, user: i64) {
         self.last_seen.remove(&user);
-        self.update(user, Presence { status: "online".into(), context: None, since_ms: now_ms, info: None });
+        self.lasting.remove(&user);
+        self.current.remove(&user);
     }
 
     /// The user's last connection closed at `now_ms`: the stored status is dropped and
@@ -165,19 +185,30 @@ impl PresenceTable {
         self.last_seen.get(&user).copied()
     }
 
-    /// Current presence of `user`; offline since the last disconnect (the time of the query
-    /// when not remembered) when the user has no connection.
-    pub fn get(&self, user: i64, now_ms: u64) -> Presence {
-        match self.current.get(&user) {
-            Some(current) => Presence { info: self.info(user), ..current.clone() },
-            None => Presence::offline(self.last_seen(user).unwrap_or(now_ms)),
+    /// Current presence of `user`: `online` since `online` (the time the user came online, as
+    /// the directory knows it) when no other status is stored; offline since the last
+    /// disconnect (the time of the query when not remembered) when the user has no connection.
+    pub fn get(&self, user: i64, now_ms: u64, online: Option<u64>) -> Presence {
+        match (self.current.get(&user), online) {
+            (Some(current), _) => Presence { info: self.info(user), ..current.clone() },
+            (None, Some(since_ms)) => Presence { info: self.info(user), ..Presence::online(since_ms) },
+            (None, None) => Presence::offline(self.last_seen(user).unwrap_or(now_ms)),
         }
     }
 
     /// Whether `user`'s current status and context are `status` and `context` (an update
-    /// repeating them announces nothing).
-    pub fn is_current(&self, user: i64, status: &str, context: Option<&[u8]>) -> bool {
-        self.current.get(&user).is_some_and(|p| &*p.status == status && p.context.as_deref() == context)
+    /// repeating them announces nothing). `online`: whether the user is online.
+    pub fn is_current(&self, user: i64, status: &str, context: Option<&[u8]>, online: bool) -> bool {
+        match self.current.get(&user) {
+            Some(p) => &*p.status == status && p.context.as_deref() == context,
+            None => online && status == ONLINE && context.is_none(),
+        }
+    }
+
+    /// Number of users with a stored status other than the default (for tests and layout
+    /// measurements).
+    pub fn stored(&self) -> usize {
+        self.current.len()
     }
 
     /// Users watching `user`, in no particular order.
@@ -248,21 +279,24 @@ mod tests {
         table.add_watcher(1, 10);
         table.add_watcher(1, 11);
         table.add_watcher(1, 10);
-        table.online(1, 5);
+        table.online(1);
         assert_eq!(watchers(&table, 1), [10, 11]);
-        assert_eq!(&*table.get(1, 6).status, "online");
+        assert_eq!(table.get(1, 6, Some(5)), Presence::online(5), "online since the first connection");
+        assert_eq!(table.stored(), 0, "the default status takes no entry");
+        assert!(table.is_current(1, "online", None, true));
+        assert!(!table.is_current(1, "online", None, false), "not for an offline user");
         let busy =
             Presence { status: "busy".into(), context: Some(b"{}".to_vec().into()), since_ms: 7, info: None };
         table.update(1, busy.clone());
-        assert_eq!(table.get(1, 8), busy);
-        assert!(table.is_current(1, "busy", Some(b"{}")));
-        assert!(!table.is_current(1, "busy", None), "the context counts");
+        assert_eq!(table.get(1, 8, Some(5)), busy);
+        assert!(table.is_current(1, "busy", Some(b"{}"), true));
+        assert!(!table.is_current(1, "busy", None, true), "the context counts");
         table.offline(1, 9);
-        assert!(!table.is_current(1, "offline", None));
+        assert!(!table.is_current(1, "offline", None, false));
         assert_eq!(watchers(&table, 1), [10, 11], "watchers stay for the user's return");
-        assert_eq!(table.get(1, 20), Presence::offline(9), "since the last disconnect");
-        assert_eq!(table.get(2, 20), Presence::offline(20), "never seen: since the query");
-        table.online(1, 30);
+        assert_eq!(table.get(1, 20, None), Presence::offline(9), "since the last disconnect");
+        assert_eq!(table.get(2, 20, None), Presence::offline(20), "never seen: since the query");
+        table.online(1);
         assert_eq!(table.last_seen(1), None);
     }
 
@@ -274,14 +308,15 @@ mod tests {
         assert_eq!(claim_info(r#"{"user_id":1}"#, "name"), None);
         let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(MAX_INFO_BYTES));
         assert_eq!(claim_info(&big, "name"), None, "over {MAX_INFO_BYTES} bytes: ignored");
-        table.online(1, 0);
+        table.online(1);
         table.set_info(1, info.clone());
-        assert_eq!(table.get(1, 1).info, info);
+        assert_eq!(table.get(1, 1, Some(0)).info, info);
         table.update_transient(
             1,
             Presence { status: "typing".into(), context: None, since_ms: 2, info: None },
+            Some(0),
         );
-        assert_eq!(table.lasting(1, 3).info, info);
+        assert_eq!(table.lasting(1, 3, Some(0)).info, info);
         assert_eq!(table.revert(1, 4).and_then(|p| p.info), info);
         table.offline(1, 5);
         assert_eq!(table.info(1), None);
@@ -290,7 +325,7 @@ mod tests {
     #[test]
     fn unwatched_user_has_no_fan_out() {
         let mut table = PresenceTable::default();
-        table.online(3, 0);
+        table.online(3);
         assert!(watchers(&table, 3).is_empty());
         table.add_watcher(3, 4);
         table.remove_watcher(3, 4);
@@ -491,40 +526,57 @@ mod lasting_tests {
     #[test]
     fn a_transient_status_reverts_to_the_users_lasting_one() {
         let mut table = PresenceTable::default();
-        table.online(1, 0);
+        table.online(1);
         // One connection sets do-not-disturb, another types: the typing ends in do-not-disturb.
         let dnd =
             Presence { context: Some(b"{\"until\":\"5pm\"}".to_vec().into()), ..p("do-not-disturb", 1) };
         table.update(1, dnd.clone());
-        table.update_transient(1, p("typing", 2));
-        assert_eq!(&*table.get(1, 3).status, "typing");
-        assert_eq!(table.lasting(1, 3), dnd);
-        table.update_transient(1, p("typing", 4)); // still the same lasting status underneath
+        table.update_transient(1, p("typing", 2), Some(0));
+        assert_eq!(&*table.get(1, 3, Some(0)).status, "typing");
+        assert_eq!(table.lasting(1, 3, Some(0)), dnd);
+        table.update_transient(1, p("typing", 4), Some(0)); // still the same lasting status underneath
         assert_eq!(table.revert(1, 9), Some(Presence { since_ms: 9, ..dnd.clone() }));
-        assert_eq!(table.get(1, 10), Presence { since_ms: 9, ..dnd });
+        assert_eq!(table.get(1, 10, Some(0)), Presence { since_ms: 9, ..dnd });
         assert_eq!(table.revert(1, 11), None, "reverts once");
+    }
+
+    #[test]
+    fn the_default_status_takes_no_entry_and_reverts_like_a_stored_one() {
+        let mut table = PresenceTable::default();
+        table.online(1);
+        assert_eq!(table.stored(), 0);
+        table.update_transient(1, p("typing", 6), Some(5));
+        assert_eq!(table.get(1, 7, Some(5)), p("typing", 6));
+        assert_eq!(table.lasting(1, 7, Some(5)), Presence::online(5), "online since it came online");
+        assert_eq!(table.revert(1, 9), Some(Presence::online(9)));
+        assert_eq!(table.get(1, 10, Some(5)), Presence::online(9), "re-stamped by the revert");
+        assert!(table.is_current(1, "online", None, true));
+        table.offline(1, 11);
+        table.online(1);
+        assert_eq!(table.stored(), 0, "coming back resets to the default");
+        assert_eq!(table.get(1, 12, Some(12)), Presence::online(12));
     }
 
     #[test]
     fn a_lasting_status_set_meanwhile_wins_over_the_revert() {
         let mut table = PresenceTable::default();
-        table.online(1, 0);
-        table.update_transient(1, p("typing", 1));
+        table.online(1);
+        table.update_transient(1, p("typing", 1), Some(0));
         table.update(1, p("away", 2));
         assert_eq!(table.revert(1, 3), None);
-        assert_eq!(&*table.get(1, 4).status, "away");
+        assert_eq!(&*table.get(1, 4, Some(0)).status, "away");
     }
 
     #[test]
     fn offline_users_keep_nothing() {
         let mut table = PresenceTable::default();
-        table.update_transient(2, p("typing", 1));
-        assert_eq!(table.get(2, 2), Presence::offline(2), "no transient status for an offline user");
-        table.online(2, 3);
-        table.update_transient(2, p("typing", 4));
+        table.update_transient(2, p("typing", 1), None);
+        assert_eq!(table.get(2, 2, None), Presence::offline(2), "no transient status for an offline user");
+        table.online(2);
+        table.update_transient(2, p("typing", 4), Some(3));
         table.offline(2, 5);
         assert_eq!(table.revert(2, 5), None);
-        assert_eq!(table.lasting(2, 6), Presence::offline(5));
+        assert_eq!(table.lasting(2, 6, None), Presence::offline(5));
     }
 
     #[test]
@@ -532,17 +584,17 @@ mod lasting_tests {
         let mut table = PresenceTable::default();
         let n = MAX_LAST_SEEN_PER_SHARD as i64;
         for user in 0..n + 10 {
-            table.online(user, 0);
+            table.online(user);
             table.offline(user, user as u64 + 1);
         }
         assert_eq!(table.last_seen.len(), MAX_LAST_SEEN_PER_SHARD);
         assert_eq!(table.last_seen(0), None, "the oldest is forgotten past the bound");
-        assert_eq!(table.get(0, 7), Presence::offline(7), "then `since` is the query's time");
+        assert_eq!(table.get(0, 7, None), Presence::offline(7), "then `since` is the query's time");
         assert_eq!(table.last_seen(n + 9), Some(n as u64 + 10));
         // A user coming and going again and again leaves no growing queue behind.
         let mut table = PresenceTable::default();
         for at in 0..10_000u64 {
-            table.online(-1, at);
+            table.online(-1);
             table.offline(-1, at);
         }
         assert!(table.last_seen_order.len() <= 1026, "{}", table.last_seen_order.len());

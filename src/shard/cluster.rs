@@ -40,7 +40,8 @@ impl Shard {
         let rooms: Vec<Arc<str>> = rooms.iter().map(|r| self.rooms.intern(r)).collect();
         self.announce_presence(user, &presence, rooms, None);
         if self.transient.is_transient(&presence.status) {
-            self.presence.update_transient(user, presence);
+            let online = self.online_since(user);
+            self.presence.update_transient(user, presence, online);
         } else {
             self.presence.update(user, presence);
         }
@@ -59,14 +60,18 @@ impl Shard {
     /// this node or any other holds it; only a change of that union is announced, and only to
     /// this node's watchers (every node tells its own).
     fn remote_user(&mut self, user: i64, present: bool) {
-        let changed = if present { self.remote_users.insert(user) } else { self.remote_users.remove(&user) };
+        let now = Self::wall_ms();
+        let changed = if present {
+            self.remote_users.insert(user, now).is_none()
+        } else {
+            self.remote_users.remove(&user).is_some()
+        };
         if !changed || self.directory.home_online(user) {
             return;
         }
-        let now = Self::wall_ms();
         let presence = if present {
-            self.presence.online(user, now);
-            self.presence.get(user, now)
+            self.presence.online(user);
+            self.presence_of(user, now)
         } else {
             let info = self.presence.info(user);
             self.presence.offline(user, now);
@@ -113,7 +118,12 @@ impl Shard {
 
     /// Home shard: whether `user` is held by another live node (as the link last said).
     pub(super) fn held_elsewhere(&self, user: i64) -> bool {
-        !self.remote_users.is_empty() && self.remote_users.contains(&user)
+        !self.remote_users.is_empty() && self.remote_users.contains_key(&user)
+    }
+
+    /// Home shard: since when another live node holds `user` (as the link last said).
+    pub(super) fn remote_since(&self, user: i64) -> Option<u64> {
+        if self.remote_users.is_empty() { None } else { self.remote_users.get(&user).copied() }
     }
 
     /// Home shard: a connection of `user` opened or closed: the link publishes the node's

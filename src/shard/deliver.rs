@@ -287,7 +287,8 @@ impl Shard {
         let now = Self::wall_ms();
         match target {
             Some(target) => {
-                let presence = Presence { since_ms: now, ..self.presence.lasting(user, now) };
+                let online = self.online_since(user);
+                let presence = Presence { since_ms: now, ..self.presence.lasting(user, now, online) };
                 self.deliver_to_user_anywhere(target, encode_presence(user, &presence));
             }
             None => {
@@ -425,8 +426,9 @@ impl Shard {
         match msg {
             PresenceMsg::PresenceSet { user, mut presence, rooms, except } => {
                 let transient = self.transient.is_transient(&presence.status);
-                if !transient && self.presence.is_current(user, &presence.status, presence.context.as_deref())
-                {
+                let online = self.online_since(user);
+                let (status, context) = (&presence.status, presence.context.as_deref());
+                if !transient && self.presence.is_current(user, status, context, online.is_some()) {
                     // A repeat of the current status and context (a client's heartbeat
                     // re-sending `online`): nothing changed, nobody is told, `since` stays.
                     return;
@@ -439,7 +441,7 @@ impl Shard {
                 self.as_client_work(|s| s.announce_presence(user, &presence, rooms, except));
                 self.shed = shed;
                 if transient {
-                    self.presence.update_transient(user, presence);
+                    self.presence.update_transient(user, presence, online);
                 } else {
                     self.presence.update(user, presence);
                 }
@@ -480,7 +482,7 @@ impl Shard {
             PresenceMsg::QueryPresenceMany { users, done } => {
                 let now = Self::wall_ms();
                 let list =
-                    users.into_iter().map(|user| user_presence(user, self.presence.get(user, now))).collect();
+                    users.into_iter().map(|user| user_presence(user, self.presence_of(user, now))).collect();
                 done.complete(Outcome::Presences(list));
             }
             PresenceMsg::Unwatch { watcher, targets } => {
@@ -489,14 +491,15 @@ impl Shard {
                 }
             }
             PresenceMsg::QueryPresence { user, done } => {
-                let p = self.presence.get(user, Self::wall_ms());
+                let p = self.presence_of(user, Self::wall_ms());
                 done.complete(Outcome::Presence(user_presence(user, p)));
             }
         }
     }
 
     fn home_opened(&mut self, user: i64, seq: u64, addr: ConnAddr, info: Option<Arc<str>>) {
-        let opened = self.directory.home_open(user, seq, addr, self.limits.per_user);
+        let now = Self::wall_ms();
+        let opened = self.directory.home_open(user, seq, addr, self.limits.per_user, now);
         for old in opened.evict {
             let msg = DirMsg::Close {
                 key: old.key,
@@ -511,10 +514,9 @@ impl Shard {
             self.presence.set_info(user, info);
         } else if opened.came_online {
             ShardMetrics::inc(&self.metrics().users_current);
-            let now = Self::wall_ms();
-            self.presence.online(user, now);
+            self.presence.online(user);
             self.presence.set_info(user, info);
-            let presence = self.presence.get(user, now);
+            let presence = self.presence_of(user, now);
             self.announce_presence(user, &presence, Vec::new(), None);
             self.notify_user_transition(user, true, now);
         } else {
@@ -569,7 +571,7 @@ impl Shard {
         let mut frames = Vec::with_capacity(targets.len());
         for target in targets {
             self.presence.add_watcher(target, watcher);
-            frames.push(encode_presence(target, &self.presence.get(target, now)));
+            frames.push(encode_presence(target, &self.presence_of(target, now)));
         }
         // One message per connection for the whole snapshot, never shed: the request was
         // admitted.
@@ -655,7 +657,7 @@ impl Shard {
             done.complete(Outcome::Delivered(0)); // went offline meanwhile
             return;
         }
-        if !self.presence.is_current(user, &presence.status, presence.context.as_deref()) {
+        if !self.presence.is_current(user, &presence.status, presence.context.as_deref(), true) {
             rooms.sort_unstable();
             rooms.dedup();
             let presence = Presence { info: self.presence.info(user), ..*presence };
@@ -663,6 +665,18 @@ impl Shard {
             self.presence.update(user, presence);
         }
         done.complete(Outcome::Delivered(count));
+    }
+
+    /// Home shard: `user`'s presence (the default `online` one when the presence table keeps
+    /// none and the directory lists the user).
+    pub(super) fn presence_of(&self, user: i64, now: u64) -> Presence {
+        self.presence.get(user, now, self.online_since(user))
+    }
+
+    /// Home shard: since when `user` is online, through a connection on this node or (with a
+    /// cluster) on another node; `None` when it is offline.
+    pub(super) fn online_since(&self, user: i64) -> Option<u64> {
+        self.directory.home_since(user).or_else(|| self.remote_since(user))
     }
 
     /// Splits `users` by home shard and sends each group the message `make` builds.

@@ -230,7 +230,8 @@ pub struct Shard {
     /// `auth_max_pending`), with what their upgrade needs.
     auth_pending: std::collections::HashMap<ConnKey, handshake::AwaitedAuth, foldhash::fast::RandomState>,
     /// Home shard, with a cluster: users homed here that another live node holds.
-    remote_users: std::collections::HashSet<i64, foldhash::fast::RandomState>,
+    /// (The value: since when, Unix ms, as this node learned it.)
+    remote_users: std::collections::HashMap<i64, u64, foldhash::fast::RandomState>,
     /// Home shard, with a cluster and `connections_per_user`: when each connection homed
     /// here opened (Unix ms), by open order, for evictions other nodes ask for.
     opened_ms: std::collections::HashMap<u64, u64, foldhash::fast::RandomState>,

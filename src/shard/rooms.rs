@@ -466,7 +466,7 @@ impl Shard {
             RoomMsg::RosterPart { roster, users } => self.roster_part(roster, users, false),
             RoomMsg::PresenceBatch { users, reply_shard, roster } => {
                 let now = Self::wall_ms();
-                let entries = users.into_iter().map(|user| (user, self.presence.get(user, now))).collect();
+                let entries = users.into_iter().map(|user| (user, self.presence_of(user, now))).collect();
                 self.send_to(reply_shard, RoomMsg::PresencePart { roster, entries });
             }
             RoomMsg::PresencePart { roster, entries } => self.presence_part(roster, entries),
