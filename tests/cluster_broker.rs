@@ -3,11 +3,9 @@
 //! Not yet the shards (issue #11 step 2: the wiring comes next).
 #![cfg(all(feature = "cluster-redis", feature = "cluster-nats"))]
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,140 +14,7 @@ use customws::cluster::broker::{Broker, BrokerConfig, BrokerError, Event};
 use customws::cluster::core::{Action, Core, CoreConfig, Effects};
 use customws::cluster::view::{Change, Delivery};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Engine {
-    Redis,
-    Nats,
-}
-
-/// A broker server child process with throwaway state, killed on drop.
-struct Server {
-    engine: Engine,
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Server {
-    fn start(engine: Engine) -> Server {
-        let dir =
-            std::env::temp_dir().join(format!("customws-broker-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Server { engine, port: 0, dir, child: None };
-        for _ in 0..3 {
-            server.port = free_port();
-            if server.spawn() {
-                return server;
-            }
-        }
-        panic!("could not start {engine:?} on a free port");
-    }
-
-    fn url(&self) -> String {
-        match self.engine {
-            Engine::Redis => format!("redis://127.0.0.1:{}", self.port),
-            Engine::Nats => format!("nats://127.0.0.1:{}", self.port),
-        }
-    }
-
-    /// Starts the process on `self.port`; false if it did not come up (port taken).
-    fn spawn(&mut self) -> bool {
-        let port = self.port.to_string();
-        let (binary, args): (&str, Vec<&str>) = match self.engine {
-            Engine::Redis => (
-                "redis-server",
-                vec![
-                    "--port",
-                    &port,
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                ],
-            ),
-            Engine::Nats => ("nats-server", vec!["-a", "127.0.0.1", "-p", &port]),
-        };
-        let child = Command::new(binary)
-            .args(&args)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {binary} ({e}): install it with .ci/setup (Debian package {binary})")
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.answers() {
-                return true;
-            }
-            if let Some(child) = self.child.as_mut()
-                && child.try_wait().unwrap().is_some()
-            {
-                self.child = None;
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill();
-        false
-    }
-
-    /// Whether the server answers its protocol's greeting.
-    fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
-        stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        if self.engine == Engine::Redis && stream.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 5];
-        let expected: &[u8] = if self.engine == Engine::Redis { b"+PONG" } else { b"INFO " };
-        stream.read_exact(&mut buf).is_ok() && buf == expected
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port.
-    fn restart(&mut self) {
-        assert!(self.child.is_none());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.spawn() {
-            assert!(Instant::now() < deadline, "{:?} did not restart on port {}", self.engine, self.port);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            // A stopped process must be continued to die promptly and close its sockets.
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
-        }
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use common::brokers::{BrokerServer as Server, Engine};
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
 const NODE_TTL: Duration = Duration::from_millis(400);
@@ -388,7 +253,7 @@ fn broker_down_fails_fast_and_the_return_resubscribes(engine: Engine) {
     pump_until(&mut [&mut a, &mut b], Duration::from_secs(5), "42 online on b", |n| {
         n[1].changes.contains(&Change::Online("42".into()))
     });
-    server.kill();
+    server.stop();
     pump_until(&mut [&mut a, &mut b], Duration::from_secs(5), "down on both", |n| {
         n.iter().all(|n| n.saw_state(down) && !n.broker().is_up())
     });

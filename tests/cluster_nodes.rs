@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::brokers::{BrokerServer as Broker, Engine};
 use common::{Client, connect, subscribe, wait_until};
 use serde_json::{Value, json};
 
@@ -26,12 +27,6 @@ const NODE_TTL_MS: u64 = 400;
 const PUBLIC_METRICS: &str = "(public metrics)";
 const API_KEY: &str = "cluster-test-key";
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Engine {
-    Redis,
-    Nats,
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -41,105 +36,6 @@ fn scratch(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("customws-cluster-{}-{name}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A broker server child process with throwaway state, killed on drop.
-struct Broker {
-    engine: Engine,
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start(engine: Engine) -> Broker {
-        let mut broker = Broker { engine, port: 0, dir: scratch("broker"), child: None };
-        for _ in 0..3 {
-            broker.port = free_port();
-            if broker.spawn() {
-                return broker;
-            }
-        }
-        panic!("could not start {engine:?} on a free port");
-    }
-
-    fn url(&self) -> String {
-        match self.engine {
-            Engine::Redis => format!("redis://127.0.0.1:{}", self.port),
-            Engine::Nats => format!("nats://127.0.0.1:{}", self.port),
-        }
-    }
-
-    fn spawn(&mut self) -> bool {
-        let port = self.port.to_string();
-        let (binary, args): (&str, Vec<&str>) = match self.engine {
-            Engine::Redis => (
-                "redis-server",
-                vec!["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            ),
-            Engine::Nats => ("nats-server", vec!["-a", "127.0.0.1", "-p", &port]),
-        };
-        let child = Command::new(binary)
-            .args(&args)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {binary} ({e}): install it with .ci/setup (Debian package {binary})")
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.answers() {
-                return true;
-            }
-            if let Some(child) = self.child.as_mut()
-                && child.try_wait().unwrap().is_some()
-            {
-                self.child = None;
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.stop();
-        false
-    }
-
-    fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
-        stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        if self.engine == Engine::Redis && stream.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 5];
-        let expected: &[u8] = if self.engine == Engine::Redis { b"+PONG" } else { b"INFO " };
-        stream.read_exact(&mut buf).is_ok() && buf == expected
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        assert!(self.child.is_none());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.spawn() {
-            assert!(Instant::now() < deadline, "{:?} did not restart on port {}", self.engine, self.port);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// One customws node: the real binary as a child process (so that it can be SIGKILLed).

@@ -3,6 +3,7 @@
 //! WebSocket sockets that never answer anything, and `/metrics` parsing.
 #![allow(dead_code, unreachable_pub)]
 pub mod api;
+pub mod brokers;
 pub mod http_backend;
 
 use std::io::{self, Read, Write};
