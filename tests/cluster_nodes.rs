@@ -604,6 +604,26 @@ fn duplicate_node_id_is_reported(engine: Engine) {
     }
 }
 
+/// A user's connection is reachable from every node as soon as its client has the `101`: a
+/// P2P from another node sent right after the connect is delivered, never 404 (the `101`
+/// waits until the node's subscription to the user is in place).
+fn reachable_from_other_nodes_once_connected(engine: Engine) {
+    let broker = Broker::start(engine);
+    let prefix = prefix("reach", engine);
+    let a = Node::start(&broker, &prefix, "a");
+    let b = Node::start(&broker, &prefix, "b");
+    a.wait_nodes(2);
+    b.wait_nodes(2);
+    let mut sender = connect(a.ws, 1, &[]);
+    for user in 100..120 {
+        let mut fresh = connect(b.ws, user, &[]);
+        let pid = format!("reach-{user}");
+        let answer = p2p(&mut sender, user, &pid);
+        assert_eq!(status_of(&answer), "delivered", "user {user}: {answer}");
+        assert_eq!(fresh.recv_of_type("data_event")["fromUserId"], 1);
+    }
+}
+
 macro_rules! for_both_engines {
     ($($scenario:ident),* $(,)?) => {
         mod redis {
@@ -622,4 +642,5 @@ for_both_engines!(
     server_ops_across_nodes,
     connections_per_user_across_nodes,
     duplicate_node_id_is_reported,
+    reachable_from_other_nodes_once_connected,
 );

@@ -243,6 +243,13 @@ impl Core {
         self.snapshot_due = true;
     }
 
+    /// Whether the broker delivers messages for `user` to this node: its subject is subscribed
+    /// and confirmed (a connection's `101` waits for this, so that no other node answers 404
+    /// for a user it can already see connected).
+    pub fn user_reachable(&self, user: &str) -> bool {
+        self.users.contains_key(user) && !self.held_back(&self.subjects.user(user))
+    }
+
     /// Whether this node's own record of `user` or `room` subject waits for its subscription.
     fn held_back(&self, subject: &str) -> bool {
         (!self.awaiting.is_empty() && self.awaiting.contains(subject))

@@ -28,6 +28,7 @@ use super::view::{Change, Delivery};
 use super::wire::AwaitOutcome;
 use crate::config::Config;
 use crate::core::Directory;
+use crate::core::directory::ConnAddr;
 use crate::core::pending::WaitKind;
 use crate::protocol::envelope::{error_notification, server_ack};
 use crate::route::cluster::{ClusterRx, LinkMsg, P2pReply};
@@ -78,6 +79,7 @@ pub fn start(
     ));
     let (outcomes_tx, outcomes) = crossbeam_channel::unbounded();
     let mut link = Link {
+        ready: Vec::new(),
         gathers: HashMap::new(),
         gather_deadlines: VecDeque::new(),
         collecting: HashMap::new(),
@@ -147,6 +149,9 @@ struct Waiting {
 }
 
 struct Link {
+    /// Connections whose `101` waits until the broker reaches their user here, with the
+    /// instant they stop waiting regardless (`cluster_timeout`).
+    ready: Vec<(i64, ConnAddr, Instant)>,
     /// Member gathers started here, by id (ids shared with `waiting`).
     gathers: HashMap<u64, Gather>,
     gather_deadlines: VecDeque<(Instant, u64)>,
@@ -211,6 +216,7 @@ impl Link {
                 let effects = self.core.tick(now);
                 self.apply(effects);
                 self.expire_answers(now);
+                self.release_ready(now);
             }
         }
         self.goodbye();
@@ -460,6 +466,11 @@ impl Link {
             LinkMsg::User { user, count } => {
                 let effects = self.core.set_user(&user.to_string(), count);
                 self.apply(effects);
+                self.release_ready(Instant::now());
+            }
+            LinkMsg::Ready { user, conn } => {
+                self.ready.push((user, conn, Instant::now() + self.timeout));
+                self.release_ready(Instant::now());
             }
             LinkMsg::RoomCount { room, shard, count } => {
                 let shards = self.fabric.links.len();
@@ -711,9 +722,13 @@ impl Link {
                 let effects = self.core.on_resubscribed();
                 self.apply(effects);
                 self.state().up.store(true, Ordering::Release);
+                self.release_ready(Instant::now());
                 log::info!(subjects = n; "cluster broker subscriptions in place; node {} is up", self.state().node);
             }
-            Event::Subscribed(subjects) => self.core.on_subscribed(&subjects),
+            Event::Subscribed(subjects) => {
+                self.core.on_subscribed(&subjects);
+                self.release_ready(Instant::now());
+            }
             Event::Unsubscribed(subjects) => self.core.on_unsubscribed(&subjects),
             Event::Down(reason) => {
                 self.state().up.store(false, Ordering::Release);
@@ -725,8 +740,26 @@ impl Link {
                 self.deadlines.clear();
                 self.fail_waits(|_| true, WaitError::Unavailable);
                 self.finish_gathers();
+                self.release_ready(Instant::now());
             }
         }
+    }
+
+    /// Lets the `101` of each waiting connection go once the broker reaches its user here,
+    /// when the broker is down (nothing better will come), or at its deadline.
+    fn release_ready(&mut self, now: Instant) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let up = self.state().is_up();
+        let (core, fabric) = (&self.core, &self.fabric);
+        self.ready.retain(|&(user, conn, deadline)| {
+            let go = !up || now >= deadline || core.user_reachable(&user.to_string());
+            if go && let Some(link) = fabric.links.get(conn.shard) {
+                link.send_now(ClusterMsg::Ready { key: conn.key });
+            }
+            !go
+        });
     }
 
     /// Carries out what the core decided.

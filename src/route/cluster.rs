@@ -179,6 +179,16 @@ pub enum LinkMsg {
         /// The asking shard's roster entry.
         roster: u32,
     },
+    /// A connection of `user` was admitted on this node: answer `ClusterMsg::Ready` to it once
+    /// the broker delivers the user's messages here (its subject subscribed and confirmed), at
+    /// once when the broker is down, at the latest after `cluster_timeout`. Its `101` waits for
+    /// it.
+    Ready {
+        /// The user.
+        user: i64,
+        /// The waiting connection.
+        conn: ConnAddr,
+    },
     /// The server is stopping: say goodbye and end the thread.
     Shutdown,
 }
@@ -208,6 +218,7 @@ impl LinkMsg {
                 | LinkMsg::Opened { .. }
                 | LinkMsg::RoomMembers { .. }
                 | LinkMsg::RosterMembers { .. }
+                | LinkMsg::Ready { .. }
                 | LinkMsg::Shutdown => 0,
             }
     }

@@ -30,6 +30,12 @@ impl Shard {
             ClusterMsg::RemoteRoomCount { room, count } => self.rooms.set_remote(&room, count),
             ClusterMsg::Presence { user, presence, rooms } => self.remote_presence(user, presence, rooms),
             ClusterMsg::Evict { user, before_ms, count } => self.evict_for_other_node(user, before_ms, count),
+            ClusterMsg::Ready { key } => {
+                if let Some(conn) = self.conn_mut(key).filter(|c| c.held) {
+                    conn.held = false;
+                    self.mark_dirty(key);
+                }
+            }
         }
     }
 

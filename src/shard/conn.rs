@@ -344,6 +344,9 @@ pub struct Conn {
     pub phase: Phase,
     /// In the shard's flush list.
     pub dirty: bool,
+    /// With a cluster: nothing is written yet — its `101` waits until the broker reaches the
+    /// user on this node (`ClusterMsg::Ready`).
+    pub held: bool,
     /// An echo-endpoint connection (conformance runs): messages come back as they came.
     pub echo: bool,
 }
@@ -360,6 +363,7 @@ impl Conn {
             reassembly: Reassembly::default(),
             out: OutQueue::default(),
             dirty: false,
+            held: false,
             echo: false,
             session: None,
             timer_at: deadline,

@@ -292,6 +292,7 @@ impl Shard {
             .and_then(|name| claim_info(&identity.claims, name));
         let now = self.now;
         let limits = self.limits;
+        let clustered = self.shared.fabric.cluster.is_some();
         let claims = self.kept_claims(identity.claims);
         let Some(conn) = self.conn_mut(key) else {
             return;
@@ -301,6 +302,9 @@ impl Shard {
             conn.out.push(connect_greeting(user, Self::wall_ms()));
         }
         conn.phase = Phase::Open;
+        // With a cluster, the 101 waits until the broker reaches the user here: from then on
+        // no other node answers 404 for a user its client may already see connected.
+        conn.held = clustered;
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.deadline = now + limits.ping_period_ms; // the next ping
         let peer = conn.peer;
@@ -336,6 +340,9 @@ impl Shard {
         }
         let home = Directory::home_of(user, self.shards());
         let addr = self.addr(key);
+        if let Some(cluster) = &self.shared.fabric.cluster {
+            cluster.send_state(crate::route::cluster::LinkMsg::Ready { user, conn: addr });
+        }
         self.send_to(home, DirMsg::HomeOpened { user, seq, addr, info });
         self.call_app(key, |app, conn| app.on_connect(conn));
         if !pending.is_empty() {

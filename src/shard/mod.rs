@@ -485,7 +485,7 @@ impl Shard {
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
-        if conn.out.is_empty() {
+        if conn.out.is_empty() || conn.held {
             return;
         }
         let before = conn.out.bytes();

@@ -54,6 +54,12 @@ pub enum ClusterMsg {
         /// At most this many.
         count: u32,
     },
+    /// To a connection's shard: the broker now reaches its user on this node; its `101` (held
+    /// since admission) may go.
+    Ready {
+        /// The connection.
+        key: crate::core::ConnKey,
+    },
     /// To every shard: members of `room` on the other nodes, summed.
     RemoteRoomCount {
         /// The room.
@@ -69,7 +75,7 @@ impl ClusterMsg {
         match self {
             ClusterMsg::ToUser { frame, .. } => frame.len(),
             ClusterMsg::ToRoom { frame, .. } => ROOM_REF + frame.len(),
-            ClusterMsg::RemoteUser { .. } | ClusterMsg::Evict { .. } => 0,
+            ClusterMsg::RemoteUser { .. } | ClusterMsg::Evict { .. } | ClusterMsg::Ready { .. } => 0,
             ClusterMsg::Presence { presence, rooms, .. } => {
                 super::presence_cost(presence) + rooms.len() * ROOM_REF
             }
@@ -86,7 +92,8 @@ impl ClusterMsg {
             | ClusterMsg::RemoteUser { .. }
             | ClusterMsg::Evict { .. }
             | ClusterMsg::Presence { .. }
-            | ClusterMsg::RemoteRoomCount { .. } => None,
+            | ClusterMsg::RemoteRoomCount { .. }
+            | ClusterMsg::Ready { .. } => None,
         }
     }
 }
