@@ -624,6 +624,32 @@ fn reachable_from_other_nodes_once_connected(engine: Engine) {
     }
 }
 
+/// A room member is reachable from every node as soon as its join is acknowledged: a publish
+/// from another node right after the ack reaches it (the ack waits until the node's
+/// subscription to the room is in place).
+fn room_reachable_once_joined(engine: Engine) {
+    let broker = Broker::start(engine);
+    let prefix = prefix("roomreach", engine);
+    let a = Node::start(&broker, &prefix, "a");
+    let b = Node::start(&broker, &prefix, "b");
+    a.wait_nodes(2);
+    b.wait_nodes(2);
+    let mut member = connect(b.ws, 7, &[]);
+    for n in 0..20 {
+        let (room, pid) = (format!("fresh-{n}"), format!("j{n}"));
+        member.send_value(&json!({"type": "join", "pid": pid, "payload": {"room": room}}));
+        let ack = member.recv_json();
+        assert_eq!(ack["payload"]["acknowledgedPid"], pid, "{ack}");
+        let body = json!({"body": {"n": n}}).to_string();
+        a.api("POST", &format!("/api/v1/rooms/{room}/publish"), Some(&body));
+        let got = member.recv_of_type("room_message");
+        assert_eq!(
+            (got["payload"]["room"].as_str(), &got["payload"]["body"]["n"]),
+            (Some(&*room), &json!(n))
+        );
+    }
+}
+
 macro_rules! for_both_engines {
     ($($scenario:ident),* $(,)?) => {
         mod redis {
@@ -643,4 +669,5 @@ for_both_engines!(
     connections_per_user_across_nodes,
     duplicate_node_id_is_reported,
     reachable_from_other_nodes_once_connected,
+    room_reachable_once_joined,
 );

@@ -250,6 +250,11 @@ impl Core {
         self.users.contains_key(user) && !self.held_back(&self.subjects.user(user))
     }
 
+    /// Whether the broker delivers messages for `room` to this node (as [`Core::user_reachable`]).
+    pub fn room_reachable(&self, room: &str) -> bool {
+        self.rooms.contains_key(room) && !self.held_back(&self.subjects.room(room))
+    }
+
     /// Whether this node's own record of `user` or `room` subject waits for its subscription.
     fn held_back(&self, subject: &str) -> bool {
         (!self.awaiting.is_empty() && self.awaiting.contains(subject))

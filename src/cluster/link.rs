@@ -31,7 +31,7 @@ use crate::core::Directory;
 use crate::core::directory::ConnAddr;
 use crate::core::pending::WaitKind;
 use crate::protocol::envelope::{error_notification, server_ack};
-use crate::route::cluster::{ClusterRx, LinkMsg, P2pReply};
+use crate::route::cluster::{ClusterRx, LinkMsg, P2pReply, Reach};
 use crate::route::msg::{ClusterMsg, DeliverMsg, OpMsg};
 use crate::route::{AckReply, ClientReply, Completion, Fabric, OutMessage, Outcome, WaitError};
 
@@ -151,7 +151,7 @@ struct Waiting {
 struct Link {
     /// Connections whose `101` waits until the broker reaches their user here, with the
     /// instant they stop waiting regardless (`cluster_timeout`).
-    ready: Vec<(i64, ConnAddr, Instant)>,
+    ready: Vec<(Reach, ConnAddr, Instant)>,
     /// Member gathers started here, by id (ids shared with `waiting`).
     gathers: HashMap<u64, Gather>,
     gather_deadlines: VecDeque<(Instant, u64)>,
@@ -468,8 +468,8 @@ impl Link {
                 self.apply(effects);
                 self.release_ready(Instant::now());
             }
-            LinkMsg::Ready { user, conn } => {
-                self.ready.push((user, conn, Instant::now() + self.timeout));
+            LinkMsg::Ready { on, conn } => {
+                self.ready.push((on, conn, Instant::now() + self.timeout));
                 self.release_ready(Instant::now());
             }
             LinkMsg::RoomCount { room, shard, count } => {
@@ -753,8 +753,12 @@ impl Link {
         }
         let up = self.state().is_up();
         let (core, fabric) = (&self.core, &self.fabric);
-        self.ready.retain(|&(user, conn, deadline)| {
-            let go = !up || now >= deadline || core.user_reachable(&user.to_string());
+        self.ready.retain(|(on, conn, deadline)| {
+            let reachable = match on {
+                Reach::User(user) => core.user_reachable(&user.to_string()),
+                Reach::Room(room) => core.room_reachable(room),
+            };
+            let go = !up || now >= *deadline || reachable;
             if go && let Some(link) = fabric.links.get(conn.shard) {
                 link.send_now(ClusterMsg::Ready { key: conn.key });
             }

@@ -179,13 +179,14 @@ pub enum LinkMsg {
         /// The asking shard's roster entry.
         roster: u32,
     },
-    /// A connection of `user` was admitted on this node: answer `ClusterMsg::Ready` to it once
-    /// the broker delivers the user's messages here (its subject subscribed and confirmed), at
-    /// once when the broker is down, at the latest after `cluster_timeout`. Its `101` waits for
-    /// it.
+    /// A connection was admitted for a user (or joined a room) on this node: answer
+    /// `ClusterMsg::Ready` to it once the broker delivers that user's (room's) messages here
+    /// (the subject subscribed and confirmed), at once when the broker is down, at the latest
+    /// after `cluster_timeout`. What the connection is sent meanwhile (its `101`, the join's
+    /// ack) waits for it.
     Ready {
-        /// The user.
-        user: i64,
+        /// What must be reachable.
+        on: Reach,
         /// The waiting connection.
         conn: ConnAddr,
     },
@@ -222,6 +223,15 @@ impl LinkMsg {
                 | LinkMsg::Shutdown => 0,
             }
     }
+}
+
+/// What a waiting connection needs the broker to reach on this node.
+#[derive(Debug, Clone)]
+pub enum Reach {
+    /// A user's subject.
+    User(i64),
+    /// A room's subject.
+    Room(Arc<str>),
 }
 
 /// What the link thread publishes for everyone else to read: whether the broker is usable,

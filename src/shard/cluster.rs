@@ -31,9 +31,11 @@ impl Shard {
             ClusterMsg::Presence { user, presence, rooms } => self.remote_presence(user, presence, rooms),
             ClusterMsg::Evict { user, before_ms, count } => self.evict_for_other_node(user, before_ms, count),
             ClusterMsg::Ready { key } => {
-                if let Some(conn) = self.conn_mut(key).filter(|c| c.held) {
-                    conn.held = false;
-                    self.mark_dirty(key);
+                if let Some(conn) = self.conn_mut(key).filter(|c| c.held > 0) {
+                    conn.held -= 1;
+                    if conn.held == 0 {
+                        self.mark_dirty(key);
+                    }
                 }
             }
         }
@@ -119,6 +121,22 @@ impl Shard {
                 let local = self.directory.home_conns(user).len() as u32;
                 let _ = cluster.try_send(LinkMsg::Opened { user, at_ms: now, local });
             }
+        }
+    }
+
+    /// With a cluster: what `key` is sent from now on (a join's ack, room messages) waits
+    /// until the broker reaches `on` on this node (the link answers `ClusterMsg::Ready`).
+    pub(super) fn hold_until_reachable(&mut self, key: ConnKey, on: crate::route::cluster::Reach) {
+        if self.shared.fabric.cluster.is_none() {
+            return;
+        }
+        let conn = self.addr(key);
+        // At most 255 waits at once (a connection joining rooms faster than the broker
+        // confirms them): beyond, its output simply does not wait.
+        let Some(c) = self.conn_mut(key).filter(|c| c.held < u8::MAX) else { return };
+        c.held += 1;
+        if let Some(cluster) = &self.shared.fabric.cluster {
+            cluster.send_state(LinkMsg::Ready { on, conn });
         }
     }
 

@@ -344,9 +344,10 @@ pub struct Conn {
     pub phase: Phase,
     /// In the shard's flush list.
     pub dirty: bool,
-    /// With a cluster: nothing is written yet — its `101` waits until the broker reaches the
-    /// user on this node (`ClusterMsg::Ready`).
-    pub held: bool,
+    /// With a cluster: how many `ClusterMsg::Ready` this connection waits for (its `101` until
+    /// the broker reaches its user here, a join's ack until it reaches the room); nothing is
+    /// written while above 0.
+    pub held: u8,
     /// An echo-endpoint connection (conformance runs): messages come back as they came.
     pub echo: bool,
 }
@@ -363,7 +364,7 @@ impl Conn {
             reassembly: Reassembly::default(),
             out: OutQueue::default(),
             dirty: false,
-            held: false,
+            held: 0,
             echo: false,
             session: None,
             timer_at: deadline,

@@ -304,7 +304,7 @@ impl Shard {
         conn.phase = Phase::Open;
         // With a cluster, the 101 waits until the broker reaches the user here: from then on
         // no other node answers 404 for a user its client may already see connected.
-        conn.held = clustered;
+        conn.held = u8::from(clustered);
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.deadline = now + limits.ping_period_ms; // the next ping
         let peer = conn.peer;
@@ -341,7 +341,8 @@ impl Shard {
         let home = Directory::home_of(user, self.shards());
         let addr = self.addr(key);
         if let Some(cluster) = &self.shared.fabric.cluster {
-            cluster.send_state(crate::route::cluster::LinkMsg::Ready { user, conn: addr });
+            let on = crate::route::cluster::Reach::User(user);
+            cluster.send_state(crate::route::cluster::LinkMsg::Ready { on, conn: addr });
         }
         self.send_to(home, DirMsg::HomeOpened { user, seq, addr, info });
         self.call_app(key, |app, conn| app.on_connect(conn));

@@ -485,7 +485,7 @@ impl Shard {
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
-        if conn.out.is_empty() || conn.held {
+        if conn.out.is_empty() || conn.held > 0 {
             return;
         }
         let before = conn.out.bytes();

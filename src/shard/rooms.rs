@@ -14,7 +14,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::envelope::{
     Envelope, RoomPublish, error_notification, presence_event, room_message, server_ack,
 };
-use crate::route::cluster::LinkMsg;
+use crate::route::cluster::{LinkMsg, Reach};
 use crate::route::msg::{RoomMsg, ShardMsg};
 use crate::route::{Completion, Outcome};
 
@@ -78,6 +78,7 @@ impl Shard {
         session.rooms.push(Arc::clone(&room));
         let (_, count) = self.rooms.join(&room, key);
         self.announce_room_count(&room, count);
+        self.hold_until_reachable(key, Reach::Room(Arc::clone(&room)));
         self.room_presence_change(&room, key, user, "joined");
         Membership::Done("joined")
     }
