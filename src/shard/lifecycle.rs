@@ -35,6 +35,7 @@ impl Shard {
         }
         let dropped = if discard { conn.out.discard_unsent() } else { 0 };
         conn.out.push(FrameEncoder::close(code, reason));
+        conn.held = 0; // a cluster hold ends here: the final bytes go out now
         conn.phase = Phase::Closing { peer_done: false };
         conn.deadline = deadline;
         let (user, peer, client) = (conn.user(), conn.peer, conn.client_ip());
