@@ -466,11 +466,15 @@ impl Link {
             LinkMsg::User { user, count } => {
                 let effects = self.core.set_user(&user.to_string(), count);
                 self.apply(effects);
-                self.release_ready(Instant::now());
             }
             LinkMsg::Ready { on, conn } => {
-                self.ready.push((on, conn, Instant::now() + self.timeout));
-                self.release_ready(Instant::now());
+                // Only this one is checked now; the others wait for a confirmation (or the
+                // broker's loss, or their deadline), so a reconnect storm costs no rescans.
+                if !self.state().is_up() || reachable(&self.core, &on) {
+                    self.ready_now(conn);
+                } else {
+                    self.ready.push((on, conn, Instant::now() + self.timeout));
+                }
             }
             LinkMsg::RoomCount { room, shard, count } => {
                 let shards = self.fabric.links.len();
@@ -745,8 +749,9 @@ impl Link {
         }
     }
 
-    /// Lets the `101` of each waiting connection go once the broker reaches its user here,
-    /// when the broker is down (nothing better will come), or at its deadline.
+    /// Lets what each waiting connection was sent go once the broker reaches its user (room)
+    /// here, when the broker is down (nothing better will come), or at its deadline. Called on
+    /// confirmations, on the broker's loss and return, and every tick.
     fn release_ready(&mut self, now: Instant) {
         if self.ready.is_empty() {
             return;
@@ -754,16 +759,16 @@ impl Link {
         let up = self.state().is_up();
         let (core, fabric) = (&self.core, &self.fabric);
         self.ready.retain(|(on, conn, deadline)| {
-            let reachable = match on {
-                Reach::User(user) => core.user_reachable(&user.to_string()),
-                Reach::Room(room) => core.room_reachable(room),
-            };
-            let go = !up || now >= *deadline || reachable;
-            if go && let Some(link) = fabric.links.get(conn.shard) {
-                link.send_now(ClusterMsg::Ready { key: conn.key });
+            let go = !up || now >= *deadline || reachable(core, on);
+            if go {
+                tell_ready(fabric, *conn);
             }
             !go
         });
+    }
+
+    fn ready_now(&self, conn: ConnAddr) {
+        tell_ready(&self.fabric, conn);
     }
 
     /// Carries out what the core decided.
@@ -901,5 +906,20 @@ impl Link {
                 );
             }
         }
+    }
+}
+
+/// Whether the broker delivers `on`'s messages to this node.
+fn reachable(core: &Core, on: &Reach) -> bool {
+    match on {
+        Reach::User(user) => core.user_reachable(&user.to_string()),
+        Reach::Room(room) => core.room_reachable(room),
+    }
+}
+
+/// Tells `conn`'s shard that what it holds for the cluster may go.
+fn tell_ready(fabric: &Fabric, conn: ConnAddr) {
+    if let Some(link) = fabric.links.get(conn.shard) {
+        link.send_now(ClusterMsg::Ready { key: conn.key });
     }
 }
