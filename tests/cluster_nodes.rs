@@ -244,17 +244,23 @@ fn metric(text: &str, name: &str) -> f64 {
     common::metric_sum(text, name).unwrap_or(0.0)
 }
 
+/// A broker and two nodes `a` and `b` on it (each started with `extra`), each seeing both.
+fn two_nodes(engine: Engine, test: &str, extra: &[&str]) -> (Broker, Node, Node) {
+    let broker = Broker::start(engine);
+    let prefix = prefix(test, engine);
+    let a = Node::start_with(&broker, &prefix, "a", extra);
+    let b = Node::start_with(&broker, &prefix, "b", extra);
+    a.wait_nodes(2);
+    b.wait_nodes(2);
+    (broker, a, b)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------
 
 fn p2p_broadcast_rooms_presence(engine: Engine) {
-    let broker = Broker::start(engine);
-    let prefix = prefix("basic", engine);
-    let a = Node::start(&broker, &prefix, "a");
-    let b = Node::start(&broker, &prefix, "b");
-    a.wait_nodes(2);
-    b.wait_nodes(2);
+    let (_broker, a, b) = two_nodes(engine, "basic", &[]);
 
     // Presence online across nodes: a watcher on A, the user connects on B.
     let mut w = connect(a.ws, 1, &[]);
@@ -411,11 +417,7 @@ fn p2p_broadcast_rooms_presence(engine: Engine) {
 }
 
 fn node_killed(engine: Engine) {
-    let broker = Broker::start(engine);
-    let prefix = prefix("kill", engine);
-    let a = Node::start(&broker, &prefix, "a");
-    let mut b = Node::start(&broker, &prefix, "b");
-    a.wait_nodes(2);
+    let (_broker, a, mut b) = two_nodes(engine, "kill", &[]);
     let mut w = connect(a.ws, 1, &[]);
     subscribe(&mut w, &[2], "s1");
     let _t = connect(b.ws, 2, &[]);
@@ -490,11 +492,7 @@ fn broker_stopped_and_started(engine: Engine) {
 }
 
 fn server_ops_across_nodes(engine: Engine) {
-    let broker = Broker::start(engine);
-    let prefix = prefix("ops", engine);
-    let a = Node::start(&broker, &prefix, "a");
-    let b = Node::start(&broker, &prefix, "b");
-    a.wait_nodes(2);
+    let (_broker, a, b) = two_nodes(engine, "ops", &[]);
     let mut w = connect(a.ws, 1, &[]);
     subscribe(&mut w, &[2], "s1");
     let mut t = connect(b.ws, 2, &[]);
@@ -570,11 +568,7 @@ fn server_ops_across_nodes(engine: Engine) {
 }
 
 fn connections_per_user_across_nodes(engine: Engine) {
-    let broker = Broker::start(engine);
-    let prefix = prefix("peruser", engine);
-    let a = Node::start_with(&broker, &prefix, "a", &["--connections-per-user", "1"]);
-    let b = Node::start_with(&broker, &prefix, "b", &["--connections-per-user", "1"]);
-    a.wait_nodes(2);
+    let (_broker, a, b) = two_nodes(engine, "peruser", &["--connections-per-user", "1"]);
     let mut w = connect(a.ws, 1, &[]);
     subscribe(&mut w, &[9], "s1");
     let mut old = connect(b.ws, 9, &[]);
@@ -608,12 +602,7 @@ fn duplicate_node_id_is_reported(engine: Engine) {
 /// P2P from another node sent right after the connect is delivered, never 404 (the `101`
 /// waits until the node's subscription to the user is in place).
 fn reachable_from_other_nodes_once_connected(engine: Engine) {
-    let broker = Broker::start(engine);
-    let prefix = prefix("reach", engine);
-    let a = Node::start(&broker, &prefix, "a");
-    let b = Node::start(&broker, &prefix, "b");
-    a.wait_nodes(2);
-    b.wait_nodes(2);
+    let (_broker, a, b) = two_nodes(engine, "reach", &[]);
     let mut sender = connect(a.ws, 1, &[]);
     for user in 100..120 {
         let mut fresh = connect(b.ws, user, &[]);
@@ -628,12 +617,7 @@ fn reachable_from_other_nodes_once_connected(engine: Engine) {
 /// from another node right after the ack reaches it (the ack waits until the node's
 /// subscription to the room is in place).
 fn room_reachable_once_joined(engine: Engine) {
-    let broker = Broker::start(engine);
-    let prefix = prefix("roomreach", engine);
-    let a = Node::start(&broker, &prefix, "a");
-    let b = Node::start(&broker, &prefix, "b");
-    a.wait_nodes(2);
-    b.wait_nodes(2);
+    let (_broker, a, b) = two_nodes(engine, "roomreach", &[]);
     let mut member = connect(b.ws, 7, &[]);
     for n in 0..20 {
         let (room, pid) = (format!("fresh-{n}"), format!("j{n}"));
