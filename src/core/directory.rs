@@ -11,7 +11,7 @@
 //!
 //! The replica and the local connections are one record per user (every shard holds one for
 //! every connected user: 24 bytes with its key, the common single local connection inline);
-//! the home list is a second table, on the home shard only (40 bytes with its key, one
+//! the home list is a second table, on the home shard only (32 bytes with its key, one
 //! connection inline).
 
 use std::collections::HashMap;
@@ -60,37 +60,49 @@ struct UserRecord {
     local: ConnKey,
 }
 
+/// Largest `since_ms` a home-list record holds: 48 bits of Unix milliseconds reach the year
+/// 10889 (a later clock is stored as this).
+const SINCE_MAX: u64 = (1 << 48) - 1;
+
+/// `Homed::key` when the user has two or more connections: they are in `Directory::homed_many`.
+const MANY_HOMED: ConnKey = MANY_LOCAL;
+
 /// One user homed on this shard: when it came online (its presence, when the default one, is
-/// `online` since then: the presence table keeps no entry for it) and its connections, one
-/// inline (32 bytes), more on the heap.
+/// `online` since then: the presence table keeps no entry for it) and its one connection
+/// inline (24 bytes); two or more connections go to a side table.
 #[derive(Debug)]
-enum Homed {
-    One { since_ms: u64, seq: u64, key: ConnKey, shard: u32 },
-    Many { since_ms: u64, conns: Box<[(u64, ConnAddr)]> },
+struct Homed {
+    /// When the user came online (Unix ms, low 48 bits; see [`SINCE_MAX`]) and the inline
+    /// connection's shard (high 16 bits; at most [`MAX_SHARDS`]).
+    since_shard: u64,
+    /// The inline connection's open order.
+    seq: u64,
+    /// The inline connection, or [`MANY_HOMED`].
+    key: ConnKey,
 }
 
 impl Homed {
     fn since_ms(&self) -> u64 {
-        match self {
-            Homed::One { since_ms, .. } | Homed::Many { since_ms, .. } => *since_ms,
-        }
+        self.since_shard & SINCE_MAX
     }
 
-    fn list(&self) -> HomeList<'_> {
-        match self {
-            Homed::One { seq, key, shard, .. } => {
-                HomeList::One([(*seq, ConnAddr { shard: *shard as ShardId, key: *key })])
-            }
-            Homed::Many { conns, .. } => HomeList::Many(conns),
-        }
+    /// The record for one connection.
+    fn one(since_ms: u64, seq: u64, addr: ConnAddr) -> Self {
+        let since_shard = since_ms.min(SINCE_MAX) | (addr.shard as u64) << 48;
+        Homed { since_shard, seq, key: addr.key }
     }
 
-    /// `conns` (not empty) stored in the smallest form.
-    fn new(since_ms: u64, conns: Vec<(u64, ConnAddr)>) -> Self {
-        match conns.as_slice() {
-            [(seq, addr)] => Homed::One { since_ms, seq: *seq, key: addr.key, shard: addr.shard as u32 },
-            _ => Homed::Many { since_ms, conns: conns.into_boxed_slice() },
+    /// The record for several connections (their list goes to `homed_many`).
+    fn many(since_ms: u64) -> Self {
+        Homed { since_shard: since_ms.min(SINCE_MAX), seq: 0, key: MANY_HOMED }
+    }
+
+    fn list<'a>(&self, many: Option<&'a [(u64, ConnAddr)]>) -> HomeList<'a> {
+        if self.key == MANY_HOMED {
+            return HomeList::Many(many.unwrap_or(&[]));
         }
+        let shard = (self.since_shard >> 48) as ShardId;
+        HomeList::One([(self.seq, ConnAddr { shard, key: self.key })])
     }
 }
 
@@ -133,6 +145,8 @@ pub struct Directory {
     /// Records with a non-zero replica mask.
     online: usize,
     homed: HashMap<i64, Homed, RandomState>,
+    /// The connections of the homed users whose record says [`MANY_HOMED`], oldest first.
+    homed_many: HashMap<i64, Box<[(u64, ConnAddr)]>, RandomState>,
 }
 
 impl Directory {
@@ -248,51 +262,63 @@ impl Directory {
     /// Home shard only: a connection of `user` opened at `now_ms` (Unix ms); `seq` orders
     /// connections globally.
     pub fn home_open(&mut self, user: i64, seq: u64, addr: ConnAddr, per_user: usize, now_ms: u64) -> Opened {
-        use std::collections::hash_map::Entry;
-        let mut homed = match self.homed.entry(user) {
-            Entry::Vacant(vacant) => {
-                // A first connection is within any `connections_per_user` (0 is no limit).
-                vacant.insert(Homed::new(now_ms, vec![(seq, addr)]));
-                return Opened { came_online: true, evict: Vec::new() };
-            }
-            Entry::Occupied(occupied) => occupied,
+        let Some(homed) = self.homed.get(&user) else {
+            // A first connection is within any `connections_per_user` (0 is no limit).
+            self.homed.insert(user, Homed::one(now_ms, seq, addr));
+            return Opened { came_online: true, evict: Vec::new() };
         };
-        let since_ms = homed.get().since_ms();
-        let mut list = homed.get().list().to_vec();
+        let since_ms = homed.since_ms();
+        let mut list = homed.list(self.homed_many.get(&user).map(|b| &**b)).to_vec();
         let at = list.partition_point(|(s, _)| *s < seq);
         list.insert(at, (seq, addr));
         let excess = if per_user == 0 { 0 } else { list.len().saturating_sub(per_user) };
         let evict = list.drain(..excess).map(|(_, addr)| addr).collect();
-        if list.is_empty() {
-            homed.remove();
-        } else {
-            *homed.get_mut() = Homed::new(since_ms, list);
-        }
+        self.store_home(user, since_ms, list);
         Opened { came_online: false, evict }
     }
 
     /// Home shard only: a connection of `user` closed; true when the user is now offline.
     pub fn home_close(&mut self, user: i64, seq: u64) -> bool {
-        let Some(homed) = self.homed.get_mut(&user) else {
+        let Some(homed) = self.homed.get(&user) else {
             return false;
         };
-        let list = homed.list();
+        let since_ms = homed.since_ms();
+        let list = homed.list(self.homed_many.get(&user).map(|b| &**b));
         if !list.iter().any(|(s, _)| *s == seq) {
             return false;
         }
         let remaining: Vec<(u64, ConnAddr)> = list.iter().copied().filter(|(s, _)| *s != seq).collect();
-        if remaining.is_empty() {
-            self.homed.remove(&user);
-            shrink_if_sparse(&mut self.homed);
-            return true;
+        let offline = remaining.is_empty();
+        self.store_home(user, since_ms, remaining);
+        offline
+    }
+
+    /// Stores `user`'s home list in the smallest form (none when `list` is empty).
+    fn store_home(&mut self, user: i64, since_ms: u64, list: Vec<(u64, ConnAddr)>) {
+        match list.as_slice() {
+            [] => {
+                self.homed.remove(&user);
+                self.homed_many.remove(&user);
+                shrink_if_sparse(&mut self.homed);
+                shrink_if_sparse(&mut self.homed_many);
+            }
+            [(seq, addr)] => {
+                self.homed.insert(user, Homed::one(since_ms, *seq, *addr));
+                if self.homed_many.remove(&user).is_some() {
+                    shrink_if_sparse(&mut self.homed_many);
+                }
+            }
+            _ => {
+                self.homed.insert(user, Homed::many(since_ms));
+                self.homed_many.insert(user, list.into_boxed_slice());
+            }
         }
-        *homed = Homed::new(homed.since_ms(), remaining);
-        false
     }
 
     /// Home shard only: `user`'s connections, oldest first, with their open order.
     pub fn home_conns(&self, user: i64) -> HomeList<'_> {
-        self.homed.get(&user).map_or(HomeList::Many(&[]), Homed::list)
+        let many = self.homed_many.get(&user).map(|b| &**b);
+        self.homed.get(&user).map_or(HomeList::Many(&[]), |homed| homed.list(many))
     }
 
     /// Home shard only: when `user` came online (its first connection opened), if it is online.
@@ -433,6 +459,7 @@ mod tests {
         assert!(!dir.home_close(1, 9));
         assert_eq!(&*dir.home_conns(1), &[(5, addr(1, 1))]);
         assert!(matches!(dir.home_conns(1), HomeList::One(_)), "one connection is inline again");
+        assert!(dir.homed_many.is_empty(), "the side table lets go of the user");
         assert_eq!(dir.home_since(1), Some(100));
         assert!(dir.home_close(1, 5));
         assert!(dir.home_conns(1).is_empty());
@@ -469,6 +496,26 @@ mod tests {
         let homed = size_of::<(i64, Homed)>();
         println!("directory entry per user and shard: {record} B; home-list entry: {homed} B");
         assert!(record <= 24, "{record}");
-        assert!(homed <= 40, "{homed}");
+        // Issue 15, fourth step: 40 → 32 (the shard in the since time's top 16 bits, two or
+        // more connections in a side table).
+        assert!(homed <= 32, "{homed}");
+    }
+
+    /// The inline record keeps the whole since time, sequence and address: the last shard,
+    /// a since time in milliseconds far from now, a sequence past 32 bits.
+    #[test]
+    fn the_compact_home_record_loses_nothing() {
+        let mut dir = Directory::default();
+        let since = 4_102_444_800_123; // 2100-01-01T00:00:00.123Z
+        let seq = (1 << 40) + 7;
+        let last = ConnAddr { shard: MAX_SHARDS - 1, key: ConnKey { index: 1 << 30, generation: u32::MAX } };
+        assert!(dir.home_open(3, seq, last, 0, since).came_online);
+        assert_eq!(&*dir.home_conns(3), &[(seq, last)]);
+        assert_eq!(dir.home_since(3), Some(since));
+        dir.home_open(3, seq + 1, addr(0, 2), 0, since + 5);
+        assert!(!dir.home_close(3, seq));
+        assert_eq!((&*dir.home_conns(3), dir.home_since(3)), (&[(seq + 1, addr(0, 2))][..], Some(since)));
+        assert!(dir.home_close(3, seq + 1));
+        assert!(dir.homed.is_empty() && dir.homed_many.is_empty());
     }
 }

@@ -88,7 +88,7 @@ impl Shard {
                     user: session.user,
                     shard: self.id,
                     seq: session.seq,
-                    ip: session.client_ip,
+                    ip: conn.client_ip(),
                     connected_ms: wall.saturating_sub(now.saturating_sub(session.opened_at)),
                     rooms: session.rooms.iter().map(|r| r.to_string()).collect(),
                     queued: conn.out.len(),

@@ -246,7 +246,7 @@ impl Shard {
         let seq = self.next_decision();
         #[cfg(feature = "backend")]
         if let Some(authorizer) = self.shared.authorizer.clone() {
-            let claims = self.conn_mut(key).and_then(|c| c.session.as_deref()).map_or("", |s| &s.claims);
+            let claims = self.conn_mut(key).and_then(|c| c.session.as_deref()).map_or("", |s| s.claims());
             let body = crate::backend::authorize_body(op, user, claims, targets);
             let decision =
                 crate::app::authorize::Decision::new(self.handle.clone(), ConnId(self.addr(key)), seq);

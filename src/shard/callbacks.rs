@@ -28,8 +28,8 @@ impl Shard {
             let mut conn = Conn {
                 id,
                 user: session.user,
-                claims: &session.claims,
-                user_data: session.user_data.as_deref(),
+                claims: session.claims(),
+                user_data: session.user_data(),
                 handle: &self.handle,
                 out: &mut out,
             };

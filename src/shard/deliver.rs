@@ -249,8 +249,9 @@ impl Shard {
         else {
             return Admit::Coalesced;
         };
-        let admit = session.debounce.admit(status, context, target, now, transient);
-        let until = session.debounce.transient_until;
+        let debounce = session.debounce();
+        let admit = debounce.admit(status, context, target, now, transient);
+        let until = debounce.transient_until;
         if until != u64::MAX {
             self.schedule_before(key, until);
         }
@@ -263,7 +264,7 @@ impl Shard {
         let now = self.now;
         let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return };
         let user = session.user;
-        if let Some(expired) = session.debounce.expire(now) {
+        if let Some(expired) = session.expire_transient(now) {
             let target = expired.target;
             let rooms = if target.is_none() { self.rooms_of(key) } else { Vec::new() };
             let msg = PresenceMsg::PresenceRevert { user, target, rooms, except: Some(self.addr(key)) };
@@ -385,7 +386,7 @@ impl Shard {
     pub(super) fn conn_info(&self, key: ConnKey) -> Option<Arc<str>> {
         let name = self.shared.config.presence_info_claim.as_deref()?;
         let conn = self.conns.get(key.index as usize).filter(|c| c.generation == key.generation)?;
-        claim_info(&conn.session.as_deref()?.claims, name)
+        claim_info(conn.session.as_deref()?.claims(), name)
     }
 
     fn rooms_of(&mut self, key: ConnKey) -> Vec<Arc<str>> {

@@ -35,13 +35,13 @@ impl Shard {
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
-        match parse(&conn.inbuf) {
+        match parse(conn.inbuf()) {
             Parsed::Partial => {}
             Parsed::Invalid(status, message) => self.refuse(key, status, message, None),
             Parsed::Complete(request, len) => {
                 // Bytes after the head are the client's first frames, sent without waiting.
-                let rest = conn.inbuf.split_off(len);
-                conn.inbuf = rest;
+                let rest = conn.inbuf_mut().split_off(len);
+                conn.set_inbuf(rest);
                 let ip = self.client_ip(key, request.forwarded_for.as_deref());
                 match self.shared.gate.decide(&request) {
                     Decision::UpgradeThenClose { reason } => {
@@ -142,7 +142,7 @@ impl Shard {
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
-        conn.inbuf = Vec::new();
+        conn.set_inbuf(Vec::new());
         conn.out.push(bytes);
         conn.phase = Phase::Closing { peer_done: false };
         conn.deadline = deadline;
@@ -159,7 +159,7 @@ impl Shard {
         conn.echo = true;
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.deadline = now + limits.ping_period_ms; // the next ping
-        let pending = std::mem::take(&mut conn.inbuf);
+        let pending = conn.take_inbuf();
         self.mark_dirty(key);
         self.schedule_before(key, now + limits.ping_period_ms.min(limits.pong_wait_ms));
         if !pending.is_empty() {
@@ -172,7 +172,7 @@ impl Shard {
         ShardMetrics::inc(&self.metrics().handshake_failures);
         let Some(conn) = self.conn_mut(key) else { return };
         log::info!(peer:% = conn.peer, reason; "handshake without a valid userId");
-        conn.inbuf = Vec::new();
+        conn.set_inbuf(Vec::new());
         conn.out.push(Bytes::from(switching_protocols(ws_key, None)));
         conn.phase = Phase::Open;
         // The ordinary close keeps what is queued: the 101 goes out before the 1002.
@@ -236,7 +236,7 @@ impl Shard {
     /// are its first frames), up to one largest message; beyond, the connection is dropped.
     fn early_bytes(&mut self, key: ConnKey) {
         let bound = (self.limits.max_message + 14).max(8 * 1024);
-        if self.conn_mut(key).is_some_and(|c| c.inbuf.len() > bound) {
+        if self.conn_mut(key).is_some_and(|c| c.inbuf().len() > bound) {
             self.drop_conn(key, "sent too much before its authentication completed");
         }
     }
@@ -308,24 +308,15 @@ impl Shard {
         conn.read_deadline = now + limits.pong_wait_ms;
         conn.deadline = now + limits.ping_period_ms; // the next ping
         let peer = conn.peer;
-        conn.session = Some(Box::new(Session {
-            user,
-            roles: identity.roles,
-            seq,
-            claims,
-            user_data,
-            rooms: Default::default(),
-            debounce: Default::default(),
-            rate_state: None,
-            user_bucket,
-            expires_deadline,
-            client_ip,
-            opened_at: now,
-            presence_budget: None,
-            roster_in_flight: false,
-        }));
+        let mut session = Session::new(user, seq, identity.roles, now);
+        session.expires_deadline = expires_deadline;
+        session.user_bucket = user_bucket;
+        session.set_claims(claims);
+        session.set_user_data(user_data);
+        session.set_client_ip(client_ip, peer.ip());
+        conn.session = Some(Box::new(session));
         conn.last_active_s = (now / 1000) as u32;
-        let pending = std::mem::take(&mut conn.inbuf);
+        let pending = conn.take_inbuf();
         let metrics = self.metrics();
         ShardMetrics::inc(&metrics.connections_total);
         ShardMetrics::inc(&metrics.connections_current);

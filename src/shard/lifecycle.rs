@@ -121,12 +121,13 @@ impl Shard {
             return;
         };
         ShardMetrics::dec(&self.metrics().connections_current);
-        self.shared.release(session.client_ip, session.user);
-        let session = *session;
-        self.leave_all_rooms(key, session.user, session.rooms.into_vec());
-        self.notify_disconnect(session.user, key, reason, session.user_data.as_deref());
+        let client_ip = session.client_ip(conn_peer.ip());
+        self.shared.release(client_ip, session.user);
+        let mut session = *session;
+        self.leave_all_rooms(key, session.user, std::mem::take(&mut session.rooms).into_vec());
+        self.notify_disconnect(session.user, key, reason, session.user_data());
         log::debug!(
-            user = session.user, client:% = session.client_ip, peer:% = conn_peer, shard = self.id, reason;
+            user = session.user, client:% = client_ip, peer:% = conn_peer, shard = self.id, reason;
             "disconnect"
         );
         self.unlist(key, session.user, session.seq);
@@ -205,7 +206,7 @@ impl Shard {
             Phase::Open if conn.session.as_ref().is_some_and(|s| s.expires_deadline <= now) => {
                 self.expire_session(key);
             }
-            Phase::Open if conn.session.as_ref().is_some_and(|s| s.debounce.transient_until <= now) => {
+            Phase::Open if conn.session.as_ref().is_some_and(|s| s.transient_until() <= now) => {
                 self.expire_transient(key);
             }
             Phase::Open if now >= conn.next_ping() => {

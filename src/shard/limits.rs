@@ -69,7 +69,9 @@ impl Shard {
             STRIKE_WINDOW_MS,
             rates.close_after,
         );
-        let (user, client, peer) = (session.user, session.client_ip, self.conns[key.index as usize].peer);
+        let user = session.user;
+        let conn = &self.conns[key.index as usize];
+        let (client, peer) = (conn.client_ip(), conn.peer);
         ShardMetrics::inc(&self.metrics().rate_limited);
         if abusive {
             ShardMetrics::inc(&self.metrics().policy_closes);
@@ -123,7 +125,7 @@ impl Shard {
                 if let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) {
                     session.expires_deadline = deadline;
                     session.roles = identity.roles;
-                    session.claims = claims;
+                    session.set_claims(claims);
                 }
                 self.schedule_before(key, deadline);
                 match pid {

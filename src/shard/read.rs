@@ -83,19 +83,19 @@ impl Shard {
         match conn.phase {
             Phase::Closing { .. } => {} // draining until EOF; the bytes mean nothing now
             Phase::Http => {
-                conn.inbuf.extend_from_slice(&scratch[..n]);
+                conn.inbuf_mut().extend_from_slice(&scratch[..n]);
                 self.on_http_bytes(key);
             }
-            Phase::Open if conn.inbuf.is_empty() => {
+            Phase::Open if conn.inbuf().is_empty() => {
                 let used = self.on_frames(key, &mut scratch[..n]);
                 if used < n
                     && let Some(conn) = self.conn_mut(key)
                 {
-                    conn.inbuf.extend_from_slice(&scratch[used..n]);
+                    conn.inbuf_mut().extend_from_slice(&scratch[used..n]);
                 }
             }
             Phase::Open => {
-                let mut buf = std::mem::take(&mut conn.inbuf);
+                let mut buf = conn.take_inbuf();
                 buf.extend_from_slice(&scratch[..n]);
                 self.resume_frames(key, buf);
             }
@@ -107,10 +107,7 @@ impl Shard {
         let used = self.on_frames(key, &mut buf);
         if let Some(conn) = self.conn_mut(key) {
             buf.drain(..used);
-            if buf.is_empty() {
-                buf = Vec::new(); // give the memory back while idle
-            }
-            conn.inbuf = buf;
+            conn.set_inbuf(buf); // an empty one gives the memory back while idle
         }
     }
 
@@ -154,9 +151,7 @@ impl Shard {
             FrameKind::Close => self.on_close_frame(key, payload),
             // A binary frame while a text message awaits its continuation is a protocol
             // error (1002, from the reassembly), not an unsupported message.
-            FrameKind::Binary
-                if !self.conn_mut(key).is_some_and(|c| c.echo || c.reassembly.in_progress()) =>
-            {
+            FrameKind::Binary if !self.conn_mut(key).is_some_and(|c| c.echo || c.reassembling()) => {
                 self.close(key, close::UNSUPPORTED, "binary frames are not supported")
             }
             FrameKind::Text | FrameKind::Binary | FrameKind::Continuation => {
@@ -188,7 +183,7 @@ impl Shard {
         if conn.echo {
             return self.echo(key, frame, payload);
         }
-        match conn.reassembly.push(frame, payload, max) {
+        match conn.assemble(frame, payload, max) {
             Ok(Assembled::InPlace(FrameKind::Text)) => self.on_text(key, payload),
             Ok(Assembled::Buffered(FrameKind::Text, mut bytes)) => self.on_text(key, &mut bytes),
             Ok(Assembled::InPlace(_) | Assembled::Buffered(..)) => {
@@ -203,7 +198,7 @@ impl Shard {
     fn echo(&mut self, key: ConnKey, frame: &Frame, payload: &mut [u8]) {
         let max = self.limits.max_message;
         let Some(conn) = self.conn_mut(key) else { return };
-        let assembled = match conn.reassembly.push(frame, payload, max) {
+        let assembled = match conn.assemble(frame, payload, max) {
             Ok(assembled) => assembled,
             Err(e) => return self.fail(key, e),
         };

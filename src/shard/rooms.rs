@@ -270,14 +270,14 @@ impl Shard {
         let Some(session) = self.conn_mut(key).and_then(|c| c.session.as_deref_mut()) else { return };
         let refusal = if !session.rooms.contains(&room) {
             Some((403, format!("not a member of room {room}")))
-        } else if session.roster_in_flight {
+        } else if session.roster_in_flight() {
             Some((429, "a room_presence request is already in flight on this connection".into()))
         } else if !session.take_presence_budget(rate, cost, now) {
             Some((429, format!("presence budget exceeded ({} members per second)", rate.per_second)))
         } else if inbox_full {
             Some((503, "server busy; retry later".into()))
         } else {
-            session.roster_in_flight = true;
+            session.set_roster_in_flight(true);
             None
         };
         if let Some((code, message)) = refusal {
@@ -398,7 +398,7 @@ impl Shard {
         let Roster { reply, room, pid, failed, mut entries, mut next, .. } =
             self.rosters.remove(roster as usize);
         let Some(session) = self.conn_mut(reply).and_then(|c| c.session.as_deref_mut()) else { return };
-        session.roster_in_flight = false;
+        session.set_roster_in_flight(false);
         if failed {
             let message = "server busy: room_presence shed; retry later";
             self.refuse_presence(reply, pid.as_deref(), 503, message);
