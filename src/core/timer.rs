@@ -3,7 +3,8 @@
 //!
 //! Entries are never cancelled: the owner stores the deadline it expects and ignores a firing
 //! whose key is stale (connection gone, generation changed, or deadline moved). That keeps
-//! insert O(1) and the per-connection cost at one entry.
+//! insert O(1) and the per-connection cost at one entry: the key and a 32-bit rotation
+//! number (16 bytes with a connection's key, where the whole deadline took 24).
 
 /// Default tick: deadlines fire at most this late.
 pub const DEFAULT_TICK_MS: u64 = 10;
@@ -13,7 +14,12 @@ pub const DEFAULT_SLOTS: usize = 4096;
 /// The timing wheel.
 #[derive(Debug)]
 pub struct TimerWheel<K> {
-    slots: Vec<Vec<(u64, K)>>,
+    /// Per slot, the entries and the rotation they fire in: an entry of tick `t` (its deadline's
+    /// tick, or the first unprocessed one for a deadline already past) sits in slot
+    /// `t % slots` with rotation `t / slots`, so it fires when the slot is visited at a tick of
+    /// that rotation or a later one. The rotation saturates at `u32::MAX` (at the default tick
+    /// and slots, 5,500 years away).
+    slots: Vec<Vec<(u32, K)>>,
     tick_ms: u64,
     /// First tick not yet processed.
     next_tick: u64,
@@ -45,8 +51,9 @@ impl<K: Copy> TimerWheel<K> {
     /// Schedules `key` at `deadline`. A deadline in the past fires at the next expiry.
     pub fn insert(&mut self, deadline: u64, key: K) {
         let tick = (deadline / self.tick_ms).max(self.next_tick);
-        let slot = (tick % self.slots.len() as u64) as usize;
-        self.slots[slot].push((deadline, key));
+        let slots = self.slots.len() as u64;
+        let rotation = u32::try_from(tick / slots).unwrap_or(u32::MAX);
+        self.slots[(tick % slots) as usize].push((rotation, key));
         self.len += 1;
     }
 
@@ -59,9 +66,11 @@ impl<K: Copy> TimerWheel<K> {
         for tick in start..end {
             let slot = &mut self.slots[(tick % slots) as usize];
             let before = slot.len();
-            let tick_ms = self.tick_ms;
-            slot.retain(|&(deadline, key)| {
-                let fire = deadline / tick_ms <= tick;
+            // Same slot, so same tick modulo `slots`: the entry's tick is at most this one
+            // exactly when its rotation is at most this one's.
+            let rotation = tick / slots;
+            slot.retain(|&(entry_rotation, key)| {
+                let fire = u64::from(entry_rotation) <= rotation;
                 if fire {
                     due.push(key);
                 }
@@ -154,6 +163,60 @@ mod tests {
         }
         assert_eq!(expire(&mut wheel, 10_000), (0..20).collect::<Vec<_>>());
         assert_eq!(wheel.len(), 0);
+    }
+
+    /// Entries fire exactly when the whole deadline said they would: at the first expiry after
+    /// their tick (the deadline's, or for one already past the first unprocessed tick) fully
+    /// elapsed — over many rotations, past deadlines and pauses, in a shard running for years.
+    #[test]
+    fn the_rotation_number_fires_what_the_deadline_did() {
+        let (tick_ms, slots) = (10, 16); // a rotation is 160 ms
+        let start = 3 * 365 * 24 * 3_600_000; // three years of shard time
+        let mut wheel = TimerWheel::new(tick_ms, slots, start);
+        let mut pending: Vec<(u64, u32)> = Vec::new(); // (the tick it fires after, key)
+        let mut now = start;
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut fired_total = 0;
+        for key in 0..5_000u32 {
+            // Deadlines from 50 ms in the past to 40 rotations ahead; pauses of up to 3 rotations.
+            let deadline = (now + next() % 6_400).saturating_sub(50);
+            pending.push(((deadline / tick_ms).max(wheel.next_tick), key));
+            wheel.insert(deadline, key);
+            if key % 7 == 0 {
+                now += next() % 500;
+                let fired = expire(&mut wheel, now);
+                let mut due: Vec<u32> =
+                    pending.iter().filter(|(tick, _)| (tick + 1) * tick_ms <= now).map(|(_, k)| *k).collect();
+                due.sort_unstable();
+                assert_eq!(fired, due, "at {now}");
+                pending.retain(|(_, k)| !fired.contains(k));
+                fired_total += fired.len();
+            }
+        }
+        assert_eq!(wheel.len(), pending.len());
+        assert!(fired_total > 1_000 && !pending.is_empty());
+    }
+
+    /// A deadline more than `u32::MAX` rotations away waits for rotation `u32::MAX` (with a
+    /// one-slot, 1 ms wheel that is 49 days; at the shard's 10 ms × 4096 slots, 5,500 years).
+    #[test]
+    fn far_deadlines_saturate_and_wait() {
+        let mut wheel = TimerWheel::new(1, 1, 0);
+        wheel.insert(u64::MAX, 1);
+        wheel.insert(1 << 40, 2);
+        wheel.insert(1 << 20, 3);
+        assert_eq!(
+            expire(&mut wheel, u64::from(u32::MAX)),
+            vec![3],
+            "nothing else fires before its rotation"
+        );
+        assert_eq!(expire(&mut wheel, 1 << 33), vec![1, 2]);
     }
 
     #[test]

@@ -832,6 +832,7 @@ mod layout {
             ("IpAddr", size_of::<std::net::IpAddr>()),
             ("UserData option", size_of::<Option<crate::app::application::UserData>>()),
             ("Bytes", size_of::<Bytes>()),
+            ("timer-wheel entry (rotation, key)", size_of::<(u32, super::super::TimerKey)>()),
         ];
         for (name, size) in sizes {
             println!("size_of {name}: {size}");
@@ -851,6 +852,7 @@ mod layout {
         assert!(size_of::<Conn>() <= conn_max, "Conn grew: {}", size_of::<Conn>());
         assert_eq!(size_of::<Option<Conn>>(), size_of::<Conn>(), "a slab slot costs no more than a Conn");
         assert!(size_of::<Session>() <= 72, "Session grew: {}", size_of::<Session>());
+        assert!(size_of::<(u32, super::super::TimerKey)>() <= 16, "timer-wheel entry grew");
         assert!(size_of::<OutQueue>() <= 56, "OutQueue grew: {}", size_of::<OutQueue>());
         assert!(size_of::<Peer>() <= 20, "Peer grew: {}", size_of::<Peer>());
         assert!(size_of::<List<WaitKey>>() <= 8, "List grew");
