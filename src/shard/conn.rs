@@ -411,7 +411,7 @@ struct Input {
 /// One connection.
 ///
 /// `repr(C)` with the fields in falling alignment, so the size is what the fields need and no
-/// more (208 bytes in release; see `idle_connection_layout`) whatever order the compiler
+/// more (160 bytes in release; see `idle_connection_layout`) whatever order the compiler
 /// would pick.
 #[derive(Debug)]
 #[repr(C)]
