@@ -194,6 +194,9 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux; see the test below): no
+    // `setsockopt` per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
@@ -299,5 +302,30 @@ fn without_credentials(url: &str) -> String {
             format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host))
         }
         None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let accepted = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "no connection to accept");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        // getsockopt(TCP_NODELAY) on the accepted socket, which nobody set it on.
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is not inherited: set it per connection");
     }
 }

@@ -3,7 +3,8 @@
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::Value;
 
-use super::keys::{KeyFileError, KeyStore};
+use super::hmac_jwt::Parts;
+use super::keys::{KeyFileError, KeyStore, Verifier};
 use super::request::Request;
 use crate::config::Config;
 
@@ -135,11 +136,21 @@ impl Authenticator {
 
     /// Verifies `token` and extracts the identity.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let invalid = |e: jsonwebtoken::errors::Error| AuthError::Invalid(jwt_problem(&e).into());
         let keys = self.keys.current();
-        let (key, validation) = keys.select(token)?;
-        let data = jsonwebtoken::decode::<Value>(token, key, validation)
-            .map_err(|e| AuthError::Invalid(jwt_problem(&e).into()))?;
-        identity_from_claims(data.claims)
+        // The header is decoded once: it names the key, and an HMAC key verifies from it.
+        let parts = Parts::new(token).map_err(invalid)?;
+        match keys.select(parts.header.kid.as_deref())? {
+            Verifier::Hmac(mac, validation) => {
+                // The token's own claim text is kept, not the parsed claims written again.
+                let (claims, text) = parts.verify(mac, validation).map_err(invalid)?;
+                identity(&claims, || text.into_boxed_str())
+            }
+            Verifier::Jwt(key, validation) => {
+                let data = jsonwebtoken::decode::<Value>(token, key, validation).map_err(invalid)?;
+                identity_from_claims(data.claims)
+            }
+        }
     }
 }
 
@@ -172,6 +183,11 @@ pub(super) fn jwt_problem(error: &jsonwebtoken::errors::Error) -> &'static str {
 
 /// Extracts user id, roles and expiry from a verified claim set.
 pub fn identity_from_claims(claims: Value) -> Result<Identity, AuthError> {
+    identity(&claims, || claims.to_string().into_boxed_str())
+}
+
+/// [`identity_from_claims`], with the claims' JSON text from `text`.
+fn identity(claims: &Value, text: impl FnOnce() -> Box<str>) -> Result<Identity, AuthError> {
     let user_id = match (claims.get("user_id"), claims.get("sub")) {
         (Some(Value::Number(n)), _) => n.as_i64(),
         (_, Some(Value::String(s))) => s.parse().ok(),
@@ -191,7 +207,7 @@ pub fn identity_from_claims(claims: Value) -> Result<Identity, AuthError> {
             unix_seconds(exp).ok_or_else(|| AuthError::Invalid("exp is not a NumericDate".into()))?
         }
     };
-    Ok(Identity { user_id, roles, claims: claims.to_string().into_boxed_str(), expires_at })
+    Ok(Identity { user_id, roles, claims: text(), expires_at })
 }
 
 /// A JWT NumericDate (RFC 7519 §2): any non-negative JSON number of seconds. A fraction counts

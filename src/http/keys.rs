@@ -10,6 +10,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use super::auth::{AuthConfigError, AuthError};
+use super::hmac_jwt::HmacKey;
 use crate::config::{Config, JwtAlgorithm};
 
 /// A key file that cannot be used.
@@ -49,6 +50,16 @@ struct KeyEntry {
     kid: Option<String>,
     key: DecodingKey,
     validation: Validation,
+    /// For an HMAC key: the MAC keyed once (see [`super::hmac_jwt`]).
+    mac: Option<HmacKey>,
+}
+
+/// How a token is verified: the key chosen for it, with its pinned validation.
+pub(crate) enum Verifier<'a> {
+    /// An HMAC key, keyed in advance.
+    Hmac(&'a HmacKey, &'a Validation),
+    /// An RSA or EC key, through `jsonwebtoken::decode`.
+    Jwt(&'a DecodingKey, &'a Validation),
 }
 
 /// The keys in force: the configured one (`jwt_secret`, `jwt_secret_file` or
@@ -72,7 +83,8 @@ impl KeySet {
         let pinned = |algorithm: Algorithm, kid: Option<String>, key: DecodingKey| {
             let mut validation = template.clone();
             validation.algorithms = vec![algorithm];
-            KeyEntry { kid, key, validation }
+            let mac = key.try_get_as_bytes().ok().and_then(|secret| HmacKey::new(algorithm, secret));
+            KeyEntry { kid, key, validation, mac }
         };
         let by_kid = match &config.jwt_keys_file {
             Some(path) => read_jwks(path)?
@@ -92,17 +104,17 @@ impl KeySet {
         Ok(KeySet { default, by_kid })
     }
 
-    /// The key for `token` and its pinned validation: the key whose `kid` matches; else the
-    /// configured key; else, when the JWKS holds exactly one key and the token names none,
-    /// that key.
-    pub fn select(&self, token: &str) -> Result<(&DecodingKey, &Validation), AuthError> {
-        self.entry(token).map(|e| (&e.key, &e.validation))
+    /// The key for a token whose header names `kid`, and its pinned validation: the key whose
+    /// `kid` matches; else the configured key; else, when the JWKS holds exactly one key and
+    /// the token names none, that key.
+    pub(crate) fn select(&self, kid: Option<&str>) -> Result<Verifier<'_>, AuthError> {
+        self.entry(kid).map(|e| match &e.mac {
+            Some(mac) => Verifier::Hmac(mac, &e.validation),
+            None => Verifier::Jwt(&e.key, &e.validation),
+        })
     }
 
-    fn entry(&self, token: &str) -> Result<&KeyEntry, AuthError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| AuthError::Invalid(super::auth::jwt_problem(&e).into()))?;
-        let kid = header.kid.as_deref();
+    fn entry(&self, kid: Option<&str>) -> Result<&KeyEntry, AuthError> {
         if let Some(kid) = kid
             && let Some(entry) = self.by_kid.iter().find(|e| e.kid.as_deref() == Some(kid))
         {

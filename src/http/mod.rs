@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod demo;
+mod hmac_jwt;
 pub mod keys;
 pub mod request;
 pub mod response;

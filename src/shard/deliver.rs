@@ -331,9 +331,8 @@ impl Shard {
         rooms: Vec<Arc<str>>,
         except: Option<ConnAddr>,
     ) {
-        let frame = encode_presence(user, presence);
         if self.shared.config.presence_scope == PresenceScope::All {
-            self.broadcast(frame, except);
+            self.broadcast(encode_presence(user, presence), except);
             return;
         }
         let shards = self.shards();
@@ -347,6 +346,10 @@ impl Shard {
                 held &= held - 1;
             }
         }
+        if mask == 0 {
+            return; // nobody to tell (a user without watchers or rooms): not even encoded
+        }
+        let frame = encode_presence(user, presence);
         let rooms: Arc<[Arc<str>]> = rooms.into();
         while mask != 0 {
             let shard = mask.trailing_zeros() as usize;

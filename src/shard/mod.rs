@@ -319,7 +319,7 @@ impl Shard {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     WAKER => {}
-                    Token(index) => self.on_ready(index, event.is_readable(), event.is_writable()),
+                    Token(index) => self.on_ready(index, event),
                 }
             }
             self.turn();
@@ -427,8 +427,8 @@ impl Shard {
         self.accept_pending = true;
     }
 
+    /// (TCP_NODELAY comes from the listener: accepted sockets inherit it.)
     fn admit(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
-        let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let index = entry.key();
         let token = Token(index);
@@ -447,15 +447,15 @@ impl Shard {
 
     // ----- readiness ---------------------------------------------------------------------
 
-    fn on_ready(&mut self, index: usize, readable: bool, writable: bool) {
+    fn on_ready(&mut self, index: usize, event: &mio::event::Event) {
         let Some(key) = self.key_of(index) else {
             return;
         };
-        if writable {
+        if event.is_writable() {
             self.flush(key);
         }
-        if readable {
-            self.read(key);
+        if event.is_readable() {
+            self.read_ready(key, event.is_read_closed());
         }
     }
 

@@ -19,6 +19,20 @@ use crate::ws::{Assembled, Frame, FrameEncoder, FrameError, FrameKind, OutKind, 
 impl Shard {
     /// Reads until the socket is drained or the per-wake budget is spent.
     pub(super) fn read(&mut self, key: ConnKey) {
+        self.read_until(key, Drained::AtWouldBlock);
+    }
+
+    /// Reads for a readiness event (edge-triggered). A read that fills less than the buffer
+    /// emptied the socket: bytes arriving later raise a new edge, so the `EAGAIN` read that
+    /// would confirm it is skipped (one syscall per readable event; tokio does the same).
+    /// An event that already reported the peer's FIN (`read_closed`) raises no new edge for
+    /// it, so then the reads go on to the EOF.
+    pub(super) fn read_ready(&mut self, key: ConnKey, read_closed: bool) {
+        let drained = if read_closed { Drained::AtWouldBlock } else { Drained::AtShortRead };
+        self.read_until(key, drained);
+    }
+
+    fn read_until(&mut self, key: ConnKey, drained: Drained) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut budget_spent = true;
         for _ in 0..super::READS_PER_WAKE {
@@ -31,7 +45,13 @@ impl Shard {
                     budget_spent = false;
                     break;
                 }
-                Ok(n) => self.ingest(key, &mut scratch, n),
+                Ok(n) => {
+                    self.ingest(key, &mut scratch, n);
+                    if n < scratch.len() && drained == Drained::AtShortRead {
+                        budget_spent = false;
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     budget_spent = false;
                     break;
@@ -51,7 +71,18 @@ impl Shard {
         }
         self.scratch = scratch;
     }
+}
 
+/// When a socket counts as drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// Only when a read says `EAGAIN` (or EOF).
+    AtWouldBlock,
+    /// Also when a read returns fewer bytes than asked for.
+    AtShortRead,
+}
+
+impl Shard {
     /// The peer is done sending; it may still be reading (`shutdown(SHUT_WR)`). Everything it
     /// sent has been handled, so what we owe it (an HTTP response, the 101 and what followed
     /// it, a close reply) is written before the socket goes: the connection is dropped once its
