@@ -90,6 +90,7 @@ struct AckPayload {
 /// The envelope as plain serde decodes it: what `ClientMessage::parse`'s single pass must
 /// agree with.
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "struct ClientMessage")] // as the derive on ClientMessage said, in its errors
 struct Reference<'a> {
     #[serde(borrow, default)]
     pid: Option<Cow<'a, str>>,

@@ -38,6 +38,7 @@ pub struct ClientMessage<'a> {
 /// (for its error messages and for spellings the single pass leaves to it, such as escaped
 /// keys or duplicate fields).
 #[derive(Deserialize)]
+#[serde(expecting = "struct ClientMessage")] // in serde's errors, which clients get back
 struct Derived<'a> {
     #[serde(borrow, default)]
     pid: Option<Cow<'a, str>>,
@@ -890,10 +891,13 @@ mod tests {
             "".into(),
             "{".into(),
             "[]".into(),
+            "1".into(),
         ];
         for case in &cases {
             assert_eq!(decoded(case.as_bytes()), reference(case.as_bytes()), "{case}");
         }
+        let error = decoded(b"1").unwrap_err();
+        assert!(error.contains("expected struct ClientMessage"), "the old error text: {error}");
         let invalid_utf8 = b"{\"type\":\"x\",\"\xff\":1}";
         assert_eq!(decoded(invalid_utf8), reference(invalid_utf8));
         assert!(decoded(invalid_utf8).is_err());
