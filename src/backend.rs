@@ -157,17 +157,21 @@ struct Counters {
 /// backend (see the [module documentation](self) for the exchange and every outcome).
 #[derive(Clone)]
 pub struct BackendApp {
-    forwarder: Arc<Forwarder>,
+    /// The HTTP client of the forwarder and the webhook.
+    agent: ureq::Agent,
     workers: Workers,
-    /// `false` when only the presence webhook is configured (no `backend_url`): messages
-    /// get the built-in behaviour.
-    forwarding: bool,
+    /// `None` when only the presence webhook is configured (no `backend_url`): messages get
+    /// the built-in behaviour.
+    forwarder: Option<Arc<Forwarder>>,
     webhook: Option<Arc<Webhook>>,
 }
 
 impl std::fmt::Debug for BackendApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendApp").field("url", &self.forwarder.url).finish_non_exhaustive()
+        f.debug_struct("BackendApp")
+            .field("url", &self.url())
+            .field("webhook", &self.webhook.as_ref().map(|w| &w.url))
+            .finish_non_exhaustive()
     }
 }
 
@@ -219,16 +223,9 @@ impl BackendApp {
         let webhook = config.presence_webhook_url.as_deref().map(str::trim);
         let app = match BackendOptions::from_config(config) {
             Some(options) => Self::with_options(options)?,
+            // Only the webhook: its pool and client, no message forwarding.
             None if webhook.is_some() => {
-                // Only the webhook: the same pool and client, no message forwarding.
-                let options = BackendOptions {
-                    url: "http://unused.invalid/".into(),
-                    timeout: config.backend_timeout,
-                    concurrency: config.backend_concurrency,
-                    queue: config.backend_queue,
-                    max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-                };
-                Self { forwarding: false, ..Self::with_options(options)? }
+                Self::pool(config.backend_timeout, config.backend_concurrency, config.backend_queue)
             }
             None => return Ok(None),
         };
@@ -244,7 +241,7 @@ impl BackendApp {
     pub fn with_presence_webhook(mut self, url: &str, max_waiting: usize) -> Result<Self, BackendError> {
         check_url(url)?;
         let webhook = Webhook {
-            agent: self.forwarder.agent.clone(),
+            agent: self.agent.clone(),
             url: url.to_owned(),
             lanes: Mutex::new(Lanes::default()),
             max_waiting,
@@ -260,27 +257,38 @@ impl BackendApp {
     /// Forwards as `options` say; starts `options.concurrency` worker threads.
     pub fn with_options(options: BackendOptions) -> Result<Self, BackendError> {
         check_url(&options.url)?;
-        let concurrency = options.concurrency.max(1);
-        let agent = http_agent(options.timeout, concurrency);
-        let forwarder = Arc::new(Forwarder {
-            agent,
+        let mut app = Self::pool(options.timeout, options.concurrency, options.queue);
+        app.forwarder = Some(Arc::new(Forwarder {
+            agent: app.agent.clone(),
             url: options.url,
             max_response_bytes: options.max_response_bytes,
             counters: Counters::default(),
             warnings: WarnLimiter::new(WARN_LINES_PER_SECOND),
-        });
-        let workers = Workers::new(concurrency, options.queue);
-        Ok(BackendApp { forwarder, workers, forwarding: true, webhook: None })
+        }));
+        Ok(app)
     }
 
-    /// The backend URL.
-    pub fn url(&self) -> &str {
-        &self.forwarder.url
+    /// The worker pool and HTTP client, forwarding nothing yet.
+    fn pool(timeout: Duration, concurrency: usize, queue: usize) -> Self {
+        let concurrency = concurrency.max(1);
+        BackendApp {
+            agent: http_agent(timeout, concurrency),
+            workers: Workers::new(concurrency, queue),
+            forwarder: None,
+            webhook: None,
+        }
     }
 
-    /// A snapshot of the counters.
+    /// The backend URL messages are forwarded to; `None` when only the presence webhook is
+    /// configured.
+    pub fn url(&self) -> Option<&str> {
+        self.forwarder.as_deref().map(|f| f.url.as_str())
+    }
+
+    /// A snapshot of the counters (all zero without forwarding).
     pub fn stats(&self) -> BackendStats {
-        let c = &self.forwarder.counters;
+        let Some(forwarder) = &self.forwarder else { return BackendStats::default() };
+        let c = &forwarder.counters;
         BackendStats {
             forwarded: c.forwarded.load(Ordering::Relaxed),
             answered: c.answered.load(Ordering::Relaxed),
@@ -294,9 +302,7 @@ impl BackendApp {
 
 impl Application for BackendApp {
     fn on_message(&self, conn: &mut Conn<'_>, msg: &ClientMessage<'_>, raw: &[u8]) -> Handled {
-        if !self.forwarding {
-            return Handled::No;
-        }
+        let Some(forwarder) = &self.forwarder else { return Handled::No };
         let job = Job {
             conn: conn.id(),
             handle: conn.handle().clone(),
@@ -305,14 +311,14 @@ impl Application for BackendApp {
             message: String::from_utf8_lossy(raw).into(),
             pid: msg.pid.as_deref().map(Into::into),
         };
-        let forwarder = Arc::clone(&self.forwarder);
-        match self.workers.spawn(move || forwarder.run(job)) {
+        let worker = Arc::clone(forwarder);
+        match self.workers.spawn(move || worker.run(job)) {
             Ok(()) => {
-                self.forwarder.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                forwarder.counters.forwarded.fetch_add(1, Ordering::Relaxed);
             }
             Err(_busy) => {
-                self.forwarder.counters.busy.fetch_add(1, Ordering::Relaxed);
-                self.forwarder.warn(conn.user_id(), "queue full, answered 503");
+                forwarder.counters.busy.fetch_add(1, Ordering::Relaxed);
+                forwarder.warn(conn.user_id(), "queue full, answered 503");
                 conn.error(msg.pid.as_deref(), 503, "backend busy");
             }
         }
@@ -332,7 +338,7 @@ impl Application for BackendApp {
     }
 
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let mut list = self.backend_counters();
+        let mut list = if self.forwarder.is_some() { self.backend_counters() } else { Vec::new() };
         if let Some(w) = &self.webhook {
             list.extend([
                 (
@@ -402,29 +408,19 @@ impl Forwarder {
 
     /// POSTs `body`; the 2xx body's JSON text (`None` when empty), or why there is none.
     fn call(&self, body: &str) -> Result<Option<String>, Failure> {
-        let mut response = self
-            .agent
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .header("accept", "application/json")
-            .send(body.as_bytes())
+        let answer = post_json(&self.agent, &self.url, body, self.max_response_bytes)
             .map_err(|e| transport_failure(&e))?;
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            let text = response.body_mut().with_config().limit(MAX_ERROR_BODY_BYTES).read_to_vec().ok();
-            return Err(status_failure(status, text.as_deref()));
+        if !answer.is_success() {
+            return Err(status_failure(answer.status, answer.body.ok().as_deref()));
         }
-        let bytes =
-            response.body_mut().with_config().limit(self.max_response_bytes).read_to_vec().map_err(|e| {
-                match e {
-                    ureq::Error::BodyExceedsLimit(limit) => Failure {
-                        code: 502,
-                        message: format!("backend response larger than {limit} bytes"),
-                        kind: FailureKind::Unusable,
-                    },
-                    other => transport_failure(&other),
-                }
-            })?;
+        let bytes = answer.body.map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(limit) => Failure {
+                code: 502,
+                message: format!("backend response larger than {limit} bytes"),
+                kind: FailureKind::Unusable,
+            },
+            other => transport_failure(&other),
+        })?;
         json_body(bytes)
     }
 
@@ -528,19 +524,13 @@ impl Webhook {
     }
 
     fn post(&self, event: Transition) {
-        let result = self
-            .agent
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .send(event.body().as_bytes());
-        let failure = match result {
-            Ok(mut response) if response.status().is_success() => {
-                // Read (a bounded body) so the connection goes back to the pool.
-                let _ = response.body_mut().with_config().limit(MAX_ERROR_BODY_BYTES).read_to_vec();
+        // The answer's body is read (bounded) and ignored.
+        let failure = match post_json(&self.agent, &self.url, &event.body(), MAX_ERROR_BODY_BYTES) {
+            Ok(answer) if answer.is_success() => {
                 self.sent.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Ok(response) => format!("answered {}", response.status().as_u16()),
+            Ok(answer) => format!("answered {}", answer.status),
             Err(e) => transport_failure(&e).message,
         };
         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -561,6 +551,35 @@ impl Webhook {
             );
         }
     }
+}
+
+/// A backend's answer to [`post_json`].
+struct Answer {
+    status: u16,
+    /// The body, or why it could not be read within its limit.
+    body: Result<Vec<u8>, ureq::Error>,
+}
+
+impl Answer {
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// The one backend call (forwarding, presence webhook, authorization): POSTs `body` as
+/// `application/json` to `url` and reads the answer's body, up to `success_limit` bytes for a
+/// 2xx and [`MAX_ERROR_BODY_BYTES`] for anything else (read so the connection goes back to
+/// the pool). `Err` when no status line came back.
+fn post_json(agent: &ureq::Agent, url: &str, body: &str, success_limit: u64) -> Result<Answer, ureq::Error> {
+    let mut response = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .send(body.as_bytes())?;
+    let status = response.status().as_u16();
+    let limit = if (200..300).contains(&status) { success_limit } else { MAX_ERROR_BODY_BYTES };
+    let body = response.body_mut().with_config().limit(limit).read_to_vec();
+    Ok(Answer { status, body })
 }
 
 /// The HTTP client every backend call uses: `timeout` for the whole call, statuses as answers
@@ -744,6 +763,8 @@ impl WarnLimiter {
 /// `presence_update`; the room name for `join`, `room_broadcast` and `room_presence`; empty
 /// otherwise) and hands it with a [`Decision`](crate::app::authorize::Decision) to this pool
 /// (`backend_concurrency` threads, `backend_queue` waiting; full → 503 `authorization busy`).
+/// The pool is its own, not [`BackendApp`]'s: a slow `backend_url` filling that queue must
+/// not turn authorization into 503s.
 /// A worker POSTs it; a 2xx `{"allow": true}` runs the operation, `{"allow": false}` refuses
 /// it 403 `not authorized`. Anything else — a timeout (`backend_timeout`), a connection
 /// error, another status, a body that is not that object — refuses it 403 `authorization
@@ -812,27 +833,16 @@ impl Authorizer {
     /// POSTs `body`; the answer's `allow`, or why there is none.
     fn call(&self, body: &str) -> Result<bool, String> {
         #[derive(Deserialize)]
-        struct Answer {
+        struct Allow {
             allow: bool,
         }
-        let mut response = self
-            .agent
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .header("accept", "application/json")
-            .send(body.as_bytes())
+        let answer = post_json(&self.agent, &self.url, body, MAX_ERROR_BODY_BYTES)
             .map_err(|e| transport_failure(&e).message)?;
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(format!("answered status {status}"));
+        if !answer.is_success() {
+            return Err(format!("answered status {}", answer.status));
         }
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_ERROR_BODY_BYTES)
-            .read_to_vec()
-            .map_err(|e| transport_failure(&e).message)?;
-        let answer: Answer =
+        let bytes = answer.body.map_err(|e| transport_failure(&e).message)?;
+        let answer: Allow =
             serde_json::from_slice(&bytes).map_err(|e| format!("answer is not {{\"allow\": bool}}: {e}"))?;
         Ok(answer.allow)
     }
@@ -957,10 +967,12 @@ mod tests {
         assert!(BackendApp::from_config(&config).unwrap().is_none());
         config.presence_webhook_url = Some("http://127.0.0.1:9/presence".into());
         let app = BackendApp::from_config(&config).unwrap().expect("an app for the webhook");
-        assert!(!app.forwarding && app.webhook.is_some());
+        assert!(app.forwarder.is_none() && app.webhook.is_some());
+        assert_eq!(app.url(), None);
         config.backend_url = Some("http://127.0.0.1:9/backend".into());
         let app = BackendApp::from_config(&config).unwrap().expect("an app");
-        assert!(app.forwarding && app.webhook.is_some());
+        assert!(app.forwarder.is_some() && app.webhook.is_some());
+        assert_eq!(app.url(), Some("http://127.0.0.1:9/backend"));
         config.presence_webhook_url = Some("not a url".into());
         assert!(BackendApp::from_config(&config).is_err());
     }

@@ -313,3 +313,36 @@ fn invalid_backend_url_is_refused() {
     config.backend_url = None;
     assert!(BackendApp::from_config(&config).unwrap().is_none());
 }
+
+/// With only `presence_webhook_url` set, the application posts presence transitions and
+/// forwards no message: there is no backend URL, messages get the built-in behaviour, and no
+/// backend counters are exported.
+#[test]
+fn webhook_only_configuration_forwards_nothing() {
+    let hook = TestBackend::start();
+    let mut config = test_config();
+    config.presence_webhook_url = Some(hook.url());
+    config.backend_timeout = BACKEND_TIMEOUT;
+    let app = BackendApp::from_config(&config).unwrap().expect("the webhook makes a BackendApp");
+    assert_eq!(app.url(), None, "no forwarding URL without backend_url");
+    let server = customws::start_with(config, Arc::new(app.clone())).expect("customws::start_with failed");
+    let events = |event: &str| hook.received().iter().filter(|r| r.body["event"] == event).count();
+
+    let mut a = connect(server.local_addr(), 7, &[]);
+    wait_until(Duration::from_secs(5), "the online call", || events("online") == 1);
+    a.send_value(&json!({"pid": "g1", "type": "generic_request", "payload": {"x": 1}}));
+    let v = a.recv_of_type("generic_response");
+    assert_eq!((&v["pid"], &v["payload"]), (&json!("g1"), &json!({"x": 1})), "the built-in echo: {v}");
+    a.send_value(&json!({"pid": "u1", "type": "custom_kind"}));
+    assert_error(&a.recv_of_type("error_notification"), 400, Some("u1"));
+    let text = metrics(server.local_addr());
+    assert_eq!(metric_sum(&text, "customws_backend_forwarded_total"), None, "{text}");
+    assert_eq!(metric_sum(&text, "customws_presence_webhook_sent_total"), Some(1.0), "{text}");
+    drop(a);
+    wait_until(Duration::from_secs(5), "the offline call", || events("offline") == 1);
+
+    let got = hook.received();
+    assert!(got.iter().all(|r| r.body.get("message").is_none() && r.path == "/hook"), "{got:?}");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(app.stats(), customws::backend::BackendStats::default());
+}

@@ -2,6 +2,8 @@
 //! server envelopes the shard would build from it.
 //!
 //! Invariants beyond "no panic":
+//! - the single-pass decoder agrees with plain serde (derive + `check_relayable`): same
+//!   fields, same relayability, same error;
 //! - a decoded payload is exactly one JSON value, and `targetUserId` 0 counts as absent;
 //! - each route agrees with the message (P2P target and payload, broadcast only with the
 //!   capability, echo only with a pid, room names valid, watch lists bounded, rejections 400
@@ -12,6 +14,8 @@
 //!   values unchanged;
 //! - a pid the server generates parses back to its wait, whatever the client sends instead.
 #![no_main]
+
+use std::borrow::Cow;
 
 use customws::core::ConnKey;
 use customws::core::pending::{PendingTable, Wait, WaitKind};
@@ -83,8 +87,40 @@ struct AckPayload {
     status: String,
 }
 
+/// The envelope as plain serde decodes it: what `ClientMessage::parse`'s single pass must
+/// agree with.
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "struct ClientMessage")] // as the derive on ClientMessage said, in its errors
+struct Reference<'a> {
+    #[serde(borrow, default)]
+    pid: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(rename = "targetUserId", default)]
+    target_user_id: Option<i64>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+fn check_against_serde(data: &[u8], parsed: &Result<ClientMessage<'_>, serde_json::Error>) {
+    match (parsed, serde_json::from_slice::<Reference>(data)) {
+        (Ok(msg), Ok(r)) => {
+            assert_eq!(msg.pid.as_deref(), r.pid.as_deref());
+            assert_eq!(&*msg.kind, &*r.kind);
+            assert_eq!(msg.target_user_id, r.target_user_id);
+            assert_eq!(msg.payload.map(RawValue::get), r.payload.map(RawValue::get));
+            let relayable = r.payload.map_or(Ok(()), |p| check_relayable(p.get().as_bytes(), MAX_DEPTH - 1));
+            assert_eq!(msg.relayable(), relayable, "relayability differs from check_relayable");
+        }
+        (Err(e), Err(r)) => assert_eq!(e.to_string(), r.to_string()),
+        (mine, theirs) => panic!("single pass {mine:?}, serde {theirs:?}"),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
-    let msg = match ClientMessage::parse(data) {
+    let parsed = ClientMessage::parse(data);
+    check_against_serde(data, &parsed);
+    let msg = match parsed {
         Ok(msg) => msg,
         Err(e) => {
             // The shard answers 400 with the decoder's message; that envelope must be valid too.

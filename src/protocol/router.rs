@@ -6,8 +6,7 @@
 use std::borrow::Cow;
 
 use super::envelope::{
-    AuthRefresh, ClientAck, ClientMessage, MAX_DEPTH, PresenceUpdate, PresenceWatch, RoomPublish, RoomRef,
-    check_relayable,
+    AuthRefresh, ClientAck, ClientMessage, PresenceUpdate, PresenceWatch, RoomPublish, RoomRef,
 };
 use crate::core::rooms::validate_name;
 
@@ -164,9 +163,8 @@ pub enum Route<'a> {
 pub fn route<'a>(msg: &ClientMessage<'a>, caps: SenderCaps) -> Route<'a> {
     // The payload (and the context, body or meta inside it) may be relayed byte for byte:
     // refused when a receiver's parser would choke on it.
-    if let Some(payload) = msg.payload
-        && let Err(e) = check_relayable(payload.get().as_bytes(), MAX_DEPTH - 1)
-    {
+    // Decided by `ClientMessage::parse`, in its pass over the payload.
+    if let Err(e) = msg.relayable() {
         return reject_owned(400, format!("payload not accepted: {e}"));
     }
     if BuiltinOp::of(msg).is_some_and(|op| caps.disabled.contains(op)) {
@@ -245,6 +243,7 @@ fn reject_owned(code: u16, message: String) -> Route<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::envelope::MAX_DEPTH;
 
     fn decide(raw: &str, can_broadcast: bool) -> String {
         let msg = ClientMessage::parse(raw.as_bytes()).unwrap();
