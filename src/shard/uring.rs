@@ -337,10 +337,19 @@ impl Shard {
             let woke = Instant::now();
             let messages_before = self.metrics().messages_in.load(Ordering::Relaxed);
             self.now = woke.duration_since(self.epoch).as_millis() as u64;
-            self.drain_inbox();
             driver.collect();
             let cqes = std::mem::take(&mut driver.cqes);
-            for &(user_data, result, flags) in &cqes {
+            // Sends first: most completed during the submission itself, and a queue whose send
+            // is done can take a burst (or be written at once when it overflows, as under
+            // epoll) rather than look like a slow consumer's.
+            let is_send = |&&(user_data, _, _): &&(u64, i32, u32)| decode(user_data).0 == SEND;
+            for &(user_data, result, flags) in cqes.iter().filter(is_send) {
+                self.on_completion(&mut driver, &mut events, user_data, result, flags);
+            }
+            // Then the inbox, as under epoll: what another shard sent before a client's bytes
+            // reached us must be known when those bytes are routed.
+            self.drain_inbox();
+            for &(user_data, result, flags) in cqes.iter().filter(|cqe| !is_send(cqe)) {
                 self.on_completion(&mut driver, &mut events, user_data, result, flags);
             }
             driver.cqes = cqes;

@@ -40,13 +40,14 @@ pub fn test_config() -> Config {
     // Many tests send bursts far above a production rate; the rate-limit tests turn it on.
     cfg.rate_limit = 0;
     cfg.rate_limit_bytes = 0;
-    // The suite (or a part of it, see .ci/run) runs once more under the io_uring driver.
-    if let Ok(driver) = std::env::var("CUSTOMWS_TEST_IO_DRIVER") {
+    // The suite (or a part of it, see .ci/run) runs once more under the io_uring driver; the
+    // same variable configures the binaries the tests start.
+    if let Ok(driver) = std::env::var("CUSTOMWS_IO_DRIVER") {
         cfg.io_driver = match driver.as_str() {
             "io_uring" => customws::config::IoDriver::IoUring,
             "auto" => customws::config::IoDriver::Auto,
             "epoll" => customws::config::IoDriver::Epoll,
-            other => panic!("CUSTOMWS_TEST_IO_DRIVER={other}: expected epoll, io_uring or auto"),
+            other => panic!("CUSTOMWS_IO_DRIVER={other}: expected epoll, io_uring or auto"),
         };
     }
     cfg
