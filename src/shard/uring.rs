@@ -36,7 +36,8 @@ use super::{Shard, ShardParts};
 use crate::config::IoDriver;
 use crate::core::ConnKey;
 
-/// Submission queue entries (the completion queue has four times as many; completions beyond
+/// Submission queue entries (the completion queue has 16 times as many: a broadcast completes
+/// one send per receiver in a turn; completions beyond
 /// it are kept by the kernel, `IORING_FEAT_NODROP`).
 const RING_ENTRIES: u32 = 1024;
 /// Receive buffers in the provided-buffer ring (a power of two).
@@ -82,7 +83,7 @@ impl std::fmt::Debug for Ring {
 impl Ring {
     /// A ring with its provided-buffer ring registered.
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::builder().setup_cqsize(RING_ENTRIES * 4).build(RING_ENTRIES)?;
+        let ring = IoUring::builder().setup_cqsize(RING_ENTRIES * 16).build(RING_ENTRIES)?;
         let buffers = BufRing::new(&ring)?;
         Ok(Ring { ring, buffers })
     }
