@@ -447,14 +447,10 @@ impl Shard {
                 }
                 self.on_accepted(driver, result);
             }
-            WAKER => {
-                if !more {
-                    driver.waker_armed = false;
-                }
-                // Nothing to read: the inbox is drained by the turn. The epoll set is never
-                // waited on, so the waker stays in its ready list; each `wake` still wakes the
-                // set's pollers, and this multishot poll completes once per wake-up.
-            }
+            // Nothing to read: the inbox is drained by the turn. The epoll set is never waited
+            // on, so the waker stays in its ready list; each `wake` still wakes the set's
+            // pollers, and this multishot poll completes once per wake-up.
+            WAKER if !more => driver.waker_armed = false,
             _ => {}
         }
     }
