@@ -155,3 +155,19 @@ fn epoll_is_the_driver_asked_for() {
     assert_eq!(server.io_driver(), "epoll");
     serve(server.local_addr());
 }
+
+#[test]
+fn a_server_going_away_does_not_interrupt_the_thread_that_started_it() {
+    // The kernel ties a ring to the threads that set it up and interrupts them when it goes:
+    // with the rings set up in `start`, this thread's blocking read (with a timeout) failed
+    // with EINTR when another server was dropped.
+    let server = start(|c| c.io_driver = IoDriver::IoUring);
+    let mut client = connect(server.local_addr(), 1, &[]);
+    let going = start(|c| c.io_driver = IoDriver::IoUring);
+    let dropper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        drop(going);
+    });
+    client.expect_silence(Duration::from_millis(800));
+    dropper.join().unwrap();
+}

@@ -159,9 +159,10 @@ pub struct ShardParts {
     poll: Poll,
     listener: TcpListener,
     inbox: Receiver<Parcel>,
-    /// The io_uring driver's ring, when it runs this shard (see [`choose_driver`]).
+    /// The io_uring driver runs this shard (see [`choose_driver`]); its ring is set up on the
+    /// shard's thread.
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
-    ring: Option<Box<uring::Ring>>,
+    uring: bool,
 }
 
 /// Sets up the I/O driver `config.io_driver` asks for on every shard; where io_uring cannot
@@ -208,7 +209,7 @@ impl ShardParts {
                 listener,
                 inbox,
                 #[cfg(all(feature = "io-uring", target_os = "linux"))]
-                ring: None,
+                uring: false,
             },
             link,
         ))
@@ -281,7 +282,7 @@ pub struct Shard {
     /// The driver's side of the loop (io_uring).
     io: Io,
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
-    ring: Option<Box<uring::Ring>>,
+    use_uring: bool,
 }
 
 impl Shard {
@@ -337,7 +338,7 @@ impl Shard {
             opened_ms: Default::default(),
             io: Io::default(),
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
-            ring: parts.ring,
+            use_uring: parts.uring,
             shared,
         }
     }
@@ -347,8 +348,11 @@ impl Shard {
         // Application callbacks run here: a blocking `Waiter::wait` is refused on this thread.
         crate::route::handle::mark_shard_thread();
         #[cfg(all(feature = "io-uring", target_os = "linux"))]
-        if let Some(ring) = self.ring.take() {
-            return self.run_uring(ring);
+        if self.use_uring {
+            match uring::Ring::new() {
+                Ok(ring) => return self.run_uring(Box::new(ring)),
+                Err(e) => log::warn!("shard {}: io_uring unavailable ({e}); this shard runs epoll", self.id),
+            }
         }
         let mut events = Events::with_capacity(1024);
         loop {

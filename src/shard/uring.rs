@@ -67,8 +67,7 @@ fn decode(data: u64) -> (u64, ConnKey) {
     (data >> 61, ConnKey { index: ((data >> 32) & 0x1FFF_FFFF) as u32, generation: data as u32 })
 }
 
-/// The shard's ring, set up at start-up (where a failure falls back to epoll) and moved to
-/// the shard's thread.
+/// The shard's ring, set up on the shard's thread (see [`choose`] for why).
 pub struct Ring {
     ring: IoUring,
     buffers: BufRing,
@@ -98,9 +97,6 @@ struct BufRing {
     memory_layout: std::alloc::Layout,
     tail: u16,
 }
-
-// SAFETY: the pointers are owned by the ring, which moves to one thread and stays there.
-unsafe impl Send for BufRing {}
 
 impl BufRing {
     fn new(ring: &IoUring) -> io::Result<Self> {
@@ -168,28 +164,28 @@ impl Drop for BufRing {
     }
 }
 
-/// Sets up one ring per shard when `driver` asks for io_uring; on any failure (no io_uring in
-/// the kernel, `io_uring_disabled`, a seccomp filter, memory limits) every shard runs epoll and
-/// the reason is logged. Returns the driver the shards run.
+/// When `driver` asks for io_uring, sets up (and drops) a trial ring; on any failure (no
+/// io_uring in the kernel, `io_uring_disabled`, a seccomp filter, memory limits) every shard
+/// runs epoll and the reason is logged. Returns the driver the shards run.
+///
+/// The trial runs on a thread of its own, and each shard sets up its ring on its own thread:
+/// the kernel ties a ring to the threads that set it up, and when the ring goes it interrupts
+/// them (a blocking read with a timeout would fail with `EINTR` in the caller's thread).
 pub fn choose(driver: IoDriver, parts: &mut [ShardParts]) -> &'static str {
     if driver == IoDriver::Epoll {
         return "epoll";
     }
-    let mut rings = Vec::with_capacity(parts.len());
-    for _ in 0..parts.len() {
-        match Ring::new() {
-            Ok(ring) => rings.push(Box::new(ring)),
-            Err(e) => {
-                log::warn!(
-                    "io_uring unavailable ({e}); io_driver {} falls back to epoll",
-                    driver_name(driver)
-                );
-                return "epoll";
-            }
-        }
+    let trial = std::thread::Builder::new()
+        .name("customws-uring-probe".into())
+        .spawn(|| Ring::new().map(drop))
+        .map_err(io::Error::other)
+        .and_then(|thread| thread.join().unwrap_or_else(|_| Err(io::Error::other("probe panicked"))));
+    if let Err(e) = trial {
+        log::warn!("io_uring unavailable ({e}); io_driver {} falls back to epoll", driver_name(driver));
+        return "epoll";
     }
-    for (part, ring) in parts.iter_mut().zip(rings) {
-        part.ring = Some(ring);
+    for part in parts.iter_mut() {
+        part.uring = true;
     }
     "io_uring"
 }
