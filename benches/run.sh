@@ -8,6 +8,9 @@
 #   bash benches/run.sh --write    # full sizes, then replace the generated section of
 #                                  # BENCHMARKS.md (between <!-- run.sh:begin --> and
 #                                  # <!-- run.sh:end -->) with the table; WRITE=1 does the same
+#   bash benches/run.sh --drivers epoll,io_uring
+#                                  # every scenario once per server I/O driver (io_driver), one
+#                                  # after the other, rows labelled NAME@DRIVER; DRIVERS=... too
 #
 # Environment: PORT (default 18082), SRC_IPS (8), TIMEOUT (per loadgen run, s; 120),
 # LOG_LEVEL (server log level; default warn so per-connection INFO lines are not measured),
@@ -21,16 +24,37 @@ WRITE=${WRITE:-0}
 for arg in "$@"; do
     case "$arg" in
     --write) WRITE=1 ;;
+    --drivers=*) DRIVERS=${arg#--drivers=} ;;
+    --drivers) WANT_DRIVERS=1 ;;
     -h | --help)
         sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
         exit 0
         ;;
     *)
+        if [[ "${WANT_DRIVERS:-0}" == 1 ]]; then
+            DRIVERS=$arg
+            WANT_DRIVERS=0
+            continue
+        fi
         echo "run.sh: unknown argument $arg (try --help)" >&2
         exit 2
         ;;
     esac
 done
+# Server I/O drivers to compare (empty: the server's default, rows unlabelled).
+IFS=', ' read -r -a DRIVER_LIST <<<"${DRIVERS:-}"
+for d in ${DRIVER_LIST[@]+"${DRIVER_LIST[@]}"}; do
+    case "$d" in
+    epoll | io_uring | auto) ;;
+    *)
+        echo "run.sh: unknown driver $d (epoll, io_uring or auto)" >&2
+        exit 2
+        ;;
+    esac
+done
+[[ ${#DRIVER_LIST[@]} -gt 0 ]] || DRIVER_LIST=("")
+# The driver of the run in progress (set by run and run_density_multi).
+DRIVER=""
 BENCH_MD=${BENCH_MD:-BENCHMARKS.md}
 MARK_BEGIN='<!-- run.sh:begin -->'
 MARK_END='<!-- run.sh:end -->'
@@ -134,10 +158,19 @@ start_server() {
         log "port $PORT is already in use; set PORT"
         return 1
     fi
-    "$BIN/customws" "${SERVER_ARGS[@]}" ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"} >"$LOGDIR/server-$name.log" 2>&1 &
+    local driver_args=()
+    [[ -n "$DRIVER" ]] && driver_args=(--io-driver "$DRIVER")
+    "$BIN/customws" "${SERVER_ARGS[@]}" ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"} ${driver_args[@]+"${driver_args[@]}"} \
+        >"$LOGDIR/server-$name.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 100); do
         if curl -sf -m 1 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
+            if [[ -n "$DRIVER" && "$DRIVER" != auto ]] && grep -q "falls back to epoll" "$LOGDIR/server-$name.log"; then
+                log "io_driver $DRIVER is not available here:"
+                cat "$LOGDIR/server-$name.log" >&2
+                stop_server
+                return 1
+            fi
             return 0
         fi
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -167,7 +200,10 @@ failure_line() { # name, scenario, message, command [process]
         "${5:+,\"process\":$5}" >>"$OUT"
 }
 
-selected() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
+selected() { [[ -z "$ONLY" || " $ONLY " == *" ${1%@*} "* ]]; }
+
+# label NAME: the run's name, with the driver when drivers are compared.
+label() { echo "$1${DRIVER:+@$DRIVER}"; }
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
@@ -180,9 +216,17 @@ append_result() {
     sed "s/^{/{$(printf '%s' "$tag" | sed 's/[\/&]/\\&/g')/" "$2" >>"$OUT"
 }
 
-# run NAME SCENARIO [loadgen options...]
+# run NAME SCENARIO [loadgen options...]: once per driver of --drivers.
 run() {
-    local name=$1
+    for DRIVER in "${DRIVER_LIST[@]}"; do
+        run_one "$@"
+    done
+    DRIVER=""
+}
+
+run_one() {
+    local name
+    name=$(label "$1")
     shift
     selected "$name" || return 0
     local load
@@ -215,7 +259,15 @@ run() {
 # waiting for /health to count all NPROC × CONNS before it measures: the way to pass the
 # per-process open-file limit.
 run_density_multi() {
-    local name=$1 nproc=$2 conns=$3
+    for DRIVER in "${DRIVER_LIST[@]}"; do
+        run_density_multi_one "$@"
+    done
+    DRIVER=""
+}
+
+run_density_multi_one() {
+    local name nproc=$2 conns=$3
+    name=$(label "$1")
     shift 3
     selected "$name" || return 0
     local load total=$((nproc * conns)) k
@@ -273,7 +325,7 @@ MEM=$(awk '/^MemTotal:/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
 printf '{"scenario":"meta","date":%s,"nproc":%s,"cpu_model":%s,"mem_total":%s,"kernel":%s,"nofile":%s,"loadavg":%s,"git":%s,"server_command":%s,"quick":%s,"only":%s}\n' \
     "$(json_str "$DATE")" "$(nproc)" "$(json_str "$MODEL")" "$(json_str "$MEM")" "$(json_str "$(uname -r)")" \
     "$(json_str "$(ulimit -n)")" "$(json_str "$(loadavg)")" "$(json_str "$GIT")" \
-    "$(json_str "target/release/customws ${SERVER_ARGS[*]//$SECRET/S}")" "$QUICK" "$(json_str "$ONLY")" >"$OUT"
+    "$(json_str "target/release/customws ${SERVER_ARGS[*]//$SECRET/S}")" "$QUICK" "$(json_str "$ONLY${DRIVERS:+ drivers=$DRIVERS}")" >"$OUT"
 
 # ---- scenarios --------------------------------------------------------------------------------
 if [[ "$QUICK" == 1 ]]; then

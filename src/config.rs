@@ -39,6 +39,21 @@ pub enum PresenceScope {
     All,
 }
 
+/// How the shards do their I/O (`io_driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IoDriver {
+    /// Readiness with epoll (mio), then `read`/`writev`: every kernel.
+    Epoll,
+    /// io_uring (multishot accept and receive into a provided-buffer ring, sends batched into
+    /// one submission per loop turn); falls back to epoll, with a warning, where the ring
+    /// cannot be set up (old kernel, seccomp, `io_uring_disabled`, or a build without the
+    /// `io-uring` feature).
+    IoUring,
+    /// io_uring where it can be set up, else epoll (the fallback logged at start-up).
+    Auto,
+}
+
 /// The whole server configuration. Construct with [`Config::default`] and set fields, or load
 /// from file/environment/flags with [`Config::load`].
 #[derive(Debug, Clone)]
@@ -114,6 +129,8 @@ pub struct Config {
     pub log_level: String,
     /// Log line format (`log_format`: `text` or `json`).
     pub log_format: LogFormat,
+    /// The shards' I/O driver (`io_driver`: `epoll`, `io_uring` or `auto`).
+    pub io_driver: IoDriver,
     /// Address of the backend HTTP API listener (`api_listen`).
     pub api_listen: SocketAddr,
     /// API key for the backend HTTP API; the API is off without one (`api_key`).
@@ -242,6 +259,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
+            io_driver: IoDriver::Epoll,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
             api_key: None,
             api_key_file: None,
@@ -692,6 +710,8 @@ keys! {
     log_level: Level =>
         "Log filter: error, warn, info, debug, trace, off, or per module: info,customws::shard=debug (RUST_LOG adds to it).",
     log_format: LogStyle => "Log line format: text, or json (one JSON object per line).",
+    io_driver: Driver =>
+        "Shard I/O: epoll, io_uring, or auto (io_uring where it can be set up); falls back to epoll with a warning.",
     api_listen: Addr => "Address of the backend HTTP API listener.",
     api_key: OptText => "API key for the backend HTTP API; the API is off without one.",
     api_key_file: OptPath => "File holding the API key (instead of api_key); re-read on SIGHUP.",
@@ -1153,6 +1173,33 @@ impl Format for Level {
 
     fn show(value: &String) -> String {
         value.clone()
+    }
+}
+
+/// `epoll`, `io_uring` or `auto`.
+struct Driver;
+
+impl Format for Driver {
+    type Value = IoDriver;
+    const PLACEHOLDER: &'static str = "<epoll|io_uring|auto>";
+    const EXPECTED: &'static str = "epoll, io_uring or auto";
+
+    fn parse(text: &str) -> Option<IoDriver> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "epoll" => Some(IoDriver::Epoll),
+            "io_uring" | "io-uring" | "uring" => Some(IoDriver::IoUring),
+            "auto" => Some(IoDriver::Auto),
+            _ => None,
+        }
+    }
+
+    fn show(value: &IoDriver) -> String {
+        let name = match value {
+            IoDriver::Epoll => "epoll",
+            IoDriver::IoUring => "io_uring",
+            IoDriver::Auto => "auto",
+        };
+        name.to_string()
     }
 }
 

@@ -60,6 +60,8 @@ pub struct ServerHandle {
     internal: Option<crate::api::internal::InternalServer>,
     /// The cluster's broker link thread, when `cluster` is set.
     link: Option<crate::cluster::link::LinkThread>,
+    /// The shards' I/O driver: `epoll` or `io_uring`.
+    io_driver: &'static str,
 }
 
 /// Starts a server with the built-in behaviour only (JWT authentication, echo for
@@ -107,6 +109,7 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
         parts.push(part);
         links.push(link);
     }
+    let driver = crate::shard::choose_driver(config.io_driver, &mut parts);
     let shared = Arc::new(Shared {
         gate: Gate::new(&config, auth),
         fabric: Arc::new(crate::route::Fabric {
@@ -156,10 +159,10 @@ pub fn start_with(mut config: Config, app: App) -> Result<ServerHandle, StartErr
     }
     let plural = if shards == 1 { "" } else { "s" };
     log::info!(
-        "listening on {local_addr} with {shards} shard{plural}, WebSocket path {}",
+        "listening on {local_addr} with {shards} shard{plural}, WebSocket path {}, io driver {driver}",
         shared.config.ws_path
     );
-    Ok(ServerHandle { shared, local_addr, threads, api, internal, link })
+    Ok(ServerHandle { shared, local_addr, threads, api, internal, link, io_driver: driver })
 }
 
 /// One `SO_REUSEPORT` socket per shard on the same address. With port 0 the first socket
@@ -206,6 +209,12 @@ impl ServerHandle {
     /// The address the shards listen on (the real port when 0 was configured).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The I/O driver the shards run: `"epoll"` or `"io_uring"` (what `io_driver` asked for,
+    /// after any fallback).
+    pub fn io_driver(&self) -> &'static str {
+        self.io_driver
     }
 
     /// Begins graceful shutdown: stop accepting, close every connection with 1001, flush,

@@ -305,7 +305,17 @@ impl OutQueue {
         Ok(Flushed::Empty)
     }
 
-    fn advance(&mut self, mut written: usize) {
+    /// The frames a write would take, at most `max`: the front one from where its writing
+    /// stopped, then those behind it (for a write the io_uring driver submits itself; the
+    /// handles keep the bytes alive until it completes, and [`OutQueue::advance`] takes what
+    /// it wrote).
+    pub fn front(&self, max: usize) -> impl Iterator<Item = Bytes> + '_ {
+        let head = self.head.iter().map(|head| head.slice(self.offset..));
+        head.chain(self.rest.iter().flat_map(|rest| rest.iter()).take(max.saturating_sub(1)).cloned())
+    }
+
+    /// Takes `written` bytes off the front of the queue.
+    pub fn advance(&mut self, mut written: usize) {
         self.bytes -= written;
         while let Some(front) = &self.head {
             let rest = front.len() - self.offset;

@@ -27,6 +27,8 @@ impl Shard {
 
     pub(super) fn close_with(&mut self, key: ConnKey, code: u16, reason: &str, discard: bool) {
         let deadline = self.close_deadline();
+        // Under io_uring, frames a send in flight is writing stay (the close frame waits).
+        let discard = discard && !self.sink.busy.contains(&key);
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
@@ -112,6 +114,9 @@ impl Shard {
         // the only descriptor of a file removes it from the epoll set (Linux); an explicit
         // EPOLL_CTL_DEL would be one more syscall per connection for nothing.
         let mut conn = self.conns.remove(key.index as usize);
+        if self.io.uring {
+            self.io.dropped.push(key); // its receive and send hold the socket: cancelled
+        }
         self.auth_pending.remove(&key); // a client gone while its authentication ran
         self.shrink_conns();
         self.fail_waits(&conn.waits);

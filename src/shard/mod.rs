@@ -15,6 +15,8 @@ mod limits;
 mod read;
 mod rooms;
 pub mod sink;
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+pub mod uring;
 mod waits;
 
 use std::io;
@@ -157,6 +159,39 @@ pub struct ShardParts {
     poll: Poll,
     listener: TcpListener,
     inbox: Receiver<Parcel>,
+    /// The io_uring driver runs this shard (see [`choose_driver`]); its ring is set up on the
+    /// shard's thread.
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    uring: bool,
+}
+
+/// Sets up the I/O driver `config.io_driver` asks for on every shard; where io_uring cannot
+/// be set up (or is not built in), every shard runs epoll and the reason is logged. Returns
+/// the driver's name.
+pub fn choose_driver(driver: crate::config::IoDriver, parts: &mut [ShardParts]) -> &'static str {
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    return uring::choose(driver, parts);
+    #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
+    {
+        let _ = parts;
+        if driver != crate::config::IoDriver::Epoll {
+            log::warn!("io_uring is not built in (feature io-uring, Linux); io_driver falls back to epoll");
+        }
+        "epoll"
+    }
+}
+
+/// What the io_uring driver hears from the shard's logic (nothing under epoll).
+#[derive(Debug, Default)]
+struct Io {
+    /// The io_uring driver runs this shard.
+    uring: bool,
+    /// Connections admitted since the driver last looked: their receive is armed.
+    admitted: Vec<ConnKey>,
+    /// Connections dropped since: their receive and send are cancelled.
+    dropped: Vec<ConnKey>,
+    /// Connections to write to: one send each, submitted with the next wait.
+    to_send: Vec<ConnKey>,
 }
 
 impl ShardParts {
@@ -168,7 +203,16 @@ impl ShardParts {
         let mut listener = TcpListener::from_std(listener);
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let (link, inbox) = Link::new(waker);
-        Ok((ShardParts { poll, listener, inbox }, link))
+        Ok((
+            ShardParts {
+                poll,
+                listener,
+                inbox,
+                #[cfg(all(feature = "io-uring", target_os = "linux"))]
+                uring: false,
+            },
+            link,
+        ))
     }
 }
 
@@ -235,6 +279,10 @@ pub struct Shard {
     /// Home shard, with a cluster and `connections_per_user`: when each connection homed
     /// here opened (Unix ms), by open order, for evictions other nodes ask for.
     opened_ms: std::collections::HashMap<u64, u64, foldhash::fast::RandomState>,
+    /// The driver's side of the loop (io_uring).
+    io: Io,
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    use_uring: bool,
 }
 
 impl Shard {
@@ -288,6 +336,9 @@ impl Shard {
             auth_pending: Default::default(),
             remote_users: Default::default(),
             opened_ms: Default::default(),
+            io: Io::default(),
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            use_uring: parts.uring,
             shared,
         }
     }
@@ -296,6 +347,13 @@ impl Shard {
     pub fn run(mut self) {
         // Application callbacks run here: a blocking `Waiter::wait` is refused on this thread.
         crate::route::handle::mark_shard_thread();
+        #[cfg(all(feature = "io-uring", target_os = "linux"))]
+        if self.use_uring {
+            match uring::Ring::new() {
+                Ok(ring) => return self.run_uring(Box::new(ring)),
+                Err(e) => log::warn!("shard {}: io_uring unavailable ({e}); this shard runs epoll", self.id),
+            }
+        }
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
@@ -432,8 +490,9 @@ impl Shard {
         let entry = self.conns.vacant_entry();
         let index = entry.key();
         let token = Token(index);
-        if let Err(e) =
-            self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+        if !self.io.uring
+            && let Err(e) =
+                self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
         {
             log::warn!("shard {}: register {peer} failed: {e}", self.id);
             return;
@@ -443,6 +502,9 @@ impl Shard {
         entry.insert(Conn::new(stream, peer, self.next_generation, deadline));
         let key = ConnKey { index: index as u32, generation: self.next_generation };
         self.wheel.insert(deadline, TimerKey::Conn(key));
+        if self.io.uring {
+            self.io.admitted.push(key);
+        }
     }
 
     // ----- readiness ---------------------------------------------------------------------
@@ -488,6 +550,12 @@ impl Shard {
         if conn.out.is_empty() || conn.held > 0 {
             return;
         }
+        if self.io.uring {
+            return self.io.to_send.push(key); // submitted with the next wait
+        }
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
         let before = conn.out.bytes();
         match conn.out.flush(&mut conn.stream) {
             Ok(Flushed::Empty) => {

@@ -87,7 +87,7 @@ impl Shard {
     /// sent has been handled, so what we owe it (an HTTP response, the 101 and what followed
     /// it, a close reply) is written before the socket goes: the connection is dropped once its
     /// queue is flushed, or at the linger deadline.
-    fn on_eof(&mut self, key: ConnKey) {
+    pub(super) fn on_eof(&mut self, key: ConnKey) {
         let deadline = self.close_deadline();
         let Some(conn) = self.conn_mut(key) else {
             return;
@@ -107,7 +107,7 @@ impl Shard {
         self.schedule_before(key, deadline);
     }
 
-    fn ingest(&mut self, key: ConnKey, scratch: &mut [u8], n: usize) {
+    pub(super) fn ingest(&mut self, key: ConnKey, scratch: &mut [u8], n: usize) {
         let Some(conn) = self.conn_mut(key) else {
             return;
         };

@@ -20,6 +20,8 @@ pub struct Sink {
     pub dirty: Vec<ConnKey>,
     /// Connections whose queue overflowed: the slow-consumer policy closes them.
     pub overflowed: Vec<ConnKey>,
+    /// Connections whose front frames an io_uring send is writing: not written here meanwhile.
+    pub busy: std::collections::HashSet<ConnKey, foldhash::fast::RandomState>,
     max_frames: usize,
     max_bytes: usize,
     metrics: Arc<Metrics>,
@@ -29,7 +31,15 @@ pub struct Sink {
 impl Sink {
     /// A sink with the per-connection queue bounds.
     pub fn new(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>, shard: usize) -> Self {
-        Sink { dirty: Vec::new(), overflowed: Vec::new(), max_frames, max_bytes, metrics, shard }
+        Sink {
+            dirty: Vec::new(),
+            overflowed: Vec::new(),
+            busy: Default::default(),
+            max_frames,
+            max_bytes,
+            metrics,
+            shard,
+        }
     }
 
     /// Queues `frame` on the connection `key`, if it still exists.
@@ -44,7 +54,9 @@ impl Sink {
     /// not merely because a burst outran the end-of-iteration flush.
     pub fn offer(&mut self, key: ConnKey, conn: &mut Conn, frame: Bytes) {
         let outcome = match conn.queue(frame, self.max_frames, self.max_bytes) {
-            Err(Refused::Overflow(frame)) if conn.out.flush(&mut conn.stream).is_ok() => {
+            Err(Refused::Overflow(frame))
+                if !self.busy.contains(&key) && conn.out.flush(&mut conn.stream).is_ok() =>
+            {
                 conn.queue(frame, self.max_frames, self.max_bytes)
             }
             other => other,

@@ -40,6 +40,16 @@ pub fn test_config() -> Config {
     // Many tests send bursts far above a production rate; the rate-limit tests turn it on.
     cfg.rate_limit = 0;
     cfg.rate_limit_bytes = 0;
+    // The suite (or a part of it, see .ci/run) runs once more under the io_uring driver; the
+    // same variable configures the binaries the tests start.
+    if let Ok(driver) = std::env::var("CUSTOMWS_IO_DRIVER") {
+        cfg.io_driver = match driver.as_str() {
+            "io_uring" => customws::config::IoDriver::IoUring,
+            "auto" => customws::config::IoDriver::Auto,
+            "epoll" => customws::config::IoDriver::Epoll,
+            other => panic!("CUSTOMWS_IO_DRIVER={other}: expected epoll, io_uring or auto"),
+        };
+    }
     cfg
 }
 
@@ -47,7 +57,12 @@ pub fn test_config() -> Config {
 pub fn start(tweak: impl FnOnce(&mut Config)) -> ServerHandle {
     let mut cfg = test_config();
     tweak(&mut cfg);
-    customws::start(cfg).expect("customws::start failed")
+    let driver = cfg.io_driver;
+    let server = customws::start(cfg).expect("customws::start failed");
+    if driver == customws::config::IoDriver::IoUring {
+        assert_eq!(server.io_driver(), "io_uring", "io_uring asked for, but the server fell back to epoll");
+    }
+    server
 }
 
 /// Polls `cond` every 10 ms until it holds; panics after `timeout` naming `what`.
