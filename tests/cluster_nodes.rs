@@ -11,13 +11,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::brokers::{BrokerServer as Broker, Engine};
-use common::{Client, connect, subscribe, wait_until};
+use common::{Client, connect, free_port, subscribe, wait_until};
 use serde_json::{Value, json};
 
 /// Node heartbeat and time-to-live used by every node here.
@@ -26,10 +26,6 @@ const NODE_TTL_MS: u64 = 400;
 /// An extra argument for [`Node::start_with`]: serve `/metrics` and `/health` on the public port.
 const PUBLIC_METRICS: &str = "(public metrics)";
 const API_KEY: &str = "cluster-test-key";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir =

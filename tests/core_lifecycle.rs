@@ -5,8 +5,8 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -217,23 +217,6 @@ fn library_shutdown_closes_every_client_with_1001() {
     rx.recv_timeout(Duration::from_secs(5))
         .expect("ServerHandle::wait did not return within shutdown_timeout + 2 s");
     assert!(TcpStream::connect(addr).is_err(), "the listener still accepts after shutdown");
-}
-
-/// Kills the child on drop unless it already exited.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 #[test]

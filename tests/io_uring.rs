@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,21 +17,6 @@ use serde_json::json;
 
 /// `io_uring_setup` (the same number on x86_64 and the asm-generic architectures).
 const SYS_IO_URING_SETUP: u32 = 425;
-
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Installs a seccomp filter that fails `io_uring_setup` with `EPERM` and allows everything
 /// else (what Docker's default profile does). Runs in the child between fork and exec.

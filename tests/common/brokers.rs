@@ -2,9 +2,11 @@
 //! ports with throwaway state (both installed by `.ci/setup`), stopped on drop.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+
+use super::free_port;
 use std::time::{Duration, Instant};
 
 /// The broker engine.
@@ -20,10 +22,6 @@ pub struct BrokerServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl BrokerServer {

@@ -812,3 +812,25 @@ pub fn subscribe(w: &mut Client, users: &[i64], pid: &str) -> Vec<Value> {
     assert!(acked, "no server_ack for {pid}");
     events
 }
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------------
+
+/// A port free at the time of asking (for a child process's listener; it may be taken
+/// meanwhile, so callers that can retry do).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the child on drop unless it already exited.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
