@@ -497,8 +497,8 @@ impl Shard {
         let more = cqueue::more(flags);
         if let Some(bid) = cqueue::buffer_select(flags) {
             if result > 0 && self.conn_mut(key).is_some() {
-                let n = result as usize;
-                let buf = driver.ring.buffers.slice(bid, n);
+                let buf = driver.ring.buffers.slice(bid, result as usize);
+                let n = buf.len(); // never past the buffer, whatever the completion says
                 self.ingest(key, buf, n);
             }
             driver.ring.buffers.give_back(bid);
