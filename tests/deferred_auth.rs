@@ -75,21 +75,11 @@ fn read_head(s: &mut TcpStream) -> (u16, Vec<u8>) {
     }
 }
 
-/// A masked client text frame.
-fn masked_text(text: &str) -> Vec<u8> {
-    let payload = text.as_bytes();
-    assert!(payload.len() < 126);
-    let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
-}
-
 #[test]
 fn frames_sent_before_the_answer_are_handled_after_it() {
     let (server, rx) = server(|_| {});
-    let first = masked_text(r#"{"pid":"early","type":"generic_request","payload":{"n":1}}"#);
+    let first =
+        masked_frame(true, 1, r#"{"pid":"early","type":"generic_request","payload":{"n":1}}"#.as_bytes());
     let mut s = raw_upgrade_request(server.local_addr(), &first);
     let pending = next(&rx);
     // Nothing is answered while the application decides.

@@ -61,16 +61,6 @@ fn upgrade_request(addr: SocketAddr, extra: &str) -> String {
     )
 }
 
-/// A masked client frame with FIN set or not.
-fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut out = vec![u8::from(fin) << 7 | opcode, 0x80 | payload.len() as u8];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Item 10: half-closed clients get their whole answer
 // ---------------------------------------------------------------------------------------------
@@ -131,7 +121,7 @@ fn close_frame_then_half_close_gets_the_close_reply() {
         let mut s = raw_ws_connect(addr, &token(200 + i as i64, &[]), None);
         let mut close = Vec::from(1000u16.to_be_bytes());
         close.extend_from_slice(b"bye");
-        s.write_all(&masked(true, 0x8, &close)).unwrap();
+        s.write_all(&masked_frame(true, 0x8, &close)).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         let (ended, _, data) = read_until_closed(&mut s, Duration::from_secs(5));
         assert!(ended.is_some(), "try {i}: not closed");
@@ -187,15 +177,15 @@ fn binary_frame_inside_fragmented_text_closes_1002() {
     let server = start(|_| {});
     let addr = server.local_addr();
     let mut s = raw_ws_connect(addr, &token(1, &[]), None);
-    s.write_all(&masked(false, 0x1, b"{\"type\":")).unwrap();
-    s.write_all(&masked(true, 0x2, b"\x00\x01")).unwrap();
+    s.write_all(&masked_frame(false, 0x1, b"{\"type\":")).unwrap();
+    s.write_all(&masked_frame(true, 0x2, b"\x00\x01")).unwrap();
     let (_, _, data) = read_until_closed(&mut s, Duration::from_secs(5));
     let frames = parse_frames(&data);
     assert_eq!(close_code(&frames), Some(1002), "{frames:?}");
 
     // A binary message on its own is still 1003.
     let mut s = raw_ws_connect(addr, &token(2, &[]), None);
-    s.write_all(&masked(true, 0x2, b"\x00\x01")).unwrap();
+    s.write_all(&masked_frame(true, 0x2, b"\x00\x01")).unwrap();
     let (_, _, data) = read_until_closed(&mut s, Duration::from_secs(5));
     assert_eq!(close_code(&parse_frames(&data)), Some(1003));
 }

@@ -12,15 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
-fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mask = [0x5a, 0x0f, 0xc3, 0x99];
-    let mut out = vec![u8::from(fin) << 7 | opcode, 0x80 | payload.len() as u8];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 /// Writes `bytes` in two pieces cut at `at`, pausing in between so that the server reads them
 /// apart (when it does not, the test still holds: it then checks the whole-frame path).
 fn write_cut(s: &mut TcpStream, bytes: &[u8], at: usize) {
@@ -62,9 +53,9 @@ fn messages_cut_between_reads_and_in_fragments_arrive_whole() {
     s.set_nodelay(true).unwrap();
 
     // 1. One frame cut in its header, then one cut in its payload.
-    let one = masked(true, 0x1, &request("cut-header"));
+    let one = masked_frame(true, 0x1, &request("cut-header"));
     write_cut(&mut s, &one, 1);
-    let two = masked(true, 0x1, &request("cut-payload"));
+    let two = masked_frame(true, 0x1, &request("cut-payload"));
     write_cut(&mut s, &two, two.len() - 3);
 
     // 2. A fragmented message: three frames, each cut in two, the last one sent together
@@ -72,27 +63,27 @@ fn messages_cut_between_reads_and_in_fragments_arrive_whole() {
     let text = request("fragmented");
     let (a, rest) = text.split_at(10);
     let (b, c) = rest.split_at(10);
-    let first = masked(false, 0x1, a);
+    let first = masked_frame(false, 0x1, a);
     write_cut(&mut s, &first, 4);
-    let second = masked(false, 0x0, b);
+    let second = masked_frame(false, 0x0, b);
     write_cut(&mut s, &second, second.len() / 2);
-    let mut last = masked(true, 0x0, c);
-    last.extend_from_slice(&masked(true, 0x1, &request("after")));
+    let mut last = masked_frame(true, 0x0, c);
+    last.extend_from_slice(&masked_frame(true, 0x1, &request("after")));
     write_cut(&mut s, &last, 7);
 
     // 3. A ping between two fragments of a message (control frames may interleave).
     let text = request("around-ping");
     let (a, b) = text.split_at(text.len() / 2);
-    let mut bytes = masked(false, 0x1, a);
-    bytes.extend_from_slice(&masked(true, 0x9, b"p"));
-    bytes.extend_from_slice(&masked(true, 0x0, b));
+    let mut bytes = masked_frame(false, 0x1, a);
+    bytes.extend_from_slice(&masked_frame(true, 0x9, b"p"));
+    bytes.extend_from_slice(&masked_frame(true, 0x0, b));
     write_cut(&mut s, &bytes, bytes.len() - 2);
 
     let pids: Vec<Value> = read_texts(&mut s, 5).into_iter().map(|v| v["pid"].clone()).collect();
     assert_eq!(pids, ["cut-header", "cut-payload", "fragmented", "after", "around-ping"]);
 
     // Nothing is left over: a plain message afterwards is answered alone.
-    s.write_all(&masked(true, 0x1, &request("plain"))).unwrap();
+    s.write_all(&masked_frame(true, 0x1, &request("plain"))).unwrap();
     let answers = read_texts(&mut s, 1);
     assert_eq!((&answers[0]["pid"], &answers[0]["type"]), (&json!("plain"), &json!("generic_response")));
 }

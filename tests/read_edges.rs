@@ -20,26 +20,6 @@ use tungstenite::Message;
 /// Tries of the data + FIN case: the FIN must be seen every time, not by luck of timing.
 const TRIES: usize = 20;
 
-/// A masked client frame (any length).
-fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x5a, 0x13, 0xc7, 0x09];
-    let mut out = vec![0x80 | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 #[test]
 fn data_and_fin_together_are_both_seen() {
     // A missed EOF would keep the connection until pong_wait (60 s): far beyond the 3 s below.
@@ -51,7 +31,7 @@ fn data_and_fin_together_are_both_seen() {
     for i in 0..TRIES {
         let mut s = raw_ws_connect(addr, &token(300 + i as i64, &[]), None);
         // A ping (answered with a pong) and the FIN, back to back.
-        s.write_all(&masked(0x9, b"are you there")).unwrap();
+        s.write_all(&masked_frame(true, 0x9, b"are you there")).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         let (ended, took, data) = read_until_closed(&mut s, Duration::from_secs(3));
         assert!(ended.is_some(), "try {i}: the server did not see the FIN (still open after {took:?})");
@@ -71,7 +51,7 @@ fn a_frame_completed_later_raises_its_own_read() {
     let server = start(|_| {});
     let addr = server.local_addr();
     let mut s = raw_ws_connect(addr, &token(400, &[]), None);
-    let ping = masked(0x9, b"split across two sends");
+    let ping = masked_frame(true, 0x9, b"split across two sends");
     for (first, second) in [(1, ping.len() - 1), (6, ping.len() - 6), (ping.len() - 1, 1)] {
         assert_eq!(first + second, ping.len());
         s.write_all(&ping[..first]).unwrap();

@@ -448,6 +448,25 @@ pub fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Option<Ended>,
         }
     }
 }
+/// A masked client frame of any length, with FIN set or not (for tests that write raw bytes).
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x13, 0xc7, 0x09];
+    let mut out = vec![u8::from(fin) << 7 | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
 
 /// Splits server→client (unmasked) frames; a truncated tail is ignored.
 /// Returns (opcode, payload) pairs.
